@@ -1,0 +1,128 @@
+"""Every config field, documented once. Experiment files start from `get_base_config()`.
+
+Experiment files (`configs/*.py`) define `get_config(arg=None)` returning a ConfigDict built from
+this base; `arg` selects a named variant (e.g. `configs/shapes.py:small`). Command-line overrides
+use `--config.train.steps=100`. `nextstep_jax.configlib.validate` checks a config before any device
+work and names the field and the fix on failure.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'base'  # Experiment name, used in logs and workdir names.
+  c.seed = 0  # One seed for init, data order, FM noise and training samples.
+  c.workdir = ''  # Where checkpoints, TensorBoard events, samples go ('' = runs/<name>).
+
+  # Backbone + heads. Names follow the official config.json (Qwen2 fields + NextStep fields).
+  c.model = ml_collections.ConfigDict()
+  m = c.model
+  m.vocab_size = 512  # Embedding rows; must be >= the text tokenizer's vocabulary.
+  m.hidden_size = 256  # Decoder width D.
+  m.num_layers = 4  # Decoder layers (scanned; stacked on a leading `layers` axis).
+  m.num_heads = 4  # Query heads H.
+  m.num_kv_heads = 2  # KV heads K (GQA); num_heads % num_kv_heads == 0.
+  m.head_dim = 64  # Per-head width.
+  m.intermediate_size = 704  # SwiGLU hidden width.
+  m.rms_norm_eps = 1e-5
+  m.rope_theta = 10000.0  # RoPE base (official: 1e6).
+  m.attention_bias = True  # q/k/v projection biases (official: true).
+  m.o_attention_bias = False  # o_proj bias (official: false).
+  m.tie_word_embeddings = False  # lm_head shares embed_tokens (official: false).
+  m.latent_channels = 3  # Channels of the image tokenizer's latent (VAE: 16; pixels: 3).
+  m.latent_patch_size = 4  # Latent patch side; token dim = latent_channels * patch**2.
+  m.fm_head_dim = 256  # Flow head width (official 1536).
+  m.fm_head_layers = 3  # Flow head AdaLN residual blocks (official 12).
+  m.use_gen_pos_embed = False  # Add a 2-D sincos table to the head condition (official: off).
+  m.base_image_grid_size = 8  # Side G of the gen_pos_embed table (G*G positions).
+  m.max_seq_len = 128  # Longest sequence (prompt + image tokens) the model is used with.
+  m.dtype = 'float32'  # Compute dtype (bfloat16 on TPU).
+  m.param_dtype = 'float32'  # Master parameter dtype.
+  m.remat_policy = 'none'  # none | full | dots_saveable | dots_with_no_batch_dims_saveable.
+
+  # Image tokenizer: images (B, S, S, 3) in [-1, 1] <-> latents (B, S/f, S/f, latent_channels).
+  c.image = ml_collections.ConfigDict()
+  c.image.tokenizer = 'pixels'  # pixels (normalised pixels, f=1) | vae (image-tokenizer issue).
+  c.image.size = 32  # Image side S in pixels (square).
+  c.image.use_norm = False  # Per-token LayerNorm of sampled tokens (official `use_norm`; VAE with encoder_norm only).
+
+  # Text tokenizer (sentencepiece trained deterministically from the dataset's captions).
+  c.text = ml_collections.ConfigDict()
+  c.text.vocab_size = 384  # Sentencepiece pieces requested (specials + 256 byte pieces included).
+  c.text.max_caption_tokens = 24  # Longest caption in tokens; longer prompts are an error.
+  c.text.spm_path = ''  # Explicit model path; '' = train/load <data cache>/<dataset>_spm.model.
+
+  # Built-in data.
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'shapes'  # shapes | digits.
+  c.data.num_train = 20000  # Training examples generated (shapes) / drawn with augmentation.
+  c.data.drop_text_prob = 0.1  # Caption moved after the image block (trains the uncond branch).
+  c.data.cache_dir = ''  # Where generated data and the spm model live ('' = ~/.cache/nextstep_jax).
+
+  # Objective.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lm_loss_weight = 0.01
+  c.loss.im_loss_weight = 1.0
+  c.loss.fm_head_batch_mul = 4  # Head copies per image token, fresh noise and time each.
+  c.loss.time_mean = 0.0  # Logit-normal time: t = sigmoid(n), n ~ N(mean, std).
+  c.loss.time_std = 1.0
+
+  # Sampler (defaults of the official NextStep-1 T2I example except N and cfg).
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 50  # Head integration steps N per image token.
+  c.sample.solver = 'sde'  # sde (official Euler-Maruyama) | euler | heun (deterministic ODE).
+  c.sample.time_grid = 'A'  # A: linspace(0, 1-last_step_size) + final step; B: ends at t=1.
+  c.sample.timestep_shift = 1.0  # t' = t / (s - (s-1) t).
+  c.sample.last_step_size = 0.04  # Grid A's final deterministic step.
+  c.sample.cfg = 3.0  # Text guidance scale.
+  c.sample.cfg_schedule = 'constant'  # constant | linear (decays to 1 over the image tokens).
+  c.sample.temperature = 1.0  # Scale of the initial noise x0 and of the SDE noise.
+  c.sample.seed = 42
+  c.sample.positive_prompt = ''  # Appended to each caption after a space when non-empty.
+  c.sample.negative_prompt = ''  # Caption of the unconditional row.
+  c.sample.batch_size = 16  # Prompts per jitted generation call.
+
+  # Training.
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 64  # Global batch of sequences.
+  c.train.lr = 1e-3  # Peak learning rate.
+  c.train.lr_schedule = 'cosine'  # cosine | constant (both after linear warm-up).
+  c.train.warmup_steps = 100
+  c.train.min_lr_ratio = 0.1  # Cosine floor as a fraction of lr.
+  c.train.weight_decay = 0.1  # AdamW, not on biases, norms or embeddings of 1-D params.
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.grad_clip = 1.0  # Global-norm clipping.
+  c.train.log_every = 50  # Scalar logging (TensorBoard + console) period in steps.
+  c.train.checkpoint_every = 500  # Orbax checkpoint period in steps (and at the end).
+  c.train.keep_checkpoints = 3  # Checkpoints kept.
+  c.train.sample_every = 1000  # Sample-grid PNG period in steps (0 = only at the end).
+  c.train.num_grid_samples = 16  # Images in a sample grid.
+  c.train.max_minutes = 0.0  # Stop (with a checkpoint) after this wall time; 0 = no limit.
+
+  # Device mesh: axis sizes, -1 absorbs the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # Logical axis -> mesh axes (ordered; a mesh axis of size 1 drops out).
+  c.mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('length', None),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('head_dim', None),
+      ('mlp', 'tensor'),
+      ('vocab', 'tensor'),
+      ('layers', None),
+      ('token', None),
+      ('head_embed', None),
+      ('head_mlp', 'tensor'),
+      ('head_freq', None),
+      ('embed_out', None),
+      ('norm', None),
+  )
+  return c

@@ -1,0 +1,156 @@
+"""Orbax checkpoints: a state pytree plus a JSON `extra` (data iterator position, config, ...).
+
+Layout: `<directory>/<step>/{state,extra}`. Saves are asynchronous (`wait()` blocks until the last
+one is committed) and atomic: orbax writes into `<step>.orbax-checkpoint-tmp-<timestamp>` and
+renames it to `<step>` once every array is written (on object stores, which cannot rename, it
+writes `commit_success.txt` last instead). A checkpoint interrupted mid-write therefore never
+counts as a step: `latest_step` ignores it and it is deleted when the next `Checkpointer` opens the
+directory. Only the newest `keep` checkpoints are kept.
+
+Restores read arrays straight onto the shardings of the abstract target, so a run can resume on
+another mesh; see `nextstep_jax.parallel.rules.abstract_with_shardings`.
+"""
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_MAX_LISTED = 20  # Mismatched paths listed per kind in a restore error.
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's tree or array shapes differ from the abstract state."""
+
+
+class Checkpointer:
+  """Saves and restores (state pytree, JSON extra) pairs under one directory, keeping `keep`."""
+
+  def __init__(self, directory: str | pathlib.Path, keep: int, async_save: bool = True):
+    """Opens (creating if needed) `directory`; leftover partial checkpoints are deleted.
+
+    Args:
+      directory: the checkpoint root (local path or an orbax-supported URL such as gs://).
+      keep: how many of the newest checkpoints to keep.
+      async_save: write arrays in a background thread (`save` returns once they are copied off
+        the devices).
+    """
+    self.directory = directory
+    options = ocp.CheckpointManagerOptions(
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+    )
+    self._manager = ocp.CheckpointManager(
+        directory,
+        options=options,
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'extra': ocp.JsonCheckpointHandler(),
+        },
+    )
+
+  def save(self, step: int, state: Any, extra: dict | None = None, force: bool = False) -> bool:
+    """Starts saving `state` (pytree of jax.Arrays) and `extra` (JSON-serialisable) as `step`.
+
+    Returns:
+      Whether a save was started (False when `step` is not newer than the latest checkpoint,
+      unless `force`).
+    """
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})),
+        force=force,
+    )
+
+  def latest_step(self) -> int | None:
+    """The newest committed step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, oldest first."""
+    return list(self._manager.all_steps())
+
+  def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores `step` (None: the latest) onto the shardings of `abstract_state`.
+
+    Args:
+      step: the step to restore, or None for the latest.
+      abstract_state: the expected pytree, with `jax.ShapeDtypeStruct(shape, dtype,
+        sharding=...)` (or jax.Array) leaves; restored arrays get these shapes, dtypes and
+        shardings.
+
+    Returns:
+      (state, extra): state with the structure of `abstract_state`, extra the saved JSON dict.
+
+    Raises:
+      FileNotFoundError: no checkpoint (at `step`) exists.
+      CheckpointMismatchError: listing paths missing on either side and shape mismatches.
+    """
+    if step is None:
+      step = self.latest_step()
+    if step is None or step not in self.all_steps():
+      raise FileNotFoundError(
+          f'No checkpoint {"" if step is None else f"for step {step} "}in {self.directory} '
+          f'(steps: {self.all_steps()}).')
+    self._check_matches(step, abstract_state)
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()),
+    )
+    return restored.state, restored.extra
+
+  def wait(self) -> None:
+    """Blocks until pending saves are committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
+    self._manager.close()
+
+  def _check_matches(self, step: int, abstract_state: Any) -> None:
+    saved = _shapes_by_path(self._manager.item_metadata(step)['state'])
+    expected = _shapes_by_path(abstract_state)
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    different = sorted(path for path in expected.keys() & saved.keys()
+                       if saved[path] != expected[path])
+    if not (missing or unexpected or different):
+      return
+    lines = [f'Checkpoint {self.directory}/{step} does not match the expected state:']
+    lines += _listed('expected but not in the checkpoint',
+                     [f'{path} {expected[path]}' for path in missing])
+    lines += _listed('in the checkpoint but not expected',
+                     [f'{path} {saved[path]}' for path in unexpected])
+    lines += _listed('shape differs (checkpoint vs expected)',
+                     [f'{path} {saved[path]} vs {expected[path]}' for path in different])
+    raise CheckpointMismatchError('\n'.join(lines))
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Leaf shapes keyed by '/'-joined paths; keys spelled as orbax stores them (all strings)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(_key_name(key) for key in path): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in leaves}
+
+
+def _key_name(key: Any) -> str:
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  return str(key.key)  # FlattenedIndexKey
+
+
+def _listed(title: str, items: list[str]) -> list[str]:
+  if not items:
+    return []
+  shown = [f'    {item}' for item in items[:_MAX_LISTED]]
+  if len(items) > _MAX_LISTED:
+    shown.append(f'    ... and {len(items) - _MAX_LISTED} more')
+  return [f'  {title}:'] + shown

@@ -1,0 +1,303 @@
+"""Loading, overriding, validating and storing experiment configs.
+
+A config is a locked `ml_collections.ConfigDict` built by `get_config(arg=None)` in a file under
+`configs/` (fields documented once in `configs/base.py`). `load_config('configs/x.py:variant',
+['train.steps=100'])` loads it and applies command-line overrides; `validate` rejects inconsistent
+configs before any device work with a `ConfigError` naming the field and the fix.
+"""
+import ast
+import difflib
+import importlib.util
+import json
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+
+from nextstep_jax.parallel.mesh import MESH_AXES
+
+TOKENIZER_DOWNSAMPLE = {'pixels': 1, 'vae': 8}  # Image side / latent side per tokenizer.
+NUM_RESERVED_IDS = 16  # Ids past the sentencepiece pieces: sequence specials (boi, eoi, ...).
+SOLVERS = ('sde', 'euler', 'heun')
+TIME_GRIDS = ('A', 'B')
+CFG_SCHEDULES = ('constant', 'linear')
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
+LR_SCHEDULES = ('cosine', 'constant')
+DTYPES = ('float32', 'bfloat16', 'float16')
+DATASETS = ('shapes', 'digits')
+
+
+class ConfigError(ValueError):
+  """A config field is unknown, mistyped or inconsistent; the message names the field and fix."""
+
+
+def load_config(
+    path_with_optional_variant: str, overrides: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
+  """Loads `configs/x.py` or `configs/x.py:variant`, applies overrides and locks the result.
+
+  Args:
+    path_with_optional_variant: a config file path, optionally followed by `:variant`, which is
+      passed to the file's `get_config(variant)`. A relative `configs/...` path that does not exist
+      from the working directory is looked up in the installed `configs` package.
+    overrides: `field.sub=value` strings (a leading `--config.` or `config.` is accepted). Values
+      are parsed to the type of the field they replace.
+
+  Returns:
+    The locked config (no new fields can be added; existing ones stay assignable).
+  """
+  path, _, variant = path_with_optional_variant.partition(':')
+  module = _load_module(_resolve_config_path(path))
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config(arg=None) function.')
+  config = module.get_config(variant) if variant else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'{path}: get_config returned {type(config).__name__}, not a ConfigDict.')
+  apply_overrides(config, overrides)
+  config.lock()
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Sets `field.sub=value` overrides in place; unknown fields and mistyped values are errors."""
+  known = sorted(_flatten(config.to_dict()))
+  for override in overrides:
+    name, sep, text = override.removeprefix('--').removeprefix('config.').partition('=')
+    if not sep:
+      raise ConfigError(f'Override {override!r} is not of the form field.sub=value.')
+    if name not in known:
+      close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+      hint = f' Did you mean: {", ".join(close)}?' if close else ''
+      raise ConfigError(f'Unknown config field {name!r} in override {override!r}.{hint}')
+    *parents, leaf = name.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = _parse_value(name, text, node[leaf])
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks sizes, choices and cross-field consistency; raises ConfigError listing every problem."""
+  problems = []
+
+  def require(ok: bool, message: str) -> None:
+    if not ok:
+      problems.append(message)
+
+  m, image, text, train, sample = (
+      config.model, config.image, config.text, config.train, config.sample)
+  positive = {
+      'model': ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
+                'head_dim', 'intermediate_size', 'latent_channels', 'latent_patch_size',
+                'fm_head_dim', 'fm_head_layers', 'base_image_grid_size', 'max_seq_len',
+                'rms_norm_eps', 'rope_theta'),
+      'image': ('size',),
+      'text': ('vocab_size', 'max_caption_tokens'),
+      'data': ('num_train',),
+      'sample': ('num_steps', 'batch_size', 'timestep_shift', 'temperature'),
+      'train': ('steps', 'batch_size', 'lr', 'log_every', 'checkpoint_every',
+                'keep_checkpoints', 'num_grid_samples'),
+  }
+  for group, fields in positive.items():
+    for field in fields:
+      value = config[group][field]
+      require(value > 0, f'{group}.{field}={value} must be > 0.')
+  for field in ('warmup_steps', 'sample_every', 'weight_decay', 'grad_clip', 'max_minutes'):
+    require(train[field] >= 0, f'train.{field}={train[field]} must be >= 0.')
+  require(0 <= train.min_lr_ratio <= 1,
+          f'train.min_lr_ratio={train.min_lr_ratio} must be in [0, 1].')
+  require(0 < sample.last_step_size < 1,
+          f'sample.last_step_size={sample.last_step_size} must be in (0, 1).')
+  if m.num_heads > 0 and m.num_kv_heads > 0:
+    require(m.num_heads % m.num_kv_heads == 0,
+            f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads='
+            f'{m.num_kv_heads} (grouped-query attention); pick num_kv_heads dividing num_heads.')
+
+  _require_choice(require, 'image.tokenizer', image.tokenizer, tuple(TOKENIZER_DOWNSAMPLE))
+  _require_choice(require, 'data.dataset', config.data.dataset, DATASETS)
+  _require_choice(require, 'sample.solver', sample.solver, SOLVERS)
+  _require_choice(require, 'sample.time_grid', sample.time_grid, TIME_GRIDS)
+  _require_choice(require, 'sample.cfg_schedule', sample.cfg_schedule, CFG_SCHEDULES)
+  _require_choice(require, 'model.remat_policy', m.remat_policy, REMAT_POLICIES)
+  _require_choice(require, 'train.lr_schedule', train.lr_schedule, LR_SCHEDULES)
+  _require_choice(require, 'model.dtype', m.dtype, DTYPES)
+  _require_choice(require, 'model.param_dtype', m.param_dtype, DTYPES)
+
+  if image.tokenizer == 'pixels':
+    require(m.latent_channels == 3,
+            f'model.latent_channels={m.latent_channels} must be 3 with image.tokenizer=pixels '
+            '(the latent is the RGB image).')
+  downsample = TOKENIZER_DOWNSAMPLE.get(image.tokenizer)
+  if downsample and image.size > 0 and m.latent_patch_size > 0:
+    unit = downsample * m.latent_patch_size
+    require(image.size % unit == 0,
+            f'image.size={image.size} must be divisible by {unit} (image.tokenizer='
+            f'{image.tokenizer} downsamples by {downsample}, times model.latent_patch_size='
+            f'{m.latent_patch_size}); e.g. image.size={max(unit, image.size // unit * unit)}.')
+    if image.size % unit == 0:
+      needed = required_seq_len(config)
+      require(m.max_seq_len >= needed,
+              f'model.max_seq_len={m.max_seq_len} is too short: the longest training sequence '
+              f'needs {needed} = {_seq_len_breakdown(config)}; set model.max_seq_len >= {needed} '
+              'or lower text.max_caption_tokens / image.size.')
+
+  require(m.vocab_size >= text.vocab_size + NUM_RESERVED_IDS,
+          f'model.vocab_size={m.vocab_size} must be >= text.vocab_size + {NUM_RESERVED_IDS} = '
+          f'{text.vocab_size + NUM_RESERVED_IDS}: the embedding holds the {text.vocab_size} '
+          f'sentencepiece pieces plus {NUM_RESERVED_IDS} reserved ids for the sequence special '
+          'tokens (<image_area>, <boi>, <eoi>, placeholder, pad, eos, ...).')
+  require(0 <= config.data.drop_text_prob < 1,
+          f'data.drop_text_prob={config.data.drop_text_prob} must be in [0, 1) (1 would never '
+          'train the text-conditioned order).')
+  require(isinstance(config.loss.fm_head_batch_mul, int) and config.loss.fm_head_batch_mul >= 1,
+          f'loss.fm_head_batch_mul={config.loss.fm_head_batch_mul} must be an integer >= 1.')
+  require(config.loss.time_std > 0, f'loss.time_std={config.loss.time_std} must be > 0.')
+
+  sizes = [config.mesh[axis] for axis in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    require(size == -1 or size > 0,
+            f'mesh.{axis}={size} must be a positive size or -1 (absorb the remaining devices).')
+  require(sizes.count(-1) <= 1,
+          f'mesh: at most one of data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}.')
+  _validate_rules(require, config.mesh.rules)
+
+  if problems:
+    raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
+
+
+def image_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """Image tokens per side (h, w): image.size / tokenizer downsample / latent_patch_size."""
+  side = (config.image.size // TOKENIZER_DOWNSAMPLE[config.image.tokenizer]
+          // config.model.latent_patch_size)
+  return side, side
+
+
+def token_dim(config: ml_collections.ConfigDict) -> int:
+  """Width of one continuous image token: latent_channels * latent_patch_size**2."""
+  return config.model.latent_channels * config.model.latent_patch_size**2
+
+
+def required_seq_len(config: ml_collections.ConfigDict) -> int:
+  """Longest training sequence: caption, <image_area>, "h*w", boi, h*w tokens, eoi, eos."""
+  return sum(_seq_len_parts(config).values())
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  """Serialises a config (a run's record in its workdir); inverse of `config_from_json`."""
+  return json.dumps(config.to_dict(), indent=2)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds a locked config from `config_to_json` output (JSON lists become tuples)."""
+  config = ml_collections.ConfigDict(_lists_to_tuples(json.loads(text)))
+  config.lock()
+  return config
+
+
+def _seq_len_parts(config: ml_collections.ConfigDict) -> dict[str, int]:
+  h, w = image_grid(config)
+  return {
+      'caption': config.text.max_caption_tokens,
+      '<image_area>': 1,
+      'area string': len(str(h)) + 1 + len(str(w)),  # Digits are single tokens.
+      'boi': 1,
+      'image tokens': h * w,
+      'eoi': 1,
+      'eos': 1,
+  }
+
+
+def _seq_len_breakdown(config: ml_collections.ConfigDict) -> str:
+  return ' + '.join(f'{n} ({part})' for part, n in _seq_len_parts(config).items())
+
+
+def _require_choice(require, name: str, value: Any, choices: Sequence[str]) -> None:
+  require(value in choices, f'{name}={value!r} must be one of {", ".join(choices)}.')
+
+
+def _validate_rules(require, rules: Any) -> None:
+  """Each rule is (logical name, None | mesh axis | tuple of mesh axes)."""
+  for rule in rules:
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    require(ok, f'mesh.rules entry {rule!r} must be (logical_name, mesh_axes).')
+    if not ok:
+      continue
+    targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    unknown = [axis for axis in targets if axis is not None and axis not in MESH_AXES]
+    require(not unknown,
+            f'mesh.rules entry {tuple(rule)!r} names unknown mesh axes {unknown}; '
+            f'use {", ".join(MESH_AXES)} or None.')
+
+
+def _resolve_config_path(path: str) -> pathlib.Path:
+  candidate = pathlib.Path(path)
+  if candidate.is_file():
+    return candidate
+  parts = candidate.parts
+  if not candidate.is_absolute() and parts and parts[0] == 'configs':
+    import configs  # pylint: disable=import-outside-toplevel
+    packaged = pathlib.Path(configs.__file__).parent.joinpath(*parts[1:])
+    if packaged.is_file():
+      return packaged
+  raise ConfigError(f'Config file {path!r} not found.')
+
+
+def _load_module(path: pathlib.Path):
+  spec = importlib.util.spec_from_file_location(f'_nextstep_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _parse_value(name: str, text: str, current: Any) -> Any:
+  """Parses `text` to the type of the field's current value."""
+  try:
+    if isinstance(current, bool):
+      lowered = text.strip().lower()
+      if lowered not in ('true', 'false', '1', '0'):
+        raise ValueError(text)
+      return lowered in ('true', '1')
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    if current is None:
+      return _literal_or_string(text)
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as error:
+    kind = type(current).__name__
+    raise ConfigError(f'Config field {name!r} holds a {kind}; cannot parse {text!r}.') from error
+  if current is not None and not isinstance(value, type(current)):
+    if isinstance(current, tuple) and isinstance(value, list):
+      return _lists_to_tuples(value)
+    raise ConfigError(f'Config field {name!r} holds a {type(current).__name__}; '
+                      f'got {text!r} ({type(value).__name__}).')
+  return _lists_to_tuples(value)
+
+
+def _literal_or_string(text: str) -> Any:
+  """A Python literal when `text` is one (1, 0.5, None, (1, 2)), else the text itself."""
+  try:
+    return _lists_to_tuples(ast.literal_eval(text))
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _lists_to_tuples(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {key: _lists_to_tuples(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_lists_to_tuples(item) for item in value)
+  return value

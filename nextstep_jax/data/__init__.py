@@ -1,0 +1,1 @@
+"""Host-side data: text tokenizer, sequence layouts and built-in datasets."""

@@ -1,0 +1,1 @@
+"""Image tokenizers (images <-> latents) and patchify (latents <-> tokens)."""

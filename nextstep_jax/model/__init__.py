@@ -1,0 +1,1 @@
+"""NextStep decoder, flow head and shared layers."""

@@ -1,0 +1,178 @@
+"""Qwen2/Llama-style causal decoder with RoPE, grouped-query attention and a fixed-size KV cache.
+
+Dimension letters: B batch, L query length, S key length (cache slots), D hidden, H query heads,
+K kv heads, G = H / K query heads per kv head, E head_dim, F mlp width.
+
+Official names (torch `layers.N.*`) map onto the stacked params here (`layers.*`, leading axis N):
+  self_attn.{q,k,v}_proj.weight (out, D) -> self_attn.{q,k,v}_proj.kernel (D, heads, E) = W.T
+  self_attn.{q,k,v}_proj.bias (out,)     -> .bias (heads, E)
+  self_attn.o_proj.weight (D, H*E)       -> self_attn.o_proj.kernel (H, E, D)
+  mlp.{gate,up,down}_proj.weight         -> mlp.{gate,up,down}_proj.kernel = W.T
+  input_layernorm / post_attention_layernorm .weight -> same names.
+"""
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nextstep_jax.model import layers as L
+
+MASK_VALUE = -1e30  # Finite, so fully-masked (all-pad) rows stay finite.
+
+
+class KVCache(NamedTuple):
+  """Fixed-size cache for all layers: k, v (layers, B, S, K, E); key_valid (B, S) bool marks
+  slots holding real tokens (False for left padding and not yet written slots); index () int32 is
+  the next slot to write."""
+  k: jax.Array
+  v: jax.Array
+  key_valid: jax.Array
+  index: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  rms_norm_eps: float
+  rope_theta: float
+  attention_bias: bool
+  o_attention_bias: bool
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  remat_policy: str
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+  """positions (B, L) int -> cos, sin (B, L, E): inv_freq_i = theta^(-2i/E), angles duplicated."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE. x (B, L, heads, E); cos/sin (B, L, E)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nnx.Module):
+  """GQA self-attention; query head j reads kv head j // G."""
+
+  def __init__(self, cfg: BackboneConfig, *, rngs: nnx.Rngs):
+    d, h, k, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.cfg = cfg
+    self.q_proj = L.Dense(d, (h, e), ('embed', 'heads', 'head_dim'), use_bias=cfg.attention_bias, **kw)
+    self.k_proj = L.Dense(d, (k, e), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.attention_bias, **kw)
+    self.v_proj = L.Dense(d, (k, e), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.attention_bias, **kw)
+    self.o_proj = L.Dense(h * e, d, ('heads', 'embed'), use_bias=cfg.o_attention_bias, **kw)
+    # o_proj's kernel is stored (H*E, D) = W.T; see `o_kernel` for the (H, E, D) view.
+
+  def __call__(self, x, cos, sin, query_slots, layer_cache):
+    """x (B, L, D); query_slots (B, L) int cache slots of the queries; layer_cache = (k, v,
+    key_valid) with k/v (B, S, K, E) already holding this call's keys. Returns (B, L, D)."""
+    cfg = self.cfg
+    b, l, _ = x.shape
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = apply_rope(self.q_proj(x), cos, sin)
+    k_all, v_all, key_valid = layer_cache
+    q = q.reshape(b, l, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum('blkge,bske->bkgls', q, k_all.astype(q.dtype)).astype(jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    slots = jnp.arange(k_all.shape[1])
+    allowed = key_valid[:, None, :] & (slots[None, None, :] <= query_slots[:, :, None])  # (B, L, S)
+    scores = jnp.where(allowed[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+    out = jnp.einsum('bkgls,bske->blkge', probs, v_all).reshape(b, l, cfg.num_heads * cfg.head_dim)
+    return self.o_proj(out.astype(cfg.dtype))
+
+  def project_kv(self, x, cos, sin):
+    """x (B, L, D) -> rotated keys and values (B, L, K, E)."""
+    return apply_rope(self.k_proj(x), cos, sin), self.v_proj(x)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: BackboneConfig, *, rngs: nnx.Rngs):
+    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.gate_proj = L.Dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), **kw)
+    self.up_proj = L.Dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), **kw)
+    self.down_proj = L.Dense(cfg.intermediate_size, cfg.hidden_size, ('mlp', 'embed'), **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h))."""
+
+  def __init__(self, cfg: BackboneConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                              param_dtype=cfg.param_dtype, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, query_slots, k_cache, v_cache, key_valid, write_index):
+    """One layer on x (B, L, D); writes this call's K/V into the caches (B, S, K, E) at
+    `write_index` (a scalar: every row writes the same slots) and returns (out, k_cache, v_cache)."""
+    normed = self.input_layernorm(x)
+    k_new, v_new = self.self_attn.project_kv(normed, cos, sin)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new.astype(k_cache.dtype), write_index, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new.astype(v_cache.dtype), write_index, axis=1)
+    h = x + self.self_attn(normed, cos, sin, query_slots, (k_cache, v_cache, key_valid))
+    return h + self.mlp(self.post_attention_layernorm(h)), k_cache, v_cache
+
+
+class Decoder(nnx.Module):
+  """Stacked decoder layers plus the final RMSNorm `norm` (embeddings live in the NextStep model)."""
+
+  def __init__(self, cfg: BackboneConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.layers = L.create_stack(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
+    self.norm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    """Empty cache of `max_len` slots (nothing valid, index 0)."""
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x (B, L, D) embeddings; positions (B, L) RoPE positions; token_valid (B, L) bool (False
+    for padding). Without a cache: full causal pass. With a cache: the L tokens occupy slots
+    [index, index + L) and attend to every valid earlier slot. Returns (RMSNorm(h) (B, L, D), cache)."""
+    cfg = self.cfg
+    b, l, _ = x.shape
+    if cache is None:
+      work = self.init_cache(b, l)
+    else:
+      work = cache
+    write_index = work.index
+    key_valid = jax.lax.dynamic_update_slice_in_dim(work.key_valid, token_valid, write_index, axis=1)
+    query_slots = jnp.broadcast_to(write_index + jnp.arange(l, dtype=jnp.int32), (b, l))
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
+
+    def body(layer, h, layer_kv):
+      k_cache, v_cache = layer_kv
+      h, k_cache, v_cache = layer(h, cos, sin, query_slots, k_cache, v_cache, key_valid, write_index)
+      return h, (k_cache, v_cache)
+
+    h, (k, v) = L.scan_stack(self.layers, body, x.astype(cfg.dtype), (work.k, work.v), cfg.remat_policy)
+    out = self.norm(h)
+    if cache is None:
+      return out, None
+    return out, KVCache(k, v, key_valid, write_index + l)

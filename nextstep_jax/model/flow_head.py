@@ -1,0 +1,122 @@
+"""Flow-matching head (`image_head.net`): an AdaLN residual MLP predicting a token's velocity.
+
+Letters: M rows (tokens x CFG branches x batch-mul copies), T token dim (64 official), C condition
+width (decoder hidden), W head width.
+
+Official names map one-to-one (torch Linear weight (out, in) -> kernel (in, out) = W.T; the
+digit-named torch submodules become `_N` attributes; res_blocks are stacked on a leading axis):
+  time_embed.mlp.{0,2}        -> time_embed.mlp_0 / mlp_2
+  cond_embed, input_proj      -> same names
+  res_blocks.N.in_ln          -> res_blocks.in_ln (weight, bias)
+  res_blocks.N.mlp.{0,2}      -> res_blocks.mlp_0 / mlp_2
+  res_blocks.N.adaLN_modulation.1 -> res_blocks.adaLN_modulation_1 (W, 3W): (shift, scale, gate)
+  final_layer.adaLN_modulation.1  -> final_layer.adaLN_modulation_1 (W, 2W): (shift, scale)
+  final_layer.linear          -> final_layer.linear
+Time convention: raw t in [0, 1], t = 0 noise, t = 1 data.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nextstep_jax.model import layers as L
+
+TIME_FREQ_DIM = 256
+LN_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowHeadConfig:
+  token_dim: int
+  cond_dim: int
+  width: int
+  depth: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  remat_policy: str = 'none'
+
+
+def timestep_embedding(t: jax.Array, dim: int = TIME_FREQ_DIM) -> jax.Array:
+  """t (M,) float -> (M, dim) float32 = [cos(t f), sin(t f)], f_k = exp(-ln(1e4) k / (dim/2))."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _dense(rngs, cfg, din, dout, axes, init):
+  return L.Dense(din, dout, axes, use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                 rngs=rngs, kernel_init=init)
+
+
+_XAVIER = nnx.initializers.xavier_uniform()
+_ZEROS = nnx.initializers.zeros_init()
+_NORMAL = nnx.initializers.normal(0.02)
+
+
+class TimestepEmbedder(nnx.Module):
+  def __init__(self, cfg: FlowHeadConfig, *, rngs: nnx.Rngs):
+    self.mlp_0 = _dense(rngs, cfg, TIME_FREQ_DIM, cfg.width, ('head_freq', 'head_embed'), _NORMAL)
+    self.mlp_2 = _dense(rngs, cfg, cfg.width, cfg.width, ('head_embed', 'head_mlp'), _NORMAL)
+
+  def __call__(self, t):
+    return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_embedding(t))))
+
+
+class ResBlock(nnx.Module):
+  """x += gate * mlp(in_ln(x) * (1 + scale) + shift), (shift, scale, gate) = adaLN(silu(y))."""
+
+  def __init__(self, cfg: FlowHeadConfig, *, rngs: nnx.Rngs):
+    self.in_ln = L.LayerNorm(cfg.width, LN_EPS, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.mlp_0 = _dense(rngs, cfg, cfg.width, cfg.width, ('head_embed', 'head_mlp'), _XAVIER)
+    self.mlp_2 = _dense(rngs, cfg, cfg.width, cfg.width, ('head_mlp', 'head_embed'), _XAVIER)
+    self.adaLN_modulation_1 = _dense(rngs, cfg, cfg.width, 3 * cfg.width, ('head_embed', 'head_mlp'), _ZEROS)
+
+  def __call__(self, x, y_act):
+    shift, scale, gate = jnp.split(self.adaLN_modulation_1(y_act), 3, axis=-1)
+    h = self.in_ln(x) * (1 + scale) + shift
+    return x + gate * self.mlp_2(jax.nn.silu(self.mlp_0(h)))
+
+
+class FinalLayer(nnx.Module):
+  """v = linear(norm_final(x) * (1 + scale) + shift), (shift, scale) = adaLN(silu(y))."""
+
+  def __init__(self, cfg: FlowHeadConfig, *, rngs: nnx.Rngs):
+    self.adaLN_modulation_1 = _dense(rngs, cfg, cfg.width, 2 * cfg.width, ('head_embed', 'head_mlp'), _ZEROS)
+    self.linear = _dense(rngs, cfg, cfg.width, cfg.token_dim, ('head_embed', 'token'), _ZEROS)
+
+  def __call__(self, x, y_act):
+    shift, scale = jnp.split(self.adaLN_modulation_1(y_act), 2, axis=-1)
+    return self.linear(L.layer_norm(x, LN_EPS) * (1 + scale) + shift)
+
+
+class FlowHead(nnx.Module):
+  """velocity(x_t (M, T), t (M,), c (M, C)) -> (M, T) float32."""
+
+  def __init__(self, cfg: FlowHeadConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.time_embed = TimestepEmbedder(cfg, rngs=rngs)
+    self.cond_embed = _dense(rngs, cfg, cfg.cond_dim, cfg.width, ('embed', 'head_embed'), _XAVIER)
+    self.input_proj = _dense(rngs, cfg, cfg.token_dim, cfg.width, ('token', 'head_embed'), _XAVIER)
+    self.res_blocks = L.create_stack(lambda r: ResBlock(cfg, rngs=r), cfg.depth, rngs)
+    self.final_layer = FinalLayer(cfg, rngs=rngs)
+
+  def condition(self, c: jax.Array) -> jax.Array:
+    """The condition embedding (M, W), computed once per token outside the integration loop."""
+    return self.cond_embed(c)
+
+  def velocity_from_condition(self, x_t: jax.Array, t: jax.Array, cond_emb: jax.Array) -> jax.Array:
+    """x_t (M, T), t (M,), cond_emb = condition(c) (M, W) -> velocity (M, T) float32."""
+    y_act = jax.nn.silu(self.time_embed(t) + cond_emb)
+    x = self.input_proj(x_t)
+
+    def body(block, h, _):
+      return block(h, y_act), None
+
+    x, _ = L.scan_stack(self.res_blocks, body, x, remat_policy=self.cfg.remat_policy)
+    return self.final_layer(x, y_act).astype(jnp.float32)
+
+  def __call__(self, x_t: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
+    return self.velocity_from_condition(x_t, t, self.condition(c))

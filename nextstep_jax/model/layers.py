@@ -1,0 +1,116 @@
+"""Shared building blocks: annotated parameters, dense layers, norms, stacked-layer scan, remat.
+
+Every parameter carries logical axis names in its `out_sharding` metadata; the mesh rules in the
+config map them to mesh axes (`nextstep_jax.parallel.rules`). Parameters are stored in
+`param_dtype` and cast to the compute `dtype` at use; norms and softmax run in float32.
+"""
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def annotated_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: tuple,
+                    param_dtype) -> nnx.Param:
+  """A parameter of `shape` initialised by `init`, annotated with logical `axes`."""
+  if len(axes) != len(shape):
+    raise ValueError(f'logical axes {axes} do not match parameter shape {tuple(shape)}')
+  return nnx.Param(init(rngs.params(), tuple(shape), param_dtype), out_sharding=tuple(axes))
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel (+ bias) contracting the last axis of x: (..., I) -> (..., *out_shape).
+
+  `kernel` has shape (I, *out_shape) (the transpose of a torch Linear weight for 1-D outputs).
+  """
+
+  def __init__(self, in_features: int, out_shape: int | Sequence[int], axes: tuple, *,
+               use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
+               kernel_init: Initializer = nnx.initializers.normal(0.02),
+               bias_init: Initializer = nnx.initializers.zeros_init()):
+    out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+    self.dtype = dtype
+    self.kernel = annotated_param(rngs, kernel_init, (in_features, *out_shape), axes, param_dtype)
+    self.bias = (annotated_param(rngs, bias_init, out_shape, axes[1:], param_dtype)
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    out_rank = kernel.ndim - 1
+    y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - out_rank) + kernel.shape[1:])
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """x * rsqrt(mean(x^2) + eps) in float32, cast to the input dtype, then * weight (official order)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+    del rngs
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=('norm',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+    return normed * self.weight[...].astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters over the last axis, computed in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with affine `weight`/`bias` (torch names), eps 1e-6, float32 statistics."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+    del rngs
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=('norm',))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=('norm',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layer_norm(x, self.eps) * self.weight[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
+def create_stack(factory: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `num` copies of `factory(rngs)` with independent RNG streams, stacked on a leading
+  axis whose logical name is `layers` (one module whose params have shape (num, ...))."""
+
+  @nnx.split_rngs(splits=num)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def build(layer_rngs: nnx.Rngs) -> nnx.Module:
+    return factory(layer_rngs)
+
+  return build(rngs)
+
+
+def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, remat_policy: str = 'none'):
+  """Applies a stacked module layer by layer with `lax.scan` (compile time independent of depth).
+
+  body(layer_module, carry, x) -> (carry, y); `xs` (optional) is scanned alongside the layers.
+  """
+  graphdef, stacked_state = nnx.split(stack)
+
+  def step(carry, layer_and_x):
+    layer_state, x = layer_and_x
+    return body(nnx.merge(graphdef, layer_state), carry, x)
+
+  if remat_policy != 'none':
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+  return jax.lax.scan(step, carry, (stacked_state, xs))

@@ -1,0 +1,1 @@
+"""Pure-functional samplers: per-token integrators, guidance, and the scanned generation loop."""

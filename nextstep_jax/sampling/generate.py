@@ -1,0 +1,118 @@
+"""Text-to-image generation: prefill the prompt rows once, then `lax.scan` over image positions.
+
+Letters: B images, R = branches * B prompt rows (branch-major: [cond; uncond(; uncond2)]), P prompt
+width (left padded), N = h * w image tokens, T token dim, D hidden.
+
+For image token k: c = image_out_projector(last hidden (R, D) [+ gen_pos_embed[k]]); the head's
+condition embedding is computed once; the per-token integrator (itself a `lax.scan` over steps)
+runs on x (B, T) with every branch evaluated in one batched head call and combined by CFG; the
+token (optionally LayerNorm-ed, `use_norm`) is fed to every branch's row for one cached decoder
+step at slot P + k. The whole generation is one jitted function of (graphdef, state, prompt, keys).
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nextstep_jax.model import layers as L
+from nextstep_jax.sampling import guidance
+from nextstep_jax.sampling import integrators
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Static sampling settings (hashable: part of the jit cache key)."""
+  grid_h: int
+  grid_w: int
+  integrator: integrators.IntegratorConfig = integrators.IntegratorConfig()
+  num_branches: int = 2  # 1 = no guidance, 2 = text CFG, 3 = edit CFG.
+  cfg: float = 1.0
+  cfg_img: float = 1.0  # Image guidance of the 3-way form.
+  cfg_schedule: str = 'constant'
+  use_norm: bool = False
+
+  def __post_init__(self):
+    if self.num_branches not in (1, 2, 3):
+      raise ValueError(f'num_branches={self.num_branches}; use 1 (no CFG), 2 (text) or 3 (edit)')
+    if self.cfg_schedule not in guidance.SCHEDULES:
+      raise ValueError(f'sample.cfg_schedule={self.cfg_schedule!r}; choose one of {guidance.SCHEDULES}')
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_h * self.grid_w
+
+  @classmethod
+  def from_config(cls, config, grid_h: int, grid_w: int, num_branches: int | None = None) -> 'SamplerConfig':
+    s = config.sample
+    integ = integrators.IntegratorConfig(
+        num_steps=s.num_steps, solver=s.solver, time_grid=s.time_grid, timestep_shift=s.timestep_shift,
+        last_step_size=s.last_step_size, temperature=s.temperature)
+    if num_branches is None:
+      num_branches = 1 if s.cfg == 1.0 else 2
+    return cls(grid_h=grid_h, grid_w=grid_w, integrator=integ, num_branches=num_branches, cfg=s.cfg,
+               cfg_schedule=s.cfg_schedule, use_norm=config.image.use_norm)
+
+
+def guided_velocity_fn(head, cond_emb: jax.Array, cfg: SamplerConfig, scale: jax.Array):
+  """velocity(x (B, T), t ()) -> (B, T): all branches in one head call, then CFG."""
+  branches = cfg.num_branches
+
+  def velocity(x, t):
+    rows = jnp.tile(x, (branches, 1))
+    v = head.velocity_from_condition(rows, jnp.full((rows.shape[0],), t, jnp.float32), cond_emb)
+    if branches == 1:
+      return v
+    if branches == 2:
+      return guidance.combine_two_way(v, scale)
+    return guidance.combine_three_way(v, scale, jnp.asarray(cfg.cfg_img, jnp.float32))
+
+  return velocity
+
+
+def sample_token(model, last_hidden: jax.Array, token_index: jax.Array, row_keys: jax.Array,
+                 cfg: SamplerConfig) -> jax.Array:
+  """Samples image token `token_index` for B images from the rows' last hidden (R, D).
+  row_keys (B,) keys of this token. Returns (B, T) float32."""
+  cond = model.head_condition(last_hidden, token_index)
+  cond_emb = model.image_head.condition(cond)  # Once per token, outside the integration loop.
+  scale = guidance.guidance_scale(cfg.cfg, cfg.cfg_schedule, token_index, cfg.num_tokens)
+  velocity = guided_velocity_fn(model.image_head, cond_emb, cfg, scale)
+  x0 = cfg.integrator.temperature * integrators.row_normal(row_keys, 0, (model.cfg.token_dim,))
+  token = integrators.integrate(velocity, x0, row_keys, cfg.integrator)
+  return L.layer_norm(token) if cfg.use_norm else token
+
+
+def generate_tokens_fn(model, prompt: dict, image_keys: jax.Array, cfg: SamplerConfig) -> jax.Array:
+  """prompt: input_ids (R, P) int32, attention_mask (R, P) bool, positions (R, P) int32 (left
+  padded, raw slots); image_keys (B,) one key per image. Returns tokens (B, N, T) float32."""
+  ids = prompt['input_ids']
+  rows, width = ids.shape
+  if rows != cfg.num_branches * image_keys.shape[0]:
+    raise ValueError(f'{rows} prompt rows for {image_keys.shape[0]} images and {cfg.num_branches} branches')
+  cache = model.decoder.init_cache(rows, width + cfg.num_tokens)
+  hidden, cache = model(model.embed(ids, None, None), prompt['positions'], prompt['attention_mask'], cache)
+  next_position = prompt['positions'][:, -1:] + 1  # (R, 1)
+
+  def step(carry, k):
+    cache, last_hidden = carry
+    token_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(image_keys, k)
+    token = sample_token(model, last_hidden, k, token_keys, cfg)
+    x = model.embed_image_tokens(jnp.tile(token, (cfg.num_branches, 1))[:, None])
+    hidden, cache = model(x, next_position + k, jnp.ones((rows, 1), bool), cache)
+    return (cache, hidden[:, 0]), token
+
+  _, tokens = jax.lax.scan(step, (cache, hidden[:, -1]), jnp.arange(cfg.num_tokens))
+  return tokens.transpose(1, 0, 2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def generate_tokens(graphdef, state, prompt: dict, image_keys: jax.Array, cfg: SamplerConfig) -> jax.Array:
+  """Jitted `generate_tokens_fn` on a split model (graphdef static, state traced)."""
+  return generate_tokens_fn(nnx.merge(graphdef, state), prompt, image_keys, cfg)
+
+
+def image_keys_from_seeds(seeds) -> jax.Array:
+  """(B,) int seeds -> (B,) keys; image b's noise depends only on its seed."""
+  return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))

@@ -1,0 +1,95 @@
+"""Per-token integrators of the head's velocity field, pure and scanned over steps.
+
+Time convention (everywhere in this project, as the official model): t = 0 is noise, t = 1 is
+data, x_t = t x1 + (1 - t) eps, velocity v = x1 - eps.
+
+Time grids (N = num_steps, s = timestep_shift, shift(t) = t / (s - (s - 1) t)):
+  A (official NextStep-1 code): u = linspace(0, 1 - delta, N), t_i = shift(u_i); N - 1 solver steps
+    t_i -> t_{i+1}, then a final deterministic step x += delta * v(x, t_{N-1}). N velocity calls.
+  B (NextStep-1.1 / vLLM): t = shift(linspace(0, 1, N + 1)[:-1]) + [1.0]; N solver steps to t = 1.
+Solvers: 'sde' = Euler-Maruyama of the SiT SDE with diffusion w(t) = 1 - t:
+  score = (t v - x) / (1 - t); drift = v + (1 - t) score = (1 + t) v - x;
+  x <- x + drift dt + sqrt(2 (1 - t)) sqrt(dt) z;
+'euler' / 'heun' = the deterministic ODE dx = v dt (first / second order).
+"""
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+SOLVERS = ('sde', 'euler', 'heun')
+TIME_GRIDS = ('A', 'B')
+
+VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (M, T) f32, t () f32) -> (M, T) f32
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegratorConfig:
+  num_steps: int = 50
+  solver: str = 'sde'
+  time_grid: str = 'A'
+  timestep_shift: float = 1.0
+  last_step_size: float = 0.04
+  temperature: float = 1.0
+
+  def __post_init__(self):
+    if self.solver not in SOLVERS:
+      raise ValueError(f'sample.solver={self.solver!r}; choose one of {SOLVERS}')
+    if self.time_grid not in TIME_GRIDS:
+      raise ValueError(f'sample.time_grid={self.time_grid!r}; choose one of {TIME_GRIDS}')
+    if self.num_steps < 1:
+      raise ValueError(f'sample.num_steps={self.num_steps} must be >= 1')
+
+
+def shift_time(t: jax.Array, shift: float) -> jax.Array:
+  return t / (shift - (shift - 1.0) * t)
+
+
+def time_grid(cfg: IntegratorConfig) -> jax.Array:
+  """Grid A: (N,) solver times (the last one starts the final delta step). Grid B: (N + 1,)."""
+  n = cfg.num_steps
+  if cfg.time_grid == 'A':
+    return shift_time(jnp.linspace(0.0, 1.0 - cfg.last_step_size, n, dtype=jnp.float32), cfg.timestep_shift)
+  t = shift_time(jnp.linspace(0.0, 1.0, n + 1, dtype=jnp.float32)[:-1], cfg.timestep_shift)
+  return jnp.concatenate([t, jnp.ones((1,), jnp.float32)])
+
+
+def row_normal(row_keys: jax.Array, salt, shape: tuple[int, ...]) -> jax.Array:
+  """One standard-normal draw of `shape` per row from fold_in(row_keys[m], salt): (M, *shape) f32.
+  Per-row keys make a row's sample independent of the batch it is generated in."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), shape, jnp.float32))(row_keys)
+
+
+def _solver_step(velocity_fn: VelocityFn, solver: str, x, t, t_next, noise_fn, noise_scale: float):
+  """One step t -> t_next of `solver` from x (M, T) f32; noise_fn() draws the SDE noise (M, T)."""
+  dt = t_next - t
+  v = velocity_fn(x, t)
+  if solver == 'euler':
+    return x + v * dt
+  if solver == 'heun':
+    v_next = velocity_fn(x + v * dt, t_next)
+    return x + 0.5 * (v + v_next) * dt
+  drift = (1.0 + t) * v - x
+  noise = noise_scale * noise_fn()
+  return x + drift * dt + jnp.sqrt(2.0 * (1.0 - t)) * jnp.sqrt(dt) * noise
+
+
+def integrate(velocity_fn: VelocityFn, x0: jax.Array, row_keys: jax.Array, cfg: IntegratorConfig) -> jax.Array:
+  """Integrates from noise x0 (M, T) float32 (already scaled by temperature) to a token (M, T) f32.
+
+  row_keys (M,) keys: the SDE's step i draws row m's noise from fold_in(row_keys[m], i + 1),
+  scaled by `temperature` (salt 0 is left for x0).
+  """
+  times = time_grid(cfg)
+  starts, ends = times[:-1], times[1:]
+
+  def step(x, inputs):
+    i, t, t_next = inputs
+    noise_fn = lambda: row_normal(row_keys, i + 1, x.shape[1:])
+    return _solver_step(velocity_fn, cfg.solver, x, t, t_next, noise_fn, cfg.temperature), None
+
+  x, _ = jax.lax.scan(step, x0.astype(jnp.float32), (jnp.arange(starts.shape[0]), starts, ends))
+  if cfg.time_grid == 'A':
+    x = x + cfg.last_step_size * velocity_fn(x, times[-1])
+  return x

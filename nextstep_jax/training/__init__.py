@@ -1,0 +1,1 @@
+"""Objective, train state, jitted steps and the training loop."""
