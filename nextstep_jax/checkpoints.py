@@ -4,8 +4,8 @@ Layout: `<directory>/<step>/{state,extra}`. Saves are asynchronous (`wait()` blo
 one is committed) and atomic: orbax writes into `<step>.orbax-checkpoint-tmp-<timestamp>` and
 renames it to `<step>` once every array is written (on object stores, which cannot rename, it
 writes `commit_success.txt` last instead). A checkpoint interrupted mid-write therefore never
-counts as a step: `latest_step` ignores it and it is deleted when the next `Checkpointer` opens the
-directory. Only the newest `keep` checkpoints are kept.
+counts as a step: `latest_step` ignores it, and a `Checkpointer` opened on the directory deletes it
+in the background (finished before its first save). Only the newest `keep` checkpoints are kept.
 
 Restores read arrays straight onto the shardings of the abstract target, so a run can resume on
 another mesh; see `nextstep_jax.parallel.rules.abstract_with_shardings`.
@@ -27,7 +27,7 @@ class Checkpointer:
   """Saves and restores (state pytree, JSON extra) pairs under one directory, keeping `keep`."""
 
   def __init__(self, directory: str | pathlib.Path, keep: int, async_save: bool = True):
-    """Opens (creating if needed) `directory`; leftover partial checkpoints are deleted.
+    """Opens (creating if needed) `directory` and starts deleting leftover partial checkpoints.
 
     Args:
       directory: the checkpoint root (local path or an orbax-supported URL such as gs://).

@@ -17,7 +17,7 @@ import ml_collections
 from nextstep_jax.parallel.mesh import MESH_AXES
 
 TOKENIZER_DOWNSAMPLE = {'pixels': 1, 'vae': 8}  # Image side / latent side per tokenizer.
-NUM_RESERVED_IDS = 16  # Ids past the sentencepiece pieces: sequence specials (boi, eoi, ...).
+SPARE_EMBEDDING_ROWS = 16  # Embedding rows past text.vocab_size, for special tokens added later.
 SOLVERS = ('sde', 'euler', 'heun')
 TIME_GRIDS = ('A', 'B')
 CFG_SCHEDULES = ('constant', 'linear')
@@ -141,11 +141,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f'needs {needed} = {_seq_len_breakdown(config)}; set model.max_seq_len >= {needed} '
               'or lower text.max_caption_tokens / image.size.')
 
-  require(m.vocab_size >= text.vocab_size + NUM_RESERVED_IDS,
-          f'model.vocab_size={m.vocab_size} must be >= text.vocab_size + {NUM_RESERVED_IDS} = '
-          f'{text.vocab_size + NUM_RESERVED_IDS}: the embedding holds the {text.vocab_size} '
-          f'sentencepiece pieces plus {NUM_RESERVED_IDS} reserved ids for the sequence special '
-          'tokens (<image_area>, <boi>, <eoi>, placeholder, pad, eos, ...).')
+  require(m.vocab_size >= text.vocab_size + SPARE_EMBEDDING_ROWS,
+          f'model.vocab_size={m.vocab_size} must be >= text.vocab_size + {SPARE_EMBEDDING_ROWS} = '
+          f'{text.vocab_size + SPARE_EMBEDDING_ROWS}: every text id needs an embedding row (up to '
+          f'{text.vocab_size} sentencepiece pieces, which include the 256 byte-fallback pieces and '
+          f'the special tokens), plus {SPARE_EMBEDDING_ROWS} spare rows so special tokens can be '
+          'added without resizing the embedding.')
   require(0 <= config.data.drop_text_prob < 1,
           f'data.drop_text_prob={config.data.drop_text_prob} must be in [0, 1) (1 would never '
           'train the text-conditioned order).')

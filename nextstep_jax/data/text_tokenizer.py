@@ -135,6 +135,7 @@ class TextTokenizer:
   """A sentencepiece text tokenizer with the NextStep special tokens as single pieces."""
 
   def __init__(self, processor: spm.SentencePieceProcessor, path: str):
+    self.path = path
     self._processor = processor
     self._special_ids = {token: self._single_piece_id(token, path) for token in SPECIAL_TOKENS}
 

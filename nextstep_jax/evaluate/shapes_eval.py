@@ -9,8 +9,9 @@ Detection, for an image uint8 (S, S, 3):
      noise. 'other' components that survive count as (unwanted) objects.
   3. Shape, from the component inside its bounding box, in box-normalised coordinates u, v in
      [-1, 1]: a triangle (apex up) has its centroid at 2/3 of the box height (circle and square:
-     1/2); otherwise a square fills the box corners |u| + |v| > 1.45, which lie outside the
-     inscribed circle.
+     1/2); otherwise a square fills the box corners |u| + |v| > 1.55, which a circle leaves empty
+     (its diagonal reaches sqrt(2) times its radius, at most ~1.05 in box units after pixelation).
+     Blur rounds square corners, so a quarter of them filled is enough.
   4. Position: the component's centroid; relations are judged by `shapes.relation_holds`.
 
 Scoring a prompt (see `evaluate_image`): `count` (as many objects as prompted), `color` / `shape`
@@ -27,12 +28,12 @@ from scipy import ndimage
 
 from nextstep_jax.data.builtin import shapes
 
-BACKGROUND_MAX_CHANNEL = 96
+BACKGROUND_MAX_CHANNEL = 128  # Half brightness: blurred edges keep the object's true outline.
 NOISE_AREA_FRACTION = 0.25
 OTHER_COLOR = 'other'
-TRIANGLE_MIN_CENTROID_HEIGHT = 0.585  # Box-relative centroid height: triangle 2/3, others 1/2.
-SQUARE_CORNER_SUM = 1.45  # |u| + |v| beyond this is outside the inscribed circle (max sqrt(2)).
-SQUARE_MIN_CORNER_FILL = 0.5
+TRIANGLE_MIN_CENTROID_HEIGHT = 0.57  # Box-relative centroid height: triangle 2/3, others 1/2.
+SQUARE_CORNER_SUM = 1.55  # Box corners |u| + |v| > this: full for squares, empty for circles.
+SQUARE_MIN_CORNER_FILL = 0.25
 
 _CLASS_NAMES = tuple(shapes.COLORS) + (OTHER_COLOR,)
 _CLASS_RGB = np.array([*shapes.COLORS.values(), (255, 255, 255)], np.float32)

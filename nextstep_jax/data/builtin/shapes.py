@@ -50,9 +50,10 @@ SPLITS = ('train', 'heldout')
 EVAL_SPLITS = ('seen', 'heldout')
 MIN_IMAGE_SIZE = 16
 # Box side range per object count, as fractions of the image side S.
-SIDE_FRACTIONS = {1: (0.25, 0.4375), 2: (0.25, 0.375), 3: (0.25, 0.3125)}
+SIDE_FRACTIONS = {1: (0.3125, 0.4375), 2: (0.3125, 0.375), 3: (0.3125, 0.34375)}
 # Across-axis offset of a 2-object scene, at most this fraction of the along-axis distance.
 MAX_ACROSS_RATIO = 0.4
+_PLACEMENT_TRIES = 50
 
 _ALL_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)
 _TRAIN_PAIRS = tuple(p for p in _ALL_PAIRS if p not in HELDOUT_PAIRS)
@@ -243,15 +244,18 @@ def _place_free(rng: np.random.Generator, num_objects: int,
   """(cx, cy, side) per object: inside the canvas, boxes S/16 apart (rejection sampling)."""
   border, margin = image_size / 32, image_size / 16
   low, high = SIDE_FRACTIONS[num_objects]
-  while True:
-    sides = rng.uniform(low * image_size, high * image_size, size=num_objects)
-    centres = rng.uniform(border + sides[:, None] / 2, image_size - border - sides[:, None] / 2,
-                          size=(num_objects, 2))
-    separated = all(
-        np.max(np.abs(centres[i] - centres[j])) >= (sides[i] + sides[j]) / 2 + margin
-        for i in range(num_objects) for j in range(i))
-    if separated:
-      return [(float(x), float(y), float(s)) for (x, y), s in zip(centres, sides)]
+  while True:  # Restart when an early placement leaves no room for a later object.
+    placed = []
+    for side in rng.uniform(low * image_size, high * image_size, size=num_objects):
+      for _ in range(_PLACEMENT_TRIES):
+        cx, cy = rng.uniform(border + side / 2, image_size - border - side / 2, size=2)
+        if all(max(abs(cx - x), abs(cy - y)) >= (side + s) / 2 + margin for x, y, s in placed):
+          placed.append((float(cx), float(cy), float(side)))
+          break
+      else:
+        break
+    if len(placed) == num_objects:
+      return placed
 
 
 def sample_scene(rng: np.random.Generator, num_objects: int, split: str = 'train',

@@ -1,0 +1,37 @@
+"""Shapes world on CPU: 32x32 images, pixels tokenizer, 4x4 patches -> 8x8 grid of 48-dim tokens.
+
+  nextstep-train --config configs/shapes.py --workdir runs/shapes
+  nextstep-train --config configs/shapes.py:demo      # the `make demo` budget
+"""
+from configs import base
+
+
+def get_config(arg=None):
+  c = base.get_base_config()
+  c.name = 'shapes' if not arg else f'shapes_{arg}'
+  m = c.model
+  m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 256, 6, 4, 2, 64
+  m.intermediate_size = 704
+  m.fm_head_dim, m.fm_head_layers = 256, 3
+  m.latent_patch_size = 4
+  m.max_seq_len = 112
+  c.image.size = 32
+  c.data.dataset = 'shapes'
+  c.data.num_train = 50000
+  c.data.drop_text_prob = 0.1
+  c.loss.fm_head_batch_mul = 4
+  c.sample.num_steps = 50
+  c.sample.cfg = 3.0
+  c.train.steps = 6000
+  c.train.batch_size = 64
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 200
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.sample_every = 1000
+  if arg == 'demo':
+    c.train.steps = 1500
+    c.train.sample_every = 500
+  elif arg:
+    raise ValueError(f'unknown shapes variant {arg!r}; use "demo" or none')
+  return c

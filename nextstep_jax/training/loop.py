@@ -1,0 +1,170 @@
+"""The training loop: data, sharded jitted steps, checkpoints, metrics, sample grids.
+
+Workdir layout: config.json, tokenizer.model, checkpoints/ (orbax, keep N, atomic), tb/
+(TensorBoard scalars and sample grids), samples/step_XXXXXXX.png, metrics.jsonl (one line per
+logged step with the wall time, for accuracy-vs-minutes curves).
+
+Resume is exact: the batch and the step's noise are pure functions of (seed, step), so restarting
+from checkpoint s reproduces the run that never stopped. Metrics are fetched one step late so the
+host never waits for the device; a NaN/Inf loss or gradient stops the run with
+`TrainingDivergedError` before any checkpoint of the bad step is written.
+"""
+import dataclasses
+import json
+import math
+import pathlib
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from nextstep_jax import checkpoints
+from nextstep_jax import configlib
+from nextstep_jax.data import builtin_source
+from nextstep_jax.parallel import mesh as mesh_lib
+from nextstep_jax.parallel import rules as rules_lib
+from nextstep_jax.sampling import pipeline
+from nextstep_jax.training import state as state_lib
+from nextstep_jax.training import step as step_lib
+from nextstep_jax.utils import images as image_utils
+from nextstep_jax.utils import logging as log_utils
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or gradient norm became NaN/Inf."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  workdir: str
+  step: int
+  metrics: dict
+  minutes: float
+
+
+def default_workdir(config) -> str:
+  return config.workdir or str(pathlib.Path('runs') / config.name)
+
+
+def grid_prompts(config, num: int) -> list[str]:
+  """Fixed prompts for the periodic sample grid (seen and held-out for shapes)."""
+  if config.data.dataset == 'shapes':
+    from nextstep_jax.data.builtin import shapes  # pylint: disable=g-import-not-at-top
+    half = num // 2
+    return (shapes.eval_prompts(half // 2, 1, 'seen', 0) + shapes.eval_prompts(half - half // 2, 2, 'seen', 0)
+            + shapes.eval_prompts(num - half, 2, 'heldout', 0))
+  from nextstep_jax.data.builtin import digits  # pylint: disable=g-import-not-at-top
+  return digits.eval_prompts(num, 0)
+
+
+def _check_finite(step: int, metrics: dict, workdir: str, last_saved: int | None) -> None:
+  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+  if bad:
+    raise TrainingDivergedError(
+        f'step {step}: non-finite {bad}. Training stopped; the last good checkpoint is step '
+        f'{last_saved} in {workdir}/checkpoints. Lower train.lr, raise train.warmup_steps or '
+        'tighten train.grad_clip, then resume.')
+
+
+def save_sample_grid(config, graphdef, params, tok, workdir: pathlib.Path, step: int, writer) -> str:
+  """Samples the fixed grid prompts with the config's sampler and writes a PNG (+ TensorBoard)."""
+  prompts = grid_prompts(config, config.train.num_grid_samples)
+  sampler = pipeline.TextToImage(config, graphdef, params, tok)
+  images = sampler(prompts, list(range(len(prompts))))
+  grid = image_utils.make_grid(images, ncols=int(math.ceil(math.sqrt(len(images)))))
+  path = workdir / 'samples' / f'step_{step:07d}.png'
+  image_utils.save_png(path, grid)
+  writer.image(step, 'samples', grid)
+  (workdir / 'samples' / f'step_{step:07d}.txt').write_text('\n'.join(prompts) + '\n')
+  return str(path)
+
+
+def train(config, workdir: str | None = None) -> TrainResult:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final state."""
+  configlib.validate(config)
+  workdir = pathlib.Path(workdir or default_workdir(config))
+  workdir.mkdir(parents=True, exist_ok=True)
+  tok = builtin_source.load_text_tokenizer(config)
+  source = builtin_source.BuiltinSource(config, tok)
+  _write_run_files(config, workdir, tok)
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tx = state_lib.make_optimizer(config.train)
+  graphdef, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
+  ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is None:
+    state = jax.jit(lambda: state_lib.init_state(config, tx), out_shardings=shardings)()
+    start = 0
+  else:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, shardings)
+    state, _ = ckpt.restore(start, target)
+    print(f'resumed from step {start} in {workdir}', flush=True)
+
+  total = config.train.steps
+  train_step = step_lib.build_train_step(config, graphdef, tx, shardings, mesh, tok.image_placeholder_id,
+                                         source.batch(0, 1))
+  writer = log_utils.MetricWriter(workdir / 'tb')
+  progress = log_utils.ProgressLogger(total, config.train.log_every, start_step=start,
+                                      items_per_step=config.train.batch_size)
+  t_start = time.monotonic()
+  pending = None  # (step, device metrics) fetched one step late.
+  last_saved = start if start else None
+  metrics_host: dict = {}
+  rate_clock = {'step': start, 'time': t_start}
+  step = start
+  with open(workdir / 'metrics.jsonl', 'a') as metrics_file:
+
+    def finish(step_done: int, device_metrics) -> dict:
+      host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      _check_finite(step_done, host, str(workdir), last_saved)
+      if step_done % config.train.log_every == 0 or step_done == total:
+        now = time.monotonic()
+        rate = (step_done - rate_clock['step']) * config.train.batch_size / max(now - rate_clock['time'], 1e-9)
+        rate_clock.update(step=step_done, time=now)
+        minutes = (now - t_start) / 60
+        writer.scalars(step_done, {**host, 'sequences_per_s': rate})
+        metrics_file.write(json.dumps({'step': step_done, 'minutes': minutes, **host}) + '\n')
+        metrics_file.flush()
+      progress.update(step_done, {k: host[k] for k in ('loss', 'lm_loss', 'im_loss', 'grad_norm')})
+      return host
+
+    while step < total:
+      batch = rules_lib.shard_batch(source.batch(step), mesh, config.mesh.rules)
+      state, device_metrics = train_step(state, batch)
+      step += 1
+      if pending is not None:
+        metrics_host = finish(*pending)
+      pending = (step, device_metrics)
+      out_of_time = config.train.max_minutes and (time.monotonic() - t_start) / 60 >= config.train.max_minutes
+      periodic_save = step % config.train.checkpoint_every == 0
+      periodic_grid = config.train.sample_every and step % config.train.sample_every == 0
+      if periodic_save or periodic_grid or out_of_time or step == total:
+        metrics_host = finish(*pending)  # Confirm this step is finite before saving it.
+        pending = None
+        if periodic_save or out_of_time or step == total:
+          ckpt.save(step, state, extra={'step': step, 'data_position': step}, force=True)
+          last_saved = step
+        if periodic_grid or step == total:
+          ckpt.wait()
+          save_sample_grid(config, graphdef, state['params'], tok, workdir, step, writer)
+        if out_of_time:
+          print(f'train.max_minutes={config.train.max_minutes} reached at step {step}; '
+                'checkpoint saved, rerun to continue', flush=True)
+          break
+  ckpt.close()
+  writer.close()
+  return TrainResult(str(workdir), step, metrics_host, (time.monotonic() - t_start) / 60)
+
+
+def _write_run_files(config, workdir: pathlib.Path, tok) -> None:
+  """config.json and tokenizer.model: everything `nextstep-sample --workdir` needs besides weights."""
+  config_path = workdir / pipeline.CONFIG_FILE
+  text = configlib.config_to_json(config)
+  if config_path.exists() and configlib.config_from_json(config_path.read_text()).model != config.model:
+    raise ValueError(f'{workdir} holds a run with a different model config; use a new --workdir '
+                     'or the same config to resume')
+  config_path.write_text(text)
+  shutil.copyfile(tok.path, workdir / pipeline.TOKENIZER_FILE)

@@ -1,0 +1,83 @@
+"""Train state (params, optimizer state, step), the optimizer, and sharded creation.
+
+The state is a plain dict pytree {'params': nnx.State, 'opt_state': optax state, 'step': () int32}
+so that jit shardings, donation and orbax checkpoints treat it uniformly. The graphdef of the
+model is static and rebuilt from the config.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nextstep_jax.model import nextstep
+from nextstep_jax.parallel import rules as rules_lib
+
+DECAYED_PARAM_NAMES = ('kernel', 'embedding')  # Weight decay skips biases and norm weights.
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+  """Linear warm-up to `lr`, then cosine decay to lr * min_lr_ratio (or constant)."""
+  warmup = optax.linear_schedule(0.0, train_cfg.lr, max(train_cfg.warmup_steps, 1))
+  decay_steps = max(train_cfg.steps - train_cfg.warmup_steps, 1)
+  if train_cfg.lr_schedule == 'cosine':
+    after = optax.cosine_decay_schedule(train_cfg.lr, decay_steps, alpha=train_cfg.min_lr_ratio)
+  elif train_cfg.lr_schedule == 'constant':
+    after = optax.constant_schedule(train_cfg.lr)
+  else:
+    raise ValueError(f'train.lr_schedule={train_cfg.lr_schedule!r}; use "cosine" or "constant"')
+  return optax.join_schedules([warmup, after], [train_cfg.warmup_steps])
+
+
+def decay_mask(params) -> Any:
+  """True for matrices (`kernel`, `embedding`), False for biases and norm weights."""
+  def is_decayed(path, _):
+    names = [str(getattr(k, 'key', getattr(k, 'name', ''))) for k in path]
+    return any(name in DECAYED_PARAM_NAMES for name in names)
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  """Global-norm clipping + AdamW with the config's schedule."""
+  return optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                  weight_decay=train_cfg.weight_decay, mask=decay_mask))
+
+
+def model_config(config) -> nextstep.ModelConfig:
+  return nextstep.ModelConfig.from_config(config.model)
+
+
+def abstract_model(config) -> nnx.Module:
+  """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half."""
+  cfg = model_config(config)
+  return nnx.eval_shape(lambda: nextstep.NextStep(cfg, rngs=nnx.Rngs(0)))
+
+
+def init_state(config, tx: optax.GradientTransformation) -> dict:
+  """Fresh train state (unsharded; jit it with out_shardings to create it sharded)."""
+  model = nextstep.NextStep(model_config(config), rngs=nnx.Rngs(config.seed))
+  params = nnx.state(model, nnx.Param)
+  return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+
+
+def abstract_train_state(config, tx) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, train state of ShapeDtypeStructs) without allocating anything."""
+  graphdef, _ = nnx.split(abstract_model(config), nnx.Param)
+  return graphdef, jax.eval_shape(lambda: init_state(config, tx))
+
+
+def state_shardings(config, tx, mesh) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, abstract train state, its NamedShardings under `mesh` and config.mesh.rules)."""
+  graphdef, abstract_state = abstract_train_state(config, tx)
+  shardings = rules_lib.state_shardings(abstract_state, mesh, config.mesh.rules)
+  return graphdef, abstract_state, shardings
+
+
+def create_sharded_state(config, tx, mesh) -> tuple[nnx.GraphDef, dict, Any]:
+  """Initialises the train state directly into its shardings (no host-side full copy)."""
+  graphdef, _, shardings = state_shardings(config, tx, mesh)
+  state = jax.jit(lambda: init_state(config, tx), out_shardings=shardings)()
+  return graphdef, state, shardings

@@ -1,0 +1,1 @@
+"""Host-side utilities: console progress, TensorBoard metrics, image grids and PNGs."""

@@ -1,0 +1,35 @@
+"""Test setup: 8 virtual CPU devices, fixed before JAX is imported; a fewer count fails the run.
+
+Tests mirror the package layout in folders without `__init__.py` (pytest --import-mode=importlib),
+so every test file basename must be unique.
+"""
+import os
+import re
+
+NUM_DEVICES = 8
+
+os.environ['XLA_FLAGS'] = ' '.join(
+    re.sub(r'--xla_force_host_platform_device_count=\S*', '', os.environ.get('XLA_FLAGS', ''))
+    .split() + [f'--xla_force_host_platform_device_count={NUM_DEVICES}'])
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+
+
+def pytest_configure(config):
+  del config
+  if jax.device_count() != NUM_DEVICES:
+    raise pytest.UsageError(
+        f'The tests need {NUM_DEVICES} CPU devices but JAX sees {jax.device_count()} '
+        f'({jax.devices()}). JAX was initialised before tests/conftest.py could set '
+        f'XLA_FLAGS=--xla_force_host_platform_device_count={NUM_DEVICES} and '
+        'JAX_PLATFORMS=cpu: do not import jax in plugins or set conflicting flags.')
+
+
+@pytest.fixture
+def tmp_workdir(tmp_path):
+  """An empty run directory (pathlib.Path) for checkpoints, events and samples."""
+  workdir = tmp_path / 'workdir'
+  workdir.mkdir()
+  return workdir

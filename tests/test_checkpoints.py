@@ -1,0 +1,128 @@
+"""Checkpoint save/restore onto shardings, keep-N, mismatch errors, partial-write handling."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from configs.base import get_base_config
+from nextstep_jax import checkpoints
+from nextstep_jax.parallel import mesh as mesh_lib
+from nextstep_jax.parallel import rules as rules_lib
+
+RULES = get_base_config().mesh.rules
+
+
+class Tiny(nnx.Module):
+  """w (8, 16) embed x mlp, b (16,) mlp, step () unannotated."""
+
+  def __init__(self, seed: int):
+    key = jax.random.key(seed)
+    self.w = nnx.Param(jax.random.normal(key, (8, 16)), out_sharding=('embed', 'mlp'))
+    self.b = nnx.Param(jnp.arange(16.0), out_sharding=('mlp',))
+    self.step = nnx.Variable(jnp.array(seed, jnp.int32))
+
+
+def make_mesh(data, fsdp, tensor):
+  return mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)))
+
+
+def sharded_state(seed, mesh):
+  abstract = nnx.state(nnx.eval_shape(lambda: Tiny(seed)))
+  shardings = rules_lib.state_shardings(abstract, mesh, RULES)
+  return jax.jit(lambda: nnx.state(Tiny(seed)), out_shardings=shardings)()
+
+
+def restore_target(mesh, module=lambda: Tiny(0)):
+  abstract = nnx.state(nnx.eval_shape(module))
+  return rules_lib.abstract_with_shardings(abstract, mesh, RULES)
+
+
+def test_round_trip_onto_another_mesh(tmp_workdir):
+  state = sharded_state(3, make_mesh(8, 1, 1))
+  extra = {'data': {'position': 123}, 'config': {'train': {'steps': 10}}}
+  ckpt = checkpoints.Checkpointer(tmp_workdir / 'ckpt', keep=2)
+  assert ckpt.save(5, state, extra)
+  ckpt.wait()
+  assert ckpt.latest_step() == 5
+
+  target = restore_target(make_mesh(2, 2, 2))
+  restored, restored_extra = ckpt.restore(5, target)
+  ckpt.close()
+  assert restored_extra == extra
+  w = restored['w'][...]
+  assert w.sharding.spec == P('fsdp', 'tensor') and w.sharding.mesh.shape['tensor'] == 2
+  assert w.addressable_shards[0].data.shape == (4, 8)
+  for path in (('w',), ('b',), ('step',)):
+    np.testing.assert_array_equal(np.asarray(restored[path[0]][...]),
+                                  np.asarray(state[path[0]][...]))
+
+
+def test_restore_latest_and_missing_step(tmp_workdir):
+  mesh = make_mesh(8, 1, 1)
+  ckpt = checkpoints.Checkpointer(tmp_workdir, keep=3, async_save=False)
+  with pytest.raises(FileNotFoundError, match='No checkpoint'):
+    ckpt.restore(None, restore_target(mesh))
+  ckpt.save(1, sharded_state(1, mesh))
+  ckpt.save(2, sharded_state(2, mesh), {'position': 2})
+  assert not ckpt.save(2, sharded_state(9, mesh))  # Not newer than the latest step.
+  restored, extra = ckpt.restore(None, restore_target(mesh))
+  assert int(restored['step'][...]) == 2 and extra == {'position': 2}
+  with pytest.raises(FileNotFoundError, match='step 7'):
+    ckpt.restore(7, restore_target(mesh))
+  ckpt.close()
+
+
+def test_keeps_the_newest_n(tmp_workdir):
+  mesh = make_mesh(8, 1, 1)
+  ckpt = checkpoints.Checkpointer(tmp_workdir, keep=2)
+  for step in (10, 20, 30, 40):
+    ckpt.save(step, sharded_state(step, mesh))
+  ckpt.wait()
+  assert ckpt.all_steps() == [30, 40]
+  ckpt.close()
+  assert sorted(p.name for p in tmp_workdir.iterdir()) == ['30', '40']
+
+
+def test_mismatch_lists_paths_and_shapes(tmp_workdir):
+  mesh = make_mesh(8, 1, 1)
+  ckpt = checkpoints.Checkpointer(tmp_workdir, keep=1, async_save=False)
+  ckpt.save(1, sharded_state(0, mesh))
+
+  class Changed(nnx.Module):
+
+    def __init__(self):
+      self.w = nnx.Param(jnp.zeros((8, 32)), out_sharding=('embed', 'mlp'))
+      self.b = nnx.Param(jnp.zeros((16,)), out_sharding=('mlp',))
+      self.extra = nnx.Param(jnp.zeros((2,)))
+
+  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+    ckpt.restore(1, restore_target(mesh, Changed))
+  message = str(error.value)
+  assert 'expected but not in the checkpoint:\n    extra/value (2,)' in message
+  assert 'in the checkpoint but not expected:\n    step/value ()' in message
+  assert 'w/value (8, 16) vs (8, 32)' in message
+  assert 'b/value' not in message
+  ckpt.close()
+
+
+def test_partial_write_is_ignored(tmp_workdir):
+  mesh = make_mesh(8, 1, 1)
+  ckpt = checkpoints.Checkpointer(tmp_workdir, keep=3, async_save=False)
+  ckpt.save(1, sharded_state(1, mesh))
+  ckpt.close()
+  # A save of step 2 killed before orbax's final rename leaves only its temporary directory.
+  partial = tmp_workdir / '2.orbax-checkpoint-tmp-1700000000'
+  (partial / 'state').mkdir(parents=True)
+  (partial / 'state' / 'half_written').write_bytes(b'\0' * 16)
+
+  reopened = checkpoints.Checkpointer(tmp_workdir, keep=3)
+  assert reopened.latest_step() == 1 and reopened.all_steps() == [1]
+  restored, _ = reopened.restore(None, restore_target(mesh))
+  assert int(restored['step'][...]) == 1
+  reopened.save(2, sharded_state(2, mesh))  # Saving first finishes the cleanup begun on open.
+  reopened.wait()
+  assert reopened.all_steps() == [1, 2] and not partial.exists()
+  reopened.close()

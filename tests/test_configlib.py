@@ -1,0 +1,179 @@
+"""Config loading, overrides, validation and JSON round trip."""
+import pathlib
+import textwrap
+
+import pytest
+
+import configs
+from configs.base import get_base_config
+from nextstep_jax import configlib
+from nextstep_jax.configlib import ConfigError
+
+EXPERIMENT_FILE = textwrap.dedent("""
+    from configs.base import get_base_config
+
+    def get_config(arg=None):
+      config = get_base_config()
+      config.name = 'tmp'
+      if arg == 'small':
+        config.model.num_layers = 2
+      return config
+""")
+
+
+@pytest.fixture
+def config_path(tmp_path):
+  path = tmp_path / 'experiment.py'
+  path.write_text(EXPERIMENT_FILE)
+  return str(path)
+
+
+def test_base_config_is_valid():
+  configlib.validate(get_base_config())
+
+
+def test_load_config_variant_and_overrides(config_path):
+  config = configlib.load_config(
+      f'{config_path}:small',
+      ['train.steps=100', '--config.train.lr=3e-4', 'model.attention_bias=false',
+       'config.sample.solver=heun', "mesh.rules=(('batch', 'data'), ('length', None))"])
+  assert (config.name, config.model.num_layers) == ('tmp', 2)
+  assert config.train.steps == 100 and isinstance(config.train.steps, int)
+  assert config.train.lr == pytest.approx(3e-4)
+  assert config.model.attention_bias is False
+  assert config.sample.solver == 'heun'
+  assert config.mesh.rules == (('batch', 'data'), ('length', None))
+  with pytest.raises(AttributeError):
+    config.new_field = 1  # Locked.
+
+
+def test_load_config_without_variant(config_path):
+  assert configlib.load_config(config_path).model.num_layers == 4
+
+
+def test_float_field_accepts_integer_text(config_path):
+  assert configlib.load_config(config_path, ['train.lr=1']).train.lr == 1.0
+
+
+def test_unknown_field_names_close_matches(config_path):
+  with pytest.raises(ConfigError, match=r"'train\.stepz'.*train\.steps"):
+    configlib.load_config(config_path, ['train.stepz=5'])
+
+
+@pytest.mark.parametrize('override', ['train.steps=ten', 'model.attention_bias=maybe',
+                                      'mesh.rules=3', 'train.steps'])
+def test_bad_override_values(config_path, override):
+  with pytest.raises(ConfigError):
+    configlib.load_config(config_path, [override])
+
+
+def test_missing_file_and_missing_get_config(tmp_path):
+  with pytest.raises(ConfigError, match='not found'):
+    configlib.load_config(str(tmp_path / 'nope.py'))
+  empty = tmp_path / 'empty.py'
+  empty.write_text('X = 1\n')
+  with pytest.raises(ConfigError, match='get_config'):
+    configlib.load_config(str(empty))
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.hidden_size', 0, 'model.hidden_size=0 must be > 0'),
+    ('model.num_kv_heads', 3, 'multiple of model.num_kv_heads=3'),
+    ('image.size', 30, 'image.size=30 must be divisible by'),
+    ('sample.solver', 'rk4', 'sample.solver'),
+    ('sample.time_grid', 'C', 'sample.time_grid'),
+    ('sample.cfg_schedule', 'cosine', 'sample.cfg_schedule'),
+    ('model.remat_policy', 'some', 'model.remat_policy'),
+    ('train.lr_schedule', 'linear', 'train.lr_schedule'),
+    ('model.dtype', 'float8', 'model.dtype'),
+    ('model.param_dtype', 'f32', 'model.param_dtype'),
+    ('data.drop_text_prob', 1.0, 'data.drop_text_prob'),
+    ('data.drop_text_prob', -0.1, 'data.drop_text_prob'),
+    ('loss.fm_head_batch_mul', 0, 'loss.fm_head_batch_mul'),
+    ('mesh.fsdp', 0, 'mesh.fsdp=0'),
+    ('mesh.tensor', -1, 'at most one of data/fsdp/tensor may be -1'),
+    ('mesh.rules', (('batch', 'model'),), 'unknown mesh axes'),
+    ('image.tokenizer', 'jpeg', 'image.tokenizer'),
+    ('model.latent_channels', 16, 'must be 3 with image.tokenizer=pixels'),
+])
+def test_validate_rejects(field, value, message):
+  config = get_base_config()
+  group, name = field.split('.')
+  config[group][name] = value
+  with pytest.raises(ConfigError, match=message):
+    configlib.validate(config)
+
+
+def test_validate_lists_every_problem():
+  config = get_base_config()
+  config.model.hidden_size = 0
+  config.sample.solver = 'rk4'
+  with pytest.raises(ConfigError) as error:
+    configlib.validate(config)
+  assert 'model.hidden_size' in str(error.value) and 'sample.solver' in str(error.value)
+
+
+def test_vocab_needs_spare_rows():
+  config = get_base_config()
+  config.text.vocab_size = 256
+  config.model.vocab_size = 272
+  configlib.validate(config)
+  config.model.vocab_size = 271
+  with pytest.raises(ConfigError, match=r'model.vocab_size=271 .* text.vocab_size \+ 16 = 272'):
+    configlib.validate(config)
+
+
+def test_max_seq_len_boundary():
+  config = get_base_config()
+  config.image.size, config.model.latent_patch_size, config.text.max_caption_tokens = 32, 4, 24
+  # 32 px / 4 patch = 8x8: caption 24 + <image_area> 1 + "8*8" 3 + boi 1 + 64 + eoi 1 + eos 1.
+  assert configlib.required_seq_len(config) == 95
+  config.model.max_seq_len = 95
+  configlib.validate(config)
+  config.model.max_seq_len = 94
+  with pytest.raises(ConfigError, match=r'max_seq_len=94 .* needs 95'):
+    configlib.validate(config)
+
+
+def test_vae_tokenizer_grid():
+  config = get_base_config()
+  config.text.max_caption_tokens = 24
+  config.image.tokenizer = 'vae'
+  config.image.size = 256
+  config.model.latent_channels = 16
+  config.model.latent_patch_size = 2
+  config.model.max_seq_len = 1100
+  configlib.validate(config)
+  assert configlib.image_grid(config) == (16, 16)
+  assert configlib.token_dim(config) == 64
+  # caption 24 + 1 + "16*16" 5 + boi 1 + 256 + eoi 1 + eos 1.
+  assert configlib.required_seq_len(config) == 289
+
+
+def test_image_grid_and_token_dim():
+  config = get_base_config()
+  config.image.size, config.model.latent_patch_size = 32, 4
+  assert configlib.image_grid(config) == (8, 8)
+  assert configlib.token_dim(config) == 48
+
+
+def test_json_round_trip(config_path):
+  config = configlib.load_config(config_path, ['train.steps=7'])
+  restored = configlib.config_from_json(configlib.config_to_json(config))
+  assert restored.to_dict() == config.to_dict()
+  assert isinstance(restored.mesh.rules[0], tuple)
+  configlib.validate(restored)
+  with pytest.raises(AttributeError):
+    restored.new_field = 1
+
+
+@pytest.mark.parametrize('name', sorted(
+    path.name for path in pathlib.Path(configs.__file__).parent.glob('*.py')
+    if path.name not in ('__init__.py', 'base.py')))
+def test_experiment_configs_are_valid(name):
+  configlib.validate(configlib.load_config(f'configs/{name}'))
+
+
+def test_configs_path_resolves_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert configlib.load_config('configs/tiny.py').name
