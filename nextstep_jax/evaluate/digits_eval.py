@@ -41,13 +41,16 @@ def frechet_from_features(features_a: np.ndarray, features_b: np.ndarray) -> flo
   mean_a, mean_b = features_a.mean(axis=0), features_b.mean(axis=0)
   cov_a = np.cov(features_a, rowvar=False)
   cov_b = np.cov(features_b, rowvar=False)
-  cov_sqrt = linalg.sqrtm(cov_a @ cov_b)
-  if not np.isfinite(cov_sqrt).all():  # Singular product: regularise both covariances.
+  with warnings.catch_warnings():  # Dead ReLU units make the product singular; handled below.
+    warnings.simplefilter('ignore', category=linalg.LinAlgWarning)
+    cov_sqrt = linalg.sqrtm(cov_a @ cov_b)
+  if not np.isfinite(cov_sqrt).all():  # Regularise both covariances and retry.
     offset = np.eye(len(cov_a)) * _SQRTM_EPS
     cov_sqrt = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
   cov_sqrt = np.real(cov_sqrt)  # Drops the round-off imaginary part of a PSD product's root.
   diff = mean_a - mean_b
-  return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cov_sqrt))
+  distance = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cov_sqrt)
+  return max(float(distance), 0.0)  # Round-off can push identical distributions below 0.
 
 
 class DigitsEvaluator:
@@ -67,7 +70,7 @@ class DigitsEvaluator:
     targets = np.concatenate([labels, [digits.parse_caption(c) for c in captions]])
     classifier = neural_network.MLPClassifier(
         hidden_layer_sizes=HIDDEN_SIZES, alpha=1e-3, batch_size=128, learning_rate_init=1e-3,
-        max_iter=60, random_state=seed)
+        max_iter=30, random_state=seed)
     with warnings.catch_warnings():  # A fixed epoch budget is intended, not a convergence failure.
       warnings.simplefilter('ignore', category=exceptions.ConvergenceWarning)
       classifier.fit(inputs, targets)

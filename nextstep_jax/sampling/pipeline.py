@@ -5,7 +5,6 @@ Batches are padded to `sample.batch_size` so one compiled function serves every 
 depends only on (caption b, seed b, settings), not on its batch. `TextToImage.from_workdir(RUN)`
 rebuilds a trained run from its stored config, tokenizer and latest checkpoint.
 """
-import dataclasses
 import pathlib
 
 import jax
@@ -98,11 +97,3 @@ class TextToImage:
   def __call__(self, captions, seeds) -> np.ndarray:
     return self.decode(self.tokens(captions, seeds))
 
-
-@dataclasses.dataclass(frozen=True)
-class SampleRecord:
-  """One line of samples.jsonl."""
-  prompt: str
-  file: str
-  seed: int
-  settings: dict

@@ -1,0 +1,32 @@
+"""nextstep-train --config configs/shapes.py[:variant] [--workdir DIR] [--config.train.steps=100 ...]
+
+Trains (or resumes) a run; prints the workdir, which `nextstep-sample --workdir` accepts.
+"""
+import argparse
+import sys
+
+from nextstep_jax import configlib
+
+
+def parse_config(argv, description: str):
+  """(args, config) from `--config FILE[:variant]` plus `--config.field=value` overrides."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--config', required=True, help='config file, e.g. configs/shapes.py or configs/shapes.py:demo')
+  parser.add_argument('--workdir', default=None, help='run directory (default: runs/<config name>)')
+  args, rest = parser.parse_known_args(argv)
+  bad = [a for a in rest if not a.startswith('--config.')]
+  if bad:
+    parser.error(f'unrecognised arguments {bad}; config overrides look like --config.train.steps=100')
+  return args, configlib.load_config(args.config, rest)
+
+
+def main(argv=None) -> int:
+  args, config = parse_config(sys.argv[1:] if argv is None else argv, __doc__)
+  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top (after flag errors)
+  result = loop.train(config, args.workdir)
+  print(f'finished step {result.step} in {result.minutes:.1f} min; workdir: {result.workdir}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
