@@ -1,4 +1,4 @@
-"""Real handwritten digits (sklearn) upsampled to 32x32; pixels tokenizer, 8x8 grid of tokens.
+"""Real handwritten digits (sklearn) upsampled to 32x32; pixels tokenizer, 4x4 grid of 192-dim tokens.
 
   nextstep-train --config configs/digits.py --workdir runs/digits
 """

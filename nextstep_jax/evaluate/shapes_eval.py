@@ -5,8 +5,8 @@ Detection, for an image uint8 (S, S, 3):
      any other pixel is scaled so its brightest channel is 255 and takes the nearest of the named
      COLORS or 'other' (white-ish / washed-out pixels), so dim anti-aliased edges keep their hue.
   2. Objects: 4-connected components per colour class; components smaller than
-     NOISE_AREA_FRACTION of the smallest object the generator draws (a triangle of side S/4) are
-     noise. 'other' components that survive count as (unwanted) objects.
+     NOISE_AREA_FRACTION of the smallest object the generator draws (a triangle of side 5S/16) are
+     noise fragments. 'other' components that survive count as (wrongly coloured) objects.
   3. Shape, from the component inside its bounding box, in box-normalised coordinates u, v in
      [-1, 1]: a triangle (apex up) has its centroid at 2/3 of the box height (circle and square:
      1/2); otherwise a square fills the box corners |u| + |v| > 1.55, which a circle leaves empty
@@ -14,10 +14,12 @@ Detection, for an image uint8 (S, S, 3):
      Blur rounds square corners, so a quarter of them filled is enough.
   4. Position: the component's centroid; relations are judged by `shapes.relation_holds`.
 
-Scoring a prompt (see `evaluate_image`): `count` (as many objects as prompted), `color` / `shape`
+Scoring a prompt (see `evaluate_image`): `count` (as many objects as prompted, and noise fragments
+that add up to less than STRAY_AREA_FRACTION of the smallest object), `color` / `shape`
 (each prompted colour / shape is carried by its own detected object), `relation` (2-object prompts:
 detected objects matching the two prompted (colour, shape) pairs satisfy the relation) and
-`correct` (the detected objects are exactly the prompted pairs and the relation holds).
+`correct` (`count` holds, the detected objects are exactly the prompted pairs and the relation
+holds).
 """
 import collections
 import dataclasses
@@ -29,7 +31,8 @@ from scipy import ndimage
 from nextstep_jax.data.builtin import shapes
 
 BACKGROUND_MAX_CHANNEL = 128  # Half brightness: blurred edges keep the object's true outline.
-NOISE_AREA_FRACTION = 0.25
+NOISE_AREA_FRACTION = 0.25  # Of the smallest object's area: smaller components are noise.
+STRAY_AREA_FRACTION = 0.5  # Of the smallest object's area: more noise in total fails `count`.
 OTHER_COLOR = 'other'
 TRIANGLE_MIN_CENTROID_HEIGHT = 0.57  # Box-relative centroid height: triangle 2/3, others 1/2.
 SQUARE_CORNER_SUM = 1.55  # Box corners |u| + |v| > this: full for squares, empty for circles.
@@ -70,7 +73,7 @@ def classify_pixels(image: np.ndarray) -> np.ndarray:
 def _classify_shape(mask: np.ndarray) -> str:
   """Shape name of a component given as bool (h, w) cropped to its bounding box."""
   height, width = mask.shape
-  rows, cols = np.nonzero(mask)
+  rows = np.nonzero(mask)[0]
   if (rows.mean() + 0.5) / height > TRIANGLE_MIN_CENTROID_HEIGHT:
     return 'triangle'
   u = (np.arange(width) + 0.5) / width * 2 - 1
@@ -81,24 +84,36 @@ def _classify_shape(mask: np.ndarray) -> str:
   return 'circle'
 
 
-def detect_objects(image: np.ndarray) -> list[DetectedObject]:
-  """Objects in an image uint8 (S, S, 3), in row-major order of their first pixel per colour."""
+def _smallest_object_area(image_size: int) -> float:
+  """Pixel area of the smallest object the generator draws: a triangle of the smallest side."""
+  smallest_side = min(low for low, _ in shapes.SIDE_FRACTIONS.values()) * image_size
+  return 0.5 * smallest_side**2
+
+
+def _detect(image: np.ndarray) -> tuple[list[DetectedObject], int]:
+  """Objects in an image uint8 (S, S, 3), grouped by colour, and the pixel count of noise."""
   classes = classify_pixels(image)
-  size = image.shape[0]
-  min_area = NOISE_AREA_FRACTION * 0.5 * (shapes.SIDE_FRACTIONS[1][0] * size)**2
+  min_area = NOISE_AREA_FRACTION * _smallest_object_area(image.shape[0])
   objects = []
+  noise_area = 0
   for class_index, color in enumerate(_CLASS_NAMES):
     labels, count = ndimage.label(classes == class_index)
     for label, box in zip(range(1, count + 1), ndimage.find_objects(labels)):
       mask = labels[box] == label
       area = int(mask.sum())
       if area < min_area:
+        noise_area += area
         continue
       rows, cols = np.nonzero(mask)
       objects.append(DetectedObject(
           color=color, shape=_classify_shape(mask), cx=float(cols.mean() + 0.5 + box[1].start),
           cy=float(rows.mean() + 0.5 + box[0].start), area=area))
-  return objects
+  return objects, noise_area
+
+
+def detect_objects(image: np.ndarray) -> list[DetectedObject]:
+  """Objects in an image uint8 (S, S, 3), grouped by colour (see the module docstring)."""
+  return _detect(image)[0]
 
 
 def _has_distinct_matches(wanted: list, found: list) -> bool:
@@ -112,14 +127,15 @@ def evaluate_image(image: np.ndarray, caption: str) -> dict[str, bool]:
   Returns `count`, `color`, `shape`, `correct` and, for prompts with a relation, `relation`.
   """
   spec = shapes.parse_caption(caption)
-  found = detect_objects(image)
+  found, noise_area = _detect(image)
   found_pairs = [(o.color, o.shape) for o in found]
+  max_noise = STRAY_AREA_FRACTION * _smallest_object_area(image.shape[0])
   result = {
-      'count': len(found) == len(spec.objects),
+      'count': len(found) == len(spec.objects) and noise_area < max_noise,
       'color': _has_distinct_matches([c for c, _ in spec.objects], [o.color for o in found]),
       'shape': _has_distinct_matches([s for _, s in spec.objects], [o.shape for o in found]),
   }
-  exact = sorted(found_pairs) == sorted(spec.objects)
+  exact = result['count'] and sorted(found_pairs) == sorted(spec.objects)
   if spec.relation is None:
     result['correct'] = exact
     return result

@@ -24,6 +24,15 @@ TOKENIZER_FILE = 'tokenizer.model'
 CHECKPOINT_DIR = 'checkpoints'
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Committed checkpoint steps of a training run, oldest first."""
+  ckpt = checkpoints.Checkpointer(pathlib.Path(workdir) / CHECKPOINT_DIR, keep=1_000_000)
+  try:
+    return ckpt.all_steps()
+  finally:
+    ckpt.close()
+
+
 class TextToImage:
   """A text-to-image sampler bound to one model's params and one config's sample settings."""
 

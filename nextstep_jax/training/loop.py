@@ -80,8 +80,12 @@ def save_sample_grid(config, graphdef, params, tok, workdir: pathlib.Path, step:
   return str(path)
 
 
-def train(config, workdir: str | None = None) -> TrainResult:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final state."""
+def train(config, workdir: str | None = None, stop_at: int | None = None) -> TrainResult:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  stop_at: end this invocation after that step (with a checkpoint), as a preempted job would;
+  running again continues exactly where it stopped.
+  """
   configlib.validate(config)
   workdir = pathlib.Path(workdir or default_workdir(config))
   workdir.mkdir(parents=True, exist_ok=True)
@@ -138,21 +142,23 @@ def train(config, workdir: str | None = None) -> TrainResult:
       if pending is not None:
         metrics_host = finish(*pending)
       pending = (step, device_metrics)
-      out_of_time = config.train.max_minutes and (time.monotonic() - t_start) / 60 >= config.train.max_minutes
+      out_of_time = bool(config.train.max_minutes and
+                         (time.monotonic() - t_start) / 60 >= config.train.max_minutes)
+      stopping = out_of_time or step == stop_at
       periodic_save = step % config.train.checkpoint_every == 0
       periodic_grid = config.train.sample_every and step % config.train.sample_every == 0
-      if periodic_save or periodic_grid or out_of_time or step == total:
+      if periodic_save or periodic_grid or stopping or step == total:
         metrics_host = finish(*pending)  # Confirm this step is finite before saving it.
         pending = None
-        if periodic_save or out_of_time or step == total:
+        if periodic_save or stopping or step == total:
           ckpt.save(step, state, extra={'step': step, 'data_position': step}, force=True)
           last_saved = step
         if periodic_grid or step == total:
           ckpt.wait()
           save_sample_grid(config, graphdef, state['params'], tok, workdir, step, writer)
-        if out_of_time:
-          print(f'train.max_minutes={config.train.max_minutes} reached at step {step}; '
-                'checkpoint saved, rerun to continue', flush=True)
+        if stopping:
+          reason = f'train.max_minutes={config.train.max_minutes} reached' if out_of_time else 'stop_at'
+          print(f'{reason} at step {step}; checkpoint saved, rerun to continue', flush=True)
           break
   ckpt.close()
   writer.close()

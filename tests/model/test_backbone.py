@@ -23,7 +23,8 @@ REF_ATOL = 1e-5  # Same, for entries near 0.
 CACHE_ATOL = 2e-5  # Cached vs full forward: same math, different matmul shapes / reduction order.
 PAD_ATOL = 2e-5  # Padded vs unpadded row: pads get exactly 0 weight (exp(-1e30)); RoPE relative
 #                  only up to float32 rounding of angles at shifted positions.
-REMAT_ATOL = 1e-6  # Remat recomputes the same float32 ops; only fusion order may differ.
+REMAT_ATOL = 1e-5  # Remat recomputes the same float32 ops but XLA may fuse / reorder them:
+#                   ~1e-6 relative to the largest gradient entries (~5).
 
 CFG = BB.BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                         intermediate_size=96, rms_norm_eps=1e-5, rope_theta=1e4, attention_bias=True,
@@ -33,13 +34,12 @@ CFG = BB.BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=
 
 def randomize(module, seed, std=0.15):
   """Every Param <- normal(0, std); norm weights <- 1 + normal(0, std) (biases nonzero too)."""
+  rng = np.random.default_rng(seed)
   state = nnx.state(module, nnx.Param)
-  flat = nnx.to_flat_state(state)
-  keys = jax.random.split(jax.random.key(seed), len(flat))
-  for key, (path, var) in zip(keys, flat):
+  for path, var in nnx.to_flat_state(state):
     x = var.get_value()
-    noise = std * jax.random.normal(key, x.shape, x.dtype)
-    var.set_value(noise + 1.0 if 'norm' in path[-2] else noise)
+    noise = std * rng.standard_normal(x.shape) + (1.0 if 'norm' in path[-2] else 0.0)
+    var.set_value(jnp.asarray(noise, x.dtype))
   nnx.update(module, state)
   return module
 
@@ -134,7 +134,7 @@ def test_rope_matches_rotate_half_reference():
   np.testing.assert_allclose(out, np_rope(x.astype(np.float64), positions, 1e6), atol=ROPE_ATOL)
   # Not interleaved: frequency i acts on the pair (i, i + E/2).
   np.testing.assert_allclose(np.asarray(cos)[..., :8], np.asarray(cos)[..., 8:])
-  np.testing.assert_array_equal(out[:, 0], x[:, 0])  # Position 0 is the identity.
+  np.testing.assert_array_equal(out[0, 0], x[0, 0])  # Position 0 is the identity.
 
 
 def test_rope_is_relative():
@@ -208,8 +208,6 @@ def test_attention_matches_gqa_reference(decoder, with_padding):
   slots = jnp.broadcast_to(jnp.arange(l), (b, l))
   out = np.asarray(attn(jnp.asarray(x), cos, sin, slots, (k, v, jnp.asarray(key_valid))))
   ref = np_attention(lp, x.astype(np.float64), positions, key_valid)
-  rows = key_valid.copy()
-  rows[0, :3] = True if not with_padding else rows[0, :3]
   np.testing.assert_allclose(out, ref, rtol=REF_RTOL, atol=REF_ATOL)
   # The reference is sensitive to the GQA mapping: j % K instead of j // G differs.
   swapped = dict(lp)
@@ -281,8 +279,8 @@ def test_left_padding_does_not_change_results(decoder, forward, cached_forward, 
   padded = np.asarray(forward(decoder, jnp.asarray(x_pad), jnp.asarray(pos_pad), jnp.asarray(valid_pad)))
   np.testing.assert_allclose(padded[:, pad:], plain, atol=PAD_ATOL, rtol=PAD_ATOL)
   # Batched with the unpadded row (the sampler's situation) and through the cache.
-  x_b = np.concatenate([x_pad, np.concatenate([x, np.zeros((1, pad, CFG.hidden_size), np.float32)], 1)])
-  x_b[1] = np.concatenate([np.zeros((pad, CFG.hidden_size)), x[0]])  # Row 1: zero-padded variant.
+  # Row 1: the same row with zero pad embeddings.
+  x_b = np.concatenate([x_pad, np.concatenate([np.zeros_like(pads), x], axis=1)])
   valid_b = np.concatenate([valid_pad, valid_pad])
   pos_b = np.concatenate([pos_pad, pos_pad])
   cache = decoder.init_cache(2, pad + n)
@@ -299,25 +297,34 @@ def test_left_padding_does_not_change_results(decoder, forward, cached_forward, 
 # ----- remat -----
 
 
+REMAT_B, REMAT_L = 2, 6
+
+
+def _value_and_grads(model, x):
+  positions = jnp.broadcast_to(jnp.arange(REMAT_L, dtype=jnp.int32), (REMAT_B, REMAT_L))
+  valid = jnp.ones((REMAT_B, REMAT_L), bool).at[1, 0].set(False)
+  weights = jnp.asarray(np.random.default_rng(10).standard_normal((REMAT_B, REMAT_L, CFG.hidden_size)),
+                        jnp.float32)
+
+  def loss(model, x):
+    return jnp.sum(model(x, positions, valid)[0] * weights)
+
+  return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(model, x)
+
+
+@pytest.fixture(scope='module')
+def remat_reference(decoder):
+  x = jnp.asarray(random_inputs(REMAT_B, REMAT_L, seed=9))
+  return x, _value_and_grads(decoder, x)
+
+
 @pytest.mark.parametrize('policy', [p for p in L.REMAT_POLICIES if p != 'none'])
-def test_remat_policies_match_none(decoder, policy):
+def test_remat_policies_match_none(decoder, remat_reference, policy):
   other = BB.Decoder(dataclasses.replace(CFG, remat_policy=policy), rngs=nnx.Rngs(0))
   nnx.update(other, nnx.state(decoder, nnx.Param))
-  b, l = 2, 6
-  x = jnp.asarray(random_inputs(b, l, seed=9))
-  positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  valid = jnp.ones((b, l), bool)
-  weights = jnp.asarray(np.random.default_rng(10).standard_normal((b, l, CFG.hidden_size)), jnp.float32)
-
-  @nnx.jit
-  def value_and_grads(model, x):
-    def loss(model, x):
-      return jnp.sum(model(x, positions, valid)[0] * weights)
-    return nnx.value_and_grad(loss, argnums=(0, 1))(model, x)
-
-  (v0, (g0, gx0)) = value_and_grads(decoder, x)
-  (v1, (g1, gx1)) = value_and_grads(other, x)
+  x, (v0, (g0, gx0)) = remat_reference
+  v1, (g1, gx1) = _value_and_grads(other, x)
   assert float(v1) == pytest.approx(float(v0), rel=REMAT_ATOL, abs=REMAT_ATOL)
-  np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), atol=REMAT_ATOL, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=REMAT_ATOL, rtol=1e-5), g1, g0)
+  np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), atol=REMAT_ATOL, rtol=REMAT_ATOL)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=REMAT_ATOL, rtol=REMAT_ATOL), g1, g0)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-3

@@ -2,8 +2,8 @@
 
 Images are white digits on black, upsampled from 8x8 with PIL bicubic interpolation to uint8
 (size, size, 3) with the grey value replicated to RGB. The split is fixed: a stratified
-`train_test_split(test_size=0.2, random_state=0)` gives 1437 train and 360 test images. Captions read
-"a handwritten digit seven".
+`train_test_split(test_size=0.2, random_state=0)` gives 1437 train and 360 test images.
+Captions read "a handwritten digit seven".
 """
 import functools
 import re
@@ -69,7 +69,10 @@ def _to_rgb(grey: np.ndarray) -> np.ndarray:
 
 
 def load_split(split: str, size: int = 32) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """The fixed 'train' or 'test' split: images uint8 (n, size, size, 3), labels int64 (n,), captions."""
+  """The fixed 'train' or 'test' split.
+
+  Returns images uint8 (n, size, size, 3), labels int64 (n,) and captions.
+  """
   _check_image_size(size)
   if split not in SPLITS:
     raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
@@ -79,7 +82,7 @@ def load_split(split: str, size: int = 32) -> tuple[np.ndarray, np.ndarray, list
 
 
 def _augment(rng: np.random.Generator, source: np.ndarray, size: int) -> np.ndarray:
-  """A jittered rendering of an 8x8 digit: grey uint8 (size, size) with the digit scaled and shifted."""
+  """A jittered (scaled and shifted) rendering of an 8x8 digit: grey uint8 (size, size)."""
   side = int(round(size * rng.uniform(MIN_SCALE, 1.0)))
   max_shift = max(1, size // 16)
   top, left = (size - side) // 2 + rng.integers(-max_shift, max_shift + 1, size=2)

@@ -3,18 +3,20 @@
 Images are uint8 RGB arrays (S, S, 3) with S >= 16 (32 and 64 are the tested sizes). Object
 geometry is in pixels of the canvas a scene was sampled for: (cx, cy) is the centre of the object's
 square bounding box (x to the right, y downwards) and `size` is its side. Circles are inscribed in
-the box, squares fill it, triangles point up with their base on the bottom edge of the box. Sides are
-drawn from [S/4, 7S/16] for 1 object, [S/4, 3S/8] for 2 and [S/4, 5S/16] for 3 (8-14, 8-12 and 8-10
-px at S=32). Boxes keep S/32 px from the border and S/16 px from each other. The objects of a scene
-have distinct (colour, shape) pairs; colours or shapes alone may repeat.
+the box, squares fill it, triangles point up with their base on the bottom edge of the box. Sides
+are drawn from [5S/16, 7S/16] for 1 object, [5S/16, 3S/8] for 2 and [5S/16, 11S/32] for 3 (10-14,
+10-12 and 10-11 px at S=32; below ~10 px a rasterised circle can pass for a square). Boxes keep
+S/32 px from the border and S/16 px from each other. The objects of a scene have distinct
+(colour, shape) pairs; colours or shapes alone may repeat.
 
 Caption grammar (`caption` writes it; `parse_caption` also accepts upper case, extra whitespace
 and a final period):
 
-  object    := "a " COLOUR " " SHAPE                   "a red circle"
-  1 object  := object                                  "a red circle"
-  2 objects := object " " RELATION " " object          "a red circle to the left of a blue square"
-  3 objects := object ", " object " and " object       "a red circle, a blue square and a cyan circle"
+  object    := "a " COLOUR " " SHAPE                e.g. "a red circle"
+  1 object  := object                               e.g. "a red circle"
+  2 objects := object " " RELATION " " object       e.g. "a red circle to the left of a blue square"
+  3 objects := object ", " object " and " object    e.g. "a red circle, a blue square and a cyan
+                                                          circle"
 
 COLOUR in COLORS, SHAPE in SHAPES, RELATION in RELATIONS. A 2-object caption reads
 "objects[0] RELATION objects[1]" (y grows downwards, so "above" means a smaller cy). Renders make
@@ -25,7 +27,7 @@ caption lists the objects and says nothing about their placement.
 Held-out split: HELDOUT_PAIRS = {(red, triangle), (yellow, square), (blue, circle)}, 3 of the 18
 (colour, shape) pairs (1/6). Every colour and every shape still appears in training with its other
 partners. A 'train' scene never contains a held-out pair; a 'heldout' scene contains exactly one
-held-out pair at a random position, its other objects drawn from all remaining pairs.
+held-out pair at a random position, its other objects drawn from the training pairs.
 """
 import dataclasses
 import functools
@@ -55,8 +57,7 @@ SIDE_FRACTIONS = {1: (0.3125, 0.4375), 2: (0.3125, 0.375), 3: (0.3125, 0.34375)}
 MAX_ACROSS_RATIO = 0.4
 _PLACEMENT_TRIES = 50
 
-_ALL_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)
-_TRAIN_PAIRS = tuple(p for p in _ALL_PAIRS if p not in HELDOUT_PAIRS)
+_TRAIN_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
 _HELDOUT_LIST = tuple(sorted(HELDOUT_PAIRS))
 
 
@@ -207,9 +208,8 @@ def _sample_pairs(rng: np.random.Generator, num_objects: int,
     picks = rng.choice(len(_TRAIN_PAIRS), size=num_objects, replace=False)
     return [_TRAIN_PAIRS[i] for i in picks]
   heldout = _HELDOUT_LIST[rng.integers(len(_HELDOUT_LIST))]
-  others = [p for p in _ALL_PAIRS if p != heldout]
-  picks = rng.choice(len(others), size=num_objects - 1, replace=False)
-  pairs = [others[i] for i in picks]
+  picks = rng.choice(len(_TRAIN_PAIRS), size=num_objects - 1, replace=False)
+  pairs = [_TRAIN_PAIRS[i] for i in picks]
   pairs.insert(int(rng.integers(num_objects)), heldout)
   return pairs
 
@@ -220,7 +220,7 @@ def _place_related_pair(rng: np.random.Generator, relation: str,
   border, margin = image_size / 32, image_size / 16
   low, high = SIDE_FRACTIONS[2]
   sides = rng.uniform(low * image_size, high * image_size, size=2)
-  # Along the relation axis: `lower` has the smaller coordinate and comes first.
+  # Along the relation axis: the first box has the smaller coordinate.
   gap = sides.sum() / 2 + margin
   start = border + sides[0] / 2
   slack = image_size - border - sides[1] / 2 - start - gap  # >= S/8 by SIDE_FRACTIONS[2].
@@ -250,7 +250,7 @@ def _place_free(rng: np.random.Generator, num_objects: int,
       for _ in range(_PLACEMENT_TRIES):
         cx, cy = rng.uniform(border + side / 2, image_size - border - side / 2, size=2)
         if all(max(abs(cx - x), abs(cy - y)) >= (side + s) / 2 + margin for x, y, s in placed):
-          placed.append((float(cx), float(cy), float(side)))
+          placed.append((cx, cy, side))
           break
       else:
         break
@@ -262,7 +262,8 @@ def sample_scene(rng: np.random.Generator, num_objects: int, split: str = 'train
                  size: int = 32) -> Scene:
   """A random scene of `num_objects` (1-3) objects for an image of side `size`.
 
-  split 'train' avoids HELDOUT_PAIRS; 'heldout' contains exactly one held-out pair.
+  split 'train' avoids HELDOUT_PAIRS; 'heldout' contains exactly one held-out pair, so each
+  held-out prompt probes one novel binding.
   """
   _check_image_size(size)
   if num_objects not in SIDE_FRACTIONS:
@@ -277,7 +278,7 @@ def sample_scene(rng: np.random.Generator, num_objects: int, split: str = 'train
     relation = None
     boxes = _place_free(rng, num_objects, size)
   objects = tuple(
-      ShapeObject(color, shape, cx, cy, side)
+      ShapeObject(color, shape, float(cx), float(cy), float(side))
       for (color, shape), (cx, cy, side) in zip(pairs, boxes))
   return Scene(objects, relation)
 
