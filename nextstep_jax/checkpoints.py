@@ -35,6 +35,8 @@ class Checkpointer:
       async_save: write arrays in a background thread (`save` returns once they are copied off
         the devices).
     """
+    if '://' not in str(directory):  # Orbax needs absolute local paths.
+      directory = pathlib.Path(directory).absolute()
     self.directory = directory
     options = ocp.CheckpointManagerOptions(
         create=True,

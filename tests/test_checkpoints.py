@@ -126,3 +126,13 @@ def test_partial_write_is_ignored(tmp_workdir):
   reopened.wait()
   assert reopened.all_steps() == [1, 2] and not partial.exists()
   reopened.close()
+
+
+def test_relative_directory_is_accepted(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoints.Checkpointer('relative/ckpts', keep=2)
+  ckpt.save(1, {'w': jnp.ones((2,))})
+  ckpt.wait()
+  assert ckpt.latest_step() == 1
+  ckpt.close()
+  assert (tmp_path / 'relative' / 'ckpts' / '1').exists()

@@ -31,12 +31,6 @@ def uint8_to_unit(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / 127.5 - 1.0
 
 
-def unit_to_uint8(images) -> np.ndarray:
-  """float in [-1, 1] -> uint8, round(clamp((x + 1) / 2, 0, 1) * 255) (official output)."""
-  x = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-  return np.round(x * 255.0).astype(np.uint8)
-
-
 def get_tokenizer(config):
   """The image tokenizer named by `config.image.tokenizer`."""
   name = config.image.tokenizer

@@ -6,7 +6,7 @@ K kv heads, G = H / K query heads per kv head, E head_dim, F mlp width.
 Official names (torch `layers.N.*`) map onto the stacked params here (`layers.*`, leading axis N):
   self_attn.{q,k,v}_proj.weight (out, D) -> self_attn.{q,k,v}_proj.kernel (D, heads, E) = W.T
   self_attn.{q,k,v}_proj.bias (out,)     -> .bias (heads, E)
-  self_attn.o_proj.weight (D, H*E)       -> self_attn.o_proj.kernel (H, E, D)
+  self_attn.o_proj.weight (D, H*E)       -> self_attn.o_proj.kernel (H*E, D) = W.T
   mlp.{gate,up,down}_proj.weight         -> mlp.{gate,up,down}_proj.kernel = W.T
   input_layernorm / post_attention_layernorm .weight -> same names.
 """
@@ -75,7 +75,7 @@ class Attention(nnx.Module):
     self.k_proj = L.Dense(d, (k, e), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.attention_bias, **kw)
     self.v_proj = L.Dense(d, (k, e), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.attention_bias, **kw)
     self.o_proj = L.Dense(h * e, d, ('heads', 'embed'), use_bias=cfg.o_attention_bias, **kw)
-    # o_proj's kernel is stored (H*E, D) = W.T; see `o_kernel` for the (H, E, D) view.
+    # o_proj's kernel is stored (H*E, D) = W.T (heads-major rows: row j*E + e is head j, dim e).
 
   def __call__(self, x, cos, sin, query_slots, layer_cache):
     """x (B, L, D); query_slots (B, L) int cache slots of the queries; layer_cache = (k, v,

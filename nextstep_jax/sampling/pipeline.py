@@ -18,6 +18,7 @@ from nextstep_jax.image import patchify
 from nextstep_jax.image import tokenizers
 from nextstep_jax.sampling import generate
 from nextstep_jax.training import state as state_lib
+from nextstep_jax.utils import images as image_utils
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
@@ -101,7 +102,7 @@ class TextToImage:
   def decode(self, tokens: np.ndarray) -> np.ndarray:
     """Tokens (B, N, T) -> uint8 images (B, S, S, 3)."""
     latents = patchify.unpatchify(tokens, self.grid_h, self.grid_w, self.config.model.latent_patch_size)
-    return tokenizers.unit_to_uint8(self.image_tokenizer.decode(latents))
+    return image_utils.to_uint8(self.image_tokenizer.decode(latents))
 
   def __call__(self, captions, seeds) -> np.ndarray:
     return self.decode(self.tokens(captions, seeds))

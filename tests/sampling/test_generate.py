@@ -23,7 +23,8 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 # ones, so the difference grows ~2-3x per token under CFG 3 (observed <= 6e-4 at token 5 of 6).
 FIRST_TOKEN_ATOL = 3e-5
 REF_ATOL = 2e-3
-CFG_ONE_ATOL = 1e-5  # cfg = 1: v_u + 1 (v_c - v_u) vs v_c, float32 cancellation on O(1) values.
+CFG_ONE_ATOL = 5e-5  # cfg = 1: v_u + 1 (v_c - v_u) != v_c in float32 (~1e-7 relative on |v| ~ 10),
+#                      fed back through 6 tokens (observed 5e-6).
 BATCH_ATOL = 1e-5  # Same image alone vs in a batch of 3: only batched-matmul reduction order differs.
 NORM_ATOL = 1e-4  # LayerNorm output: mean ~1e-7; var = v / (v + 1e-6) with v ~ O(1).
 
