@@ -81,12 +81,14 @@ def np_rms_norm(x, w, eps):
   return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def np_attention(p, x, positions, key_valid, cfg=CFG, prefix=''):
-  """GQA: query head j uses kv head j // G; scale 1/sqrt(E); causal & key mask (finite -1e30)."""
+def np_attention(p, x, positions, key_valid, cfg=CFG, prefix='', kv_of=None):
+  """GQA: query head j uses kv head kv_of(j) = j // G; scale 1/sqrt(E); causal & key mask
+  (finite -1e30)."""
   get = lambda n: p[prefix + n]
   b, l, _ = x.shape
   h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   g = h // k
+  kv_of = kv_of or (lambda j: j // g)
   q = np.einsum('bld,dhe->blhe', x, get('q_proj.kernel')) + get('q_proj.bias')
   kk = np.einsum('bld,dhe->blhe', x, get('k_proj.kernel')) + get('k_proj.bias')
   v = np.einsum('bld,dhe->blhe', x, get('v_proj.kernel')) + get('v_proj.bias')
@@ -94,13 +96,13 @@ def np_attention(p, x, positions, key_valid, cfg=CFG, prefix=''):
   out = np.zeros((b, l, h, e))
   causal = np.tril(np.ones((l, l), bool))
   for j in range(h):
-    s = np.einsum('bie,bje->bij', q[:, :, j], kk[:, :, j // g]) / np.sqrt(e)
+    s = np.einsum('bie,bje->bij', q[:, :, j], kk[:, :, kv_of(j)]) / np.sqrt(e)
     allowed = causal[None] & key_valid[:, None, :]
     s = np.where(allowed, s, -1e30)
     s = s - s.max(-1, keepdims=True)
     w = np.exp(s)
     w /= w.sum(-1, keepdims=True)
-    out[:, :, j] = np.einsum('bij,bje->bie', w, v[:, :, j // g])
+    out[:, :, j] = np.einsum('bij,bje->bie', w, v[:, :, kv_of(j)])
   return out.reshape(b, l, h * e) @ get('o_proj.kernel')
 
 
@@ -198,11 +200,10 @@ def test_attention_matches_gqa_reference(decoder, with_padding):
   if with_padding:
     key_valid[0, :3] = False  # Left padding.
     key_valid[1, 4] = False  # A hole in the middle.
-  layer = nnx.merge(*nnx.split(decoder.layers))  # Stacked layer module ...
   p = np_params(decoder)
   lp = {k[len('layers.self_attn.'):]: v[0] for k, v in p.items() if k.startswith('layers.self_attn.')}
-  attn_state = jax.tree.map(lambda a: a[0], nnx.state(layer.self_attn))  # ... layer 0 of it.
-  attn = nnx.merge(nnx.graphdef(layer.self_attn), attn_state)
+  stacked = decoder.layers.self_attn  # Params (layers, ...): take layer 0.
+  attn = nnx.merge(nnx.graphdef(stacked), jax.tree.map(lambda a: a[0], nnx.state(stacked)))
   cos, sin = BB.rope_cos_sin(jnp.asarray(positions), CFG.head_dim, CFG.rope_theta, jnp.float32)
   k, v = attn.project_kv(jnp.asarray(x), cos, sin)
   slots = jnp.broadcast_to(jnp.arange(l), (b, l))
@@ -210,12 +211,9 @@ def test_attention_matches_gqa_reference(decoder, with_padding):
   ref = np_attention(lp, x.astype(np.float64), positions, key_valid)
   np.testing.assert_allclose(out, ref, rtol=REF_RTOL, atol=REF_ATOL)
   # The reference is sensitive to the GQA mapping: j % K instead of j // G differs.
-  swapped = dict(lp)
-  swapped['k_proj.kernel'] = lp['k_proj.kernel'][:, ::-1]
-  swapped['k_proj.bias'] = lp['k_proj.bias'][::-1]
-  swapped['v_proj.kernel'] = lp['v_proj.kernel'][:, ::-1]
-  swapped['v_proj.bias'] = lp['v_proj.bias'][::-1]
-  assert np.abs(np_attention(swapped, x.astype(np.float64), positions, key_valid) - ref).max() > 1e-3
+  interleaved = np_attention(lp, x.astype(np.float64), positions, key_valid,
+                             kv_of=lambda j: j % CFG.num_kv_heads)
+  assert np.abs(interleaved - ref).max() > 1e-3
 
 
 def test_decoder_matches_numpy_reference(decoder, forward):
