@@ -103,7 +103,7 @@ def main() -> int:
       'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}',
       'jax': jax.__version__,
   })
-  out_path.write_text(json.dumps(summary, indent=2, default=str) + '\n')
+  out_path.write_text(json.dumps(run_eval.json_safe(summary), indent=2, default=str) + '\n')
   print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
   return 0
 

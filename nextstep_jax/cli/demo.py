@@ -49,6 +49,7 @@ def main(argv=None) -> int:
   summary = {'config': config.name, 'train_steps': result.step, 'train_minutes': round(result.minutes, 2),
              'final_metrics': result.metrics, 'scores': scores,
              **run_eval.headline(config.data.dataset, scores)}
+  summary = run_eval.json_safe(summary)
   (out / 'scores.json').write_text(json.dumps(summary, indent=2) + '\n')
   print(json.dumps(summary, indent=2))
   print(f'workdir: {result.workdir}  (try: nextstep-sample --workdir {result.workdir} '

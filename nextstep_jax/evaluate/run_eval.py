@@ -4,6 +4,8 @@ shapes: prompt accuracy (colour, shape, relation, count, whole prompt) on seen o
 seen two-object and held-out prompts. digits: accuracy of the independent classifier on the
 prompted digit and the Fréchet distance in its feature space against the real test split.
 """
+import math
+
 import numpy as np
 
 from nextstep_jax.data.builtin import shapes
@@ -45,3 +47,14 @@ def headline(dataset: str, scores: dict) -> dict[str, float]:
             'shapes_seen_accuracy_two': scores['seen_two']['accuracy'],
             'shapes_heldout_accuracy': scores['heldout']['accuracy']}
   return {'digits_accuracy': scores['accuracy'], 'digits_frechet': scores['frechet']}
+
+
+def json_safe(value):
+  """`value` with NaN/Inf floats replaced by None (strict JSON), recursively."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  return value
