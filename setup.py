@@ -27,7 +27,8 @@ setuptools.setup(
         'sentencepiece~=0.2.3',
         'numpy',
         'Pillow',
-        'scikit-learn',  # Ships the built-in digits data set.
+        'scikit-learn',  # Ships the built-in digits data set; the digit evaluator's classifier.
+        'scipy',  # Connected components and matrix square roots in the evaluators.
         'tensorboardX~=2.6',  # TensorBoard event files without TensorFlow.
     ],
     extras_require={'test': ['pytest', 'pytest-xdist']},
