@@ -127,6 +127,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(m.latent_channels == 3,
             f'model.latent_channels={m.latent_channels} must be 3 with image.tokenizer=pixels '
             '(the latent is the RGB image).')
+    require(not image.use_norm,
+            'image.use_norm=True LayerNorms every sampled token, which only matches training '
+            'targets that are normalised per token (the VAE with encoder_norm); set '
+            'image.use_norm=False with image.tokenizer=pixels.')
   downsample = TOKENIZER_DOWNSAMPLE.get(image.tokenizer)
   if downsample and image.size > 0 and m.latent_patch_size > 0:
     unit = downsample * m.latent_patch_size

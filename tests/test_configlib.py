@@ -177,3 +177,10 @@ def test_experiment_configs_are_valid(name):
 def test_configs_path_resolves_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert configlib.load_config('configs/tiny.py').name
+
+
+def test_use_norm_is_refused_with_the_pixels_tokenizer():
+  config = get_base_config()
+  config.image.use_norm = True
+  with pytest.raises(configlib.ConfigError, match='image.use_norm'):
+    configlib.validate(config)
