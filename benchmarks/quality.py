@@ -65,7 +65,9 @@ def run(config_path: str, overrides: list[str], minutes: float, prompts: int, cu
       image_utils.save_png(RESULTS / f'quality_{name}_{suite}.png', image_utils.make_grid(images[suite][:64], 8))
   else:
     image_utils.save_png(RESULTS / f'quality_{name}.png', image_utils.make_grid(images[:64], 8))
-  return {'config': config_path, 'overrides': overrides, 'config_name': config.name,
+  return {'config': config_path, 'overrides': overrides,
+          'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
+          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'config_name': config.name,
           'train_minutes': round(result.minutes, 2), 'train_steps': result.step,
           'batch_size': config.train.batch_size, 'sample': config.sample.to_dict(),
           'scores': scores, 'curve': curve, **run_eval.headline(name, scores)}
