@@ -5,6 +5,7 @@ so every test file basename must be unique.
 """
 import os
 import re
+import sys
 
 NUM_DEVICES = 8
 
@@ -12,6 +13,8 @@ os.environ['XLA_FLAGS'] = ' '.join(
     re.sub(r'--xla_force_host_platform_device_count=\S*', '', os.environ.get('XLA_FLAGS', ''))
     .split() + [f'--xla_force_host_platform_device_count={NUM_DEVICES}'])
 os.environ['JAX_PLATFORMS'] = 'cpu'
+
+sys.path.insert(0, os.path.dirname(__file__))  # Shared test helpers (model_testing.py).
 
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position

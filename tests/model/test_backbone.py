@@ -14,6 +14,7 @@ from flax import nnx
 
 from nextstep_jax.model import backbone as BB
 from nextstep_jax.model import layers as L
+from model_testing import randomize
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -30,18 +31,6 @@ CFG = BB.BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=
                         intermediate_size=96, rms_norm_eps=1e-5, rope_theta=1e4, attention_bias=True,
                         o_attention_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
                         remat_policy='none')
-
-
-def randomize(module, seed, std=0.15):
-  """Every Param <- normal(0, std); norm weights <- 1 + normal(0, std) (biases nonzero too)."""
-  rng = np.random.default_rng(seed)
-  state = nnx.state(module, nnx.Param)
-  for path, var in nnx.to_flat_state(state):
-    x = var.get_value()
-    noise = std * rng.standard_normal(x.shape) + (1.0 if 'norm' in path[-2] else 0.0)
-    var.set_value(jnp.asarray(noise, x.dtype))
-  nnx.update(module, state)
-  return module
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from nextstep_jax.model import flow_head as FH
+from model_testing import randomize
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -26,17 +27,6 @@ T_DIM, C_DIM, WIDTH, DEPTH = 12, 20, 32, 2
 def head_config(**kw):
   return FH.FlowHeadConfig(token_dim=T_DIM, cond_dim=C_DIM, width=WIDTH, depth=DEPTH,
                            dtype=jnp.float32, param_dtype=jnp.float32, **kw)
-
-
-def randomize(module, seed, std=0.2):
-  """Replaces every Param with normal(0, std) draws (norm weights 1 + normal(0, std))."""
-  rng = np.random.default_rng(seed)
-  state = nnx.state(module, nnx.Param)
-  for path, var in nnx.to_flat_state(state):
-    x = var.get_value()
-    noise = std * rng.standard_normal(x.shape) + (1.0 if path[-2:] == ('in_ln', 'weight') else 0.0)
-    var.set_value(jnp.asarray(noise, x.dtype))
-  nnx.update(module, state)
 
 
 def np_params(module):
@@ -124,7 +114,7 @@ def test_zero_init_gives_zero_velocity():
 
 def test_head_matches_numpy_reference():
   head = FH.FlowHead(head_config(), rngs=nnx.Rngs(1))
-  randomize(head, seed=2)
+  randomize(head, seed=2, std=0.2)
   p = np_params(head)
   assert len(p) == 20  # Every param of §5 (affine in_ln; no norm_final params).
   x_t, t, c = inputs(7)
@@ -146,7 +136,7 @@ def test_adaln_chunk_order_matters():
   """Swapping the (shift, scale, gate) chunks of block 0 must change the output (so the reference
   comparison above really checks the order)."""
   head = FH.FlowHead(head_config(), rngs=nnx.Rngs(3))
-  randomize(head, seed=4)
+  randomize(head, seed=4, std=0.2)
   p = np_params(head)
   x_t, t, c = inputs(4, seed=1)
   q = dict(p)
@@ -160,7 +150,7 @@ def test_adaln_chunk_order_matters():
 @pytest.mark.parametrize('policy', ['full', 'dots_saveable'])
 def test_remat_policy_same_output(policy):
   base = FH.FlowHead(head_config(), rngs=nnx.Rngs(5))
-  randomize(base, seed=6)
+  randomize(base, seed=6, std=0.2)
   other = FH.FlowHead(head_config(remat_policy=policy), rngs=nnx.Rngs(5))
   nnx.update(other, nnx.state(base, nnx.Param))
   x_t, t, c = map(jnp.asarray, inputs(3, seed=2))

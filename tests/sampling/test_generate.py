@@ -15,6 +15,7 @@ from configs.base import get_base_config
 from nextstep_jax.model import nextstep as ns
 from nextstep_jax.sampling import generate as G
 from nextstep_jax.sampling import integrators as I
+from model_testing import randomize
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -37,19 +38,6 @@ INTEGRATOR = I.IntegratorConfig(num_steps=4, solver='sde', time_grid='A', timest
                                 last_step_size=0.04, temperature=0.9)
 SAMPLER = G.SamplerConfig(grid_h=GRID_H, grid_w=GRID_W, integrator=INTEGRATOR, num_branches=2,
                           cfg=3.0)
-
-
-def randomize(module, seed, std=0.15):
-  """Every Param <- normal(0, std) (norm weights 1 + normal): tokens then depend on the prompt."""
-  rng = np.random.default_rng(seed)
-  state = nnx.state(module, nnx.Param)
-  for path, var in nnx.to_flat_state(state):
-    x = var.get_value()
-    is_norm = 'norm' in path[-2] or path[-2] == 'in_ln'
-    noise = std * rng.standard_normal(x.shape) + (1.0 if is_norm and path[-1] == 'weight' else 0.0)
-    var.set_value(jnp.asarray(noise, x.dtype))
-  nnx.update(module, state)
-  return module
 
 
 @pytest.fixture(scope='module')

@@ -14,6 +14,7 @@ from nextstep_jax.data import sequences
 from nextstep_jax.data.text_tokenizer import TextTokenizer, train_sentencepiece
 from nextstep_jax.model import nextstep as ns
 from nextstep_jax.training import objective as O
+from model_testing import randomize
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -30,19 +31,6 @@ TOKEN_DIM = 12  # 3 channels x 2 x 2 patch.
 MODEL = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
              intermediate_size=96, latent_channels=3, latent_patch_size=2, fm_head_dim=32,
              fm_head_layers=2)
-
-
-def randomize(module, seed, std=0.15):
-  """Every Param <- normal(0, std) (norm weights 1 + normal): a non-zero flow head."""
-  rng = np.random.default_rng(seed)
-  state = nnx.state(module, nnx.Param)
-  for path, var in nnx.to_flat_state(state):
-    x = var.get_value()
-    is_norm = 'norm' in path[-2] or path[-2] == 'in_ln'
-    noise = std * rng.standard_normal(x.shape) + (1.0 if is_norm and path[-1] == 'weight' else 0.0)
-    var.set_value(jnp.asarray(noise, x.dtype))
-  nnx.update(module, state)
-  return module
 
 
 @pytest.fixture(scope='module')
