@@ -31,7 +31,7 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=jnp.asarray(schedule(step), jnp.float32))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=jnp.asarray(schedule(step), jnp.float32))
   return {'params': params, 'opt_state': opt_state, 'step': step + 1}, metrics
 
 
