@@ -13,6 +13,9 @@ def parse_config(argv, description: str):
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--config', required=True, help='config file, e.g. configs/shapes.py or configs/shapes.py:demo')
   parser.add_argument('--workdir', default=None, help='run directory (default: runs/<config name>)')
+  parser.add_argument('--coordinator', default=None, help='multi-process: host:port of process 0')
+  parser.add_argument('--num-processes', type=int, default=None, help='multi-process: process count')
+  parser.add_argument('--process-id', type=int, default=None, help='multi-process: this process')
   args, rest = parser.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]
   if bad:
@@ -22,7 +25,9 @@ def parse_config(argv, description: str):
 
 def main(argv=None) -> int:
   args, config = parse_config(sys.argv[1:] if argv is None else argv, __doc__)
-  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top (after flag errors)
+  from nextstep_jax.parallel import distributed  # pylint: disable=g-import-not-at-top (after flag errors)
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
   result = loop.train(config, args.workdir)
   print(f'finished step {result.step} in {result.minutes:.1f} min; workdir: {result.workdir}')
   return 0

@@ -12,6 +12,7 @@ host never waits for the device; a NaN/Inf loss or gradient stops the run with
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -22,6 +23,7 @@ import numpy as np
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax.data import builtin_source
+from nextstep_jax.parallel import distributed
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import pipeline
@@ -74,9 +76,10 @@ def save_sample_grid(config, graphdef, params, tok, workdir: pathlib.Path, step:
   images = sampler(prompts, list(range(len(prompts))))
   grid = image_utils.make_grid(images, ncols=int(math.ceil(math.sqrt(len(images)))))
   path = workdir / 'samples' / f'step_{step:07d}.png'
-  image_utils.save_png(path, grid)
+  if jax.process_index() == 0:  # Every process samples (collectives); one writes.
+    image_utils.save_png(path, grid)
+    (workdir / 'samples' / f'step_{step:07d}.txt').write_text('\n'.join(prompts) + '\n')
   writer.image(step, 'samples', grid)
-  (workdir / 'samples' / f'step_{step:07d}.txt').write_text('\n'.join(prompts) + '\n')
   return str(path)
 
 
@@ -91,7 +94,9 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
   workdir.mkdir(parents=True, exist_ok=True)
   tok = builtin_source.load_text_tokenizer(config)
   source = builtin_source.BuiltinSource(config, tok)
-  _write_run_files(config, workdir, tok)
+  is_writer = jax.process_index() == 0  # Host files (not checkpoints) are written by process 0.
+  if is_writer:
+    _write_run_files(config, workdir, tok)
 
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = state_lib.make_optimizer(config.train)
@@ -110,6 +115,9 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
   total = config.train.steps
   train_step = step_lib.build_train_step(config, graphdef, tx, shardings, mesh, tok.image_placeholder_id,
                                          source.batch(0, 1))
+  if jax.process_count() > 1:
+    print(f'process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local devices '
+          f'of {jax.device_count()}', flush=True)
   writer = log_utils.MetricWriter(workdir / 'tb')
   progress = log_utils.ProgressLogger(total, config.train.log_every, start_step=start,
                                       items_per_step=config.train.batch_size)
@@ -119,7 +127,7 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
   metrics_host: dict = {}
   rate_clock = {'step': start, 'time': t_start}
   step = start
-  with open(workdir / 'metrics.jsonl', 'a') as metrics_file:
+  with open(workdir / 'metrics.jsonl' if is_writer else os.devnull, 'a') as metrics_file:
 
     def finish(step_done: int, device_metrics) -> dict:
       host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
@@ -136,7 +144,8 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
       return host
 
     while step < total:
-      batch = rules_lib.shard_batch(source.batch(step), mesh, config.mesh.rules)
+      local_rows = distributed.process_rows(source.batch(step))  # This host's share of the batch.
+      batch = rules_lib.shard_batch(local_rows, mesh, config.mesh.rules)
       state, device_metrics = train_step(state, batch)
       step += 1
       if pending is not None:
