@@ -91,20 +91,25 @@ def generate_tokens_fn(model, prompt: dict, image_keys: jax.Array, cfg: SamplerC
   rows, width = ids.shape
   if rows != cfg.num_branches * image_keys.shape[0]:
     raise ValueError(f'{rows} prompt rows for {image_keys.shape[0]} images and {cfg.num_branches} branches')
-  cache = model.decoder.init_cache(rows, width + cfg.num_tokens)
+  cache = model.decoder.init_cache(rows, width + cfg.num_tokens - 1)
   hidden, cache = model(model.embed(ids, None, None), prompt['positions'], prompt['attention_mask'], cache)
   next_position = prompt['positions'][:, -1:] + 1  # (R, 1)
 
+  def token_at(last_hidden, k):
+    token_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(image_keys, k)
+    return sample_token(model, last_hidden, k, token_keys, cfg)
+
   def step(carry, k):
     cache, last_hidden = carry
-    token_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(image_keys, k)
-    token = sample_token(model, last_hidden, k, token_keys, cfg)
+    token = token_at(last_hidden, k)
     x = model.embed_image_tokens(jnp.tile(token, (cfg.num_branches, 1))[:, None])
     hidden, cache = model(x, next_position + k, jnp.ones((rows, 1), bool), cache)
     return (cache, hidden[:, 0]), token
 
-  _, tokens = jax.lax.scan(step, (cache, hidden[:, -1]), jnp.arange(cfg.num_tokens))
-  return tokens.transpose(1, 0, 2)
+  # Tokens 0..N-2 each feed one decoder step; the last token needs no decoder step after it.
+  (_, last_hidden), tokens = jax.lax.scan(step, (cache, hidden[:, -1]), jnp.arange(cfg.num_tokens - 1))
+  last = token_at(last_hidden, jnp.asarray(cfg.num_tokens - 1))
+  return jnp.concatenate([tokens.transpose(1, 0, 2), last[:, None]], axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))

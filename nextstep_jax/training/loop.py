@@ -1,7 +1,7 @@
 """The training loop: data, sharded jitted steps, checkpoints, metrics, sample grids.
 
 Workdir layout: config.json, tokenizer.model, checkpoints/ (orbax, keep N, atomic), tb/
-(TensorBoard scalars and sample grids), samples/step_XXXXXXX.png, metrics.jsonl (one line per
+(TensorBoard scalars and sample grids), samples/step_<step, 7 digits>.png, metrics.jsonl (one line per
 logged step with the wall time, for accuracy-vs-minutes curves).
 
 Resume is exact: the batch and the step's noise are pure functions of (seed, step), so restarting

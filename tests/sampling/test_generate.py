@@ -15,7 +15,7 @@ from configs.base import get_base_config
 from nextstep_jax.model import nextstep as ns
 from nextstep_jax.sampling import generate as G
 from nextstep_jax.sampling import integrators as I
-from model_testing import randomize
+from model_testing import TINY_MODEL, tiny_model
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -30,10 +30,7 @@ NORM_ATOL = 1e-4  # LayerNorm output: mean ~1e-7; var = v / (v + 1e-6) with v ~ 
 GRID_H, GRID_W = 2, 3
 N = GRID_H * GRID_W
 TOKEN_DIM = 12  # 3 channels x 2 x 2 patch.
-VOCAB, PROMPT_WIDTH = 512, 7
-MODEL = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-             head_dim=16, intermediate_size=96, latent_channels=3, latent_patch_size=2,
-             fm_head_dim=32, fm_head_layers=2)
+VOCAB, PROMPT_WIDTH = TINY_MODEL['vocab_size'], 7
 INTEGRATOR = I.IntegratorConfig(num_steps=4, solver='sde', time_grid='A', timestep_shift=3.2,
                                 last_step_size=0.04, temperature=0.9)
 SAMPLER = G.SamplerConfig(grid_h=GRID_H, grid_w=GRID_W, integrator=INTEGRATOR, num_branches=2,
@@ -42,9 +39,7 @@ SAMPLER = G.SamplerConfig(grid_h=GRID_H, grid_w=GRID_W, integrator=INTEGRATOR, n
 
 @pytest.fixture(scope='module')
 def model():
-  m = get_base_config().model
-  m.update(MODEL)
-  return randomize(ns.NextStep(ns.ModelConfig.from_config(m), rngs=nnx.Rngs(0)), seed=1)
+  return tiny_model(seed=1)
 
 
 @pytest.fixture(scope='module')
@@ -235,7 +230,7 @@ def test_sampler_config_validation():
   assert cfg.num_tokens == 6 and cfg.num_branches == (1 if c.sample.cfg == 1.0 else 2)
 
 
-def test_sampling_on_a_sharded_mesh_equals_unsharded(split):
+def test_sampling_on_a_sharded_mesh_equals_unsharded(model, split):
   """Params sharded by the logical rules over a (2, 2, 2) mesh and prompt rows over `batch`: the
   same jitted generator (shardings follow its inputs) gives the unsharded tokens."""
   from nextstep_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
@@ -253,6 +248,9 @@ def test_sampling_on_a_sharded_mesh_equals_unsharded(split):
   unsharded = generate(split, prompt, seeds, SAMPLER)
   sharded = generate((graphdef, sharded_state), sharded_prompt, seeds, SAMPLER)
   assert len(sharded_prompt['input_ids'].sharding.device_set) == 8
-  # Sharding reorders float32 reductions: the same bounds as against the reference (first token
-  # tight, later ones compound under cfg 3; observed 9e-4).
-  assert_tokens_close(sharded, unsharded)
+  np.testing.assert_allclose(sharded[:, 0], unsharded[:, 0], atol=FIRST_TOKEN_ATOL, rtol=0)
+  # Later tokens: float32 error compounds chaotically under cfg 3 (unsharded vs the float64
+  # reference reaches 4e-3 on the last token here), so sharding may add at most as much error as
+  # float32 already has.
+  ref = reference_generate(model, ids, mask, seeds, SAMPLER)
+  assert np.abs(sharded - ref).max() <= 2 * np.abs(unsharded - ref).max() + FIRST_TOKEN_ATOL

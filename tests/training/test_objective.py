@@ -14,7 +14,7 @@ from nextstep_jax.data import sequences
 from nextstep_jax.data.text_tokenizer import TextTokenizer, train_sentencepiece
 from nextstep_jax.model import nextstep as ns
 from nextstep_jax.training import objective as O
-from model_testing import randomize
+from model_testing import TINY_MODEL, tiny_model
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -28,24 +28,19 @@ H, W = 2, 3
 N = H * W
 MAX_CAPTION_TOKENS = 12
 TOKEN_DIM = 12  # 3 channels x 2 x 2 patch.
-MODEL = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-             intermediate_size=96, latent_channels=3, latent_patch_size=2, fm_head_dim=32,
-             fm_head_layers=2)
 
 
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory):
   path = train_sentencepiece(CAPTIONS, str(tmp_path_factory.mktemp('spm') / 'tok'), 400)
   tok = TextTokenizer.load(path)
-  assert tok.vocab_size <= MODEL['vocab_size']
+  assert tok.vocab_size <= TINY_MODEL['vocab_size']
   return tok
 
 
 @pytest.fixture(scope='module')
 def model():
-  m = get_base_config().model
-  m.update(MODEL)
-  return randomize(ns.NextStep(ns.ModelConfig.from_config(m), rngs=nnx.Rngs(0)), seed=1)
+  return tiny_model(seed=1)
 
 
 @pytest.fixture(scope='module')
