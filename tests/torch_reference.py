@@ -19,33 +19,12 @@ from safetensors.torch import save_file  # pylint: disable=wrong-import-position
 from torch import nn  # pylint: disable=wrong-import-position
 from transformers import Qwen2Config, Qwen2Model  # pylint: disable=wrong-import-position
 
-SPECIAL_TOKENS = ('<|endoftext|>', '[PAD]', '<|image_area|>', '<|begin_of_image|>', '<|end_of_image|>',
-                  '<|image_placeholder|>', '<|begin_of_prompt_refinement|>', '<|end_of_prompt_refinement|>',
-                  '<|begin_of_thinking|>', '<|end_of_thinking|>')
-CAPTIONS = ('a red circle to the left of a blue square', 'a photo of a cat on a sofa, 4k',
-            'make the sky green', 'masterpiece, film grained, best quality.', 'Copy original image.')
 
 # A tiny release: Qwen2 shape fields of §1 plus the NextStep fields of §8.
 TINY_RELEASE = dict(vocab_size=352, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, intermediate_size=96, rope_theta=1e6,
                     rms_norm_eps=1e-5, max_position_embeddings=4096, latent_channels=16,
                     latent_patch_size=2, fm_head_dim=32, fm_head_layers=2)
-
-
-def build_tokenizer(path: str):
-  """A byte-level BPE tokenizer.json (digits split, like Qwen2.5) with the NextStep specials added
-  after the trained vocabulary, in the official order."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                               pre_tokenizers.ByteLevel(add_prefix_space=False)])
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(list(CAPTIONS) * 4, trainer)
-  tok.add_special_tokens(list(SPECIAL_TOKENS))
-  tok.save(path)
-  return tok
 
 
 class TimestepEmbedder(nn.Module):

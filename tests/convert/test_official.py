@@ -15,6 +15,7 @@ import pytest
 import torch
 from flax import nnx
 
+import hf_testing
 import torch_reference as tr
 from nextstep_jax.convert import official
 from nextstep_jax.data import hf_tokenizer
@@ -37,7 +38,7 @@ GENERATION_ATOL = 1e-3
 def release(tmp_path_factory):
   """(torch model, release dir, converted dir, config, model, tokenizer)."""
   root = tmp_path_factory.mktemp('release')
-  tr.build_tokenizer(str(root / 'tokenizer_src.json'))
+  hf_testing.build_tokenizer(str(root / 'tokenizer_src.json'))
   torch_model = tr.NextStepTorch(tr.TINY_RELEASE).randomize(seed=0).eval()
   release_dir = tr.write_release(torch_model, tr.TINY_RELEASE, str(root / 'tokenizer_src.json'), root / 'hf')
   config = official.convert(release_dir, root / 'converted', compute_dtype='float32')
