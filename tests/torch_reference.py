@@ -185,12 +185,13 @@ def cfg_combine(v: torch.Tensor, cfg: float, cfg_img: float, branches: int) -> t
 
 
 def sample_token(net, cond, x0, step_noise, grid, last_step_size, cfg, cfg_img, branches):
-  """Per-token Euler–Maruyama (§7 grid A): x0 (B, T); step_noise (N-1, B, T); cond (R, D)."""
+  """Per-token Euler–Maruyama (§7 grid A): x0 (B, T); step_noise (N-1, B, T); cond (R, D); grid
+  (N,) tensor. Traceable by torch.compile(fullgraph=True) (no host syncs)."""
   x = x0.float()
 
   def velocity(x, t):
     rows = x.repeat(branches, 1)
-    v = net(rows.to(cond.dtype), torch.full((rows.shape[0],), float(t)), cond).float()
+    v = net(rows.to(cond.dtype), t.reshape(1).expand(rows.shape[0]), cond).float()
     return cfg_combine(v, cfg, cfg_img, branches)
 
   for i in range(len(grid) - 1):
@@ -211,8 +212,8 @@ def generate(model: NextStepTorch, input_ids, attention_mask, num_tokens, x0, st
   input_ids/attention_mask (R, P) left padded; positions = raw slots. x0 (N, B, T), step_noise
   (N, num_steps - 1, B, T). Returns tokens (B, N, T) float32."""
   from transformers import DynamicCache  # pylint: disable=import-outside-toplevel
-  backbone = backbone or model.backbone
-  token_sampler = token_sampler or sample_token
+  backbone = model.backbone if backbone is None else backbone
+  token_sampler = sample_token if token_sampler is None else token_sampler
   rows, width = input_ids.shape
   grid = time_grid_a(num_steps, shift, last_step_size)
   embeds = model.backbone.embed_tokens(input_ids) if prompt_embeds is None else prompt_embeds
