@@ -143,7 +143,7 @@ def write_release(model: NextStepTorch, release: dict, tokenizer_path: str, out:
       json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
   tok = Tokenizer.from_file(tokenizer_path)
   config = dict(model_type='nextstep', architectures=['LlamaForCausalLM'],
-                auto_map={'AutoModel': 'models/nextstep_model.NextStep'}, **release,
+                auto_map={'AutoModel': 'models/nextstep_model.NextStep'},
                 attention_bias=True, o_attention_bias=False, mlp_bias=False, rope_scaling=None,
                 tie_word_embeddings=False, boi=tok.token_to_id('<|begin_of_image|>'),
                 eoi=tok.token_to_id('<|end_of_image|>'),
@@ -152,6 +152,7 @@ def write_release(model: NextStepTorch, release: dict, tokenizer_path: str, out:
                 bos_token_id=tok.token_to_id('<|endoftext|>'), fm_head_batch_mul=4,
                 lm_loss_weight=0.01, im_loss_weight=1.0, use_gen_pos_embed=False,
                 base_image_grid_size=32, vae_name_or_path='vae')
+  config.update(release)  # The release's own fields (shape, and overrides such as use_gen_pos_embed).
   (out / 'config.json').write_text(json.dumps(config, indent=2))
   (out / 'tokenizer.json').write_text(pathlib.Path(tokenizer_path).read_text())
   return out

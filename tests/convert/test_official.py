@@ -18,9 +18,11 @@ from flax import nnx
 import hf_testing
 import torch_reference as tr
 from nextstep_jax.convert import official
+from nextstep_jax.data import edit_sequences
 from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.data import sequences
 from nextstep_jax.image import patchify
+from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import guidance
@@ -206,3 +208,44 @@ def test_config_contradictions_are_errors(release):
   assert problems == [f'config.json boi=3 but tokenizer.json gives id {tok.boi_id}']
   with pytest.raises(official.ConversionError, match='neither model.safetensors.index.json'):
     official.tensor_files(pathlib.Path(release_dir).parent)
+
+
+def test_whole_edit_generation_matches_official_loop(release):
+  """3-way guidance (cfg 3, cfg_img 2), source tokens at the placeholders of rows 0..2B-1."""
+  torch_model, _, _, _, model, tok = release
+  grid, steps, seeds = (2, 2), 3, [1, 2]
+  batch = edit_sequences.build_edit_prompt_batch(tok, ['<image>make the sky green', 'a cat <image>'], *grid, *grid,
+                                                 12, negative_prompt='Copy original image.')
+  source = np.random.default_rng(3).standard_normal((2, 4, 64)).astype(np.float32)
+  batch['image_tokens'] = edit_sequences.edit_source_tokens(source)
+  cfg = generate.SamplerConfig(grid_h=2, grid_w=2, integrator=integrators.IntegratorConfig(num_steps=steps),
+                               num_branches=3, cfg=3.0, cfg_img=2.0, use_norm=True)
+  graphdef, params = nnx.split(model)
+  ours = generate.generate_tokens(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()},
+                                  generate.image_keys_from_seeds(seeds), cfg)
+  ids = tr.to_torch(batch['input_ids']).long()
+  with torch.no_grad():  # Official embedding: placeholders take in_proj(source), row-major order.
+    embeds = torch_model.backbone.embed_tokens(ids)
+    embeds[tr.to_torch(batch['image_token_mask'])] = torch_model.image_in_projector(
+        tr.to_torch(source[[0, 1, 0, 1]]).reshape(-1, 64))
+  x0, noise = injected_noise(seeds, 4, steps, 64)
+  theirs = tr.generate(torch_model, ids, tr.to_torch(batch['attention_mask']).long(), 4, x0, noise, cfg=3.0,
+                       cfg_img=2.0, branches=3, num_steps=steps, use_norm=True, prompt_embeds=embeds)
+  deviation = float(np.max(np.abs(np.asarray(ours) - theirs.numpy())))
+  print(f'whole edit generation max |jax - torch| = {deviation:.2e}')
+  assert deviation < GENERATION_ATOL
+
+
+def test_gen_pos_embed_buffer_is_checked(tmp_path):
+  hf_testing.build_tokenizer(str(tmp_path / 'tokenizer.json'))
+  release = dict(tr.TINY_RELEASE, use_gen_pos_embed=True, base_image_grid_size=4)
+  torch_model = tr.NextStepTorch(release).randomize(seed=1)
+  table = torch.from_numpy(nextstep.sincos_pos_embed_2d(64, 4))[None]
+  tr.write_release(torch_model, release, str(tmp_path / 'tokenizer.json'), tmp_path / 'good',
+                   extra_tensors={'gen_pos_embed': table})
+  config = official.convert(tmp_path / 'good', tmp_path / 'good_out', compute_dtype='float32')
+  assert config.model.use_gen_pos_embed and config.model.base_image_grid_size == 4
+  tr.write_release(torch_model, release, str(tmp_path / 'tokenizer.json'), tmp_path / 'bad',
+                   extra_tensors={'gen_pos_embed': table.flip(-1)})
+  with pytest.raises(official.ConversionError, match='gen_pos_embed .* differs from the 2-D sin-cos table'):
+    official.convert(tmp_path / 'bad', tmp_path / 'bad_out', compute_dtype='float32')
