@@ -36,15 +36,14 @@ sys.path.insert(0, str(ROOT / 'tests'))  # The PyTorch reference lives with the 
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
-from flax import nnx  # pylint: disable=wrong-import-position
 
 import hf_testing  # pylint: disable=wrong-import-position
 import torch_reference as tr  # pylint: disable=wrong-import-position
 from nextstep_jax.convert import official  # pylint: disable=wrong-import-position
 from nextstep_jax.data import hf_tokenizer  # pylint: disable=wrong-import-position
 from nextstep_jax.data import sequences  # pylint: disable=wrong-import-position
+from nextstep_jax.model import nextstep  # pylint: disable=wrong-import-position
 from nextstep_jax.parallel import mesh as mesh_lib  # pylint: disable=wrong-import-position
 from nextstep_jax.sampling import generate  # pylint: disable=wrong-import-position
 from nextstep_jax.sampling import integrators  # pylint: disable=wrong-import-position
@@ -175,7 +174,7 @@ def main() -> int:
       'details': results,
       'setup': dict(release, image_tokens=num_tokens, token_dim=token_dim, num_steps=args.num_steps, cfg=args.cfg,
                     cfg_branches=2, use_norm=True, batch_images=1, dtype='float32', torch_threads=args.torch_threads,
-                    params=nextstep_params(graphdef, params)),
+                    params=nextstep.count_params(params)),
       'command': ' '.join(['python'] + sys.argv),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}',
@@ -207,11 +206,6 @@ def callback_cost_us(steps: int = 4000, repeats: int = 5) -> float:
 
   with progress.reporting(progress.TokenProgress(10**9, stream=io.StringIO())):
     return (run(True) - run(False)) / steps * 1e6
-
-
-def nextstep_params(graphdef, params) -> int:
-  del graphdef
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 if __name__ == '__main__':

@@ -34,6 +34,7 @@ from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.model import nextstep
+from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.utils import logging as logging_lib
 
@@ -345,7 +346,6 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
 def load_params(converted_dir: str | pathlib.Path, mesh, config=None) -> tuple[Any, Any]:
   """(graphdef, params) of a converted checkpoint, params restored straight onto their
   shardings under `mesh` and `config.mesh.rules` (only the params: no optimizer memory)."""
-  from nextstep_jax.parallel import rules as rules_lib  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(converted_dir).absolute()
   config = config or load_config(root)
   graphdef, abstract = nnx.split(state_lib.abstract_model(config), nnx.Param)

@@ -12,7 +12,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 
 _ACTIVE: list['TokenProgress'] = []
 _LOCK = threading.Lock()
