@@ -30,12 +30,18 @@ setuptools.setup(
         'scikit-learn',  # Ships the built-in digits data set; the digit evaluator's classifier.
         'scipy',  # Connected components and matrix square roots in the evaluators.
         'tensorboardX~=2.6',  # TensorBoard event files without TensorFlow.
+        # Official checkpoints (nextstep-convert): safetensors reads the released shards tensor by
+        # tensor (memory-mapped, bf16 via ml_dtypes, no torch); tokenizers loads tokenizer.json.
+        'safetensors>=0.4',
+        'tokenizers>=0.20',
     ],
-    extras_require={'test': ['pytest', 'pytest-xdist']},
+    # torch/transformers: only the PyTorch references of the parity tests and benchmarks.
+    extras_require={'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'transformers~=5.24']},
     entry_points={
         'console_scripts': [
             'nextstep-train=nextstep_jax.cli.train:main',
             'nextstep-sample=nextstep_jax.cli.sample:main',
+            'nextstep-convert=nextstep_jax.cli.convert:main',
         ],
     },
 )

@@ -19,6 +19,7 @@ from flax import nnx
 from nextstep_jax.model import layers as L
 from nextstep_jax.sampling import guidance
 from nextstep_jax.sampling import integrators
+from nextstep_jax.sampling import progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class SamplerConfig:
   cfg_img: float = 1.0  # Image guidance of the 3-way form.
   cfg_schedule: str = 'constant'
   use_norm: bool = False
+  progress_every: int = 0  # > 0: host callback every this many tokens (sampling/progress.py).
 
   def __post_init__(self):
     if self.num_branches not in (1, 2, 3):
@@ -86,13 +88,16 @@ def sample_token(model, last_hidden: jax.Array, token_index: jax.Array, row_keys
 
 def generate_tokens_fn(model, prompt: dict, image_keys: jax.Array, cfg: SamplerConfig) -> jax.Array:
   """prompt: input_ids (R, P) int32, attention_mask (R, P) bool, positions (R, P) int32 (left
-  padded, raw slots); image_keys (B,) one key per image. Returns tokens (B, N, T) float32."""
+  padded, raw slots), optionally image_tokens (R, Ns, T) + image_token_mask (R, P) bool (edit
+  prompts: source tokens fed at the placeholders); image_keys (B,) one key per image.
+  Returns tokens (B, N, T) float32."""
   ids = prompt['input_ids']
   rows, width = ids.shape
   if rows != cfg.num_branches * image_keys.shape[0]:
     raise ValueError(f'{rows} prompt rows for {image_keys.shape[0]} images and {cfg.num_branches} branches')
   cache = model.decoder.init_cache(rows, width + cfg.num_tokens - 1)
-  hidden, cache = model(model.embed(ids, None, None), prompt['positions'], prompt['attention_mask'], cache)
+  embeds = model.embed(ids, prompt.get('image_tokens'), prompt.get('image_token_mask'))
+  hidden, cache = model(embeds, prompt['positions'], prompt['attention_mask'], cache)
   next_position = prompt['positions'][:, -1:] + 1  # (R, 1)
 
   def token_at(last_hidden, k):
@@ -104,6 +109,8 @@ def generate_tokens_fn(model, prompt: dict, image_keys: jax.Array, cfg: SamplerC
     token = token_at(last_hidden, k)
     x = model.embed_image_tokens(jnp.tile(token, (cfg.num_branches, 1))[:, None])
     hidden, cache = model(x, next_position + k, jnp.ones((rows, 1), bool), cache)
+    if cfg.progress_every:
+      progress.report(k + 1, cfg.progress_every)
     return (cache, hidden[:, 0]), token
 
   # Tokens 0..N-2 each feed one decoder step; the last token needs no decoder step after it.

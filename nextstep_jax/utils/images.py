@@ -43,3 +43,15 @@ def save_png(path: str | pathlib.Path, image: np.ndarray) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(image).save(path)
+
+
+def load_resized(path: str | pathlib.Path, height: int, width: int) -> np.ndarray:
+  """An image file as uint8 (height, width, 3): LANCZOS-resized to cover, then centre-cropped
+  (the official preprocessing of edit sources)."""
+  with Image.open(path) as image:
+    image = image.convert('RGB')
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.uint8)

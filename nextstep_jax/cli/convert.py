@@ -1,0 +1,42 @@
+"""nextstep-convert --hf-dir RELEASE --out DIR [--dtype float32|bfloat16] [--compute-dtype bfloat16]
+
+Converts an official NextStep-1 release (a download of e.g. stepfun-ai/NextStep-1-Large: config.json,
+model.safetensors.index.json + shards, tokenizer.json) into DIR: config.json (ours), tokenizer.json
+and params/ (orbax; `TextToImage.from_converted(DIR)` or `nextstep-sample --converted DIR` restore
+it sharded onto any mesh). Host memory: the params once in --dtype (14B: 60 GB float32, 30 GB
+bfloat16) plus one tensor.
+"""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--hf-dir', required=True, help='directory of the official release')
+  parser.add_argument('--out', required=True, help='output directory (must not hold params/ yet)')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='stored parameter dtype (model.param_dtype)')
+  parser.add_argument('--compute-dtype', default='bfloat16', choices=('float32', 'bfloat16'),
+                      help='activation dtype of the converted config (model.dtype)')
+  parser.add_argument('--image-tokenizer', default='vae', choices=('vae', 'pixels'),
+                      help='image tokenizer of the converted config (official: vae)')
+  parser.add_argument('--image-size', type=int, default=512, help='default square image side in pixels')
+  parser.add_argument('--max-caption-tokens', type=int, default=256, help='prompt token budget per caption')
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+  from nextstep_jax.convert import official  # pylint: disable=import-outside-toplevel (after flag errors)
+  try:
+    config = official.convert(args.hf_dir, args.out, param_dtype=args.dtype, compute_dtype=args.compute_dtype,
+                              image_tokenizer=args.image_tokenizer, image_size=args.image_size,
+                              max_caption_tokens=args.max_caption_tokens)
+  except (official.ConversionError, FileExistsError) as error:
+    print(f'nextstep-convert: {error}', file=sys.stderr)
+    return 1
+  m = config.model
+  print(f'converted {args.hf_dir} -> {args.out}: {m.num_layers} layers, hidden {m.hidden_size}, '
+        f'head {m.fm_head_dim}x{m.fm_head_layers}, params {m.param_dtype}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Converters from official NextStep-1 releases to this project's checkpoints."""

@@ -1,0 +1,366 @@
+"""Official NextStep-1 release (HF safetensors) -> our orbax params checkpoint + config + tokenizer.
+
+A release directory holds `config.json`, `model.safetensors.index.json` + shards (or one
+`model.safetensors`) and `tokenizer.json` (design doc §8). `convert(hf_dir, out_dir)` writes
+
+  out_dir/config.json     our ml_collections config (model fields from the release's config.json)
+  out_dir/tokenizer.json  the release's tokenizer, copied
+  out_dir/params/0/       orbax checkpoint of the model params (nnx.State), restorable sharded
+                          onto any mesh (`load_params`)
+
+Names and layouts follow one table (`_rules`): official name (with `{layer}` for stacked
+modules) -> our param path -> transform ('copy', 'flat' = reshape a flat vector into the target's
+(heads, head_dim), 'T' = torch Linear weight (out, in) transposed to a kernel (in, out...)).
+Stacked layers (decoder `layers.N.*`, head `res_blocks.N.*`) land in slice N of one array with a
+leading `layers` axis. Tensors are read one at a time from the memory-mapped shards, so host
+memory holds the output params once (plus one tensor). Every missing, unexpected or mis-shaped
+tensor, and every disagreement between config.json, the tensors and the tokenizer, is a
+`ConversionError` listing all of them before anything is written.
+"""
+import json
+import math
+import pathlib
+import re
+import shutil
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from configs import base as base_config
+from nextstep_jax import checkpoints
+from nextstep_jax import configlib
+from nextstep_jax.data import hf_tokenizer
+from nextstep_jax.model import nextstep
+from nextstep_jax.parallel import rules as rules_lib
+from nextstep_jax.training import state as state_lib
+from nextstep_jax.utils import logging as logging_lib
+
+CONFIG_FILE = 'config.json'
+TOKENIZER_FILE = 'tokenizer.json'
+PARAMS_DIR = 'params'
+INDEX_FILE = 'model.safetensors.index.json'
+SINGLE_FILE = 'model.safetensors'
+# Tensors in releases that are not parameters: gen_pos_embed is a fixed buffer (checked against
+# our table instead); rotary inv_freq is recomputed.
+IGNORED = (re.compile(r'gen_pos_embed'), re.compile(r'(.+\.)?rotary_emb\.inv_freq'))
+GEN_POS_EMBED_ATOL = 1e-4  # The buffer is float32 sin/cos; a bf16 release rounds to ~4e-3.
+_MAX_LISTED = 30
+
+
+class ConversionError(ValueError):
+  """The release does not match the expected layout; the message lists every problem."""
+
+
+def _rules(o_attention_bias: bool, attention_bias: bool, tied: bool) -> list[tuple[str, str, str]]:
+  """(official name template, our param path, transform) for every parameter of our model."""
+  rules = [('embed_tokens.weight', 'embed_tokens.embedding', 'copy'),
+           ('norm.weight', 'decoder.norm.weight', 'copy')]
+  if not tied:
+    rules.append(('lm_head.weight', 'lm_head.kernel', 'T'))
+  for norm in ('input_layernorm', 'post_attention_layernorm'):
+    rules.append((f'layers.{{layer}}.{norm}.weight', f'decoder.layers.{norm}.weight', 'copy'))
+  for proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
+    rules.append((f'layers.{{layer}}.self_attn.{proj}.weight', f'decoder.layers.self_attn.{proj}.kernel', 'T'))
+    if (proj == 'o_proj' and o_attention_bias) or (proj != 'o_proj' and attention_bias):
+      rules.append((f'layers.{{layer}}.self_attn.{proj}.bias', f'decoder.layers.self_attn.{proj}.bias', 'flat'))
+  for proj in ('gate_proj', 'up_proj', 'down_proj'):
+    rules.append((f'layers.{{layer}}.mlp.{proj}.weight', f'decoder.layers.mlp.{proj}.kernel', 'T'))
+
+  def linear(official, ours):
+    rules.extend([(f'{official}.weight', f'{ours}.kernel', 'T'), (f'{official}.bias', f'{ours}.bias', 'copy')])
+
+  linear('image_in_projector', 'image_in_projector')
+  linear('image_out_projector', 'image_out_projector')
+  head = 'image_head.net'
+  linear(f'{head}.time_embed.mlp.0', 'image_head.time_embed.mlp_0')
+  linear(f'{head}.time_embed.mlp.2', 'image_head.time_embed.mlp_2')
+  linear(f'{head}.cond_embed', 'image_head.cond_embed')
+  linear(f'{head}.input_proj', 'image_head.input_proj')
+  rules.append((f'{head}.res_blocks.{{layer}}.in_ln.weight', 'image_head.res_blocks.in_ln.weight', 'copy'))
+  rules.append((f'{head}.res_blocks.{{layer}}.in_ln.bias', 'image_head.res_blocks.in_ln.bias', 'copy'))
+  linear(f'{head}.res_blocks.{{layer}}.mlp.0', 'image_head.res_blocks.mlp_0')
+  linear(f'{head}.res_blocks.{{layer}}.mlp.2', 'image_head.res_blocks.mlp_2')
+  linear(f'{head}.res_blocks.{{layer}}.adaLN_modulation.1', 'image_head.res_blocks.adaLN_modulation_1')
+  linear(f'{head}.final_layer.adaLN_modulation.1', 'image_head.final_layer.adaLN_modulation_1')
+  linear(f'{head}.final_layer.linear', 'image_head.final_layer.linear')
+  return rules
+
+
+def _source_shape(transform: str, target: tuple[int, ...]) -> tuple[int, ...]:
+  """The official tensor's shape for a target (per-layer) slice of shape `target`."""
+  if transform == 'T':
+    return (math.prod(target[1:]), target[0])
+  if transform == 'flat':
+    return (math.prod(target),)
+  return tuple(target)
+
+
+def _apply(transform: str, tensor: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+  if transform == 'T':
+    return tensor.T.reshape(target)
+  return tensor.reshape(target)
+
+
+# ----------------------------------------------------------------------------- release reading
+
+
+def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """{official tensor name: shard file} from the index json (or the single safetensors file)."""
+  root = pathlib.Path(hf_dir)
+  if (root / INDEX_FILE).exists():
+    weight_map = json.loads((root / INDEX_FILE).read_text())['weight_map']
+    files = {name: root / shard for name, shard in weight_map.items()}
+    absent = sorted({str(path) for path in files.values() if not path.exists()})
+    if absent:
+      raise ConversionError(f'{INDEX_FILE} names shards that are missing: {absent}')
+    return files
+  if (root / SINGLE_FILE).exists():
+    with safe_open(root / SINGLE_FILE, 'numpy') as f:
+      return {name: root / SINGLE_FILE for name in f.keys()}
+  raise ConversionError(f'{root} holds neither {INDEX_FILE} nor {SINGLE_FILE}; pass the directory of a '
+                        'NextStep-1 release (e.g. a download of stepfun-ai/NextStep-1-Large).')
+
+
+def tensor_shapes(files: dict[str, pathlib.Path]) -> dict[str, tuple[int, ...]]:
+  """Shapes from the safetensors headers (no tensor data read)."""
+  shapes = {}
+  for shard in sorted(set(files.values())):
+    with safe_open(shard, 'numpy') as f:
+      for name in f.keys():
+        if files.get(name) == shard:
+          shapes[name] = tuple(f.get_slice(name).get_shape())
+  missing = sorted(set(files) - set(shapes))
+  if missing:
+    raise ConversionError(f'tensors listed in {INDEX_FILE} but absent from their shards: {missing[:_MAX_LISTED]}')
+  return shapes
+
+
+def _first(hf: dict, *names, default=None):
+  for name in names:
+    if name in hf:
+      return hf[name]
+  return default
+
+
+def model_fields(hf: dict, names: set[str]) -> tuple[dict, list[str]]:
+  """Our `config.model` fields from a release's config.json and its tensor names.
+
+  Returns (fields, problems). Biases are decided by the tensors (design doc §9: a config without
+  `o_attention_bias` falls back to `attention_bias` upstream); an explicit config value that
+  contradicts the tensors is a problem.
+  """
+  problems = []
+  required = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size')
+  absent = [key for key in required if key not in hf]
+  if absent:
+    return {}, [f'config.json lacks {absent}']
+  rope_theta = _first(hf, 'rope_theta', default=None)
+  if rope_theta is None:
+    rope_theta = (hf.get('rope_parameters') or {}).get('rope_theta')
+  if rope_theta is None:
+    problems.append('config.json gives no rope_theta (nor rope_parameters.rope_theta)')
+  scaling = hf.get('rope_scaling')
+  if scaling and scaling.get('rope_type', scaling.get('type')) not in (None, 'default'):
+    problems.append(f'rope_scaling={scaling} is not supported (NextStep-1 uses plain RoPE)')
+  if hf.get('mlp_bias'):
+    problems.append('mlp_bias=true is not supported (NextStep-1 MLPs have no biases)')
+  heads = hf['num_attention_heads']
+  o_bias = 'layers.0.self_attn.o_proj.bias' in names
+  qkv_bias = 'layers.0.self_attn.q_proj.bias' in names
+  for key, found in (('o_attention_bias', o_bias), ('attention_bias', qkv_bias)):
+    if key in hf and bool(hf[key]) != found:
+      problems.append(f'config.json {key}={hf[key]} but the checkpoint {"has" if found else "has no"} '
+                      f'{"o_proj" if key == "o_attention_bias" else "q_proj"} bias')
+  head_layers = len({m.group(1) for m in map(re.compile(r'image_head\.net\.res_blocks\.(\d+)\.').match, names) if m})
+  fields = dict(
+      vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
+      num_heads=heads, num_kv_heads=hf.get('num_key_value_heads', heads),
+      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
+      intermediate_size=hf['intermediate_size'], rms_norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+      rope_theta=float(rope_theta or 0.0), attention_bias=qkv_bias, o_attention_bias=o_bias,
+      tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      latent_channels=_first(hf, 'latent_channels', 'num_channels', default=16),
+      latent_patch_size=_first(hf, 'latent_patch_size', 'patch_size', default=2),
+      fm_head_dim=_first(hf, 'fm_head_dim', 'genloss_width', default=1536),
+      fm_head_layers=_first(hf, 'fm_head_layers', 'genloss_depth', default=head_layers or 12),
+      use_gen_pos_embed=bool(hf.get('use_gen_pos_embed', False)),
+      base_image_grid_size=hf.get('base_image_grid_size', 32),
+      max_seq_len=hf.get('max_position_embeddings', 131072))
+  return fields, problems
+
+
+def _tokenizer_problems(hf: dict, tok: hf_tokenizer.HFTokenizer, vocab_size: int) -> list[str]:
+  problems = []
+  checks = (('boi', tok.boi_id), ('eoi', tok.eoi_id), ('image_placeholder_id', tok.image_placeholder_id),
+            ('pad_token_id', tok.pad_id), ('eos_token_id', tok.eos_id))
+  for key, token_id in checks:
+    if key in hf and hf[key] is not None and hf[key] != token_id:
+      problems.append(f'config.json {key}={hf[key]} but {TOKENIZER_FILE} gives id {token_id}')
+  if tok.vocab_size > vocab_size:
+    problems.append(f'{TOKENIZER_FILE} has {tok.vocab_size} ids but vocab_size={vocab_size} embedding rows')
+  return problems
+
+
+def converted_config(fields: dict, hf: dict, tok_vocab_size: int, param_dtype: str, compute_dtype: str,
+                     image_tokenizer: str, image_size: int, max_caption_tokens: int) -> ml_collections.ConfigDict:
+  """Our full config for a converted release (sampling defaults of the official T2I example)."""
+  c = base_config.get_base_config()
+  c.name = f'converted_{hf.get("model_type", "nextstep")}'
+  c.model.update(fields)
+  c.model.param_dtype, c.model.dtype, c.model.remat_policy = param_dtype, compute_dtype, 'none'
+  c.image.tokenizer, c.image.size = image_tokenizer, image_size
+  c.image.use_norm = image_tokenizer == 'vae'  # Official NextStep-1 `use_norm`, VAE latents only.
+  c.text.vocab_size = tok_vocab_size
+  c.text.max_caption_tokens = max_caption_tokens
+  c.loss.lm_loss_weight = float(hf.get('lm_loss_weight', 0.01))
+  c.loss.im_loss_weight = float(_first(hf, 'im_loss_weight', 'image_loss_weight', default=1.0))
+  c.loss.fm_head_batch_mul = int(_first(hf, 'fm_head_batch_mul', 'genloss_batch_mul', default=4))
+  c.sample.cfg, c.sample.num_steps, c.sample.batch_size = 7.5, 50, 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  return c
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def plan(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, ...]]):
+  """Matches release tensors to our params. Returns (abstract params, {official name: (our path,
+  layer or None, transform)}); raises ConversionError listing missing/unexpected/mis-shaped."""
+  abstract = nnx.state(state_lib.abstract_model(config), nnx.Param)
+  targets = {'.'.join(str(k) for k in path): var.get_value()
+             for path, var in nnx.to_flat_state(abstract)}
+  m = config.model
+  expected: dict[str, tuple[str, int | None, str]] = {}
+  for template, path, transform in _rules(m.o_attention_bias, m.attention_bias, m.tie_word_embeddings):
+    if path not in targets:
+      raise ConversionError(f'internal: rule target {path} is not a parameter of the model')
+    if '{layer}' in template:
+      for layer in range(targets[path].shape[0]):
+        expected[template.format(layer=layer)] = (path, layer, transform)
+    else:
+      expected[template] = (path, None, transform)
+  uncovered = sorted(set(targets) - {path for path, _, _ in expected.values()})
+  if uncovered:
+    raise ConversionError(f'internal: no conversion rule for our params {uncovered}')
+
+  ignored = {name for name in shapes if any(p.fullmatch(name) for p in IGNORED)}
+  missing = sorted(set(expected) - set(shapes))
+  unexpected = sorted(set(shapes) - set(expected) - ignored)
+  misshaped = []
+  for name in sorted(set(expected) & set(shapes)):
+    path, layer, transform = expected[name]
+    full = targets[path].shape
+    want = _source_shape(transform, full[1:] if layer is not None else full)
+    if shapes[name] != want:
+      misshaped.append(f'{name} {shapes[name]} (expected {want} for {path})')
+  problems = []
+  for title, items in (('missing tensors', missing), ('unexpected tensors', unexpected),
+                       ('tensors with the wrong shape', misshaped)):
+    if items:
+      shown = items[:_MAX_LISTED] + ([f'... and {len(items) - _MAX_LISTED} more'] if len(items) > _MAX_LISTED else [])
+      problems.append(f'{len(items)} {title}:\n    ' + '\n    '.join(shown))
+  if problems:
+    raise ConversionError('The release does not match the model its config.json describes '
+                          f'({m.num_layers} layers, hidden {m.hidden_size}, head {m.fm_head_layers} blocks):\n  '
+                          + '\n  '.join(problems))
+  return abstract, expected
+
+
+def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_dtype, log_every: int = 50):
+  """Fills numpy arrays of the params' shapes (in `param_dtype`) tensor by tensor; returns the
+  params as an nnx.State of numpy arrays."""
+  flat = nnx.to_flat_state(abstract)
+  buffers = {'.'.join(str(k) for k in path): np.empty(var.get_value().shape, param_dtype) for path, var in flat}
+  by_shard: dict[pathlib.Path, list[str]] = {}
+  for name in mapping:
+    by_shard.setdefault(files[name], []).append(name)
+  progress = logging_lib.ProgressLogger(len(mapping), every=log_every, items_per_step=1)
+  done = 0
+  for shard in sorted(by_shard):
+    with safe_open(shard, 'numpy') as f:
+      for name in sorted(by_shard[shard]):
+        path, layer, transform = mapping[name]
+        target = buffers[path]
+        slot = target if layer is None else target[layer]
+        slot[...] = _apply(transform, f.get_tensor(name), slot.shape).astype(param_dtype)
+        done += 1
+        progress.update(done)
+  return nnx.from_flat_state([(path, var.replace(buffers['.'.join(str(k) for k in path)]))
+                              for path, var in flat])
+
+
+def _check_gen_pos_embed(files, shapes, config) -> list[str]:
+  """A release's `gen_pos_embed` buffer must equal our 2-D sin-cos table when it is used."""
+  if 'gen_pos_embed' not in shapes or not config.model.use_gen_pos_embed:
+    return []
+  m = config.model
+  ours = nextstep.sincos_pos_embed_2d(m.hidden_size, m.base_image_grid_size)
+  with safe_open(files['gen_pos_embed'], 'numpy') as f:
+    theirs = f.get_tensor('gen_pos_embed').astype(np.float32).reshape(-1, m.hidden_size)
+  if theirs.shape != ours.shape or not np.allclose(theirs, ours, atol=GEN_POS_EMBED_ATOL):
+    return [f'gen_pos_embed {shapes["gen_pos_embed"]} differs from the 2-D sin-cos table of grid '
+            f'{m.base_image_grid_size} (hidden {m.hidden_size})']
+  return []
+
+
+def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype: str = 'float32',
+            compute_dtype: str = 'bfloat16', image_tokenizer: str = 'vae', image_size: int = 512,
+            max_caption_tokens: int = 256) -> ml_collections.ConfigDict:
+  """Converts the release in `hf_dir` into `out_dir` (see the module docstring); returns the config."""
+  hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir).absolute()
+  if not (hf_dir / CONFIG_FILE).exists():
+    raise ConversionError(f'{hf_dir / CONFIG_FILE} is missing; pass the directory of a NextStep-1 release.')
+  if (out_dir / PARAMS_DIR).exists():
+    raise FileExistsError(f'{out_dir / PARAMS_DIR} exists; choose an empty --out directory.')
+  hf = json.loads((hf_dir / CONFIG_FILE).read_text())
+  tok = hf_tokenizer.HFTokenizer.load(str(hf_dir / TOKENIZER_FILE))
+  files = tensor_files(hf_dir)
+  shapes = tensor_shapes(files)
+  fields, problems = model_fields(hf, set(shapes))
+  problems += _tokenizer_problems(hf, tok, fields.get('vocab_size', 0)) if fields else []
+  if problems:
+    raise ConversionError('Cannot convert ' + str(hf_dir) + ':\n  - ' + '\n  - '.join(problems))
+  config = converted_config(fields, hf, tok.vocab_size, param_dtype, compute_dtype, image_tokenizer,
+                            image_size, max_caption_tokens)
+  configlib.validate(config)
+  abstract, mapping = plan(config, shapes)
+  problems = _check_gen_pos_embed(files, shapes, config)
+  if problems:
+    raise ConversionError('\n'.join(problems))
+  params = read_params(files, abstract, mapping, nextstep.DTYPES[param_dtype])
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ckpt = checkpoints.Checkpointer(out_dir / PARAMS_DIR, keep=1, async_save=False)
+  try:
+    ckpt.save(0, params, extra={'source': str(hf_dir.absolute()), 'release_config': hf})
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  shutil.copyfile(hf_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+  (out_dir / CONFIG_FILE).write_text(configlib.config_to_json(config))
+  return config
+
+
+def load_params(converted_dir: str | pathlib.Path, mesh, config=None) -> tuple[Any, Any]:
+  """(graphdef, params) of a converted checkpoint, params restored straight onto their
+  shardings under `mesh` and `config.mesh.rules` (only the params: no optimizer memory)."""
+  root = pathlib.Path(converted_dir).absolute()
+  config = config or load_config(root)
+  graphdef, abstract = nnx.split(state_lib.abstract_model(config), nnx.Param)
+  target = rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules)
+  ckpt = checkpoints.Checkpointer(root / PARAMS_DIR, keep=1)
+  try:
+    params, _ = ckpt.restore(0, target)
+  finally:
+    ckpt.close()
+  return graphdef, params
+
+
+def load_config(converted_dir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  path = pathlib.Path(converted_dir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f'{path} is missing: {converted_dir} is not a converted checkpoint '
+                            '(make one with nextstep-convert --hf-dir RELEASE --out DIR).')
+  return configlib.config_from_json(path.read_text())
