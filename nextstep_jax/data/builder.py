@@ -164,7 +164,7 @@ def shard_jobs(out_prefix: str, num_items: int, num_shards: int) -> list[ShardJo
 
 
 def _summary_path(shard: str) -> str:
-  return shard + '.summary.json'
+  return shard + records.SUMMARY_SUFFIX
 
 
 def finished_summary(job: ShardJob) -> dict | None:
@@ -268,7 +268,7 @@ def build(items: Sequence, out_prefix: str, num_shards: int = 0, workers: int = 
                                workers, 'build')
   summary = total_summary(summaries, extra_counts or {}, reused, time.monotonic() - start, source,
                           [job.path for job in jobs])
-  records.write_json_atomically(out_prefix + '.summary.json', summary)
+  records.write_json_atomically(out_prefix + records.SUMMARY_SUFFIX, summary)
   print(f'build: {summary["records"]} records, {summary["bytes"]} bytes in {num_shards} shards; '
         f'{bad_records.describe({**summary["skipped"], **summary["fixed"]})}', flush=True)
   return summary

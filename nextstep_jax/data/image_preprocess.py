@@ -4,8 +4,6 @@ decode_image: PNG/JPEG/... bytes or a decoded array (TFDS) -> (H, W, 3) uint8 pl
 (grayscale, alpha, 16-bit, palette/CMYK), or BadRecordError for undecodable / truncated data.
 resize_to_cover + center_crop: scale (LANCZOS) so the image covers the target, then crop the
 centre (design doc §4); an image already at the target size passes through bit-exactly.
-Aspect buckets: the official ~256-token grids (h, w) in 16-px token units at 256 px, scaled by
-image_size / 256 per side and rounded to the model's token pixel size.
 """
 import io
 import warnings
@@ -15,9 +13,6 @@ from PIL import Image
 
 from nextstep_jax.data import bad_records
 
-# Official ~256-token buckets at 256 px in 16-px token units (h, w); transposes added below.
-_BASE_BUCKETS_256 = ((8, 32), (9, 28), (10, 25), (11, 23), (12, 21), (13, 19), (14, 18), (15, 17),
-                     (16, 16))
 _WHITE = (255, 255, 255)
 
 
@@ -128,21 +123,3 @@ def augment(image: np.ndarray, height: int, width: int, ops: tuple[str, ...], cr
   if 'hflip' in ops and rng.random() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)
-
-
-def aspect_buckets(image_size: int, unit: int) -> list[tuple[int, int]]:
-  """Bucket sizes (height, width) in pixels for square side `image_size`, multiples of `unit`
-  (the pixels per image token: tokenizer downsample x latent patch). Sorted by aspect h / w."""
-  buckets = set()
-  for h, w in _BASE_BUCKETS_256:
-    for bh, bw in ((h, w), (w, h)):
-      px_h = max(unit, round(bh * 16 * image_size / 256 / unit) * unit)
-      px_w = max(unit, round(bw * 16 * image_size / 256 / unit) * unit)
-      buckets.add((px_h, px_w))
-  return sorted(buckets, key=lambda hw: hw[0] / hw[1])
-
-
-def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-  """The bucket whose aspect ratio is nearest (in log space) to height / width."""
-  target = np.log(height / width)
-  return min(buckets, key=lambda hw: abs(np.log(hw[0] / hw[1]) - target))

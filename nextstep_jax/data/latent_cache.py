@@ -89,7 +89,7 @@ def build_latent_cache(config, out_prefix: str, num_shards: int = 0, batch_size:
   summary = builder.total_summary(summaries, {}, reused, time.monotonic() - start,
                                   f'{config.data.source} -> {config.image.tokenizer} latents',
                                   [job.path for job in jobs])
-  records.write_json_atomically(out_prefix + '.summary.json', summary)
+  records.write_json_atomically(out_prefix + records.SUMMARY_SUFFIX, summary)
   print(f'cache-latents: {summary["records"]} records ({config.data.cache_variants} variant(s) each) in '
         f'{num_shards} shards; {bad_records.describe({**summary["skipped"], **summary["fixed"]})}',
         flush=True)

@@ -24,6 +24,7 @@ from nextstep_jax.data import bad_records
 MAGIC = b'NSR1'
 _HEADER = struct.Struct('<4sIII')
 SHARD_SUFFIX = '.array_record'
+SUMMARY_SUFFIX = '.summary.json'  # Build summaries beside shards; never read as shards.
 WRITER_OPTIONS = 'group_size:1'
 
 
@@ -65,14 +66,16 @@ def shard_path(prefix: str, index: int, count: int) -> str:
 
 
 def resolve_paths(spec: str | Sequence[str], what: str = 'data.paths') -> list[str]:
-  """Comma-separated (or listed) files / glob patterns -> sorted existing shard paths."""
+  """Comma-separated (or listed) files / glob patterns -> sorted existing shard paths (summaries
+  and temporary files of a build in progress left out)."""
   items = [p.strip() for p in (spec.split(',') if isinstance(spec, str) else spec) if p.strip()]
   if not items:
     raise ValueError(f'{what} is empty; set it to the shard files or a glob such as '
                      '"/data/name-*.array_record" (written by `nextstep-data build`).')
   paths = []
   for item in items:
-    matches = sorted(glob.glob(os.path.expanduser(item)))
+    matches = [m for m in sorted(glob.glob(os.path.expanduser(item)))
+               if not m.endswith(SUMMARY_SUFFIX) and '.tmp-' not in os.path.basename(m)]
     if not matches:
       raise FileNotFoundError(f'{what}: nothing matches {item!r}; build the shards with '
                               '`nextstep-data build` or fix the path.')
