@@ -30,12 +30,15 @@ setuptools.setup(
         'scikit-learn',  # Ships the built-in digits data set; the digit evaluator's classifier.
         'scipy',  # Connected components and matrix square roots in the evaluators.
         'tensorboardX~=2.6',  # TensorBoard event files without TensorFlow.
+        'array-record~=0.8.6',  # Data shards (nextstep-data, the Grain pipeline).
     ],
-    extras_require={'test': ['pytest', 'pytest-xdist']},
+    extras_require={'test': ['pytest', 'pytest-xdist', 'tensorflow-datasets~=4.9'],
+                    'tfds': ['tensorflow-datasets~=4.9']},  # data.source=tfds, build --from tfds.
     entry_points={
         'console_scripts': [
             'nextstep-train=nextstep_jax.cli.train:main',
             'nextstep-sample=nextstep_jax.cli.sample:main',
+            'nextstep-data=nextstep_jax.cli.data:main',
         ],
     },
 )

@@ -147,3 +147,17 @@ def test_tfds_source_is_read_without_tensorflow(tmp_path, tok):
     indices.update(batch['record_index'].tolist())
     assert batch['image'].shape == (4, 16, 16, 3)
   assert sorted(indices) == list(range(8))
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'source': 'arrayrecord'}, 'data.source=arrayrecord needs data.paths'),
+    ({'source': 'tfds'}, 'data.source=tfds needs data.tfds_name'),
+    ({'use_latent_cache': True}, 'needs data.latent_cache_paths'),
+    ({'augment': 'rotate'}, "data.augment has 'rotate'"),
+    ({'cache_variants': 2}, 'set data.augment'),
+    ({'overlong_captions': 'drop'}, 'data.overlong_captions'),
+])
+def test_config_errors_name_the_field(tmp_path, fields, message):
+  from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(configlib.ConfigError, match=message):
+    configlib.validate(data_testing.tiny_config(tmp_path, **fields))
