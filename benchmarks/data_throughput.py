@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import sys
 import time
 
@@ -87,13 +88,14 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', default='configs/shapes.py')
   parser.add_argument('--records', type=int, default=5000)
-  parser.add_argument('--batches', type=int, default=30, help='pipeline batches timed')
+  parser.add_argument('--batches', type=int, default=200, help='pipeline batches timed')
   parser.add_argument('--steps', type=int, default=12, help='train steps timed')
   parser.add_argument('--workers', nargs='+', type=int, default=[0, 2])
   parser.add_argument('--workdir', default='/tmp/data_throughput')
   parser.add_argument('--out', default=str(RESULTS / 'data_throughput.json'))
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).absolute()
+  shutil.rmtree(workdir, ignore_errors=True)  # Time a fresh build, not a resumed one.
   config = configlib.load_config(args.config, [f'data.cache_dir={workdir / "cache"}'])
   configlib.validate(config)
   tok = builtin_source.load_text_tokenizer(config)
@@ -140,6 +142,7 @@ def main() -> int:
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind} x{jax.device_count()}',
       'jax': jax.__version__,
+      'load_average_1min_at_end': round(os.getloadavg()[0], 2),  # Other jobs sharing the CPU.
   }
   RESULTS.mkdir(parents=True, exist_ok=True)
   pathlib.Path(args.out).write_text(json.dumps(out, indent=2) + '\n')
