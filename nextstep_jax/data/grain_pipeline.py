@@ -145,9 +145,8 @@ class Preprocess(grain.transforms.RandomMap):
   coin, then augmentation (raw) or the cache variant (latents).
   """
 
-  def __init__(self, config, tok: text_tokenizer.Tokenizer, num_records: int):
+  def __init__(self, config, tok: text_tokenizer.Tokenizer):
     self.tok = tok
-    self.num_records = num_records
     self.size = config.image.size
     self.max_caption_tokens = config.text.max_caption_tokens
     self.overlong = config.data.overlong_captions
@@ -179,16 +178,21 @@ class Preprocess(grain.transforms.RandomMap):
                                                     self.overlong)
     except bad_records.BadRecordError as error:
       return {'skip': error.reason, 'fixes': fixes}
-    return {**picture, 'caption': caption, 'drop_text': drop_text, 'index': index % self.num_records,
+    return {**picture, 'caption': caption, 'drop_text': drop_text, 'index': index,
             'fixes': fixes + caption_fixes + fit_fixes}
 
 
 class _SkipAndBatchIterator(grain.DatasetIterator):
-  """Pulls examples, counts and drops bad ones, stacks `batch_size` good ones into token rows."""
+  """Pulls examples, counts and drops bad ones, stacks `batch_size` good ones into token rows.
 
-  def __init__(self, parent, batch_size: int, tok, grid: tuple[int, int], max_caption_tokens: int):
+  More than `max_skips_in_a_row` bad records in a row (a whole epoch's worth) means the data
+  is unusable, not noisy: that raises instead of looping forever."""
+
+  def __init__(self, parent, batch_size: int, tok, grid: tuple[int, int], max_caption_tokens: int,
+               max_skips_in_a_row: int):
     super().__init__(parent)
     self._batch_size = batch_size
+    self._max_skips_in_a_row = max_skips_in_a_row
     self._tok = tok
     self._grid = grid
     self._max_caption_tokens = max_caption_tokens
@@ -196,14 +200,22 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
   def __next__(self) -> dict:
     counts = np.zeros(len(bad_records.REASONS), np.int64)
     rows = []
+    skips_in_a_row = 0
     while len(rows) < self._batch_size:
       example = next(self._parent)
       for reason in example['fixes']:
         counts[bad_records.REASONS.index(reason)] += 1
       if 'skip' in example:
         counts[bad_records.REASONS.index(example['skip'])] += 1
+        skips_in_a_row += 1
+        if skips_in_a_row > self._max_skips_in_a_row:
+          raise ValueError(
+              f'{skips_in_a_row} bad records in a row, the last for {example["skip"]}: '
+              f'{bad_records.describe(dict(zip(bad_records.REASONS, counts.tolist())))}. The data '
+              'set has no usable records; check it with `nextstep-data build` summaries.')
       else:
         rows.append(example)
+        skips_in_a_row = 0
     batch = sequences.build_training_batch(self._tok, [r['caption'] for r in rows], *self._grid,
                                            self._max_caption_tokens,
                                            np.array([r['drop_text'] for r in rows]))
@@ -222,9 +234,10 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
 
 class _SkipAndBatch(grain.IterDataset):
 
-  def __init__(self, parent, batch_size: int, tok, grid: tuple[int, int], max_caption_tokens: int):
+  def __init__(self, parent, batch_size: int, tok, grid: tuple[int, int], max_caption_tokens: int,
+               max_skips_in_a_row: int):
     super().__init__(parent)
-    self._args = (batch_size, tok, grid, max_caption_tokens)
+    self._args = (batch_size, tok, grid, max_caption_tokens, max_skips_in_a_row)
 
   def __iter__(self):
     return _SkipAndBatchIterator(self._parent.__iter__(), *self._args)
@@ -250,12 +263,12 @@ def make_dataset(config, tok: text_tokenizer.Tokenizer, process_index: int,
     raise ValueError('the data source has no records; check data.paths / the TFDS split')
   seed = config.seed if d.shuffle_seed < 0 else d.shuffle_seed
   ds = grain.MapDataset.range(num_records).seed(seed).shuffle().repeat(None)
-  ds = ds.map(_Fetch(source)).random_map(Preprocess(config, tok, num_records))
+  ds = ds.map(_Fetch(source)).random_map(Preprocess(config, tok))
   ds = ds[process_index::process_count]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads,
                                             prefetch_buffer_size=d.prefetch * config.train.batch_size))
   ds = _SkipAndBatch(ds, process_batch_size(config, process_count), tok, configlib.image_grid(config),
-                     config.text.max_caption_tokens)
+                     config.text.max_caption_tokens, max_skips_in_a_row=num_records)
   if d.worker_count:
     if not flags.FLAGS.is_parsed():  # Grain's worker pool reads absl flags; use their defaults.
       flags.FLAGS.mark_as_parsed()

@@ -161,3 +161,10 @@ def test_config_errors_name_the_field(tmp_path, fields, message):
   from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top
   with pytest.raises(configlib.ConfigError, match=message):
     configlib.validate(data_testing.tiny_config(tmp_path, **fields))
+
+
+def test_a_data_set_without_usable_records_fails_clearly(tmp_path, tok):
+  data_testing.write_shards(str(tmp_path / 'junk'), [data_testing.image_record(b'junk', 'a red circle')] * 5)
+  config = data_testing.tiny_config(tmp_path, source='arrayrecord', paths=str(tmp_path / 'junk-*'))
+  with pytest.raises(ValueError, match='no usable records'):
+    grain_pipeline.GrainTrainingData(config, tok, 0, 1).next_batch()
