@@ -221,14 +221,13 @@ def run_jobs(jobs: Sequence[ShardJob], work: Callable[[Any], dict], job_args: Ca
   reused = len(jobs) - len(todo)
   print(f'{label}: {len(jobs)} shards, {reused} already finished, writing {len(todo)} with '
         f'{max(1, min(workers, len(todo)))} worker(s)', flush=True)
-  start = time.monotonic()
+  from nextstep_jax.utils import logging as log_utils  # pylint: disable=g-import-not-at-top (jax; parent only)
+  items_per_shard = round(sum(job.end - job.start for job in todo) / max(len(todo), 1))
+  progress = log_utils.ProgressLogger(len(todo), every=1, items_per_step=items_per_shard)
 
   def report(done: int, job: ShardJob, summary: dict) -> None:
     summaries[job.path] = summary
-    rate = done / max(time.monotonic() - start, 1e-9)
-    print(f'{label}: shard {done}/{len(todo)} {os.path.basename(job.path)}: {summary["records"]} '
-          f'records | {rate * 60:.1f} shards/min | eta {(len(todo) - done) / max(rate, 1e-9):.0f} s',
-          flush=True)
+    progress.update(done, {'records': summary['records']})
 
   if workers > 1 and len(todo) > 1:
     with multiprocessing.get_context('spawn').Pool(min(workers, len(todo))) as pool:

@@ -110,16 +110,15 @@ def open_raw_source(config) -> Any:
   raise ValueError(f'data.source={d.source!r} is unknown; use one of {configlib.DATA_SOURCES}')
 
 
-def read_raw(element) -> tuple[Any, Any, list[str]]:
-  """A raw source element -> (image bytes or array, caption bytes or str, fixes recorded earlier).
-
-  Raises BadRecordError for malformed records and for records the latent cache marked skipped."""
+def read_raw(element) -> tuple[Any, Any]:
+  """A raw source element (image-record bytes or a {'image', 'caption'} dict) -> (image bytes or
+  array, caption bytes or str). Raises BadRecordError(malformed_record) for anything else."""
   if isinstance(element, dict):
-    return element['image'], element['caption'], []
+    return element['image'], element['caption']
   record = records.decode_record(element)
   kind = record.metadata.get('kind')
   if kind == 'image':
-    return record.payload, record.caption, []
+    return record.payload, record.caption
   raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD,
                                    f'record kind {kind!r} where an image record was expected')
 
@@ -165,9 +164,8 @@ class Preprocess(grain.transforms.RandomMap):
         pick = int(rng.integers(len(variants))) if len(variants) > 1 else 0
         picture = {'latents': variants[pick]}
       else:
-        data, caption_raw, fixes = read_raw(record)
-        image, image_fixes = image_preprocess.decode_image(data)
-        fixes = fixes + image_fixes
+        data, caption_raw = read_raw(record)
+        image, fixes = image_preprocess.decode_image(data)
         if self.ops:
           image = image_preprocess.augment(image, self.size, self.size, self.ops, self.crop_scale, rng)
         else:

@@ -49,14 +49,12 @@ class _LatentShard:
       indices = range(chunk_start, min(end, chunk_start + self.batch_size))
       decoded, markers = [], {}
       for index in indices:
-        fixes: list[str] = []
         try:
-          data, caption, fixes = grain_pipeline.read_raw(self.source[index])
-          image, image_fixes = image_preprocess.decode_image(data)
-          fixes = fixes + image_fixes
+          data, caption = grain_pipeline.read_raw(self.source[index])
+          image, fixes = image_preprocess.decode_image(data)
           decoded.append((index, image_variants(image, index, self.config), caption, fixes))
         except bad_records.BadRecordError as error:
-          markers[index] = (error.reason, fixes)
+          markers[index] = error.reason
       latents = []
       if decoded:
         stacked = np.concatenate([variants for _, variants, _, _ in decoded])
@@ -66,9 +64,8 @@ class _LatentShard:
                   for (index, _, caption, fixes), variants in zip(decoded, latents)}
       for index in indices:
         if index in markers:
-          reason, fixes = markers[index]
-          meta = {'kind': 'skipped', 'reason': reason, 'source_index': index}
-          yield records.encode_record(b'', b'', meta), [reason] + fixes
+          meta = {'kind': 'skipped', 'reason': markers[index], 'source_index': index}
+          yield records.encode_record(b'', b'', meta), [markers[index]]
         else:
           variants, caption, fixes = by_index[index]
           meta = {'kind': 'latents', 'shape': list(variants.shape), 'dtype': 'float32',
