@@ -292,6 +292,8 @@ class GrainTrainingData:
   `bad_record_counts` holds this process's running counts {reason: n} (restored with the state).
   """
 
+  kind = 'grain'
+
   def __init__(self, config, tok: text_tokenizer.Tokenizer, process_index: int, process_count: int):
     self.config = config
     self.tok = tok
@@ -334,12 +336,16 @@ class GrainTrainingData:
     return batch
 
   def get_state(self) -> dict:
-    """{'iterator': grain's iterator state, 'bad_record_counts': {...}}, JSON-serialisable."""
-    return {'iterator': _jsonable(self._iterator.get_state()),
+    """{'kind': 'grain', 'iterator': grain's iterator state, 'bad_record_counts': {...}}, JSON-safe."""
+    return {'kind': self.kind, 'iterator': _jsonable(self._iterator.get_state()),
             'bad_record_counts': dict(self.bad_record_counts)}
 
   def set_state(self, state: dict) -> None:
-    """Continues exactly after the batch at which `state` was taken."""
+    """Continues exactly after the batch at which `state` was taken (same data config and
+    data.worker_count)."""
+    if not isinstance(state, dict) or state.get('kind') != self.kind or 'iterator' not in state:
+      raise ValueError(f'{str(state)[:200]} is not a Grain data state (want {{"kind": "grain", '
+                       '"iterator": ...}); resume with the data config that wrote the checkpoint')
     self._iterator.set_state(_from_jsonable(state['iterator']))
     self.bad_record_counts = dict(state.get('bad_record_counts', {}))
 

@@ -1,5 +1,6 @@
 """Tests of the Grain pipeline: process sharding, exact resume, bad records, sources."""
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -64,7 +65,9 @@ def test_resume_from_state_yields_exactly_the_uninterrupted_batches(tmp_path, to
   batches = [uninterrupted.next_batch() for _ in range(3)]
   uninterrupted.close()
   resumed = grain_pipeline.GrainTrainingData(config, tok, 0, 1)
-  resumed.set_state(state)
+  with pytest.raises(ValueError, match='not a Grain data state'):
+    resumed.set_state({'kind': 'builtin', 'step': 3})
+  resumed.set_state(json.loads(json.dumps(state)))
   for expected in batches:
     got = resumed.next_batch()
     assert set(got) == {'input_ids', 'labels', 'attention_mask', 'positions', 'image_tokens',
