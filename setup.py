@@ -34,14 +34,20 @@ setuptools.setup(
         # tensor (memory-mapped, bf16 via ml_dtypes, no torch); tokenizers loads tokenizer.json.
         'safetensors>=0.4',
         'tokenizers>=0.20',
+        'array-record~=0.8.6',  # Data shards (nextstep-data, the Grain pipeline).
     ],
-    # torch/transformers: only the PyTorch references of the parity tests and benchmarks.
-    extras_require={'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'transformers~=5.24']},
+    extras_require={
+        # torch/transformers: only the PyTorch references of the parity tests and benchmarks.
+        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'transformers~=5.24',
+                 'tensorflow-datasets~=4.9'],
+        'tfds': ['tensorflow-datasets~=4.9'],  # data.source=tfds, build --from tfds.
+    },
     entry_points={
         'console_scripts': [
             'nextstep-train=nextstep_jax.cli.train:main',
             'nextstep-sample=nextstep_jax.cli.sample:main',
             'nextstep-convert=nextstep_jax.cli.convert:main',
+            'nextstep-data=nextstep_jax.cli.data:main',
         ],
     },
 )

@@ -58,6 +58,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_train = 20000  # Training examples generated (shapes) / drawn with augmentation.
   c.data.drop_text_prob = 0.1  # Caption moved after the image block (trains the uncond branch).
   c.data.cache_dir = ''  # Where generated data and the spm model live ('' = ~/.cache/nextstep_jax).
+  # Grain input pipeline (nextstep_jax/data/grain_pipeline.py; shards from `nextstep-data build`).
+  c.data.source = 'builtin'  # builtin (data.dataset in memory) | arrayrecord (data.paths) | tfds.
+  c.data.grain_builtin = False  # Serve data.source=builtin through the Grain pipeline too.
+  c.data.paths = ''  # arrayrecord: comma-separated shard files or globs (name-*.array_record).
+  c.data.tfds_name = ''  # tfds: a prepared array_record data set (nothing is downloaded).
+  c.data.tfds_split = 'train'
+  c.data.tfds_data_dir = ''  # tfds: its data_dir ('' = TFDS default ~/tensorflow_datasets).
+  c.data.tfds_image_key = 'image'  # tfds feature holding the image (decoded array or file bytes).
+  c.data.tfds_caption_key = 'caption'  # tfds feature holding the caption (str or bytes).
+  c.data.shuffle_seed = -1  # Global shuffle + augmentation seed (-1 = seed).
+  c.data.worker_count = 0  # Grain worker processes decoding ahead (0 = threads in the trainer).
+  c.data.read_threads = 2  # Threads per process reading and preprocessing records.
+  c.data.prefetch = 2  # Batches buffered per worker (and records x batch_size read ahead).
+  c.data.overlong_captions = 'truncate'  # truncate (warned and counted) | skip (counted).
+  c.data.augment = ''  # Comma list of hflip, random_crop ('' = resize + centre crop only).
+  c.data.random_crop_scale = 1.125  # random_crop: resize to cover this x image.size, crop randomly.
+  c.data.use_latent_cache = False  # Train from data.latent_cache_paths instead of raw images.
+  c.data.latent_cache_paths = ''  # Shards of `nextstep-data cache-latents` (comma list / globs).
+  c.data.cache_variants = 1  # Latent variants per record (1 = plain; >1 needs data.augment).
 
   # Objective.
   c.loss = ml_collections.ConfigDict()

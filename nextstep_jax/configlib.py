@@ -25,6 +25,9 @@ REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_save
 LR_SCHEDULES = ('cosine', 'constant')
 DTYPES = ('float32', 'bfloat16', 'float16')
 DATASETS = ('shapes', 'digits')
+DATA_SOURCES = ('builtin', 'arrayrecord', 'tfds')
+OVERLONG_CAPTIONS = ('truncate', 'skip')
+AUGMENT_OPS = ('hflip', 'random_crop')
 
 
 class ConfigError(ValueError):
@@ -158,6 +161,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f'loss.fm_head_batch_mul={config.loss.fm_head_batch_mul} must be an integer >= 1.')
   require(config.loss.time_std > 0, f'loss.time_std={config.loss.time_std} must be > 0.')
 
+  _validate_data_pipeline(require, config.data)
+
   sizes = [config.mesh[axis] for axis in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
     require(size == -1 or size > 0,
@@ -168,6 +173,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
+
+
+def _validate_data_pipeline(require, data: ml_collections.ConfigDict) -> None:
+  """The Grain pipeline fields (data.source ... data.cache_variants)."""
+  _require_choice(require, 'data.source', data.source, DATA_SOURCES)
+  _require_choice(require, 'data.overlong_captions', data.overlong_captions, OVERLONG_CAPTIONS)
+  if data.source == 'arrayrecord' and not data.use_latent_cache:
+    require(bool(data.paths), 'data.source=arrayrecord needs data.paths (shard files or globs '
+            'written by `nextstep-data build`).')
+  if data.source == 'tfds':
+    require(bool(data.tfds_name), 'data.source=tfds needs data.tfds_name (a prepared data set).')
+  if data.use_latent_cache:
+    require(bool(data.latent_cache_paths), 'data.use_latent_cache=True needs '
+            'data.latent_cache_paths (shards written by `nextstep-data cache-latents`).')
+  for field in ('worker_count',):
+    require(data[field] >= 0, f'data.{field}={data[field]} must be >= 0.')
+  for field in ('read_threads', 'prefetch', 'cache_variants'):
+    require(data[field] >= 1, f'data.{field}={data[field]} must be >= 1.')
+  require(data.random_crop_scale >= 1, f'data.random_crop_scale={data.random_crop_scale} must be '
+          '>= 1 (the crop window is image.size).')
+  ops = [op.strip() for op in data.augment.split(',') if op.strip()]
+  for op in ops:
+    require(op in AUGMENT_OPS, f'data.augment has {op!r}; use a comma list of {AUGMENT_OPS}.')
+  require(data.cache_variants == 1 or ops, f'data.cache_variants={data.cache_variants} > 1 '
+          'stores augmented variants: set data.augment (e.g. "hflip") or cache_variants=1.')
 
 
 def image_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
