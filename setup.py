@@ -30,12 +30,20 @@ setuptools.setup(
         'scikit-learn',  # Ships the built-in digits data set; the digit evaluator's classifier.
         'scipy',  # Connected components and matrix square roots in the evaluators.
         'tensorboardX~=2.6',  # TensorBoard event files without TensorFlow.
+        'etils[epath]',  # Workdir files on local disks and gs:// alike.
     ],
-    extras_require={'test': ['pytest', 'pytest-xdist']},
+    extras_require={
+        'test': ['pytest', 'pytest-xdist'],
+        # Pod runs: TPU wheels of the pinned jax; gs:// workdirs (etils.epath, TensorBoard events).
+        'tpu': ['jax[tpu]~=0.10.2'],
+        'gcs': ['gcsfs', 'google-cloud-storage'],
+        'sweep': ['matplotlib'],  # nextstep-sweep plots.
+    },
     entry_points={
         'console_scripts': [
             'nextstep-train=nextstep_jax.cli.train:main',
             'nextstep-sample=nextstep_jax.cli.sample:main',
+            'nextstep-sweep=nextstep_jax.cli.sweep:main',
         ],
     },
 )

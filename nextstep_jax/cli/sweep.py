@@ -5,9 +5,9 @@ after another on this machine, evaluates each on a fixed held-out batch, fits L(
 (+ E) to eval loss against training FLOPs, and writes DIR/sweep.csv, sweep.png, sweep.json.
 Fields that must change together: --grid model.hidden_size,model.intermediate_size=64:176,128:352.
 
---launch-cmd-only prints one training command per run instead (e.g. to run each on its own pod
-with --launcher 'launch/tpu_pod.sh --name sweep --type v5p-8 --'); afterwards --collect-only
-evaluates the finished workdirs and fits without training.
+--launch-cmd-only prints one training command per run instead (e.g. each on its own slice with
+--launcher 'launch/tpu_pod.sh --name sweep-{name} --zone ZONE --type v5p-8'; {name} becomes the run
+name); afterwards --collect-only evaluates the finished workdirs and fits without training.
 """
 import argparse
 import sys
@@ -27,7 +27,8 @@ def main(argv=None) -> int:
   mode.add_argument('--launch-cmd-only', action='store_true', help='print one launch command per run and exit')
   mode.add_argument('--collect-only', action='store_true', help='evaluate finished runs and fit, no training')
   parser.add_argument('--launcher', default='python -m nextstep_jax.cli.train',
-                      help='command prefix of --launch-cmd-only lines (takes --config/--workdir/--config.x=v)')
+                      help='command prefix of --launch-cmd-only lines (takes --config/--workdir/--config.x=v; '
+                      '{name} becomes the run name)')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
   from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top (after flag errors)

@@ -16,6 +16,7 @@ import numpy as np
 
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data import text_tokenizer
+from nextstep_jax.parallel import distributed
 
 BUILTIN_DATASETS = ('shapes', 'digits')
 HELDOUT_SEED_OFFSET = 1_000_003  # Held-out examples are generated from seed + this offset.
@@ -40,19 +41,14 @@ class BuiltinTrainingData:
   kind = 'builtin'
 
   def __init__(self, source: builtin_source.BuiltinSource, process_index: int, process_count: int):
-    batch_size = source.config.train.batch_size
-    if batch_size % process_count:
-      raise ValueError(f'train.batch_size={batch_size} is not divisible by {process_count} processes; '
-                       'make it a multiple of the process count')
     self.source = source
-    self._rows = slice(process_index * batch_size // process_count,
-                       (process_index + 1) * batch_size // process_count)
+    self.process_index, self.process_count = process_index, process_count
     self._step = 0
 
   def next_batch(self) -> dict[str, np.ndarray]:
     batch = self.source.batch(self._step)
     self._step += 1
-    return {key: value[self._rows] for key, value in batch.items()}
+    return distributed.process_rows(batch, self.process_index, self.process_count)
 
   def get_state(self) -> dict:
     return {'kind': self.kind, 'step': self._step}
@@ -76,7 +72,7 @@ def heldout_batch(config, tok: text_tokenizer.TextTokenizer, num_sequences: int)
   """A fixed batch of `num_sequences` examples generated apart from the training set.
 
   Built-in data: the same generator with seed + HELDOUT_SEED_OFFSET, so the examples follow the
-  training distribution but none of them is a training example.
+  training distribution (shapes: new scenes; digits: new augmentations of the digit images).
   """
   if config.data.dataset not in BUILTIN_DATASETS:
     raise ValueError(f'data.dataset={config.data.dataset!r} has no held-out batch; use one of {BUILTIN_DATASETS}')

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 from typing import Sequence
 
 import jax
@@ -242,9 +243,11 @@ def plot(path: epath.Path, records: Sequence[dict], fit: dict, title: str) -> No
 
 
 def launch_command(launcher: str, base: str, fixed: Sequence[str], run: Run, workdir: str) -> str:
-  """`launcher --config BASE --workdir DIR --config.x=v ...` for one run."""
+  """`launcher --config BASE --workdir DIR --config.x=v ...` for one run; `{name}` in `launcher`
+  becomes the run name in lower-case letters, digits and hyphens (a valid TPU VM name)."""
   overrides = ' '.join(f'--config.{o}' for o in [*fixed, *run.overrides])
-  return f'{launcher} --config {base} --workdir {workdir} {overrides}'.strip()
+  slug = re.sub(r'[^a-z0-9]+', '-', run.name.lower()).strip('-')
+  return f'{launcher.replace("{name}", slug)} --config {base} --workdir {workdir} {overrides}'.strip()
 
 
 def run_sweep(base: str, specs: Sequence[str], fixed: Sequence[str], out_dir: str, runs_dir: str | None = None,
