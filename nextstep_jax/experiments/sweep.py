@@ -118,7 +118,7 @@ def heldout_loss(workdir: str, num_sequences: int = 256) -> dict[str, float]:
   """Loss pieces of a run's latest checkpoint on its fixed held-out batch (fixed FM noise)."""
   root = epath.Path(workdir)
   config = configlib.config_from_json((root / pipeline.CONFIG_FILE).read_text())
-  tok = text_tokenizer.TextTokenizer.load(pipeline._local_copy(root / pipeline.TOKENIZER_FILE))  # pylint: disable=protected-access
+  tok = text_tokenizer.TextTokenizer.load(pipeline.local_copy(root / pipeline.TOKENIZER_FILE))
   mesh = mesh_lib.make_mesh(config.mesh)
   graphdef, abstract_state, shardings = state_lib.state_shardings(config, state_lib.make_optimizer(config.train), mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
@@ -143,7 +143,7 @@ def run_record(base: str, fixed: Sequence[str], run: Run, workdir: str, eval_seq
   """One CSV row for a finished run (see CSV_FIELDS)."""
   config = run_config(base, fixed, run)
   counts = param_counts(config)
-  tok = text_tokenizer.TextTokenizer.load(pipeline._local_copy(epath.Path(workdir) / pipeline.TOKENIZER_FILE))  # pylint: disable=protected-access
+  tok = text_tokenizer.TextTokenizer.load(pipeline.local_copy(epath.Path(workdir) / pipeline.TOKENIZER_FILE))
   grid_h, grid_w = configlib.image_grid(config)
   seq_len = sequences.training_sequence_length(tok, grid_h, grid_w, config.text.max_caption_tokens)
   evaluation = heldout_loss(workdir, eval_sequences)

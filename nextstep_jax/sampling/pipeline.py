@@ -36,7 +36,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
     ckpt.close()
 
 
-def _local_copy(path: epath.Path) -> str:
+def local_copy(path: epath.Path) -> str:
   """A local filesystem path with the contents of `path` (itself when it is local)."""
   if '://' not in str(path):
     return str(path)
@@ -73,7 +73,7 @@ class TextToImage:
       raise FileNotFoundError(f'{root} is not a training run: {CONFIG_FILE} is missing '
                               '(train one with nextstep-train --workdir DIR)')
     config = configlib.config_from_json((root / CONFIG_FILE).read_text())
-    tok = text_tokenizer.TextTokenizer.load(_local_copy(root / TOKENIZER_FILE))
+    tok = text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
     tx = state_lib.make_optimizer(config.train)
     graphdef, abstract_state = state_lib.abstract_train_state(config, tx)
     ckpt = checkpoints.Checkpointer(root / CHECKPOINT_DIR, keep=config.train.keep_checkpoints)

@@ -57,9 +57,10 @@ class MetricsLog:
   """metrics.jsonl: appended in place locally; object stores (gs://) cannot append, so there the
   file is rewritten from the records kept in memory (read back first when resuming)."""
 
-  def __init__(self, path: epath.Path, enabled: bool):
+  def __init__(self, path: epath.Path, enabled: bool, appendable: bool | None = None):
+    """enabled: False on processes other than 0; appendable: None decides from the path (URL or not)."""
     self.path, self.enabled = path, enabled
-    self._appendable = '://' not in str(path)
+    self._appendable = '://' not in str(path) if appendable is None else appendable
     self._lines = []
     if enabled and not self._appendable and path.exists():
       self._lines = path.read_text().splitlines(keepends=True)
