@@ -96,8 +96,9 @@ def param_counts(config) -> dict[str, int]:
   return counts
 
 
-def training_flops(config, counts: dict[str, int], seq_len: int) -> float:
-  """Training FLOPs of the whole run (forward + backward = 3x forward, 2 FLOPs per multiply-add).
+def training_flops(config, counts: dict[str, int], seq_len: int, steps: int | None = None) -> float:
+  """Training FLOPs of `steps` (default train.steps) steps: forward + backward = 3x forward, 2 FLOPs
+  per multiply-add.
 
   Per sequence: 6 * (backbone params) * L for every position (non-embedding params outside the
   flow head; the lm_head and projectors are counted at every position, an upper bound), plus
@@ -111,11 +112,12 @@ def training_flops(config, counts: dict[str, int], seq_len: int) -> float:
   per_sequence = (6 * backbone * seq_len
                   + 6 * counts['head_params'] * grid_h * grid_w * config.loss.fm_head_batch_mul
                   + 6 * m.num_layers * seq_len**2 * m.num_heads * m.head_dim)
-  return float(per_sequence) * config.train.batch_size * config.train.steps
+  return float(per_sequence) * config.train.batch_size * (config.train.steps if steps is None else steps)
 
 
 def heldout_loss(workdir: str, num_sequences: int = 256) -> dict[str, float]:
-  """Loss pieces of a run's latest checkpoint on its fixed held-out batch (fixed FM noise)."""
+  """Loss pieces {loss, lm_loss, im_loss} of a run's latest checkpoint on its fixed held-out batch
+  (fixed FM noise), and that checkpoint's `step`."""
   root = epath.Path(workdir)
   config = configlib.config_from_json((root / pipeline.CONFIG_FILE).read_text())
   tok = text_tokenizer.TextTokenizer.load(pipeline.local_copy(root / pipeline.TOKENIZER_FILE))
@@ -124,13 +126,13 @@ def heldout_loss(workdir: str, num_sequences: int = 256) -> dict[str, float]:
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
   ckpt = checkpoints.Checkpointer(root / pipeline.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
   try:
-    state, _ = ckpt.restore(None, target)
+    state, extra = ckpt.restore(None, target)
   finally:
     ckpt.close()
   batch = training_data.heldout_batch(config, tok, num_sequences)
   eval_step = step_lib.build_eval_step(config, graphdef, shardings['params'], mesh, tok.image_placeholder_id, batch)
   metrics = eval_step(state['params'], rules_lib.shard_batch(batch, mesh, config.mesh.rules))
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+  return {**{k: float(v) for k, v in jax.device_get(metrics).items()}, 'step': extra['step']}
 
 
 def final_train_loss(workdir: str) -> float:
@@ -140,7 +142,8 @@ def final_train_loss(workdir: str) -> float:
 
 
 def run_record(base: str, fixed: Sequence[str], run: Run, workdir: str, eval_sequences: int) -> dict:
-  """One CSV row for a finished run (see CSV_FIELDS)."""
+  """One CSV row for a run's latest checkpoint (see CSV_FIELDS); `steps` and the FLOPs count the
+  steps actually trained (fewer than train.steps when a run was stopped early)."""
   config = run_config(base, fixed, run)
   counts = param_counts(config)
   tok = text_tokenizer.TextTokenizer.load(pipeline.local_copy(epath.Path(workdir) / pipeline.TOKENIZER_FILE))
@@ -148,8 +151,9 @@ def run_record(base: str, fixed: Sequence[str], run: Run, workdir: str, eval_seq
   seq_len = sequences.training_sequence_length(tok, grid_h, grid_w, config.text.max_caption_tokens)
   evaluation = heldout_loss(workdir, eval_sequences)
   return {'name': run.name, 'overrides': ' '.join(run.overrides), **counts, 'seq_len': seq_len,
-          'steps': config.train.steps, 'batch_size': config.train.batch_size,
-          'train_flops': training_flops(config, counts, seq_len), 'train_loss': final_train_loss(workdir),
+          'steps': evaluation['step'], 'batch_size': config.train.batch_size,
+          'train_flops': training_flops(config, counts, seq_len, evaluation['step']),
+          'train_loss': final_train_loss(workdir),
           'eval_loss': evaluation['loss'], 'eval_im_loss': evaluation['im_loss'],
           'eval_lm_loss': evaluation['lm_loss']}
 
@@ -216,6 +220,7 @@ def plot(path: epath.Path, records: Sequence[dict], fit: dict, title: str) -> No
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   c = np.array([r['train_flops'] for r in records])
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   ax.scatter(c, [r['eval_loss'] for r in records], label='held-out loss', zorder=3)
@@ -232,6 +237,9 @@ def plot(path: epath.Path, records: Sequence[dict], fit: dict, title: str) -> No
             label=f'{w["E"]:.3g} + {w["a"]:.3g} C^-{w["b"]:.3f} (±{w["b_std"]:.3f})')
   ax.set_xscale('log')
   ax.set_yscale('log')
+  ax.yaxis.set_major_formatter(ticker.FormatStrFormatter('%.3g'))  # Narrow loss ranges: plain numbers.
+  ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter('%.3g'))
+  ax.tick_params(axis='y', which='minor', labelsize=6)
   ax.set_xlabel('training FLOPs C')
   ax.set_ylabel('loss')
   ax.set_title(title, fontsize=9)

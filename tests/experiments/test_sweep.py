@@ -65,6 +65,7 @@ def test_param_counts_and_flops():
   tokens, batch_mul = 16, config.loss.fm_head_batch_mul  # tiny: 4x4 image tokens.
   per_sequence = 6 * 900 * 30 + 6 * 100 * tokens * batch_mul + 6 * m.num_layers * 30**2 * m.num_heads * m.head_dim
   assert sweep.training_flops(config, fake, 30) == per_sequence * config.train.batch_size * config.train.steps
+  assert sweep.training_flops(config, fake, 30, steps=3) == per_sequence * config.train.batch_size * 3
 
 
 def test_fit_recovers_a_pure_power_law():

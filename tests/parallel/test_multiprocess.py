@@ -27,8 +27,8 @@ def test_two_processes_match_one(tmp_path):
   multi, extra = multiprocess_testing.restore_on_one_device(tmp_path / 'multi')
   reference, _ = multiprocess_testing.restore_on_one_device(tmp_path / 'single')
   assert extra['step'] == single.step == 4
-  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(multi['params']),
-                               jax.tree_util.tree_leaves(reference['params'])):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(multi['params']),
+                          jax.tree_util.tree_leaves(reference['params'])):
     np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))
   data_files = sorted(p.name for p in (tmp_path / 'multi' / 'checkpoints' / '4' / 'data').iterdir()
                       if p.name.startswith('process_'))
