@@ -1,11 +1,12 @@
 """Scaling sweep on this CPU: shapes-world models of 3 widths x 2 depths at a fixed step budget.
 
-  python benchmarks/scaling_sweep.py [--steps 500] [--runs-dir /tmp/nextstep_scaling_runs]
+  python benchmarks/scaling_sweep.py [--steps 500] [--stop-at 200] [--runs-dir /tmp/nextstep_scaling_runs]
 
-The same as
+Every run has the learning-rate schedule of a --steps run (warm-up 50, cosine) and ends after
+--stop-at steps. The same as
   nextstep-sweep --base configs/shapes.py \
     --grid model.hidden_size,model.intermediate_size,model.head_dim=64:176:16,128:352:32,256:704:64 \
-    --grid model.num_layers=2,4 --set train.steps=500 ... --out benchmarks/results
+    --grid model.num_layers=2,4 --set train.steps=500 ... --stop-at 200 --out benchmarks/results
 with the results renamed: benchmarks/results/scaling_sweep.{csv,png,json} (runs, fitted exponent
 and its standard error, the command, date and machine). Run workdirs (checkpoints) go to --runs-dir.
 """
@@ -33,7 +34,8 @@ def fixed_overrides(steps: int) -> list[str]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--steps', type=int, default=500)
+  parser.add_argument('--steps', type=int, default=500, help='train.steps (sets the LR schedule)')
+  parser.add_argument('--stop-at', type=int, default=200, help='end each run after this step')
   parser.add_argument('--runs-dir', default='/tmp/nextstep_scaling_runs')
   parser.add_argument('--eval-sequences', type=int, default=512)
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -41,7 +43,8 @@ def main(argv=None) -> int:
            'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
            'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}'}
   summary = sweep.run_sweep('configs/shapes.py', GRID, fixed_overrides(args.steps), str(RESULTS.absolute()),
-                            args.runs_dir, stem='scaling_sweep', eval_sequences=args.eval_sequences, extra=extra)
+                            args.runs_dir, stem='scaling_sweep', eval_sequences=args.eval_sequences,
+                            stop_at=args.stop_at, extra=extra)
   print(f'exponent {summary["fitted_exponent"]:.4f} ± {summary["fitted_exponent_std"]:.4f} '
         f'({summary["fit"]["chosen"]}); wrote {RESULTS}/scaling_sweep.csv, .png, .json')
   return 0

@@ -23,6 +23,8 @@ def main(argv=None) -> int:
   parser.add_argument('--out', required=True, help='output directory (sweep.csv/.png/.json; runs/ unless --runs-dir)')
   parser.add_argument('--runs-dir', default=None, help='where the run workdirs go (default OUT/runs; gs:// works)')
   parser.add_argument('--eval-sequences', type=int, default=256, help='held-out batch size for the eval loss')
+  parser.add_argument('--stop-at', type=int, default=None,
+                      help='end each run after this step (learning-rate schedule of train.steps unchanged)')
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument('--launch-cmd-only', action='store_true', help='print one launch command per run and exit')
   mode.add_argument('--collect-only', action='store_true', help='evaluate finished runs and fit, no training')
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
       print(sweep.launch_command(args.launcher, args.base, args.set, run, f'{runs_dir}/{run.name}'))
     return 0
   summary = sweep.run_sweep(args.base, args.grid, args.set, args.out, runs_dir, train=not args.collect_only,
-                            eval_sequences=args.eval_sequences, extra={'command': ' '.join(sys.argv)})
+                            eval_sequences=args.eval_sequences, stop_at=args.stop_at, extra={'command': ' '.join(sys.argv)})
   print(f'{len(summary["runs"])} runs; L(C) exponent {summary["fitted_exponent"]:.4f} '
         f'± {summary["fitted_exponent_std"]:.4f} ({summary["fit"]["chosen"]}); wrote {args.out}/sweep.csv, .png, .json')
   return 0

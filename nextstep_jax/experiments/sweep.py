@@ -259,12 +259,14 @@ def launch_command(launcher: str, base: str, fixed: Sequence[str], run: Run, wor
 
 
 def run_sweep(base: str, specs: Sequence[str], fixed: Sequence[str], out_dir: str, runs_dir: str | None = None,
-              stem: str = 'sweep', train: bool = True, eval_sequences: int = 256, extra: dict | None = None) -> dict:
+              stem: str = 'sweep', train: bool = True, eval_sequences: int = 256, stop_at: int | None = None,
+              extra: dict | None = None) -> dict:
   """Trains (unless `train` is False: collect only) every grid run one after another, evaluates them,
   fits the power law and writes <out_dir>/<stem>.csv, .png and .json. Returns the summary.
 
-  A run whose workdir (<runs_dir or out_dir/runs>/<name>) already holds its final checkpoint is
-  not retrained, so an interrupted sweep resumes. `extra` is merged into the summary JSON.
+  stop_at: end every run after this step (its learning-rate schedule stays that of train.steps).
+  A run whose workdir (<runs_dir or out_dir/runs>/<name>) already holds a checkpoint at or past its
+  last step is not retrained, so an interrupted sweep resumes. `extra` is merged into the summary.
   """
   from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
   from nextstep_jax.utils import logging as log_utils  # pylint: disable=g-import-not-at-top
@@ -278,12 +280,13 @@ def run_sweep(base: str, specs: Sequence[str], fixed: Sequence[str], out_dir: st
   for index, (run, config) in enumerate(zip(runs, configs)):
     workdir = str(runs_root / run.name)
     print(f'[{index + 1}/{len(runs)}] {run.name}: {" ".join(run.overrides)} -> {workdir}', flush=True)
-    if train:
-      loop.train(config, workdir)
+    last_step = min(stop_at or config.train.steps, config.train.steps)
+    if train and max(pipeline.checkpoint_steps(workdir), default=0) < last_step:
+      loop.train(config, workdir, stop_at=stop_at)
     records.append(run_record(base, fixed, run, workdir, eval_sequences))
     progress.update(index + 1, {'eval_loss': records[-1]['eval_loss'], 'flops': records[-1]['train_flops']})
   fit = fit_power_law([r['train_flops'] for r in records], [r['eval_loss'] for r in records])
-  summary = {'base': base, 'grid': list(specs), 'fixed': list(fixed), 'runs': records,
+  summary = {'base': base, 'grid': list(specs), 'fixed': list(fixed), 'stop_at': stop_at, 'runs': records,
              'fitted_exponent': fit['exponent'], 'fitted_exponent_std': fit['exponent_std'], 'fit': fit,
              'fit_target': 'eval_loss vs train_flops, every run', **(extra or {})}
   write_csv(out / f'{stem}.csv', records)
