@@ -163,10 +163,10 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
   preempted = False
   train_step = None
 
-  def finish(step_done: int, device_metrics) -> dict:
+  def finish(step_done: int, device_metrics, last_of_invocation: bool = False) -> dict:
     host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     _check_finite(step_done, host, str(workdir), last_saved)
-    if step_done % config.train.log_every == 0 or step_done == total:
+    if step_done % config.train.log_every == 0 or step_done == total or last_of_invocation:
       now = time.monotonic()
       rate = (step_done - rate_clock['step']) * config.train.batch_size / max(now - rate_clock['time'], 1e-9)
       rate_clock.update(step=step_done, time=now)
@@ -194,7 +194,7 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
       periodic_save = step % config.train.checkpoint_every == 0
       periodic_grid = config.train.sample_every and step % config.train.sample_every == 0 and not preempted
       if periodic_save or periodic_grid or stopping or step == total:
-        metrics_host = finish(*pending)  # Confirm this step is finite before saving it.
+        metrics_host = finish(*pending, last_of_invocation=stopping)  # Finite? Only then save it.
         pending = None
         if periodic_save or stopping or step == total:
           ckpt.save(step, state, extra={'step': step}, data_state=data.get_state(), force=True)

@@ -1,4 +1,5 @@
 """Sweep tool: grid expansion, override parsing, parameter/FLOP counts, the power-law fit, launch lines."""
+import json
 import math
 
 import jax
@@ -99,3 +100,18 @@ def test_launch_cmd_only_prints_one_command_per_run(capsys, tmp_path):
   assert lines == [
       f'launch/tpu_pod.sh --name s-num-layers-{n} --config configs/tiny.py --workdir {tmp_path}/runs/num_layers={n} '
       f'--config.train.steps=5 --config.model.num_layers={n}' for n in (1, 2)]
+
+
+def test_sweep_end_to_end_on_tiny_runs(tmp_path):
+  out = tmp_path / 'sweep'
+  assert sweep_cli.main([
+      '--base', 'configs/tiny.py', '--grid', 'model.num_layers=1,2,3', '--set', 'train.steps=10',
+      '--set', f'data.cache_dir={tmp_path / "cache"}', '--out', str(out), '--eval-sequences', '8',
+      '--stop-at', '1']) == 0
+  summary = json.loads((out / 'sweep.json').read_text())
+  assert [r['steps'] for r in summary['runs']] == [1] * 3  # Stopped after step 1 of a 10-step schedule.
+  flops = [r['train_flops'] for r in summary['runs']]
+  assert flops == sorted(flops) and flops[0] < flops[-1]
+  assert all(math.isfinite(r['eval_loss']) and math.isfinite(r['train_loss']) for r in summary['runs'])
+  assert math.isfinite(summary['fitted_exponent']) and summary['fitted_exponent_std'] >= 0
+  assert len((out / 'sweep.csv').read_text().splitlines()) == 4 and (out / 'sweep.png').stat().st_size > 0
