@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import re
+import textwrap
 from typing import Sequence
 
 import jax
@@ -164,8 +165,9 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict:
   Returns a dict: `pure` {a, b, b_std, log_rmse} from the linear regression log L = log a - b log C
   (b_std: the standard error of the slope); `with_floor` {E, a, b, b_std, log_rmse} or None when
   the fit fails or E is not in [0, min L); `chosen`: 'with_floor' when its residual standard
-  error in log space (with its extra parameter counted) is lower, else 'pure'; `exponent` and
-  `exponent_std` of the chosen form.
+  error in log space (with its extra parameter counted) is lower and its exponent is identified
+  (b_std < b / 2; over a narrow compute range E and b trade off freely), else 'pure';
+  `exponent` and `exponent_std` of the chosen form.
   """
   c, l = np.asarray(compute, np.float64), np.asarray(loss, np.float64)
   if len(c) < 3 or np.any(c <= 0) or np.any(l <= 0):
@@ -179,7 +181,8 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict:
           'b_std': float(math.sqrt(np.sum(resid**2) / dof / sxx)),
           'log_rmse': float(math.sqrt(np.sum(resid**2) / dof))}
   with_floor = _fit_with_floor(c, l, pure) if len(c) >= 4 else None
-  chosen = 'with_floor' if with_floor and with_floor['log_rmse'] < pure['log_rmse'] else 'pure'
+  chosen = ('with_floor' if with_floor and with_floor['log_rmse'] < pure['log_rmse']
+            and with_floor['b_std'] < with_floor['b'] / 2 else 'pure')
   best = with_floor if chosen == 'with_floor' else pure
   return {'pure': pure, 'with_floor': with_floor, 'chosen': chosen,
           'exponent': best['b'], 'exponent_std': best['b_std']}
@@ -226,12 +229,12 @@ def plot(path: epath.Path, records: Sequence[dict], fit: dict, title: str) -> No
   ax.scatter(c, [r['eval_loss'] for r in records], label='held-out loss', zorder=3)
   ax.scatter(c, [r['train_loss'] for r in records], marker='x', color='gray', label='final train loss')
   for r in records:
-    ax.annotate(r['name'], (r['train_flops'], r['eval_loss']), fontsize=6, xytext=(3, 3),
+    ax.annotate(_short_name(r['name']), (r['train_flops'], r['eval_loss']), fontsize=6, xytext=(3, 3),
                 textcoords='offset points')
   grid = np.geomspace(c.min() / 1.5, c.max() * 1.5, 100)
   pure = fit['pure']
   ax.plot(grid, pure['a'] * grid**-pure['b'], label=f'{pure["a"]:.3g} C^-{pure["b"]:.3f} (±{pure["b_std"]:.3f})')
-  if fit['with_floor']:
+  if fit['chosen'] == 'with_floor':
     w = fit['with_floor']
     ax.plot(grid, w['E'] + w['a'] * grid**-w['b'], linestyle='--',
             label=f'{w["E"]:.3g} + {w["a"]:.3g} C^-{w["b"]:.3f} (±{w["b_std"]:.3f})')
@@ -242,12 +245,18 @@ def plot(path: epath.Path, records: Sequence[dict], fit: dict, title: str) -> No
   ax.tick_params(axis='y', which='minor', labelsize=6)
   ax.set_xlabel('training FLOPs C')
   ax.set_ylabel('loss')
-  ax.set_title(title, fontsize=9)
+  ax.set_title(textwrap.fill(title, 80), fontsize=7)
   ax.legend(fontsize=7)
   fig.tight_layout()
   with path.open('wb') as f:
     fig.savefig(f, format='png', dpi=130)
   plt.close(fig)
+
+
+def _short_name(name: str) -> str:
+  """'hidden_size=64-num_layers=2' -> 'hs64-nl2' (initials of each field, then its value)."""
+  parts = [part.partition('=') for part in name.split('-')]
+  return '-'.join(''.join(w[0] for w in field.split('_')) + value for field, _, value in parts)
 
 
 def launch_command(launcher: str, base: str, fixed: Sequence[str], run: Run, workdir: str) -> str:
@@ -290,6 +299,7 @@ def run_sweep(base: str, specs: Sequence[str], fixed: Sequence[str], out_dir: st
              'fitted_exponent': fit['exponent'], 'fitted_exponent_std': fit['exponent_std'], 'fit': fit,
              'fit_target': 'eval_loss vs train_flops, every run', **(extra or {})}
   write_csv(out / f'{stem}.csv', records)
-  plot(out / f'{stem}.png', records, fit, f'{base} {" ".join(specs)}')
+  title = f'{base} {" ".join(specs)}' + (f'; runs end after step {stop_at}' if stop_at else '')
+  plot(out / f'{stem}.png', records, fit, title)
   (out / f'{stem}.json').write_text(json.dumps(summary, indent=2) + '\n')
   return summary
