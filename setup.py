@@ -35,12 +35,17 @@ setuptools.setup(
         'safetensors>=0.4',
         'tokenizers>=0.20',
         'array-record~=0.8.6',  # Data shards (nextstep-data, the Grain pipeline).
+        'etils[epath]',  # Workdir files on local disks and gs:// alike.
     ],
     extras_require={
         # torch/transformers: only the PyTorch references of the parity tests and benchmarks.
         'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'transformers~=5.24',
-                 'tensorflow-datasets~=4.9'],
+                 'tensorflow-datasets~=4.9', 'matplotlib'],
         'tfds': ['tensorflow-datasets~=4.9'],  # data.source=tfds, build --from tfds.
+        # Pod runs: TPU wheels of the pinned jax; gs:// workdirs (etils.epath, TensorBoard events).
+        'tpu': ['jax[tpu]~=0.10.2'],
+        'gcs': ['gcsfs', 'google-cloud-storage'],
+        'sweep': ['matplotlib'],  # nextstep-sweep plots.
     },
     entry_points={
         'console_scripts': [
@@ -48,6 +53,7 @@ setuptools.setup(
             'nextstep-sample=nextstep_jax.cli.sample:main',
             'nextstep-convert=nextstep_jax.cli.convert:main',
             'nextstep-data=nextstep_jax.cli.data:main',
+            'nextstep-sweep=nextstep_jax.cli.sweep:main',
         ],
     },
 )

@@ -1,6 +1,7 @@
-"""Orbax checkpoints: a state pytree plus a JSON `extra` (data iterator position, config, ...).
+"""Orbax checkpoints: a state pytree, a JSON `extra` and each process's data-iterator state.
 
-Layout: `<directory>/<step>/{state,extra}`. Saves are asynchronous (`wait()` blocks until the last
+Layout: `<directory>/<step>/{state,extra,data}`; `data/process_<i>-of-<n>.json` holds process i's
+training-data state (`nextstep_jax.data.training_data`), written by that process. Saves are asynchronous (`wait()` blocks until the last
 one is committed) and atomic: orbax writes into `<step>.orbax-checkpoint-tmp-<timestamp>` and
 renames it to `<step>` once every array is written (on object stores, which cannot rename, it
 writes `commit_success.txt` last instead). A checkpoint interrupted mid-write therefore never
@@ -10,17 +11,61 @@ in the background (finished before its first save). Only the newest `keep` check
 Restores read arrays straight onto the shardings of the abstract target, so a run can resume on
 another mesh; see `nextstep_jax.parallel.rules.abstract_with_shardings`.
 """
+import dataclasses
+import json
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 _MAX_LISTED = 20  # Mismatched paths listed per kind in a restore error.
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint's tree or array shapes differ from the abstract state."""
+
+
+class ProcessJsonHandler(ocp.JsonCheckpointHandler):
+  """One JSON dict per process: `process_<i>-of-<n>.json`, each written by its own process.
+
+  A process restores its own file. When the process count changed, the saved dicts are usable
+  only if they are all equal (a global state, such as the built-in data's step); otherwise the
+  restore fails naming the saved and current process counts.
+  """
+
+  async def _save_fn(self, x, directory):
+    (directory / _process_file(jax.process_index(), jax.process_count())).write_text(json.dumps(x))
+
+  def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> dict:
+    del item, args
+    own = directory / _process_file(jax.process_index(), jax.process_count())
+    if own.exists():
+      return json.loads(own.read_text())
+    saved = sorted(directory.glob('process_*-of-*.json'))
+    states = [json.loads(path.read_text()) for path in saved]
+    if states and all(state == states[0] for state in states):
+      return states[0]
+    raise ValueError(
+        f'{directory} holds per-process data states {[p.name for p in saved]} that differ, but this '
+        f'job has {jax.process_count()} processes; resume with the process count that saved them.')
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+  item: Mapping[str, Any]
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+  item: Any = None
+
+
+def _process_file(index: int, count: int) -> str:
+  return f'process_{index}-of-{count}.json'
 
 
 class Checkpointer:
@@ -50,22 +95,30 @@ class Checkpointer:
         item_handlers={
             'state': ocp.StandardCheckpointHandler(),
             'extra': ocp.JsonCheckpointHandler(),
+            'data': ProcessJsonHandler(),
         },
     )
 
-  def save(self, step: int, state: Any, extra: dict | None = None, force: bool = False) -> bool:
-    """Starts saving `state` (pytree of jax.Arrays) and `extra` (JSON-serialisable) as `step`.
+  def save(self, step: int, state: Any, extra: dict | None = None, data_state: dict | None = None,
+           force: bool = False) -> bool:
+    """Starts saving `state` (pytree of jax.Arrays), `extra` and this process's `data_state`.
+
+    Every process calls this. `extra` (JSON-serialisable) is written by process 0; `data_state`
+    (JSON-serialisable, this process's data-iterator state) by each process into its own file.
 
     Returns:
       Whether a save was started (False when `step` is not newer than the latest checkpoint,
       unless `force`).
     """
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})),
-        force=force,
-    )
+    items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {}))
+    if data_state is not None:
+      items['data'] = ProcessJsonSave(data_state)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the step all processes agreed to stop at after a preemption notice
+    (SIGTERM to any of them; needs `jax.distributed.initialize`). Call once per step, everywhere."""
+    return self._manager.reached_preemption(step)
 
   def latest_step(self) -> int | None:
     """The newest committed step, or None when there is none."""
@@ -104,6 +157,12 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()),
     )
     return restored.state, restored.extra
+
+  def restore_data_state(self, step: int) -> dict | None:
+    """This process's data-iterator state saved at `step`; None if the checkpoint has none."""
+    if 'data' not in self._manager.item_metadata(step):
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(data=ProcessJsonRestore())).data
 
   def wait(self) -> None:
     """Blocks until pending saves are committed."""

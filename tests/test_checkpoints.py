@@ -1,9 +1,12 @@
 """Checkpoint save/restore onto shardings, keep-N, mismatch errors, partial-write handling."""
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -136,3 +139,28 @@ def test_relative_directory_is_accepted(tmp_path, monkeypatch):
   assert ckpt.latest_step() == 1
   ckpt.close()
   assert (tmp_path / 'relative' / 'ckpts' / '1').exists()
+
+
+def test_data_state_is_saved_per_process_and_restored(tmp_workdir):
+  mesh = make_mesh(8, 1, 1)
+  ckpt = checkpoints.Checkpointer(tmp_workdir, keep=3)
+  ckpt.save(1, sharded_state(1, mesh))
+  ckpt.save(2, sharded_state(2, mesh), {'step': 2}, data_state={'kind': 'builtin', 'step': 2})
+  ckpt.wait()
+  assert ckpt.restore_data_state(1) is None  # A checkpoint without data state says so.
+  assert ckpt.restore_data_state(2) == {'kind': 'builtin', 'step': 2}
+  assert (tmp_workdir / '2' / 'data' / 'process_0-of-1.json').exists()
+  assert ckpt.restore(2, restore_target(mesh))[1] == {'step': 2}
+  ckpt.close()
+
+
+def test_data_state_of_another_process_count(tmp_path):
+  handler = checkpoints.ProcessJsonHandler()
+  same, different = tmp_path / 'same', tmp_path / 'different'
+  for directory, states in ((same, ({'step': 4}, {'step': 4})), (different, ({'pos': 1}, {'pos': 7}))):
+    directory.mkdir()
+    for i, state in enumerate(states):
+      (directory / f'process_{i}-of-2.json').write_text(json.dumps(state))
+  assert handler.restore(epath.Path(same)) == {'step': 4}  # A global state: any process count.
+  with pytest.raises(ValueError, match='process count that saved them'):
+    handler.restore(epath.Path(different))

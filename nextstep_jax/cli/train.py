@@ -1,6 +1,8 @@
 """nextstep-train --config configs/shapes.py[:variant] [--workdir DIR] [--config.train.steps=100 ...]
 
-Trains (or resumes) a run; prints the workdir, which `nextstep-sample --workdir` accepts.
+Trains (or resumes) a run; prints the workdir, which `nextstep-sample --workdir` accepts. The
+workdir may be a gs:// URL. On SIGTERM (preemption) every process checkpoints one agreed step and
+exits 0; rerunning the same command continues the run.
 """
 import argparse
 import sys
@@ -29,7 +31,8 @@ def main(argv=None) -> int:
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
   result = loop.train(config, args.workdir)
-  print(f'finished step {result.step} in {result.minutes:.1f} min; workdir: {result.workdir}')
+  state = 'preempted at' if result.preempted else 'finished'
+  print(f'{state} step {result.step} in {result.minutes:.1f} min; workdir: {result.workdir}', flush=True)
   return 0
 
 

@@ -3,17 +3,19 @@
 `TextToImage(config, graphdef, params, text_tokenizer)(captions, seeds)` -> uint8 (B, S, S, 3).
 Batches are padded to `sample.batch_size` so one compiled function serves every call; image b
 depends only on (caption b, seed b, settings), not on its batch. `TextToImage.from_workdir(RUN)`
-rebuilds a trained run from its stored config, tokenizer and latest checkpoint;
-`TextToImage.from_converted(DIR, mesh)` an official checkpoint converted by `nextstep-convert`
+rebuilds a trained run (local path or gs:// URL) from its stored config, tokenizer and latest
+checkpoint; `TextToImage.from_converted(DIR, mesh)` an official checkpoint converted by `nextstep-convert`
 (params only, restored sharded onto the mesh). Any (h, w) token grid can be sampled (`grid=`:
 the "h*w" string of the prompt sets the aspect ratio); `edit(images, instructions, seeds)` runs
 image editing with 3-way guidance (data/edit_sequences.py).
 """
 import dataclasses
 import pathlib
+import tempfile
 
 import jax
 import numpy as np
+from etils import epath
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
@@ -37,11 +39,20 @@ CHECKPOINT_DIR = 'checkpoints'
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Committed checkpoint steps of a training run, oldest first."""
-  ckpt = checkpoints.Checkpointer(pathlib.Path(workdir) / CHECKPOINT_DIR, keep=1_000_000)
+  ckpt = checkpoints.Checkpointer(epath.Path(workdir) / CHECKPOINT_DIR, keep=1_000_000)
   try:
     return ckpt.all_steps()
   finally:
     ckpt.close()
+
+
+def local_copy(path: epath.Path) -> str:
+  """A local filesystem path with the contents of `path` (itself when it is local)."""
+  if '://' not in str(path):
+    return str(path)
+  with tempfile.NamedTemporaryFile(suffix=path.suffix, delete=False) as f:
+    f.write(path.read_bytes())
+  return f.name
 
 
 class TextToImage:
@@ -71,12 +82,12 @@ class TextToImage:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **overrides) -> 'TextToImage':
     """Loads a training run: its config.json, tokenizer.model and checkpoint `step` (latest)."""
-    root = pathlib.Path(workdir)
+    root = epath.Path(workdir)
     if not (root / CONFIG_FILE).exists():
       raise FileNotFoundError(f'{root} is not a training run: {CONFIG_FILE} is missing '
                               '(train one with nextstep-train --workdir DIR)')
     config = configlib.config_from_json((root / CONFIG_FILE).read_text())
-    tok = text_tokenizer.TextTokenizer.load(str(root / TOKENIZER_FILE))
+    tok = text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
     tx = state_lib.make_optimizer(config.train)
     graphdef, abstract_state = state_lib.abstract_train_state(config, tx)
     ckpt = checkpoints.Checkpointer(root / CHECKPOINT_DIR, keep=config.train.keep_checkpoints)

@@ -1,32 +1,35 @@
-"""The training loop: data, sharded jitted steps, checkpoints, metrics, sample grids.
+"""The training loop: data, sharded jitted steps, checkpoints, metrics, sample grids, preemption.
 
-Workdir layout: config.json, tokenizer.model, checkpoints/ (orbax, keep N, atomic), tb/
-(TensorBoard scalars and sample grids), samples/step_<step, 7 digits>.png, metrics.jsonl (one line per
-logged step with the wall time, for accuracy-vs-minutes curves).
+Workdir layout (a local path or a `gs://` URL; host files go through etils.epath, checkpoints
+through orbax): config.json, tokenizer.model, checkpoints/ (orbax, keep N, atomic), tb/
+(TensorBoard scalars and sample grids), samples/step_<step, 7 digits>.png, metrics.jsonl (one line
+per logged step with the wall time, for accuracy-vs-minutes curves).
 
-Resume is exact: the batch and the step's noise are pure functions of (seed, step), so restarting
-from checkpoint s reproduces the run that never stopped. Metrics are fetched one step late so the
-host never waits for the device; a NaN/Inf loss or gradient stops the run with
-`TrainingDivergedError` before any checkpoint of the bad step is written.
+Resume is exact: each checkpoint holds the model, the optimizer and every process's data-iterator
+state (`nextstep_jax.data.training_data`), and the step's noise is a pure function of (seed, step),
+so restarting from checkpoint s reproduces the run that never stopped. SIGTERM (a preemption
+notice) makes every process stop at one agreed step boundary, checkpoint it and return normally
+(`training/preemption.py`). Metrics are fetched one step late so the host never waits for the
+device; a NaN/Inf loss or gradient stops the run with `TrainingDivergedError` before any
+checkpoint of the bad step is written.
 """
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import shutil
 import time
 
 import jax
-import numpy as np
+from etils import epath
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax.data import builtin_source
-from nextstep_jax.parallel import distributed
+from nextstep_jax.data import training_data
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import pipeline
+from nextstep_jax.training import preemption
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import step as step_lib
 from nextstep_jax.utils import images as image_utils
@@ -43,10 +46,35 @@ class TrainResult:
   step: int
   metrics: dict
   minutes: float
+  preempted: bool = False  # Stopped early on a preemption notice (a checkpoint holds `step`).
 
 
 def default_workdir(config) -> str:
   return config.workdir or str(pathlib.Path('runs') / config.name)
+
+
+class MetricsLog:
+  """metrics.jsonl: appended in place locally; object stores (gs://) cannot append, so there the
+  file is rewritten from the records kept in memory (read back first when resuming)."""
+
+  def __init__(self, path: epath.Path, enabled: bool, appendable: bool | None = None):
+    """enabled: False on processes other than 0; appendable: None decides from the path (URL or not)."""
+    self.path, self.enabled = path, enabled
+    self._appendable = '://' not in str(path) if appendable is None else appendable
+    self._lines = []
+    if enabled and not self._appendable and path.exists():
+      self._lines = path.read_text().splitlines(keepends=True)
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    line = json.dumps(record) + '\n'
+    if self._appendable:
+      with self.path.open('a') as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self.path.write_text(''.join(self._lines))
 
 
 def grid_prompts(config, num: int) -> list[str]:
@@ -69,7 +97,7 @@ def _check_finite(step: int, metrics: dict, workdir: str, last_saved: int | None
         'tighten train.grad_clip, then resume.')
 
 
-def save_sample_grid(config, graphdef, params, tok, workdir: pathlib.Path, step: int, writer) -> str:
+def save_sample_grid(config, graphdef, params, tok, workdir: epath.Path, step: int, writer) -> str:
   """Samples the fixed grid prompts with the config's sampler and writes a PNG (+ TensorBoard)."""
   prompts = grid_prompts(config, config.train.num_grid_samples)
   sampler = pipeline.TextToImage(config, graphdef, params, tok)
@@ -84,18 +112,19 @@ def save_sample_grid(config, graphdef, params, tok, workdir: pathlib.Path, step:
 
 
 def train(config, workdir: str | None = None, stop_at: int | None = None) -> TrainResult:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+  """Trains `config` in `workdir` (local path or gs:// URL), resuming from its latest checkpoint.
 
   stop_at: end this invocation after that step (with a checkpoint), as a preempted job would;
-  running again continues exactly where it stopped.
+  running again continues exactly where it stopped. A SIGTERM does the same at the next step
+  boundary all processes agree on (see module docstring).
   """
   configlib.validate(config)
-  workdir = pathlib.Path(workdir or default_workdir(config))
-  workdir.mkdir(parents=True, exist_ok=True)
-  tok = builtin_source.load_text_tokenizer(config)
-  source = builtin_source.BuiltinSource(config, tok)
+  workdir = epath.Path(workdir or default_workdir(config))
   is_writer = jax.process_index() == 0  # Host files (not checkpoints) are written by process 0.
+  tok = builtin_source.load_text_tokenizer(config)
+  data = training_data.make_training_data(config, tok, jax.process_index(), jax.process_count())
   if is_writer:
+    workdir.mkdir(parents=True, exist_ok=True)
     _write_run_files(config, workdir, tok)
 
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -110,41 +139,48 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
     state, _ = ckpt.restore(start, target)
+    data_state = ckpt.restore_data_state(start)
+    if data_state is None:
+      raise ValueError(f'checkpoint {start} in {workdir} has no data-iterator state; it was written by an '
+                       'older version, start a new --workdir')
+    data.set_state(data_state)
     print(f'resumed from step {start} in {workdir}', flush=True)
 
   total = config.train.steps
-  train_step = step_lib.build_train_step(config, graphdef, tx, shardings, mesh, tok.image_placeholder_id,
-                                         source.batch(0, 1))
+  writer = log_utils.MetricWriter(str(workdir / 'tb'))
+  progress = log_utils.ProgressLogger(total, config.train.log_every, start_step=start,
+                                      items_per_step=config.train.batch_size)
+  metrics_log = MetricsLog(workdir / 'metrics.jsonl', enabled=is_writer)
   if jax.process_count() > 1:
     print(f'process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local devices '
           f'of {jax.device_count()}', flush=True)
-  writer = log_utils.MetricWriter(workdir / 'tb')
-  progress = log_utils.ProgressLogger(total, config.train.log_every, start_step=start,
-                                      items_per_step=config.train.batch_size)
   t_start = time.monotonic()
   pending = None  # (step, device metrics) fetched one step late.
   last_saved = start if start else None
   metrics_host: dict = {}
   rate_clock = {'step': start, 'time': t_start}
   step = start
-  with open(workdir / 'metrics.jsonl' if is_writer else os.devnull, 'a') as metrics_file:
+  preempted = False
+  train_step = None
 
-    def finish(step_done: int, device_metrics) -> dict:
-      host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      _check_finite(step_done, host, str(workdir), last_saved)
-      if step_done % config.train.log_every == 0 or step_done == total:
-        now = time.monotonic()
-        rate = (step_done - rate_clock['step']) * config.train.batch_size / max(now - rate_clock['time'], 1e-9)
-        rate_clock.update(step=step_done, time=now)
-        minutes = (now - t_start) / 60
-        writer.scalars(step_done, {**host, 'sequences_per_s': rate})
-        metrics_file.write(json.dumps({'step': step_done, 'minutes': minutes, **host}) + '\n')
-        metrics_file.flush()
-      progress.update(step_done, {k: host[k] for k in ('loss', 'lm_loss', 'im_loss', 'grad_norm')})
-      return host
+  def finish(step_done: int, device_metrics, last_of_invocation: bool = False) -> dict:
+    host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    _check_finite(step_done, host, str(workdir), last_saved)
+    if step_done % config.train.log_every == 0 or step_done == total or last_of_invocation:
+      now = time.monotonic()
+      rate = (step_done - rate_clock['step']) * config.train.batch_size / max(now - rate_clock['time'], 1e-9)
+      rate_clock.update(step=step_done, time=now)
+      writer.scalars(step_done, {**host, 'sequences_per_s': rate})
+      metrics_log.write({'step': step_done, 'minutes': (now - t_start) / 60, **host})
+    progress.update(step_done, {k: host[k] for k in ('loss', 'lm_loss', 'im_loss', 'grad_norm')})
+    return host
 
+  with preemption.PreemptionWatch(ckpt) as watch:
     while step < total:
-      local_rows = distributed.process_rows(source.batch(step))  # This host's share of the batch.
+      local_rows = data.next_batch()  # This process's share of the global batch.
+      if train_step is None:
+        train_step = step_lib.build_train_step(config, graphdef, tx, shardings, mesh,
+                                               tok.image_placeholder_id, local_rows)
       batch = rules_lib.shard_batch(local_rows, mesh, config.mesh.rules)
       state, device_metrics = train_step(state, batch)
       step += 1
@@ -153,28 +189,30 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
       pending = (step, device_metrics)
       out_of_time = bool(config.train.max_minutes and
                          (time.monotonic() - t_start) / 60 >= config.train.max_minutes)
-      stopping = out_of_time or step == stop_at
+      preempted = watch.reached(step)
+      stopping = out_of_time or preempted or step == stop_at
       periodic_save = step % config.train.checkpoint_every == 0
-      periodic_grid = config.train.sample_every and step % config.train.sample_every == 0
+      periodic_grid = config.train.sample_every and step % config.train.sample_every == 0 and not preempted
       if periodic_save or periodic_grid or stopping or step == total:
-        metrics_host = finish(*pending)  # Confirm this step is finite before saving it.
+        metrics_host = finish(*pending, last_of_invocation=stopping)  # Finite? Only then save it.
         pending = None
         if periodic_save or stopping or step == total:
-          ckpt.save(step, state, extra={'step': step, 'data_position': step}, force=True)
+          ckpt.save(step, state, extra={'step': step}, data_state=data.get_state(), force=True)
           last_saved = step
         if periodic_grid or step == total:
           ckpt.wait()
           save_sample_grid(config, graphdef, state['params'], tok, workdir, step, writer)
         if stopping:
-          reason = f'train.max_minutes={config.train.max_minutes} reached' if out_of_time else 'stop_at'
-          print(f'{reason} at step {step}; checkpoint saved, rerun to continue', flush=True)
+          reason = ('preemption notice' if preempted else
+                    f'train.max_minutes={config.train.max_minutes} reached' if out_of_time else 'stop_at')
+          print(f'{reason}: stopped at step {step}; checkpoint saved, rerun to continue', flush=True)
           break
-  ckpt.close()
+  ckpt.close()  # Waits for the last save to be committed.
   writer.close()
-  return TrainResult(str(workdir), step, metrics_host, (time.monotonic() - t_start) / 60)
+  return TrainResult(str(workdir), step, metrics_host, (time.monotonic() - t_start) / 60, preempted)
 
 
-def _write_run_files(config, workdir: pathlib.Path, tok) -> None:
+def _write_run_files(config, workdir: epath.Path, tok) -> None:
   """config.json and tokenizer.model: everything `nextstep-sample --workdir` needs besides weights."""
   config_path = workdir / pipeline.CONFIG_FILE
   text = configlib.config_to_json(config)
@@ -182,4 +220,4 @@ def _write_run_files(config, workdir: pathlib.Path, tok) -> None:
     raise ValueError(f'{workdir} holds a run with a different model config; use a new --workdir '
                      'or the same config to resume')
   config_path.write_text(text)
-  shutil.copyfile(tok.path, workdir / pipeline.TOKENIZER_FILE)
+  (workdir / pipeline.TOKENIZER_FILE).write_bytes(pathlib.Path(tok.path).read_bytes())

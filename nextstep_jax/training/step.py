@@ -51,3 +51,22 @@ def build_train_step(config, graphdef, tx, state_shardings, mesh, placeholder_id
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(config, mesh, batch_spec)),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+EVAL_KEY_SALT = 0x5EED  # Eval noise is fold_in(key(seed), salt): fixed, and unlike any train step's.
+
+
+def eval_step_fn(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig, seed: int, params, batch: dict) -> dict:
+  """Loss pieces {loss, lm_loss, im_loss} of `params` on `batch` with fixed FM noise (no update)."""
+  key = jax.random.fold_in(jax.random.key(seed), EVAL_KEY_SALT)
+  _, metrics = objective.compute_loss(nnx.merge(graphdef, params), batch, key, loss_cfg)
+  return metrics
+
+
+def build_eval_step(config, graphdef, param_shardings, mesh, placeholder_id: int, batch_spec: dict):
+  """jax.jit of `eval_step_fn(params, batch) -> metrics` with explicit shardings (params not donated)."""
+  loss_cfg = objective.LossConfig.from_config(config, placeholder_id)
+  fn = functools.partial(eval_step_fn, graphdef, loss_cfg, config.seed)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(config, mesh, batch_spec)),
+                 out_shardings=replicated)

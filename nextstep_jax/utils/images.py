@@ -3,6 +3,7 @@ import math
 import pathlib
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -33,16 +34,19 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 0) 
   return grid
 
 
-def save_png(path: str | pathlib.Path, image: np.ndarray) -> None:
-  """Writes a uint8 image (H, W, 3), (H, W, 1) or (H, W) as PNG, creating parent folders."""
+def save_png(path: str | pathlib.Path | epath.Path, image: np.ndarray) -> None:
+  """Writes a uint8 image (H, W, 3), (H, W, 1) or (H, W) as PNG, creating parent folders.
+
+  `path` may be local or an etils.epath URL such as gs://bucket/x.png."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise ValueError(f'save_png wants uint8, got {image.dtype}; convert with to_uint8.')
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(image).save(path)
+  with path.open('wb') as f:
+    Image.fromarray(image).save(f, format='PNG')
 
 
 def load_resized(path: str | pathlib.Path, height: int, width: int) -> np.ndarray:

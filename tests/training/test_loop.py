@@ -4,6 +4,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
@@ -126,3 +127,15 @@ def test_workdir_with_other_model_is_refused(tmp_path):
   loop.train(tiny_config(tmp_path, 'train.steps=1', 'train.checkpoint_every=1'), str(tmp_path / 'run'))
   with pytest.raises(ValueError, match='different model config'):
     loop.train(tiny_config(tmp_path, 'train.steps=1', 'model.hidden_size=128'), str(tmp_path / 'run'))
+
+
+@pytest.mark.parametrize('appendable', [True, False])  # Local files append; object stores rewrite.
+def test_metrics_log_keeps_earlier_records(tmp_path, appendable):
+  path = epath.Path(tmp_path / 'metrics.jsonl')
+  path.write_text('{"step": 1}\n{"step": 2}\n')
+  log = loop.MetricsLog(path, enabled=True, appendable=appendable)
+  log.write({'step': 3})
+  log.write({'step': 4, 'loss': 0.5})
+  assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == [1, 2, 3, 4]
+  loop.MetricsLog(epath.Path(tmp_path / 'other.jsonl'), enabled=False).write({'step': 1})
+  assert not (tmp_path / 'other.jsonl').exists()

@@ -1,0 +1,1 @@
+"""Experiment drivers built on the training loop: config-driven scaling sweeps."""
