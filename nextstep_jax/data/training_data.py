@@ -6,15 +6,18 @@ train.batch_size / process_count). `get_state()` returns a JSON-serialisable dic
 `set_state()` accepts to continue exactly after the last batch returned; the loop saves it, per
 process, in the same orbax checkpoint as the model and optimizer.
 
-`make_training_data(config, tokenizer, process_index, process_count)` picks the implementation
-from `config.data.dataset`: the built-in data sets (shapes, digits) come from `BuiltinSource`,
-whose batches are a pure function of (seed, step), so their state is the next step.
+`make_training_data(config, tokenizer, process_index, process_count)` picks the implementation:
+the Grain pipeline (data/grain_pipeline.py: ArrayRecord shards, TFDS, the latent cache, or the
+built-in data with `data.grain_builtin`) whenever `grain_pipeline.uses_grain(config)`, whose state
+is Grain's iterator state; otherwise the built-in data sets (shapes, digits) in memory from
+`BuiltinSource`, whose batches are a pure function of (seed, step), so their state is the next step.
 """
 from typing import Protocol
 
 import numpy as np
 
 from nextstep_jax.data import builtin_source
+from nextstep_jax.data import grain_pipeline
 from nextstep_jax.data import text_tokenizer
 from nextstep_jax.parallel import distributed
 
@@ -62,7 +65,9 @@ class BuiltinTrainingData:
 
 def make_training_data(config, tok: text_tokenizer.TextTokenizer, process_index: int,
                        process_count: int) -> TrainingData:
-  """The training data of `config.data.dataset` for process `process_index` of `process_count`."""
+  """The training data of `config.data` for process `process_index` of `process_count`."""
+  if grain_pipeline.uses_grain(config):
+    return grain_pipeline.make_grain_training_data(config, tok, process_index, process_count)
   if config.data.dataset in BUILTIN_DATASETS:
     return BuiltinTrainingData(builtin_source.BuiltinSource(config, tok), process_index, process_count)
   raise ValueError(f'data.dataset={config.data.dataset!r} has no training data; use one of {BUILTIN_DATASETS}')
