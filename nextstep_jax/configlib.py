@@ -199,6 +199,16 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   return config
 
 
+def with_base_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A stored run config completed (locked) with the fields added to configs/base.py since it was
+  written, at their defaults; stored values win."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  merged = base.get_base_config()
+  merged.update(config.to_dict())
+  merged.lock()
+  return merged
+
+
 def _seq_len_parts(config: ml_collections.ConfigDict) -> dict[str, int]:
   h, w = image_grid(config)
   return {
