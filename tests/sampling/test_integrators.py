@@ -224,3 +224,42 @@ def test_guidance_schedules():
   assert lin[-1] == pytest.approx(1 + (cfg - 1) / n)  # ... towards 1 (the [gh]/vLLM direction).
   with pytest.raises(ValueError, match='cfg_schedule'):
     guidance.guidance_scale(cfg, 'cosine', jnp.int32(0), n)
+
+
+# ----- any step schedule; step sizes reach the head -----
+
+
+def test_one_step_of_size_one_is_the_closed_form():
+  """times (0, 1), Euler: x1 = x0 + u(x0, 0, 1), the head seeing d = 1 (module doc)."""
+  x0 = rows(np.linspace(-1, 1, 6).reshape(2, 3))
+  seen = []
+
+  def head(x, t, d):
+    seen.append((t, d))
+    return jnp.cos(x) * (1 + t) + 2 * d
+
+  cfg = I.IntegratorConfig(solver='euler', times=(0.0, 1.0))
+  out = np.asarray(I.integrate(head, x0, _keys(x0.shape[0]), cfg))
+  np.testing.assert_allclose(out, np.asarray(x0) + np.cos(np.asarray(x0)) + 2.0, rtol=1e-6, atol=1e-6)
+  assert cfg.velocity_calls == 1
+
+
+def test_explicit_schedule_passes_each_step_size():
+  times = (0.0, 0.5, 0.75, 1.0)
+  recorded = []
+
+  def head(x, t, d):
+    recorded.append(d)
+    return x * 0 + d  # x moves by d * d per step.
+
+  x0 = rows(np.zeros((1, 3)))
+  out = np.asarray(jax.jit(lambda x, k: I.integrate(head, x, k, I.IntegratorConfig(solver='euler', times=times)))(
+      x0, _keys(x0.shape[0])))
+  np.testing.assert_allclose(out, 0.5 ** 2 + 0.25 ** 2 + 0.25 ** 2, rtol=1e-6)
+  assert I.uniform_times(4) == (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@pytest.mark.parametrize('times', [(0.0, 0.5), (0.1, 1.0), (0.0, 0.6, 0.6, 1.0), (1.0,)])
+def test_bad_schedule_is_rejected(times):
+  with pytest.raises(ValueError, match='sample.times'):
+    I.IntegratorConfig(times=times)
