@@ -8,10 +8,11 @@ Stage 1 (unless --skip-distill and the run exists): distil each trained run's he
 sampler, the official SDE with CFG, is the teacher's data generator; the guided ODE of the head is
 the teacher map; nextstep_jax/training/distill.py) into a step-conditioned head with guidance folded
 in, written to <out-root>/<dataset>. Stage 2: score, for head steps in --steps, the official SDE head,
-the Euler ODE on the unchanged head, the distilled head (one branch, Euler with step sizes), and
-the training-free annealed schedule (Euler; many steps for the first tokens, few for the last) at
-the same mean head steps. Wall time per image is the steady-state median (compile excluded) of
-generating and decoding every evaluation image at sample.batch_size. Results:
+the Euler ODE on the unchanged head, the distilled heads (Euler with step sizes; `distilled`:
+guidance folded in, one branch; `distilled_cfg`: 2-way CFG kept), and the training-free annealed
+schedule (Euler; many steps for the first tokens, few for the last) at the same mean head steps.
+Wall time per image: after a compiling call, the median of --timing-repeats runs generating and
+decoding --timing-images evaluation prompts at sample.batch_size (captions to uint8). Results:
 benchmarks/results/fewstep.json and benchmarks/results/fewstep_quality.png.
 """
 import argparse
@@ -21,6 +22,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -51,30 +53,28 @@ def accuracy(dataset: str, scores: dict) -> float:
   return float(scores['accuracy'])
 
 
-class TimedSampler:
-  """Wraps a TextToImage: the first call compiles untimed, then the wall time of every call counts."""
-
-  def __init__(self, sampler: pipeline.TextToImage):
-    self.sampler, self.seconds, self.images, self.warm = sampler, 0.0, 0, False
-
-  def __call__(self, captions, seeds):
-    if not self.warm:
-      self.sampler(captions[:1], seeds[:1])
-      self.warm = True
+def ms_per_image(sampler: pipeline.TextToImage, captions: list[str], repeats: int) -> float:
+  """Median wall ms per image of sampler(captions) (generate + decode), after a compiling call."""
+  seeds = list(range(len(captions)))
+  sampler(captions[:1], seeds[:1])
+  times = []
+  for _ in range(repeats):
     start = time.perf_counter()
-    out = self.sampler(captions, seeds)
-    self.seconds += time.perf_counter() - start
-    self.images += len(captions)
-    return out
+    sampler(captions, seeds)
+    times.append(time.perf_counter() - start)
+  return 1000 * statistics.median(times) / len(captions)
 
 
-def evaluate(dataset: str, run: str, prompts: int, size: int, **overrides) -> dict:
-  sampler = TimedSampler(pipeline.TextToImage.from_workdir(run, **overrides))
+def evaluate(dataset: str, run: str, args, size: int, **overrides) -> dict:
+  sampler = pipeline.TextToImage.from_workdir(run, **overrides)
   if dataset == 'shapes':
-    scores, _ = run_eval.evaluate_shapes(sampler, prompts)
+    scores, _ = run_eval.evaluate_shapes(sampler, args.prompts)
+    captions = run_eval.shapes_suites(args.timing_images)['seen_two'][:args.timing_images]
   else:
-    scores, _ = run_eval.evaluate_digits(sampler, prompts, size)
-  row = {'accuracy': accuracy(dataset, scores), 'ms_per_image': round(1000 * sampler.seconds / sampler.images, 2),
+    scores, _ = run_eval.evaluate_digits(sampler, args.prompts, size)
+    from nextstep_jax.data.builtin import digits  # pylint: disable=import-outside-toplevel (sklearn)
+    captions = digits.eval_prompts(args.timing_images, 1)
+  row = {'accuracy': accuracy(dataset, scores), 'ms_per_image': round(ms_per_image(sampler, captions, args.timing_repeats), 2),
          **run_eval.headline(dataset, scores), 'settings': overrides}
   print(json.dumps({'dataset': dataset, **row}), flush=True)
   return row
@@ -90,23 +90,28 @@ def methods(steps: list[int]) -> list[tuple[str, int, dict]]:
   return rows
 
 
+STUDENTS = {'distilled': '', 'distilled_cfg': '_cfg'}  # Method -> student run suffix.
+
+
 def run_dataset(dataset: str, run: str, out_root: pathlib.Path, args) -> dict:
-  student = out_root / dataset
-  if not (student / pipeline.CONFIG_FILE).exists() or not args.skip_distill:
-    cfg = dataclasses.replace(distill.DistillConfig(), num_images=args.distill_images, steps=args.distill_steps)
-    seeds = list(range(10_000, 10_000 + cfg.num_images))
-    summary = distill.distill(run, str(student), distill_prompts(dataset, cfg.num_images), seeds, cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != 'losses'}), flush=True)
   size = pipeline.TextToImage.from_workdir(run).config.image.size
-  table = []
-  for method, n, overrides in methods(args.steps):
-    table.append({'method': method, 'steps': n, **evaluate(dataset, run, args.prompts, size, **overrides)})
-  for n in [s for s in args.steps if s <= distill.DistillConfig().max_student_steps]:
-    table.append({'method': 'distilled', 'steps': n,
-                  **evaluate(dataset, str(student), args.prompts, size, num_steps=n)})
-  distill_info = json.loads((student / 'distill.json').read_text())
-  return {'run': run, 'student': str(student), 'table': table,
-          'distill': {k: v for k, v in distill_info.items() if k != 'teacher_sample'}}
+  table, distill_info = [], {}
+  if not args.only_students:
+    for method, n, overrides in methods(args.steps):
+      table.append({'method': method, 'steps': n, **evaluate(dataset, run, args, size, **overrides)})
+  for method in args.students:
+    student = out_root / f'{dataset}{STUDENTS[method]}'
+    if not (student / pipeline.CONFIG_FILE).exists() or not args.skip_distill:
+      cfg = dataclasses.replace(distill.DistillConfig(), num_images=args.distill_images, steps=args.distill_steps,
+                                lr=args.distill_lr, fold_guidance=method == 'distilled')
+      seeds = list(range(10_000, 10_000 + cfg.num_images))
+      summary = distill.distill(run, str(student), distill_prompts(dataset, cfg.num_images), seeds, cfg)
+      print(json.dumps({k: v for k, v in summary.items() if k != 'losses'}), flush=True)
+    for n in [s for s in args.steps if s <= distill.DistillConfig().max_student_steps]:
+      table.append({'method': method, 'steps': n, **evaluate(dataset, str(student), args, size, num_steps=n)})
+    info = json.loads((student / 'distill.json').read_text())
+    distill_info[method] = {'run': str(student), **{k: v for k, v in info.items() if k != 'teacher_sample'}}
+  return {'run': run, 'table': table, 'distill': distill_info}
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
@@ -115,7 +120,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5))
   for ax, (dataset, res) in zip(np.atleast_1d(axes), results.items()):
-    for method, marker in (('sde', 'o'), ('ode', 's'), ('anneal', '^'), ('distilled', '*')):
+    for method, marker in (('sde', 'o'), ('ode', 's'), ('anneal', '^'), ('distilled', '*'), ('distilled_cfg', 'P')):
       rows = sorted([r for r in res['table'] if r['method'] == method], key=lambda r: r['steps'])
       if not rows:
         continue
@@ -133,12 +138,13 @@ def plot(results: dict, path: pathlib.Path) -> None:
   fig.savefig(path, dpi=120)
 
 
-def headline(results: dict, few: int) -> dict:
-  out = {'steps': few}
+def headline(results: dict, few: int, method: str) -> dict:
+  """The issue's keys for `method` at `few` head steps against the official 50-step SDE head."""
+  out = {'steps': few, 'few_step_method': method}
   speedups = []
   for dataset, res in results.items():
     base = next(r for r in res['table'] if r['method'] == 'sde' and r['steps'] == 50)
-    student = next(r for r in res['table'] if r['method'] == 'distilled' and r['steps'] == few)
+    student = next(r for r in res['table'] if r['method'] == method and r['steps'] == few)
     out[f'{dataset}_accuracy_50'] = base['accuracy']
     out[f'{dataset}_accuracy_few'] = student['accuracy']
     speedups.append(base['ms_per_image'] / student['ms_per_image'])
@@ -157,6 +163,12 @@ def main() -> int:
   parser.add_argument('--few', type=int, default=4, help='the distilled head steps of the headline')
   parser.add_argument('--distill-images', type=int, default=768)
   parser.add_argument('--distill-steps', type=int, default=2500)
+  parser.add_argument('--distill-lr', type=float, default=3e-4)
+  parser.add_argument('--students', nargs='*', default=list(STUDENTS), choices=list(STUDENTS))
+  parser.add_argument('--only-students', action='store_true', help='keep the stored baseline rows')
+  parser.add_argument('--headline-method', default='distilled_cfg')
+  parser.add_argument('--timing-images', type=int, default=32)
+  parser.add_argument('--timing-repeats', type=int, default=3)
   parser.add_argument('--datasets', nargs='+', default=['shapes', 'digits'])
   parser.add_argument('--skip-distill', action='store_true', help='reuse existing distilled runs')
   args = parser.parse_args()
@@ -166,11 +178,15 @@ def main() -> int:
   results = summary.get('results', {})
   runs = {'shapes': args.shapes_run, 'digits': args.digits_run}
   for dataset in args.datasets:
-    results[dataset] = run_dataset(dataset, runs[dataset], pathlib.Path(args.out_root), args)
+    fresh = run_dataset(dataset, runs[dataset], pathlib.Path(args.out_root), args)
+    if args.only_students and dataset in results:  # Keep stored baseline rows and other students.
+      fresh['table'] = [r for r in results[dataset]['table'] if r['method'] not in args.students] + fresh['table']
+      fresh['distill'] = {**results[dataset].get('distill', {}), **fresh['distill']}
+    results[dataset] = fresh
     summary['results'] = results
     out_path.write_text(json.dumps(run_eval.json_safe(summary), indent=2, default=str) + '\n')
   if all(d in results for d in ('shapes', 'digits')):
-    summary.update(headline(results, args.few))
+    summary.update(headline(results, args.few, args.headline_method))
   roofline = RESULTS / 'decode_roofline.json'
   if roofline.exists():
     summary['projected_speedup_14b'] = json.loads(roofline.read_text())['projection_14b']['speedup_vs_50_steps']

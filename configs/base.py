@@ -119,6 +119,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.distill.steps = 3000  # Optimiser steps on the head parameters only.
   c.distill.batch_size = 512  # Trajectory segments per step.
   c.distill.lr = 3e-4
+  c.distill.fold_guidance = True  # Student on the text branch only (one-branch sampling); False keeps CFG.
 
   # Device mesh: axis sizes, -1 absorbs the remaining devices.
   c.mesh = ml_collections.ConfigDict()

@@ -9,12 +9,13 @@ width, K = 2^k teacher record points per trajectory (student step sizes d = 1, 1
 2. Trajectories: from fresh noise x0 per token, the teacher head integrates the guided ODE
    dx = [v_u + s (v_c - v_u)] dt on a uniform grid (`teacher_steps` Euler/Heun steps), recording
    x at t = j / K, j = 0..K: (K + 1, M, T).
-3. Student: a copy of the head with the zero-initialised step-size embedding (flow_head.py),
-   conditioned on the text branch only: guidance is folded into it, so sampling needs one branch
-   (no unconditional backbone rows and one head call per step). For a random level d = 2^-l and
-   start j (a multiple of d), the loss is || u(x_t, t, d | c) - (x_{t+d} - x_t) / d ||^2 on the
-   teacher's states. Only head parameters receive updates; the backbone and projectors are copied
-   unchanged into the student model.
+3. Student: a copy of the head with the zero-initialised step-size embedding (flow_head.py).
+   With `fold_guidance` it is conditioned on the text branch only and learns the guided step, so
+   sampling needs one branch (no unconditional backbone rows, one head row per image); without,
+   it keeps both branches and its CFG combination u = u_u + s (u_c - u_u) is what is trained (the
+   sampler then runs 2-way CFG at the teacher's scale). For a random level d = 2^-l and start j
+   (a multiple of d), the loss is || u(x_t, t, d) - (x_{t+d} - x_t) / d ||^2 on the teacher's
+   states. Only head parameters receive updates; the backbone and projectors are copied unchanged.
 """
 import dataclasses
 import functools
@@ -52,6 +53,7 @@ class DistillConfig:
   steps: int = 3000  # Student optimiser steps.
   batch_size: int = 512  # Trajectory segments per optimiser step.
   lr: float = 3e-4  # Adam learning rate (cosine decay to 10%, 100-step warm-up).
+  fold_guidance: bool = True  # Student on the text branch only (one-branch sampling).
 
   def __post_init__(self):
     k = self.max_student_steps
@@ -113,11 +115,13 @@ def teacher_trajectories(head, cond_emb: jax.Array, x0: jax.Array, scale: float,
   return jnp.concatenate([x0[None], states], axis=0)
 
 
-def student_loss(head, cond: jax.Array, states: jax.Array, key: jax.Array, max_steps: int) -> jax.Array:
-  """Mean || u(x_t, t, d | c) - (x_{t+d} - x_t) / d ||^2 over random levels and starts.
+def student_loss(head, cond: jax.Array, states: jax.Array, key: jax.Array, max_steps: int,
+                 scale: float | None = None) -> jax.Array:
+  """Mean || u(x_t, t, d) - (x_{t+d} - x_t) / d ||^2 over random levels and starts.
 
-  cond (M, C) text-branch conditions, states (K + 1, M, T) teacher states at t = j / K."""
-  m = cond.shape[0]
+  cond (M, C) text-branch conditions (folded guidance, scale None), or (2, M, C) [text; uncond]
+  with u the CFG combination at `scale`; states (K + 1, M, T) teacher states at t = j / K."""
+  m = states.shape[1]
   levels = int(math.log2(max_steps)) + 1
   key_level, key_start = jax.random.split(key)
   level = jax.random.randint(key_level, (m,), 0, levels)  # d = 2^-level.
@@ -128,7 +132,11 @@ def student_loss(head, cond: jax.Array, states: jax.Array, key: jax.Array, max_s
   x_t, x_next = states[start, rows], states[start + stride, rows]
   d = stride.astype(jnp.float32) / max_steps
   t = start.astype(jnp.float32) / max_steps
-  u = head(x_t, t, cond, d)
+  if scale is None:
+    u = head(x_t, t, cond, d)
+  else:
+    v = head(jnp.tile(x_t, (2, 1)), jnp.tile(t, 2), cond.reshape(2 * m, -1), jnp.tile(d, 2))
+    u = guidance.combine_two_way(v, jnp.asarray(scale, jnp.float32))
   return jnp.mean(jnp.square(u - (x_next - x_t) / d[:, None]))
 
 
@@ -157,11 +165,11 @@ def merge_head(head, rest):
   return nnx.State({**rest, 'image_head': head['image_head']})
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _train_step(graphdef, tx, max_steps, head_params, rest, opt_state, cond, states, key):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _train_step(graphdef, tx, max_steps, scale, head_params, rest, opt_state, cond, states, key):
   def loss_fn(hp):
     model = nnx.merge(graphdef, merge_head(hp, rest))
-    return student_loss(model.image_head, cond, states, key, max_steps)
+    return student_loss(model.image_head, cond, states, key, max_steps, scale)
 
   loss, grads = jax.value_and_grad(loss_fn)(head_params)
   updates, opt_state = tx.update(grads, opt_state, head_params)
@@ -169,8 +177,9 @@ def _train_step(graphdef, tx, max_steps, head_params, rest, opt_state, cond, sta
 
 
 def train_student(graphdef, params, cond: np.ndarray, states: np.ndarray, cfg: DistillConfig, seed: int = 0,
-                  log_every: int = 250) -> tuple[nnx.State, list[float]]:
-  """Adam on the head parameters only. cond (M, C), states (K + 1, M, T) host arrays.
+                  log_every: int = 250, scale: float | None = None) -> tuple[nnx.State, list[float]]:
+  """Adam on the head parameters only. cond (M, C) (folded) or (2, M, C) with the teacher's CFG
+  `scale`; states (K + 1, M, T) host arrays.
   Returns (params with the trained head and every other parameter unchanged, losses per log)."""
   head, rest = split_head(params)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(100, cfg.steps // 2), cfg.steps, cfg.lr * 0.1)
@@ -178,13 +187,13 @@ def train_student(graphdef, params, cond: np.ndarray, states: np.ndarray, cfg: D
   opt_state = tx.init(head)
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
-  m = cond.shape[0]
+  m = states.shape[1]
   progress = logging_lib.ProgressLogger(cfg.steps, log_every, items_per_step=cfg.batch_size)
   losses, running = [], []
   for step in range(cfg.steps):
     idx = rng.integers(0, m, cfg.batch_size)
-    head, opt_state, loss = _train_step(graphdef, tx, cfg.max_student_steps, head, rest, opt_state,
-                                        jnp.asarray(cond[idx]), jnp.asarray(states[:, idx]),
+    head, opt_state, loss = _train_step(graphdef, tx, cfg.max_student_steps, scale, head, rest, opt_state,
+                                        jnp.asarray(cond[..., idx, :]), jnp.asarray(states[:, idx]),
                                         jax.random.fold_in(key, step))
     running.append(loss)
     if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
@@ -196,8 +205,8 @@ def train_student(graphdef, params, cond: np.ndarray, states: np.ndarray, cfg: D
 
 def teacher_data(teacher: pipeline.TextToImage, prompts: list[str], seeds: list[int], cfg: DistillConfig,
                  chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
-  """Teacher images for `prompts`, their text-branch conditions (M, C) and guided ODE states
-  (K + 1, M, T), with noises_per_token fresh noises per token (rows noise-major)."""
+  """Teacher images for `prompts`, their conditions (2, M, C) [text; uncond] and guided ODE
+  states (K + 1, M, T), with noises_per_token fresh noises per token (rows noise-major)."""
   if teacher.sampler_cfg.num_branches != 2:
     raise ValueError('distillation folds text CFG into the student: the teacher needs sample.cfg != 1')
   model = nnx.merge(teacher.graphdef, teacher.params)
@@ -210,7 +219,7 @@ def teacher_data(teacher: pipeline.TextToImage, prompts: list[str], seeds: list[
     cond = jnp.tile(cond, (1, cfg.noises_per_token, 1))  # (2, M, C)
     cond_emb = model.image_head.condition(cond.reshape(-1, cond.shape[-1]))
     x0 = jax.random.normal(key, cond.shape[1:2] + (tokens.shape[-1],), jnp.float32)
-    return cond[0], teacher_trajectories(model.image_head, cond_emb, x0, scale, cfg)
+    return cond, teacher_trajectories(model.image_head, cond_emb, x0, scale, cfg)
 
   conds, states = [], []
   progress = logging_lib.ProgressLogger(len(prompts), chunk)
@@ -222,7 +231,7 @@ def teacher_data(teacher: pipeline.TextToImage, prompts: list[str], seeds: list[
     conds.append(np.asarray(c))
     states.append(np.asarray(x))
     progress.update(min(start + chunk, len(prompts)))
-  return np.concatenate(conds), np.concatenate(states, axis=1)
+  return np.concatenate(conds, axis=1), np.concatenate(states, axis=1)
 
 
 def distill(teacher_workdir: str, out_workdir: str, prompts: list[str], seeds: list[int], cfg: DistillConfig,
@@ -235,10 +244,15 @@ def distill(teacher_workdir: str, out_workdir: str, prompts: list[str], seeds: l
   cond, states = teacher_data(teacher, prompts, seeds, cfg)
   data_s = time.perf_counter() - start
   config, graphdef, params = student_model(teacher.config, teacher.params)
-  params, losses = train_student(graphdef, params, cond, states, cfg, seed=config.seed)
+  scale = teacher.sampler_cfg.cfg
+  if cfg.fold_guidance:
+    params, losses = train_student(graphdef, params, cond[0], states, cfg, seed=config.seed)
+  else:
+    params, losses = train_student(graphdef, params, cond, states, cfg, seed=config.seed, scale=scale)
   with config.unlocked():
     config.sample.update(dict(solver='euler', time_grid='B', timestep_shift=1.0, num_steps=student_steps,
-                              cfg=1.0, times=()))
+                              cfg=1.0 if cfg.fold_guidance else scale, cfg_schedule='constant', times=(),
+                              token_steps=()))
     config.distill.update(dataclasses.asdict(cfg))
   configlib.validate(config)
   out = pathlib.Path(out_workdir).absolute()
@@ -247,7 +261,7 @@ def distill(teacher_workdir: str, out_workdir: str, prompts: list[str], seeds: l
   shutil.copy(pathlib.Path(teacher_workdir) / pipeline.TOKENIZER_FILE, out / pipeline.TOKENIZER_FILE)
   tx = state_lib.make_optimizer(config.train)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.asarray(cfg.steps, jnp.int32)}
-  summary = {'teacher': str(teacher_workdir), 'teacher_sample': teacher.settings, 'trajectories': int(cond.shape[0]),
+  summary = {'teacher': str(teacher_workdir), 'teacher_sample': teacher.settings, 'trajectories': int(states.shape[1]),
              'data_seconds': round(data_s, 1), 'train_seconds': round(time.perf_counter() - start - data_s, 1),
              'losses': losses, 'distill': dataclasses.asdict(cfg)}
   ckpt = checkpoints.Checkpointer(out / pipeline.CHECKPOINT_DIR, keep=1, async_save=False)

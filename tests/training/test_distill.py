@@ -67,7 +67,8 @@ def test_teacher_trajectories_are_the_guided_euler_ode(teacher):
   np.testing.assert_allclose(states, np.stack(want), atol=TRAJ_ATOL)
 
 
-def test_distillation_trains_the_head_only(teacher):
+@pytest.mark.parametrize('fold_guidance', [True, False])
+def test_distillation_trains_the_head_only(teacher, fold_guidance):
   """The student starts at the teacher's velocity; training lowers the student loss, changes the
   head and leaves every backbone / projector / embedding parameter bit-identical."""
   config = get_base_config()
@@ -79,16 +80,19 @@ def test_distillation_trains_the_head_only(teacher):
   student = nnx.merge(graphdef, params)
   rng = np.random.default_rng(3)
   m = 96
-  cond = rng.standard_normal((m, TINY_MODEL['hidden_size'])).astype(np.float32)
+  cond = rng.standard_normal((2, m, TINY_MODEL['hidden_size'])).astype(np.float32)  # [text; uncond]
   x, t = jnp.asarray(rng.standard_normal((m, TOKEN_DIM)), jnp.float32), jnp.full((m,), 0.5)
-  np.testing.assert_array_equal(np.asarray(student.image_head(x, t, jnp.asarray(cond), jnp.full((m,), 0.25))),
-                                np.asarray(teacher.image_head(x, t, jnp.asarray(cond))))
+  np.testing.assert_array_equal(np.asarray(student.image_head(x, t, jnp.asarray(cond[0]), jnp.full((m,), 0.25))),
+                                np.asarray(teacher.image_head(x, t, jnp.asarray(cond[0]))))
   # One level (d = 1) and whole-set batches: a deterministic regression whose loss must fall.
   cfg = D.DistillConfig(teacher_steps=2, teacher_solver='euler', max_student_steps=1, steps=40, batch_size=m,
                         lr=3e-3)
-  cond_emb = teacher.image_head.condition(jnp.tile(jnp.asarray(cond), (2, 1)))
+  cond_emb = teacher.image_head.condition(jnp.asarray(cond.reshape(2 * m, -1)))
   states = np.asarray(D.teacher_trajectories(teacher.image_head, cond_emb, x, 1.5, cfg))
-  trained, losses = D.train_student(graphdef, params, cond, states, cfg, log_every=10)
+  if fold_guidance:
+    trained, losses = D.train_student(graphdef, params, cond[0], states, cfg, log_every=10)
+  else:
+    trained, losses = D.train_student(graphdef, params, cond, states, cfg, log_every=10, scale=1.5)
   assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0], losses
   before, after = dict(nnx.to_flat_state(params)), dict(nnx.to_flat_state(trained))
   assert before.keys() == after.keys()
