@@ -120,7 +120,7 @@ def generate_tokens_fn(model, prompt: dict, image_keys: jax.Array, cfg: SamplerC
     def step(carry, k):
       cache, last_hidden = carry
       token = token_at(last_hidden, k, integrator)
-      x = model.embed_image_tokens(jnp.tile(token, (cfg.num_branches, 1))[:, None])
+      x = jnp.tile(model.embed_image_tokens(token[:, None]), (cfg.num_branches, 1, 1))  # Project once, not per branch.
       hidden, cache = model(x, next_position + k, jnp.ones((rows, 1), bool), cache)
       return (cache, hidden[:, 0]), token
     return step
