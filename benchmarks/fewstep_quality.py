@@ -169,6 +169,8 @@ def main() -> int:
   parser.add_argument('--headline-method', default='distilled_cfg')
   parser.add_argument('--timing-images', type=int, default=32)
   parser.add_argument('--timing-repeats', type=int, default=3)
+  parser.add_argument('--headline-only', action='store_true',
+                      help='recompute the headline keys and the figure from the stored results')
   parser.add_argument('--datasets', nargs='+', default=['shapes', 'digits'])
   parser.add_argument('--skip-distill', action='store_true', help='reuse existing distilled runs')
   args = parser.parse_args()
@@ -177,7 +179,7 @@ def main() -> int:
   summary = json.loads(out_path.read_text()) if out_path.exists() else {}
   results = summary.get('results', {})
   runs = {'shapes': args.shapes_run, 'digits': args.digits_run}
-  for dataset in args.datasets:
+  for dataset in [] if args.headline_only else args.datasets:
     fresh = run_dataset(dataset, runs[dataset], pathlib.Path(args.out_root), args)
     if args.only_students and dataset in results:  # Keep stored baseline rows and other students.
       fresh['table'] = [r for r in results[dataset]['table'] if r['method'] not in args.students] + fresh['table']
@@ -190,7 +192,7 @@ def main() -> int:
   roofline = RESULTS / 'decode_roofline.json'
   if roofline.exists():
     summary['projected_speedup_14b'] = json.loads(roofline.read_text())['projection_14b']['speedup_vs_50_steps']
-  summary.update({
+  summary.update({} if args.headline_only else {
       'prompts_per_suite': args.prompts,
       'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
