@@ -34,9 +34,7 @@ from flax import nnx
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax.model import nextstep
-from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import guidance
-from nextstep_jax.sampling import integrators
 from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.utils import logging as logging_lib
