@@ -33,6 +33,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.latent_patch_size = 4  # Latent patch side; token dim = latent_channels * patch**2.
   m.fm_head_dim = 256  # Flow head width (official 1536).
   m.fm_head_layers = 3  # Flow head AdaLN residual blocks (official 12).
+  m.fm_head_step_cond = False  # Few-step head: zero-initialised step-size embedding (not official).
   m.use_gen_pos_embed = False  # Add a 2-D sincos table to the head condition (official: off).
   m.base_image_grid_size = 8  # Side G of the gen_pos_embed table (G*G positions).
   m.max_seq_len = 128  # Longest sequence (prompt + image tokens) the model is used with.
@@ -85,6 +86,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.fm_head_batch_mul = 4  # Head copies per image token, fresh noise and time each.
   c.loss.time_mean = 0.0  # Logit-normal time: t = sigmoid(n), n ~ N(mean, std).
   c.loss.time_std = 1.0
+  # Few-step head objective (model.fm_head_step_cond must be on for 'shortcut').
+  c.loss.head_objective = 'flow'  # flow (official) | shortcut (jointly trained self-consistency).
+  c.loss.shortcut_fraction = 0.25  # Share of head rows trained on the self-consistency target.
+  c.loss.shortcut_max_steps = 64  # Finest shortcut step 1/64; levels d = 2^-l, l = 0..6.
 
   # Sampler (defaults of the official NextStep-1 T2I example except N and cfg).
   c.sample = ml_collections.ConfigDict()
@@ -100,6 +105,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sample.positive_prompt = ''  # Appended to each caption after a space when non-empty.
   c.sample.negative_prompt = ''  # Caption of the unconditional row.
   c.sample.batch_size = 16  # Prompts per jitted generation call.
+  c.sample.times = ()  # Explicit step schedule 0 < ... < 1 (overrides num_steps and time_grid).
+  c.sample.token_steps = ()  # Annealed steps per equal token segment, e.g. (8, 4, 2, 1); () = num_steps.
 
   # Training.
   c.train = ml_collections.ConfigDict()
@@ -120,6 +127,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.sample_every = 1000  # Sample-grid PNG period in steps (0 = only at the end).
   c.train.num_grid_samples = 16  # Images in a sample grid.
   c.train.max_minutes = 0.0  # Stop (with a checkpoint) after this wall time; 0 = no limit.
+
+  # Distillation of a trained head into a few-step head (nextstep_jax/training/distill.py).
+  c.distill = ml_collections.ConfigDict()
+  c.distill.num_images = 1024  # Teacher images whose tokens give the head conditions.
+  c.distill.noises_per_token = 2  # Teacher ODE trajectories per token condition.
+  c.distill.teacher_steps = 16  # Uniform-grid guided ODE steps of the teacher head.
+  c.distill.teacher_solver = 'heun'  # euler | heun.
+  c.distill.max_student_steps = 8  # Student step sizes 1, 1/2, ..., 1/max_student_steps.
+  c.distill.steps = 3000  # Optimiser steps on the head parameters only.
+  c.distill.batch_size = 512  # Trajectory segments per step.
+  c.distill.lr = 3e-4
+  c.distill.fold_guidance = True  # Student on the text branch only (one-branch sampling); False keeps CFG.
 
   # Device mesh: axis sizes, -1 absorbs the remaining devices.
   c.mesh = ml_collections.ConfigDict()

@@ -28,6 +28,7 @@ DATASETS = ('shapes', 'digits')
 DATA_SOURCES = ('builtin', 'arrayrecord', 'tfds')
 OVERLONG_CAPTIONS = ('truncate', 'skip')
 AUGMENT_OPS = ('hflip', 'random_crop')
+HEAD_OBJECTIVES = ('flow', 'shortcut')
 
 
 class ConfigError(ValueError):
@@ -122,6 +123,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(require, 'sample.time_grid', sample.time_grid, TIME_GRIDS)
   _require_choice(require, 'sample.cfg_schedule', sample.cfg_schedule, CFG_SCHEDULES)
   _require_choice(require, 'model.remat_policy', m.remat_policy, REMAT_POLICIES)
+  _require_choice(require, 'loss.head_objective', config.loss.head_objective, HEAD_OBJECTIVES)
+  if config.loss.head_objective == 'shortcut':
+    require(m.fm_head_step_cond, "loss.head_objective='shortcut' needs the step-conditioned head: "
+            'set model.fm_head_step_cond=True.')
+    k = config.loss.shortcut_max_steps
+    require(k >= 2 and not k & (k - 1), f'loss.shortcut_max_steps={k} must be a power of two >= 2.')
+    require(0 < config.loss.shortcut_fraction < 1,
+            f'loss.shortcut_fraction={config.loss.shortcut_fraction} must be in (0, 1).')
+  require(all(n >= 1 for n in sample.token_steps), f'sample.token_steps={sample.token_steps} must all be >= 1.')
+  times = tuple(sample.times)
+  require(not times or (len(times) >= 2 and times[0] == 0.0 and times[-1] == 1.0
+                        and all(b > a for a, b in zip(times, times[1:]))),
+          f'sample.times={times} must increase strictly from 0.0 to 1.0 (or be () for the grid).')
   _require_choice(require, 'train.lr_schedule', train.lr_schedule, LR_SCHEDULES)
   _require_choice(require, 'model.dtype', m.dtype, DTYPES)
   _require_choice(require, 'model.param_dtype', m.param_dtype, DTYPES)
@@ -227,6 +241,16 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(_lists_to_tuples(json.loads(text)))
   config.lock()
   return config
+
+
+def with_base_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A stored run config completed (locked) with the fields added to configs/base.py since it was
+  written, at their defaults; stored values win."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  merged = base.get_base_config()
+  merged.update(config.to_dict())
+  merged.lock()
+  return merged
 
 
 def _seq_len_parts(config: ml_collections.ConfigDict) -> dict[str, int]:

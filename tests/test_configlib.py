@@ -1,4 +1,5 @@
 """Config loading, overrides, validation and JSON round trip."""
+import json
 import pathlib
 import textwrap
 
@@ -95,6 +96,10 @@ def test_missing_file_and_missing_get_config(tmp_path):
     ('mesh.rules', (('batch', 'model'),), 'unknown mesh axes'),
     ('image.tokenizer', 'jpeg', 'image.tokenizer'),
     ('model.latent_channels', 16, 'must be 3 with image.tokenizer=pixels'),
+    ('loss.head_objective', 'meanflow', 'loss.head_objective'),
+    ('loss.head_objective', 'shortcut', 'set model.fm_head_step_cond=True'),
+    ('sample.times', (0.0, 0.7), r'sample.times=\(0.0, 0.7\) must increase strictly from 0.0 to 1.0'),
+    ('sample.token_steps', (4, 0), 'sample.token_steps'),
 ])
 def test_validate_rejects(field, value, message):
   config = get_base_config()
@@ -184,3 +189,15 @@ def test_use_norm_is_refused_with_the_pixels_tokenizer():
   config.image.use_norm = True
   with pytest.raises(configlib.ConfigError, match='image.use_norm'):
     configlib.validate(config)
+
+
+def test_with_base_defaults_completes_old_run_configs():
+  """A run config stored before a field existed gets the field's default; stored values win."""
+  stored = get_base_config().to_dict()
+  del stored['sample']['token_steps']
+  del stored['model']['fm_head_step_cond']
+  stored['model']['num_layers'] = 7
+  old = configlib.config_from_json(json.dumps(stored))
+  merged = configlib.with_base_defaults(old)
+  assert merged.sample.token_steps == () and merged.model.fm_head_step_cond is False
+  assert merged.model.num_layers == 7

@@ -13,6 +13,12 @@ digit-named torch submodules become `_N` attributes; res_blocks are stacked on a
   final_layer.adaLN_modulation.1  -> final_layer.adaLN_modulation_1 (W, 2W): (shift, scale)
   final_layer.linear          -> final_layer.linear
 Time convention: raw t in [0, 1], t = 0 noise, t = 1 data.
+
+Few-step heads (`step_cond`, not in the official model): a `step_embed` MLP shaped like
+`time_embed` embeds the step size d in [0, 1] the same way as t and is added to the condition,
+y = time_embed(t) + step_embed(d) + cond_embed(c). Its output layer `step_embed.mlp_2` starts at
+zero, so an official head copied into a step-conditioned one has exactly the official velocity
+until training moves it; the head then predicts the average velocity over [t, t + d].
 """
 import dataclasses
 import math
@@ -36,6 +42,7 @@ class FlowHeadConfig:
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   remat_policy: str = 'none'
+  step_cond: bool = False  # Add the zero-initialised step-size embedding (few-step heads).
 
 
 def timestep_embedding(t: jax.Array, dim: int = TIME_FREQ_DIM) -> jax.Array:
@@ -57,9 +64,11 @@ _NORMAL = nnx.initializers.normal(0.02)
 
 
 class TimestepEmbedder(nnx.Module):
-  def __init__(self, cfg: FlowHeadConfig, *, rngs: nnx.Rngs):
+  """t (M,) -> (M, W) = mlp_2(silu(mlp_0(timestep_embedding(t)))); `zero_out` starts mlp_2 at 0."""
+
+  def __init__(self, cfg: FlowHeadConfig, *, rngs: nnx.Rngs, zero_out: bool = False):
     self.mlp_0 = _dense(rngs, cfg, TIME_FREQ_DIM, cfg.width, ('head_freq', 'head_embed'), _NORMAL)
-    self.mlp_2 = _dense(rngs, cfg, cfg.width, cfg.width, ('head_embed', 'head_mlp'), _NORMAL)
+    self.mlp_2 = _dense(rngs, cfg, cfg.width, cfg.width, ('head_embed', 'head_mlp'), _ZEROS if zero_out else _NORMAL)
 
   def __call__(self, t):
     return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_embedding(t))))
@@ -93,7 +102,7 @@ class FinalLayer(nnx.Module):
 
 
 class FlowHead(nnx.Module):
-  """velocity(x_t (M, T), t (M,), c (M, C)) -> (M, T) float32."""
+  """velocity(x_t (M, T), t (M,), c (M, C)[, step_size (M,)]) -> (M, T) float32."""
 
   def __init__(self, cfg: FlowHeadConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -102,14 +111,21 @@ class FlowHead(nnx.Module):
     self.input_proj = _dense(rngs, cfg, cfg.token_dim, cfg.width, ('token', 'head_embed'), _XAVIER)
     self.res_blocks = L.create_stack(lambda r: ResBlock(cfg, rngs=r), cfg.depth, rngs)
     self.final_layer = FinalLayer(cfg, rngs=rngs)
+    self.step_embed = TimestepEmbedder(cfg, rngs=rngs, zero_out=True) if cfg.step_cond else None
 
   def condition(self, c: jax.Array) -> jax.Array:
     """The condition embedding (M, W), computed once per token outside the integration loop."""
     return self.cond_embed(c)
 
-  def velocity_from_condition(self, x_t: jax.Array, t: jax.Array, cond_emb: jax.Array) -> jax.Array:
-    """x_t (M, T), t (M,), cond_emb = condition(c) (M, W) -> velocity (M, T) float32."""
-    y_act = jax.nn.silu(self.time_embed(t) + cond_emb)
+  def velocity_from_condition(self, x_t: jax.Array, t: jax.Array, cond_emb: jax.Array,
+                              step_size: jax.Array | None = None) -> jax.Array:
+    """x_t (M, T), t (M,) or () (one time for every row: embedded once), cond_emb = condition(c)
+    (M, W), step_size like t (used by `step_cond` heads, None = 0) -> velocity (M, T) float32."""
+    y = self.time_embed(jnp.reshape(t, (-1,)))
+    if self.step_embed is not None:
+      d = jnp.zeros_like(t) if step_size is None else jnp.broadcast_to(step_size, jnp.shape(t))
+      y = y + self.step_embed(jnp.reshape(d, (-1,)))
+    y_act = jax.nn.silu(y + cond_emb)
     x = self.input_proj(x_t)
 
     def body(block, h, _):
@@ -118,5 +134,5 @@ class FlowHead(nnx.Module):
     x, _ = L.scan_stack(self.res_blocks, body, x, remat_policy=self.cfg.remat_policy)
     return self.final_layer(x, y_act).astype(jnp.float32)
 
-  def __call__(self, x_t: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
-    return self.velocity_from_condition(x_t, t, self.condition(c))
+  def __call__(self, x_t: jax.Array, t: jax.Array, c: jax.Array, step_size: jax.Array | None = None) -> jax.Array:
+    return self.velocity_from_condition(x_t, t, self.condition(c), step_size)

@@ -47,7 +47,7 @@ class ModelConfig:
     head = flow_head.FlowHeadConfig(
         token_dim=m.latent_channels * m.latent_patch_size ** 2, cond_dim=m.hidden_size,
         width=m.fm_head_dim, depth=m.fm_head_layers, dtype=dtype, param_dtype=param_dtype,
-        remat_policy=m.remat_policy)
+        remat_policy=m.remat_policy, step_cond=m.get('fm_head_step_cond', False))
     return cls(vocab_size=m.vocab_size, backbone=bb, head=head,
                tie_word_embeddings=m.tie_word_embeddings, use_gen_pos_embed=m.use_gen_pos_embed,
                base_image_grid_size=m.base_image_grid_size)

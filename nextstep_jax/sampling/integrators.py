@@ -7,6 +7,12 @@ Time grids (N = num_steps, s = timestep_shift, shift(t) = t / (s - (s - 1) t)):
   A (official NextStep-1 code): u = linspace(0, 1 - delta, N), t_i = shift(u_i); N - 1 solver steps
     t_i -> t_{i+1}, then a final deterministic step x += delta * v(x, t_{N-1}). N velocity calls.
   B (NextStep-1.1 / vLLM): t = shift(linspace(0, 1, N + 1)[:-1]) + [1.0]; N solver steps to t = 1.
+  `times` (any schedule): explicit increasing times 0 = t_0 < ... < t_n = 1, n solver steps (the
+    step count, shift and grid letter are then ignored).
+Step sizes: every velocity call receives the size d of the step it is used for (d = t_next - t;
+the final grid-A step d = delta); step-conditioned few-step heads read it, others ignore it. With
+such a head and 'euler' the update x <- x + d u(x, t, d) uses u as the average velocity over the
+step, so one step of size 1 is the closed form x1 = x0 + u(x0, 0, 1) (with CFG: u = u_u + s (u_c - u_u)).
 Solvers: 'sde' = Euler-Maruyama of the SiT SDE with diffusion w(t) = 1 - t:
   score = (t v - x) / (1 - t); drift = v + (1 - t) score = (1 + t) v - x;
   x <- x + drift dt + sqrt(2 (1 - t)) sqrt(dt) z;
@@ -21,7 +27,8 @@ import jax.numpy as jnp
 SOLVERS = ('sde', 'euler', 'heun')
 TIME_GRIDS = ('A', 'B')
 
-VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (M, T) f32, t () f32) -> (M, T) f32
+# (x (M, T) f32, t () f32, step size d () f32) -> (M, T) f32
+VelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +39,7 @@ class IntegratorConfig:
   timestep_shift: float = 1.0
   last_step_size: float = 0.04
   temperature: float = 1.0
+  times: tuple[float, ...] = ()  # Explicit schedule 0 = t_0 < ... < t_n = 1 (overrides the grid).
 
   def __post_init__(self):
     if self.solver not in SOLVERS:
@@ -40,6 +48,21 @@ class IntegratorConfig:
       raise ValueError(f'sample.time_grid={self.time_grid!r}; choose one of {TIME_GRIDS}')
     if self.num_steps < 1:
       raise ValueError(f'sample.num_steps={self.num_steps} must be >= 1')
+    if self.times:
+      t = self.times
+      if len(t) < 2 or t[0] != 0.0 or t[-1] != 1.0 or any(b <= a for a, b in zip(t, t[1:])):
+        raise ValueError(f'sample.times={t} must increase strictly from 0.0 to 1.0 (at least one step)')
+
+  @property
+  def velocity_calls(self) -> int:
+    """Head evaluations per token (per guidance branch)."""
+    steps = len(self.times) - 1 if self.times else self.num_steps
+    return 2 * steps if self.solver == 'heun' else steps
+
+
+def uniform_times(num_steps: int) -> tuple[float, ...]:
+  """The few-step schedule: num_steps equal steps from 0 to 1."""
+  return tuple(i / num_steps for i in range(num_steps + 1))
 
 
 def shift_time(t: jax.Array, shift: float) -> jax.Array:
@@ -47,7 +70,10 @@ def shift_time(t: jax.Array, shift: float) -> jax.Array:
 
 
 def time_grid(cfg: IntegratorConfig) -> jax.Array:
-  """Grid A: (N,) solver times (the last one starts the final delta step). Grid B: (N + 1,)."""
+  """Grid A: (N,) solver times (the last one starts the final delta step). Grid B: (N + 1,).
+  Explicit `times`: (n + 1,)."""
+  if cfg.times:
+    return jnp.asarray(cfg.times, jnp.float32)
   n = cfg.num_steps
   if cfg.time_grid == 'A':
     return shift_time(jnp.linspace(0.0, 1.0 - cfg.last_step_size, n, dtype=jnp.float32), cfg.timestep_shift)
@@ -64,11 +90,11 @@ def row_normal(row_keys: jax.Array, salt, shape: tuple[int, ...]) -> jax.Array:
 def _solver_step(velocity_fn: VelocityFn, solver: str, x, t, t_next, noise_fn, noise_scale: float):
   """One step t -> t_next of `solver` from x (M, T) f32; noise_fn() draws the SDE noise (M, T)."""
   dt = t_next - t
-  v = velocity_fn(x, t)
+  v = velocity_fn(x, t, dt)
   if solver == 'euler':
     return x + v * dt
   if solver == 'heun':
-    v_next = velocity_fn(x + v * dt, t_next)
+    v_next = velocity_fn(x + v * dt, t_next, dt)
     return x + 0.5 * (v + v_next) * dt
   drift = (1.0 + t) * v - x
   noise = noise_scale * noise_fn()
@@ -90,6 +116,6 @@ def integrate(velocity_fn: VelocityFn, x0: jax.Array, row_keys: jax.Array, cfg: 
     return _solver_step(velocity_fn, cfg.solver, x, t, t_next, noise_fn, cfg.temperature), None
 
   x, _ = jax.lax.scan(step, x0.astype(jnp.float32), (jnp.arange(starts.shape[0]), starts, ends))
-  if cfg.time_grid == 'A':
-    x = x + cfg.last_step_size * velocity_fn(x, times[-1])
+  if cfg.time_grid == 'A' and not cfg.times:
+    x = x + cfg.last_step_size * velocity_fn(x, times[-1], jnp.asarray(cfg.last_step_size, jnp.float32))
   return x

@@ -86,7 +86,7 @@ class TextToImage:
     if not (root / CONFIG_FILE).exists():
       raise FileNotFoundError(f'{root} is not a training run: {CONFIG_FILE} is missing '
                               '(train one with nextstep-train --workdir DIR)')
-    config = configlib.config_from_json((root / CONFIG_FILE).read_text())
+    config = configlib.with_base_defaults(configlib.config_from_json((root / CONFIG_FILE).read_text()))
     tok = text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
     tx = state_lib.make_optimizer(config.train)
     graphdef, abstract_state = state_lib.abstract_train_state(config, tx)

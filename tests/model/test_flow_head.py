@@ -161,3 +161,44 @@ def test_remat_policy_same_output(policy):
                              rtol=HEAD_RTOL, atol=HEAD_ATOL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=HEAD_RTOL, atol=HEAD_ATOL),
                g_other, g_base)
+
+
+# ----- few-step heads: the zero-initialised step-size embedding -----
+
+
+def test_step_conditioning_starts_as_the_official_head():
+  """An official head's params copied into a step-conditioned head: same velocity for any d; the
+  new params are exactly `step_embed.*` with a zero output layer."""
+  official = randomize(FH.FlowHead(head_config(), rngs=nnx.Rngs(0)), seed=3)
+  stepped = FH.FlowHead(head_config(step_cond=True), rngs=nnx.Rngs(1))
+  flat = dict(nnx.to_flat_state(nnx.state(stepped, nnx.Param)))
+  official_flat = dict(nnx.to_flat_state(nnx.state(official, nnx.Param)))
+  assert set(flat) - set(official_flat) == {p for p in flat if p[0] == 'step_embed'}
+  assert not np.any(np.asarray(stepped.step_embed.mlp_2.kernel.get_value()))
+  for path, var in official_flat.items():
+    flat[path].set_value(var.get_value())
+  nnx.update(stepped, nnx.from_flat_state(flat))
+  rng = np.random.default_rng(0)
+  x, c = rng.standard_normal((5, T_DIM)), rng.standard_normal((5, C_DIM))
+  t = rng.uniform(0, 1, 5)
+  want = np.asarray(official(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(c, jnp.float32)))
+  for d in (None, 0.0, 0.25, 1.0):
+    step = None if d is None else jnp.full((5,), d, jnp.float32)
+    got = np.asarray(stepped(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(c, jnp.float32), step))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_step_size_changes_a_trained_step_embedding():
+  head = randomize(FH.FlowHead(head_config(step_cond=True), rngs=nnx.Rngs(0)), seed=4)
+  x, c, t = jnp.ones((2, T_DIM)), jnp.ones((2, C_DIM)), jnp.full((2,), 0.3)
+  v_small, v_big = head(x, t, c, jnp.full((2,), 0.125)), head(x, t, c, jnp.full((2,), 1.0))
+  assert np.abs(np.asarray(v_small - v_big)).max() > 1e-3
+
+
+def test_scalar_time_equals_per_row_time():
+  """t of shape () (embedded once per step, the sampler's path) equals t broadcast to rows."""
+  head = randomize(FH.FlowHead(head_config(), rngs=nnx.Rngs(0)), seed=5)
+  x, c = jnp.asarray(np.random.default_rng(1).standard_normal((4, T_DIM)), jnp.float32), jnp.ones((4, C_DIM))
+  cond_emb = head.condition(c)
+  np.testing.assert_array_equal(np.asarray(head.velocity_from_condition(x, jnp.float32(0.7), cond_emb)),
+                                np.asarray(head.velocity_from_condition(x, jnp.full((4,), 0.7), cond_emb)))

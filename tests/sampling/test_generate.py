@@ -15,7 +15,7 @@ from configs.base import get_base_config
 from nextstep_jax.model import nextstep as ns
 from nextstep_jax.sampling import generate as G
 from nextstep_jax.sampling import integrators as I
-from model_testing import TINY_MODEL, tiny_model
+from model_testing import TINY_MODEL, randomize, tiny_model
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -254,3 +254,47 @@ def test_sampling_on_a_sharded_mesh_equals_unsharded(model, split):
   # float32 already has.
   ref = reference_generate(model, ids, mask, seeds, SAMPLER)
   assert np.abs(sharded - ref).max() <= 2 * np.abs(unsharded - ref).max() + FIRST_TOKEN_ATOL
+
+
+# ----- few-step sampling: step-conditioned heads, guidance, annealed schedules -----
+
+
+def test_one_guided_step_of_size_one_is_the_closed_form():
+  """A step-conditioned head, one Euler step on times (0, 1) with text CFG: token = x0 + u_u +
+  s (u_c - u_u), every u = u(x0, t=0, d=1 | c of its branch)."""
+  m = get_base_config().model
+  m.update(TINY_MODEL, fm_head_step_cond=True)
+  model = randomize(ns.NextStep(ns.ModelConfig.from_config(m), rngs=nnx.Rngs(0)), seed=2)
+  integ = I.IntegratorConfig(solver='euler', times=(0.0, 1.0))
+  cfg = G.SamplerConfig(grid_h=1, grid_w=1, integrator=integ, num_branches=2, cfg=2.5)
+  ids, mask = branch_major(make_rows(2, seed=3), make_rows(2, seed=4))
+  prompt = make_prompt(ids, mask)
+  seeds = [5, 6]
+  tokens = generate(nnx.split(model), prompt, seeds, cfg)[:, 0]
+  last = _full_forward_last(model, prompt['input_ids'], prompt['attention_mask'], prompt['positions'], None, None)
+  cond_emb = _condition(model, last)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(G.image_keys_from_seeds(seeds), 0)
+  x0 = np.asarray(I.row_normal(keys, 0, (TOKEN_DIM,)))
+  u = np.asarray(model.image_head.velocity_from_condition(
+      jnp.asarray(np.tile(x0, (2, 1))), jnp.zeros((4,)), cond_emb, jnp.ones((4,))))
+  want = x0 + u[2:] + 2.5 * (u[:2] - u[2:])
+  np.testing.assert_allclose(tokens, want, atol=FIRST_TOKEN_ATOL)
+  official = dataclasses.replace(cfg, integrator=dataclasses.replace(integ, times=(0.0, 0.5, 1.0)))
+  assert np.abs(generate(nnx.split(model), prompt, seeds, official)[:, 0] - tokens).max() > 1e-3
+
+
+def test_annealed_token_steps(split):
+  """token_steps (2, 1): the first half of the tokens equals generation with 2 steps throughout
+  (tokens only see earlier tokens); one segment equals the plain sampler."""
+  ids, mask = branch_major(make_rows(2, seed=7), make_rows(2, seed=8))
+  prompt, seeds = make_prompt(ids, mask), [1, 2]
+  base = dataclasses.replace(SAMPLER, integrator=dataclasses.replace(INTEGRATOR, num_steps=2))
+  annealed = generate(split, prompt, seeds, dataclasses.replace(base, token_steps=(2, 1)))
+  two = generate(split, prompt, seeds, base)
+  one = generate(split, prompt, seeds, dataclasses.replace(base, integrator=dataclasses.replace(INTEGRATOR, num_steps=1)))
+  np.testing.assert_allclose(annealed[:, :N // 2], two[:, :N // 2], atol=BATCH_ATOL)
+  assert np.abs(annealed[:, N // 2:] - two[:, N // 2:]).max() > 1e-3
+  assert np.abs(annealed[:, N // 2:] - one[:, N // 2:]).max() > 1e-3  # Late tokens see other prefixes.
+  np.testing.assert_array_equal(generate(split, prompt, seeds, dataclasses.replace(base, token_steps=(2,))), two)
+  segments = dataclasses.replace(base, token_steps=(3, 2, 1)).token_segments()
+  assert [(a, b, i.num_steps) for a, b, i in segments] == [(0, 2, 3), (2, 4, 2), (4, 6, 1)]

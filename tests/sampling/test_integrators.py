@@ -74,7 +74,7 @@ def test_bad_integrator_config():
 def straight_field(x0, x1):
   """v(x, t) = (x1 - x) / (1 - t): the flow of x_t = t x1 + (1 - t) x0 (constant velocity x1 - x0).
   Euler and Heun follow it exactly (the path is a straight line at constant speed)."""
-  return lambda x, t: (x1 - x) / (1.0 - t)
+  return lambda x, t, d: (x1 - x) / (1.0 - t)
 
 
 def _keys(m, seed=0):
@@ -116,7 +116,7 @@ def test_linear_ode_closed_form(n):
   x0 = np.linspace(-1, 1, 6, dtype=np.float32)[None]
   grid_cfg = dict(num_steps=n, time_grid='B', timestep_shift=2.0)
   dts = np.diff(np.asarray(I.time_grid(I.IntegratorConfig(**grid_cfg)), np.float64))
-  field = lambda x, t: lam * x
+  field = lambda x, t, d: lam * x
   euler = np.asarray(I.integrate(field, rows(x0), _keys(1), I.IntegratorConfig(solver='euler', **grid_cfg)))
   heun = np.asarray(I.integrate(field, rows(x0), _keys(1), I.IntegratorConfig(solver='heun', **grid_cfg)))
   np.testing.assert_allclose(euler, x0 * np.prod(1 + lam * dts), rtol=CLOSED_FORM_RTOL, atol=CLOSED_FORM_ATOL)
@@ -132,7 +132,7 @@ def test_heun_error_order():
 
   def err(solver, n):
     cfg = I.IntegratorConfig(num_steps=n, solver=solver, time_grid='B')
-    return np.abs(np.asarray(I.integrate(lambda x, t: lam * x, rows(x0), _keys(1), cfg)) - np.exp(lam)).max()
+    return np.abs(np.asarray(I.integrate(lambda x, t, d: lam * x, rows(x0), _keys(1), cfg)) - np.exp(lam)).max()
 
   assert 1.7 < err('euler', 8) / err('euler', 16) < 2.3  # First order.
   assert 3.4 < err('heun', 8) / err('heun', 16) < 4.6  # Second order.
@@ -150,14 +150,14 @@ def reference_em(velocity, x0, row_keys, cfg):
   for i in range(steps):
     t, t_next = np.float32(times[i]), np.float32(times[i + 1])
     dt = t_next - t
-    v = np.asarray(velocity(jnp.asarray(x), jnp.float32(t)))
+    v = np.asarray(velocity(jnp.asarray(x), jnp.float32(t), dt))
     score = (t * v - x) / (1 - t)
     drift = v + (1 - t) * score
     z = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:], jnp.float32))
                   for k in row_keys])
     x = x + drift * dt + np.sqrt(2 * (1 - t)) * np.sqrt(dt) * cfg.temperature * z
   if cfg.time_grid == 'A':
-    x = x + cfg.last_step_size * np.asarray(velocity(jnp.asarray(x), jnp.float32(times[-1])))
+    x = x + cfg.last_step_size * np.asarray(velocity(jnp.asarray(x), jnp.float32(times[-1]), cfg.last_step_size))
   return x
 
 
@@ -165,7 +165,7 @@ def reference_em(velocity, x0, row_keys, cfg):
 def test_sde_equals_hand_written_euler_maruyama(grid, shift, temperature):
   rng = np.random.default_rng(3)
   a = rows(rng.standard_normal((12,)))
-  velocity = lambda x, t: jnp.sin(x) * a + t  # Arbitrary smooth field depending on x and t.
+  velocity = lambda x, t, d: jnp.sin(x) * a + t  # Arbitrary smooth field depending on x and t.
   keys = _keys(3, seed=7)
   x0 = I.row_normal(keys, 0, (12,))
   cfg = I.IntegratorConfig(num_steps=4, solver='sde', time_grid=grid, timestep_shift=shift,
@@ -224,3 +224,42 @@ def test_guidance_schedules():
   assert lin[-1] == pytest.approx(1 + (cfg - 1) / n)  # ... towards 1 (the [gh]/vLLM direction).
   with pytest.raises(ValueError, match='cfg_schedule'):
     guidance.guidance_scale(cfg, 'cosine', jnp.int32(0), n)
+
+
+# ----- any step schedule; step sizes reach the head -----
+
+
+def test_one_step_of_size_one_is_the_closed_form():
+  """times (0, 1), Euler: x1 = x0 + u(x0, 0, 1), the head seeing d = 1 (module doc)."""
+  x0 = rows(np.linspace(-1, 1, 6).reshape(2, 3))
+  seen = []
+
+  def head(x, t, d):
+    seen.append((t, d))
+    return jnp.cos(x) * (1 + t) + 2 * d
+
+  cfg = I.IntegratorConfig(solver='euler', times=(0.0, 1.0))
+  out = np.asarray(I.integrate(head, x0, _keys(x0.shape[0]), cfg))
+  np.testing.assert_allclose(out, np.asarray(x0) + np.cos(np.asarray(x0)) + 2.0, rtol=1e-6, atol=1e-6)
+  assert cfg.velocity_calls == 1
+
+
+def test_explicit_schedule_passes_each_step_size():
+  times = (0.0, 0.5, 0.75, 1.0)
+  recorded = []
+
+  def head(x, t, d):
+    recorded.append(d)
+    return x * 0 + d  # x moves by d * d per step.
+
+  x0 = rows(np.zeros((1, 3)))
+  out = np.asarray(jax.jit(lambda x, k: I.integrate(head, x, k, I.IntegratorConfig(solver='euler', times=times)))(
+      x0, _keys(x0.shape[0])))
+  np.testing.assert_allclose(out, 0.5 ** 2 + 0.25 ** 2 + 0.25 ** 2, rtol=1e-6)
+  assert I.uniform_times(4) == (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@pytest.mark.parametrize('times', [(0.0, 0.5), (0.1, 1.0), (0.0, 0.6, 0.6, 1.0), (1.0,)])
+def test_bad_schedule_is_rejected(times):
+  with pytest.raises(ValueError, match='sample.times'):
+    I.IntegratorConfig(times=times)

@@ -6,6 +6,7 @@ flax.config.update('flax_always_shard_variable', False)
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -225,3 +226,56 @@ def test_gradients_finite(tok, model, batch):
                'image_out_projector.kernel', 'decoder.layers.self_attn.q_proj.kernel',
                'image_head.res_blocks.mlp_0.kernel', 'image_head.final_layer.linear.kernel'):
     assert np.abs(flat[name]).max() > 0, name
+
+
+# ----- few-step head: the shortcut self-consistency objective -----
+
+
+def test_shortcut_rows_follow_the_documented_targets():
+  """A spy field u = t + 3 d records every call: self-consistency rows query (t, d') then
+  (t + d, d') and are trained at 2d with t on the d grid and t + 2d <= 1 (d' = 0 at the finest
+  level); flow rows at d = 0; the loss equals the one recomputed from the recorded calls."""
+  cfg = O.LossConfig(placeholder_id=0, fm_head_batch_mul=8, head_objective='shortcut', shortcut_fraction=0.5,
+                     shortcut_max_steps=8)
+  calls = []
+
+  def spy(x, t, c, d):
+    calls.append((np.asarray(t), np.asarray(d)))
+    return jnp.zeros_like(x) + (t + 3 * d)[:, None]
+
+  rng = np.random.default_rng(0)
+  x1, cond = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32), jnp.ones((16, 3))
+  loss = float(O.shortcut_loss(spy, x1, cond, jnp.ones((16,), bool), jax.random.key(1), cfg))
+  (t, dq), (t2, dq2), (tf, df) = calls
+  sc = np.arange(128) < 64
+  d = (t2 - t)[sc]
+  np.testing.assert_allclose(df[sc], 2 * d, rtol=1e-6)
+  assert set(np.round(1 / d).astype(int)) <= {2, 4, 8} and len(set(np.round(1 / d))) > 1
+  np.testing.assert_allclose(np.round(t[sc] / d), t[sc] / d, atol=1e-5)
+  assert (t[sc] + 2 * d <= 1 + 1e-6).all()
+  np.testing.assert_allclose(dq[sc], np.where(np.isclose(d, 1 / 8), 0.0, d), rtol=1e-6)
+  np.testing.assert_array_equal(dq2, dq)
+  assert (df[~sc] == 0).all() and (tf[~sc] > 0).all() and (tf[~sc] < 1).all()
+  u1, u2 = t[sc] + 3 * dq[sc], t2[sc] + 3 * dq[sc]
+  sc_err = (tf[sc] + 3 * df[sc] - 0.5 * (u1 + u2)) ** 2  # Same for every token dim.
+  assert 0 < loss and np.isfinite(loss)
+  assert sc_err.sum() / 128 <= loss  # Flow rows add the rest of the mean.
+
+
+def test_shortcut_loss_finite_and_decreasing_on_a_tiny_run(tok, batch):
+  m = get_base_config().model
+  m.update(TINY_MODEL, fm_head_step_cond=True)
+  model = ns.NextStep(ns.ModelConfig.from_config(m), rngs=nnx.Rngs(0))
+  cfg = loss_config(tok, fm_head_batch_mul=8, head_objective='shortcut', shortcut_max_steps=16)
+  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, batch, key):
+    loss, grads = nnx.value_and_grad(lambda m: O.compute_loss(m, batch, key, cfg)[1]['im_loss'])(model)
+    optimizer.update(model, grads)
+    return loss
+
+  data = to_jax(batch)
+  losses = [float(train_step(model, optimizer, data, jax.random.key(s))) for s in range(40)]
+  assert np.isfinite(losses).all()
+  assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
