@@ -4,7 +4,7 @@ Written from the design doc (../shared/design/nextstep1.md), independent of our 
 backbone is transformers' Qwen2Model (eager attention), the flow head / projectors are rebuilt
 from §5, the sampler is §7's loop (KV-cache decoding, per-token Euler–Maruyama on grid A with
 CFG in the head). `write_release` saves a model as a release does (sharded safetensors + index,
-config.json, tokenizer.json). Used by tests/convert and benchmarks/official_speed.py.
+config.json, tokenizer.json). Used by tests/convert and benchmarks/sampling_vs_official.py.
 """
 import json
 import math

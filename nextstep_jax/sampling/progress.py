@@ -3,7 +3,7 @@
 Inside `generate_tokens` (when `SamplerConfig.progress_every` > 0) every `progress_every`-th
 token issues an unordered `jax.debug.callback` with the number of tokens done; on the host that
 advances the bar of the innermost `reporting(...)` block (no block: nothing happens). The
-callback carries one scalar and nothing waits on it (measured in benchmarks/official_speed.py:
+callback carries one scalar and nothing waits on it (measured in benchmarks/sampling_vs_official.py:
 ~70 us per token on the CPU VM). On a sharded computation the callback may run once per device;
 the bar keeps the largest count, so repeats are harmless.
 """

@@ -1,6 +1,6 @@
 """Our jitted sampler vs the official NextStep-1 sampling algorithm in PyTorch, same CPU.
 
-  flock /tmp/nextstep-heavy.lock python benchmarks/official_speed.py [--grid 8] [--num-steps 50]
+  flock /tmp/nextstep-heavy.lock python benchmarks/sampling_vs_official.py [--grid 8] [--num-steps 50]
       [--cfg 7.5] [--hidden 256] [--layers 4] [--repeats 3] [--skip-compile]
 
 One random model in the official layout (tests/torch_reference.py: transformers' Qwen2Model +
@@ -16,7 +16,7 @@ sampled by both sides with the same steps, guidance (2-way CFG), token grid and 
 Steady state = the fastest of --repeats full generations after a warm-up (median also kept); first_image_s = the first
 generation in a fresh process state including compilation. The progress-bar overhead of our
 sampler (a host callback per image token) is measured on the same model.
-Results: benchmarks/results/official_speed.json.
+Results: benchmarks/results/sampling_vs_official.json.
 """
 import argparse
 import dataclasses
@@ -84,13 +84,13 @@ def main() -> int:
                       help='torch intra-op threads (1: on the shared 2-core VM two threads measured 25 ms '
                            'per head call against 0.9 ms with one, OpenMP waiting on busy cores)')
   parser.add_argument('--skip-compile', action='store_true', help='leave out torch.compile')
-  parser.add_argument('--out', default=str(RESULTS / 'official_speed.json'))
+  parser.add_argument('--out', default=str(RESULTS / 'sampling_vs_official.json'))
   args = parser.parse_args()
   torch.set_num_threads(args.torch_threads)
   release = dict(tr.TINY_RELEASE, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=args.hidden // 4, intermediate_size=args.hidden * 11 // 4,
                  fm_head_dim=args.head_width, fm_head_layers=args.head_layers)
-  work = pathlib.Path(tempfile.mkdtemp(prefix='official_speed_'))
+  work = pathlib.Path(tempfile.mkdtemp(prefix='sampling_vs_official_'))
   hf_testing.build_tokenizer(str(work / 'tokenizer.json'))
   torch_model = tr.NextStepTorch(release).randomize(seed=0).eval()
   tr.write_release(torch_model, release, str(work / 'tokenizer.json'), work / 'hf')
