@@ -36,5 +36,7 @@ def get_tokenizer(config):
   name = config.image.tokenizer
   if name == 'pixels':
     return PixelsTokenizer()
-  raise ValueError(f'image.tokenizer={name!r} is not available; use "pixels" '
-                   '(the VAE tokenizer arrives with the image-tokenizer work)')
+  if name == 'vae':
+    from nextstep_jax.image import vae_tokenizer  # pylint: disable=g-import-not-at-top (flax model)
+    return vae_tokenizer.VaeTokenizer.from_config(config)
+  raise ValueError(f'image.tokenizer={name!r} is not available; use "pixels" or "vae"')

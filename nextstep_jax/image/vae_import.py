@@ -41,7 +41,8 @@ _SAFETENSORS_DTYPES = {
 }
 # Official config.json fields -> AutoEncoderConfig fields (missing ones keep our defaults).
 _CONFIG_FIELDS = ('in_channels', 'out_ch', 'ch', 'ch_mult', 'num_res_blocks', 'z_channels',
-                  'scaling_factor', 'shift_factor', 'deterministic', 'encoder_norm', 'psz')
+                  'scaling_factor', 'shift_factor', 'deterministic', 'encoder_norm', 'psz',
+                  'norm_groups')
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -202,8 +203,7 @@ def read_release_tensors(directory: str | pathlib.Path) -> dict[str, np.ndarray]
 def load_release(directory: str | pathlib.Path, **overrides) -> vae.AutoEncoder:
   """The official tokenizer in `directory` (config.json + checkpoint.pt | *.safetensors).
 
-  overrides: AutoEncoderConfig fields not stored in config.json (dtype, param_dtype,
-  norm_groups) or to replace the release's (e.g. psz, whose release value is unverified).
+  overrides: AutoEncoderConfig fields not stored in config.json (dtype, param_dtype) or to replace the release's (e.g. psz, whose release value is unverified).
   """
   root = pathlib.Path(directory)
   if not (root / CONFIG_FILE).exists():
