@@ -38,8 +38,8 @@ def get_config(arg=None):
     t.noise_max = 0.2
   elif arg == 'tiny':
     c.data.num_train = 64
-    t.steps, t.batch_size, t.warmup_steps, t.num_eval = 4, 8, 1, 16
-    t.log_every, t.checkpoint_every, t.grid_every = 2, 2, 0
+    t.steps, t.batch_size, t.lr, t.warmup_steps, t.num_eval = 16, 8, 3e-3, 1, 16
+    t.log_every, t.checkpoint_every, t.grid_every = 4, 8, 0
     t.noise_max, t.disc_weight, t.disc_start, t.disc_ch = 0.2, 0.1, 2, 8
   elif arg:
     raise ValueError(f'unknown tokenizer_shapes variant {arg!r}; use "noise", "tiny" or none')

@@ -36,14 +36,18 @@ def psnr(reference, images) -> np.ndarray:
 
 
 def ssim(reference, images) -> np.ndarray:
-  """Per-image SSIM of uint8 (B, H, W, C) images against `reference`."""
+  """Per-image SSIM of uint8 (B, H, W, C) images against `reference`: mean of `ssim_map`."""
+  return ssim_map(reference, images).mean(axis=(1, 2, 3))
+
+
+def ssim_map(reference, images) -> np.ndarray:
+  """Local SSIM (B, H, W, C) with Gaussian-weighted statistics (borders reflected)."""
   x, y = _unit(reference), _unit(images)
   blur = lambda a: ndimage.gaussian_filter(a, sigma=(0, SSIM_SIGMA, SSIM_SIGMA, 0),
                                            truncate=SSIM_TRUNCATE, mode='reflect')
   mx, my = blur(x), blur(y)
   vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-  s = ((2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2)) / ((mx**2 + my**2 + SSIM_C1) * (vx + vy + SSIM_C2))
-  return s.mean(axis=(1, 2, 3))
+  return ((2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2)) / ((mx**2 + my**2 + SSIM_C1) * (vx + vy + SSIM_C2))
 
 
 def reconstruction_scores(tokenizer, images_uint8: np.ndarray) -> dict:

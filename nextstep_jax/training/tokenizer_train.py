@@ -16,10 +16,12 @@ end release/ (config.json + vae.safetensors, the official layout; scaling/shift 
 latent channel statistics) plus stats.json (per-channel mean/std of the training latents).
 """
 import dataclasses
+import functools
 import json
 import math
 import pathlib
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +137,34 @@ def train_step_fn(config, graphdef, disc_graphdef, tx, state: dict, images: jax.
   return new, {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Program:
+  """The jitted functions of one config (cached, so reruns and resumes in a process reuse them)."""
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  abstract: Any  # Train state of ShapeDtypeStructs with their shardings (restore target).
+  init: Callable[[], dict]
+  step: Callable[[dict, jax.Array], tuple[dict, dict]]
+
+
+@functools.lru_cache(maxsize=4)
+def _program(config_json: str) -> _Program:
+  """Sharded init and train step: params by their logical axes, images over `batch`, state donated."""
+  config = configlib.config_from_json(config_json)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tx = make_optimizer(config.vae_train)
+  graphdef, disc_graphdef = _graphdefs(config)
+  abstract = jax.eval_shape(lambda: init_state(config, tx))
+  shardings = rules_lib.state_shardings(abstract, mesh, config.mesh.rules)
+  batch_sharding = rules_lib.activation_spec(mesh, config.mesh.rules, 'batch', None, None, None)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step = jax.jit(lambda s, x: train_step_fn(config, graphdef, disc_graphdef, tx, s, x),
+                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+                 donate_argnums=(0,))
+  return _Program(mesh, graphdef, rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules),
+                  jax.jit(lambda: init_state(config, tx), out_shardings=shardings), step)
+
+
 def batch_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
   """Training rows of `step`: with replacement, a pure function of (seed, step)."""
   return np.random.default_rng([seed, step, 2]).integers(n, size=batch)
@@ -152,23 +182,16 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
   (root / CONFIG_FILE).write_text(configlib.config_to_json(config))
   images, _ = builtin_source.load_images_and_captions(config)
   held = heldout_images(config, t.num_eval)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  tx = make_optimizer(t)
-  graphdef, disc_graphdef = _graphdefs(config)
-  abstract = jax.eval_shape(lambda: init_state(config, tx))
-  shardings = rules_lib.state_shardings(abstract, mesh, config.mesh.rules)
+  program = _program(configlib.config_to_json(config))
+  mesh, graphdef = program.mesh, program.graphdef
   ckpt = checkpoints.Checkpointer(root / 'checkpoints', keep=t.keep_checkpoints)
   start = ckpt.latest_step()
   if start is None:
-    state, start = jax.jit(lambda: init_state(config, tx), out_shardings=shardings)(), 0
+    state, start = program.init(), 0
   else:
-    state, _ = ckpt.restore(start, rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules))
+    state, _ = ckpt.restore(start, program.abstract)
     print(f'resumed from step {start} in {root}', flush=True)
-  batch_sharding = rules_lib.activation_spec(mesh, config.mesh.rules, 'batch', None, None, None)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step_fn = jax.jit(lambda s, x: train_step_fn(config, graphdef, disc_graphdef, tx, s, x),
-                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
-                    donate_argnums=(0,))
+  step_fn = program.step
   writer = log_utils.MetricWriter(root / 'tb')
   progress = log_utils.ProgressLogger(t.steps, t.log_every, start_step=start, items_per_step=t.batch_size)
   host: dict = {}
@@ -210,10 +233,20 @@ def _model(graphdef, params) -> vae.AutoEncoder:
   return nnx.merge(graphdef, jax.device_get(params))
 
 
+@nnx.jit
+def _reconstruct(model: vae.AutoEncoder, images: jax.Array) -> jax.Array:
+  return model.decode(model.encode(images))
+
+
+@nnx.jit
+def _posterior_mean(model: vae.AutoEncoder, images: jax.Array) -> jax.Array:
+  return model.posterior(images)[0]
+
+
 def save_grid(graphdef, params, originals: np.ndarray, root: pathlib.Path, step: int, writer) -> str:
   """Held-out originals (top row) above their reconstructions (bottom row) as a PNG."""
   model = _model(graphdef, params)
-  recon = nnx.jit(lambda m, x: m.decode(m.encode(x)))(model, tokenizers.uint8_to_unit(originals))
+  recon = _reconstruct(model, tokenizers.uint8_to_unit(originals))
   grid = image_utils.make_grid(np.concatenate([originals, image_utils.to_uint8(recon)]), ncols=len(originals))
   path = root / 'grids' / f'step_{step:07d}.png'
   image_utils.save_png(path, grid)
@@ -226,7 +259,7 @@ def finalize(config, graphdef, params, images: np.ndarray, root: pathlib.Path) -
   stats.json; the release/ export with the factors they imply."""
   model = _model(graphdef, params)
   sample = tokenizers.uint8_to_unit(images[:config.vae_train.num_eval])
-  latents = np.asarray(nnx.jit(lambda m, x: m.posterior(x)[0])(model, sample))
+  latents = np.asarray(_posterior_mean(model, sample))
   stats = vae_tokenizer.channel_statistics(latents)
   (root / STATS_FILE).write_text(json.dumps(stats, indent=2))
   cfg = dataclasses.replace(model.cfg, shift_factor=stats['shift_factor'],
