@@ -31,11 +31,14 @@ setuptools.setup(
         'scipy',  # Connected components and matrix square roots in the evaluators.
         'tensorboardX~=2.6',  # TensorBoard event files without TensorFlow.
     ],
-    extras_require={'test': ['pytest', 'pytest-xdist']},
+    # torch (CPU wheel) only for the VAE import parity test's PyTorch reference; never at run time.
+    extras_require={'test': ['pytest', 'pytest-xdist', 'torch==2.13.0']},
     entry_points={
         'console_scripts': [
             'nextstep-train=nextstep_jax.cli.train:main',
             'nextstep-sample=nextstep_jax.cli.sample:main',
+            'nextstep-train-tokenizer=nextstep_jax.cli.train_tokenizer:main',
+            'nextstep-eval-tokenizer=nextstep_jax.cli.eval_tokenizer:main',
         ],
     },
 )
