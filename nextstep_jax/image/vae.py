@@ -164,18 +164,21 @@ class Upsample(nnx.Module):
 
 
 class Level(nnx.Module):
-  """One resolution level: `block` ResnetBlocks, then an optional `downsample`/`upsample`."""
+  """One resolution level: ResnetBlocks `block`, then a `downsample` (encoder) or `upsample`
+  (decoder) when given."""
 
-  def __init__(self, blocks: list, resample: nnx.Module | None, resample_name: str):
+  def __init__(self, blocks: list, downsample: Downsample | None = None, upsample: Upsample | None = None):
     self.block = nnx.List(blocks)
-    self.resample_name = resample_name
-    setattr(self, resample_name, resample)
+    self.downsample = downsample
+    self.upsample = upsample
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for block in self.block:
       x = block(x)
-    resample = getattr(self, self.resample_name)
-    return resample(x) if resample is not None else x
+    for resample in (self.downsample, self.upsample):
+      if resample is not None:
+        x = resample(x)
+    return x
 
 
 class Mid(nnx.Module):
@@ -201,7 +204,7 @@ class Encoder(nnx.Module):
       blocks = [ResnetBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1], cfg, rngs)
                 for j in range(cfg.num_res_blocks)]
       last = i == len(cfg.ch_mult) - 1
-      levels.append(Level(blocks, None if last else Downsample(widths[i + 1], cfg, rngs), 'downsample'))
+      levels.append(Level(blocks, downsample=None if last else Downsample(widths[i + 1], cfg, rngs)))
     self.down = nnx.List(levels)
     self.mid = Mid(widths[-1], cfg, rngs)
     self.norm_out = GroupNorm(widths[-1], cfg)
@@ -229,7 +232,7 @@ class Decoder(nnx.Module):
       for _ in range(cfg.num_res_blocks + 1):
         blocks.append(ResnetBlock(block_in, widths[i], cfg, rngs))
         block_in = widths[i]
-      levels[i] = Level(blocks, Upsample(block_in, cfg, rngs) if i else None, 'upsample')
+      levels[i] = Level(blocks, upsample=Upsample(block_in, cfg, rngs) if i else None)
     self.up = nnx.List(levels)
     self.norm_out = GroupNorm(widths[0], cfg)
     self.conv_out = Conv(widths[0], cfg.out_ch, 3, cfg, rngs)
