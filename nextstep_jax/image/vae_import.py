@@ -170,7 +170,7 @@ def load_params(model: vae.AutoEncoder, tensors: Mapping[str, np.ndarray]) -> No
       tensor = tensor.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
     if tensor.shape != var.get_value().shape:
       wrong.append(f'{name}: checkpoint {tensors[name].shape}, expected (torch layout) '
-                   f'{_torch_shape(var.get_value().shape)}')
+                   f'{torch_shape(var.get_value().shape)}')
     converted[name] = tensor
   if missing or unexpected or wrong:
     lines = ['VAE checkpoint does not match the model built from its config:']
@@ -184,7 +184,8 @@ def load_params(model: vae.AutoEncoder, tensors: Mapping[str, np.ndarray]) -> No
   nnx.update(model, state)
 
 
-def _torch_shape(shape: tuple) -> tuple:
+def torch_shape(shape: tuple) -> tuple:
+  """Our parameter shape -> the checkpoint's (HWIO conv kernels -> OIHW)."""
   return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
 
 

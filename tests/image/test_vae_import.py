@@ -252,3 +252,25 @@ def test_malicious_pickle_is_rejected(tmp_path):
     archive.writestr('evil/byteorder', 'little')
   with pytest.raises(vae_import.UnsafeCheckpointError, match='system'):
     vae_import.read_torch_checkpoint(path)
+
+
+def test_official_size_layout_matches_the_release_names():
+  """nextstep1.md §8: the f8ch16 key set, by shape evaluation only."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  model = nnx.eval_shape(lambda: vae.AutoEncoder(vae.AutoEncoderConfig(), nnx.Rngs(0)))
+  shapes = {vae_import.official_name(path): vae_import.torch_shape(var.get_value().shape)
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert shapes['encoder.conv_in.weight'] == (128, 3, 3, 3)
+  assert shapes['encoder.conv_out.weight'] == (32, 512, 3, 3)
+  assert shapes['decoder.conv_in.weight'] == (512, 16, 3, 3)
+  assert shapes['decoder.conv_out.weight'] == (3, 128, 3, 3)
+  assert shapes['encoder.mid.attn_1.q.weight'] == (512, 512, 1, 1)
+  assert sorted(n for n in shapes if 'nin_shortcut.weight' in n) == [
+      'decoder.up.0.block.0.nin_shortcut.weight', 'decoder.up.1.block.0.nin_shortcut.weight',
+      'encoder.down.1.block.0.nin_shortcut.weight', 'encoder.down.2.block.0.nin_shortcut.weight']
+  assert sorted(n for n in shapes if 'sample' in n and n.endswith('weight')) == [
+      'decoder.up.1.upsample.conv.weight', 'decoder.up.2.upsample.conv.weight',
+      'decoder.up.3.upsample.conv.weight', 'encoder.down.0.downsample.conv.weight',
+      'encoder.down.1.downsample.conv.weight', 'encoder.down.2.downsample.conv.weight']
+  assert {n.split('.block.')[1][0] for n in shapes if n.startswith('decoder.up.3.block.')} == {'0', '1', '2'}
+  assert not any('quant_conv' in n for n in shapes)
