@@ -5,7 +5,8 @@
 Each call pads B to a multiple of rows_per_pass = image.vae.batch_chunk x (devices on the `batch`
 mesh axes) and runs lax.map over passes, each pass sharded over `batch`, so peak memory is one
 pass of `batch_chunk` images per device (a 1024x1024 decode works with batch_chunk=1) and the
-result is exactly the unchunked one.
+result is exactly the unchunked one. Inputs are the same numpy batch on every process; outputs are
+gathered to every process.
 
 Weights come from `image.vae.checkpoint`:
   * an official release directory: `config.json` + `checkpoint.pt` (or a .safetensors copy);
@@ -43,12 +44,14 @@ class VaeTokenizer:
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
     self.rows_per_pass = batch_chunk * int(np.prod([mesh.shape[a] for a in batch_axes]))
     passes = rules_lib.activation_spec(mesh, rules, None, 'batch', None, None, None)
+    # Outputs are gathered (replicated) so every process can read them as numpy.
+    gathered = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def mapped(method):
       def run(params, x):
         model = nnx.merge(graphdef, params)
         return jax.lax.map(getattr(model, method), x)
-      return jax.jit(run, in_shardings=(param_shardings, passes), out_shardings=passes)
+      return jax.jit(run, in_shardings=(param_shardings, passes), out_shardings=gathered)
 
     self._encode, self._decode = mapped('encode'), mapped('decode')
     self._passes = passes
