@@ -2,7 +2,7 @@
 regularisation; held-out PSNR/SSIM, robustness curves, and (optionally) the AR model's scores.
 
   python benchmarks/tokenizer.py [--variants plain noise] [--steps N] [--num 256] [--workdir runs]
-      [--ar-steps 0] [--ar-prompts 50]
+      [--override data.num_train=5000 ...] [--ar-steps 0] [--ar-prompts 50]
 
 Per variant: `nextstep-train-tokenizer --config configs/tokenizer_shapes.py[:noise]` (skipped when
 the run's release/ exists), then `nextstep-eval-tokenizer` scoring on `--num` held-out scenes (the
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--variants', nargs='*', default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument('--steps', type=int, default=0, help='vae_train.steps override (0 = config)')
+  parser.add_argument('--override', nargs='*', default=[], help='more tokenizer config overrides, a.b=c')
   parser.add_argument('--num', type=int, default=256, help='held-out images scored')
   parser.add_argument('--workdir', default='runs', help='parent of the run directories')
   parser.add_argument('--ar-steps', type=int, default=0, help='AR training steps per tokenizer (0 = skip)')
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     variant = VARIANTS[label]
     workdir = pathlib.Path(args.workdir) / ('tokenizer_shapes' + (f'_{variant}' if variant else ''))
     config_path = 'configs/tokenizer_shapes.py' + (f':{variant}' if variant else '')
-    overrides = [f'vae_train.steps={args.steps}'] if args.steps else []
+    overrides = ([f'vae_train.steps={args.steps}'] if args.steps else []) + list(args.override)
     if not (workdir / 'release').exists():
       tokenizer_train.train(configlib.load_config(config_path, overrides), str(workdir))
     scores = tokenizer_eval.evaluate_run(str(workdir), args.num, SIGMAS)
