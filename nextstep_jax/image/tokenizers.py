@@ -1,7 +1,8 @@
 """Image tokenizers: images (B, S, S, 3) in [-1, 1] <-> latents (B, S/f, S/f, C).
 
-Every tokenizer exposes `channels`, `downsample`, `latent_shape(size)`, `encode` and `decode`, so
-the VAE of the image-tokenizer issue drops in by config (`image.tokenizer`).
+Every tokenizer exposes `channels`, `downsample`, `latent_shape(size)`, `encode` and `decode`;
+`image.tokenizer` picks `pixels` (below) or `vae` (`vae_tokenizer.VaeTokenizer`, weights from
+`image.vae.checkpoint`).
 """
 import dataclasses
 
