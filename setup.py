@@ -54,6 +54,8 @@ setuptools.setup(
             'nextstep-convert=nextstep_jax.cli.convert:main',
             'nextstep-data=nextstep_jax.cli.data:main',
             'nextstep-sweep=nextstep_jax.cli.sweep:main',
+            'nextstep-train-tokenizer=nextstep_jax.cli.train_tokenizer:main',
+            'nextstep-eval-tokenizer=nextstep_jax.cli.eval_tokenizer:main',
         ],
     },
 )

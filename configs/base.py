@@ -47,6 +47,47 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.image.size = 32  # Image side S in pixels (square).
   c.image.use_norm = False  # Per-token LayerNorm of sampled tokens (official `use_norm`; VAE with encoder_norm only).
 
+  # VAE tokenizer (image.tokenizer='vae'): Flux-layout KL autoencoder, f = 2**(len(ch_mult)-1).
+  # Defaults are the official f8ch16 (NextStep-1-f8ch16-Tokenizer); a checkpoint's own config wins.
+  c.image.vae = ml_collections.ConfigDict()
+  v = c.image.vae
+  v.checkpoint = ''  # nextstep-train-tokenizer workdir or official release dir ('' = random init, tests only).
+  v.in_channels = 3
+  v.out_ch = 3
+  v.ch = 128  # Base width; level i has ch * ch_mult[i] channels.
+  v.ch_mult = (1, 2, 4, 4)
+  v.num_res_blocks = 2  # ResnetBlocks per encoder level (decoder: + 1).
+  v.z_channels = 16  # Latent channels; must equal model.latent_channels.
+  v.norm_groups = 32  # GroupNorm groups (official 32).
+  v.scaling_factor = 1.0  # latents = (z - shift_factor) * scaling_factor (official 1.0 / 0.0).
+  v.shift_factor = 0.0
+  v.deterministic = True  # Encode to the posterior mean.
+  v.encoder_norm = True  # LayerNorm each psz x psz patch of the mean (official true).
+  v.psz = 2  # Patch side of encoder_norm (unverified official value; see nextstep1.md).
+  v.batch_chunk = 8  # Images per device per encode/decode pass (bounds memory, e.g. 1024px).
+  v.dtype = 'float32'
+  v.param_dtype = 'float32'
+
+  # Tokenizer training (nextstep-train-tokenizer): reconstruction L1 + L2, KL, latent noise, GAN.
+  c.vae_train = ml_collections.ConfigDict()
+  t = c.vae_train
+  t.steps = 2000
+  t.batch_size = 32
+  t.lr = 2e-4
+  t.warmup_steps = 100
+  t.l1_weight = 1.0
+  t.l2_weight = 1.0
+  t.kl_weight = 1e-6  # On the KL summed over latent elements, averaged over images.
+  t.noise_max = 0.0  # Latent noise gamma: decode(latents + alpha * eps), alpha ~ U[0, gamma] (paper 0.2).
+  t.disc_weight = 0.0  # Hinge-GAN generator weight (0 = no discriminator).
+  t.disc_start = 1000  # Step from which the discriminator trains and the GAN loss applies.
+  t.disc_ch = 32  # Patch discriminator base width.
+  t.num_eval = 256  # Held-out images for PSNR/SSIM, channel statistics and grids.
+  t.log_every = 50
+  t.checkpoint_every = 500
+  t.grid_every = 500  # Reconstruction grid PNG period (0 = only at the end).
+  t.keep_checkpoints = 2
+
   # Text tokenizer (sentencepiece trained deterministically from the dataset's captions).
   c.text = ml_collections.ConfigDict()
   c.text.vocab_size = 384  # Sentencepiece pieces requested (specials + 256 byte pieces included).
@@ -162,5 +203,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       ('head_freq', None),
       ('embed_out', None),
       ('norm', None),
+      # VAE (image tokenizer): parameters replicated, activations over `batch`.
+      ('conv_height', None),
+      ('conv_width', None),
+      ('conv_in', None),
+      ('conv_out', None),
   )
   return c

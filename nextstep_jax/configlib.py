@@ -16,7 +16,7 @@ import ml_collections
 
 from nextstep_jax.parallel.mesh import MESH_AXES
 
-TOKENIZER_DOWNSAMPLE = {'pixels': 1, 'vae': 8}  # Image side / latent side per tokenizer.
+TOKENIZERS = ('pixels', 'vae')
 SPARE_EMBEDDING_ROWS = 16  # Embedding rows past text.vocab_size, for special tokens added later.
 SOLVERS = ('sde', 'euler', 'heun')
 TIME_GRIDS = ('A', 'B')
@@ -117,7 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads='
             f'{m.num_kv_heads} (grouped-query attention); pick num_kv_heads dividing num_heads.')
 
-  _require_choice(require, 'image.tokenizer', image.tokenizer, tuple(TOKENIZER_DOWNSAMPLE))
+  _require_choice(require, 'image.tokenizer', image.tokenizer, TOKENIZERS)
   _require_choice(require, 'data.dataset', config.data.dataset, DATASETS)
   _require_choice(require, 'sample.solver', sample.solver, SOLVERS)
   _require_choice(require, 'sample.time_grid', sample.time_grid, TIME_GRIDS)
@@ -148,7 +148,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             'image.use_norm=True LayerNorms every sampled token, which only matches training '
             'targets that are normalised per token (the VAE with encoder_norm); set '
             'image.use_norm=False with image.tokenizer=pixels.')
-  downsample = TOKENIZER_DOWNSAMPLE.get(image.tokenizer)
+  if image.tokenizer == 'vae':
+    _validate_vae(require, config)
+  downsample = tokenizer_downsample(config) if image.tokenizer in TOKENIZERS else None
   if downsample and image.size > 0 and m.latent_patch_size > 0:
     unit = downsample * m.latent_patch_size
     require(image.size % unit == 0,
@@ -214,9 +216,16 @@ def _validate_data_pipeline(require, data: ml_collections.ConfigDict) -> None:
           'stores augmented variants: set data.augment (e.g. "hflip") or cache_variants=1.')
 
 
+def tokenizer_downsample(config: ml_collections.ConfigDict) -> int:
+  """Image side / latent side: 1 for pixels, 2**(len(image.vae.ch_mult) - 1) for the VAE."""
+  if config.image.tokenizer == 'vae':
+    return 2 ** (len(config.image.vae.ch_mult) - 1)
+  return 1
+
+
 def image_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """Image tokens per side (h, w): image.size / tokenizer downsample / latent_patch_size."""
-  side = (config.image.size // TOKENIZER_DOWNSAMPLE[config.image.tokenizer]
+  side = (config.image.size // tokenizer_downsample(config)
           // config.model.latent_patch_size)
   return side, side
 
@@ -268,6 +277,42 @@ def _seq_len_parts(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 def _seq_len_breakdown(config: ml_collections.ConfigDict) -> str:
   return ' + '.join(f'{n} ({part})' for part, n in _seq_len_parts(config).items())
+
+
+def _validate_vae(require, config: ml_collections.ConfigDict) -> None:
+  """image.vae and vae_train fields (image.tokenizer='vae')."""
+  v, m = config.image.vae, config.model
+  for field in ('ch', 'num_res_blocks', 'z_channels', 'norm_groups', 'psz', 'batch_chunk',
+                'scaling_factor', 'in_channels', 'out_ch'):
+    require(v[field] > 0, f'image.vae.{field}={v[field]} must be > 0.')
+  require(len(v.ch_mult) >= 1 and all(k > 0 for k in v.ch_mult),
+          f'image.vae.ch_mult={v.ch_mult} must be a non-empty tuple of positive ints.')
+  if v.norm_groups > 0 and v.ch > 0:
+    widths = sorted({v.ch} | {v.ch * k for k in v.ch_mult})
+    require(all(w % v.norm_groups == 0 for w in widths),
+            f'image.vae widths {widths} (ch={v.ch} x ch_mult) must be divisible by '
+            f'image.vae.norm_groups={v.norm_groups}; pick ch a multiple of norm_groups.')
+  require(m.latent_channels == v.z_channels,
+          f'model.latent_channels={m.latent_channels} must equal image.vae.z_channels='
+          f'{v.z_channels} with image.tokenizer=vae.')
+  latent_side = config.image.size // tokenizer_downsample(config)
+  if v.encoder_norm and v.psz > 0:
+    require(latent_side % v.psz == 0,
+            f'image.vae.psz={v.psz} must divide the latent side {latent_side} (image.size / '
+            f'{tokenizer_downsample(config)}).')
+  if config.image.use_norm:
+    require(v.encoder_norm and v.psz == m.latent_patch_size,
+            'image.use_norm=True LayerNorms every sampled token, which matches the training '
+            'targets only when image.vae.encoder_norm=True and image.vae.psz == '
+            f'model.latent_patch_size (got encoder_norm={v.encoder_norm}, psz={v.psz}, '
+            f'latent_patch_size={m.latent_patch_size}).')
+  t = config.vae_train
+  for field in ('steps', 'batch_size', 'lr', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+                'num_eval', 'disc_ch'):
+    require(t[field] > 0, f'vae_train.{field}={t[field]} must be > 0.')
+  for field in ('warmup_steps', 'l1_weight', 'l2_weight', 'kl_weight', 'noise_max', 'disc_weight',
+                'disc_start', 'grid_every'):
+    require(t[field] >= 0, f'vae_train.{field}={t[field]} must be >= 0.')
 
 
 def _require_choice(require, name: str, value: Any, choices: Sequence[str]) -> None:

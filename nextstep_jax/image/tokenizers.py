@@ -1,7 +1,8 @@
 """Image tokenizers: images (B, S, S, 3) in [-1, 1] <-> latents (B, S/f, S/f, C).
 
-Every tokenizer exposes `channels`, `downsample`, `latent_shape(size)`, `encode` and `decode`, so
-the VAE of the image-tokenizer issue drops in by config (`image.tokenizer`).
+Every tokenizer exposes `channels`, `downsample`, `latent_shape(size)`, `encode` and `decode`;
+`image.tokenizer` picks `pixels` (below) or `vae` (`vae_tokenizer.VaeTokenizer`, weights from
+`image.vae.checkpoint`).
 """
 import dataclasses
 
@@ -36,5 +37,7 @@ def get_tokenizer(config):
   name = config.image.tokenizer
   if name == 'pixels':
     return PixelsTokenizer()
-  raise ValueError(f'image.tokenizer={name!r} is not available; use "pixels" '
-                   '(the VAE tokenizer arrives with the image-tokenizer work)')
+  if name == 'vae':
+    from nextstep_jax.image import vae_tokenizer  # pylint: disable=g-import-not-at-top (flax model)
+    return vae_tokenizer.VaeTokenizer.from_config(config)
+  raise ValueError(f'image.tokenizer={name!r} is not available; use "pixels" or "vae"')
