@@ -25,6 +25,7 @@ REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_save
 LR_SCHEDULES = ('cosine', 'constant')
 DTYPES = ('float32', 'bfloat16', 'float16')
 DATASETS = ('shapes', 'digits')
+ATTENTIONS = ('xla', 'splash')
 
 
 class ConfigError(ValueError):
@@ -122,6 +123,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(require, 'train.lr_schedule', train.lr_schedule, LR_SCHEDULES)
   _require_choice(require, 'model.dtype', m.dtype, DTYPES)
   _require_choice(require, 'model.param_dtype', m.param_dtype, DTYPES)
+  _require_choice(require, 'model.attention', m.attention, ATTENTIONS)
 
   if image.tokenizer == 'pixels':
     require(m.latent_channels == 3,

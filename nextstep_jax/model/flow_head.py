@@ -36,6 +36,7 @@ class FlowHeadConfig:
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   remat_policy: str = 'none'
+  scan_unroll: bool = False  # Unroll the res-block scan (exact compiler cost analysis; AOT only).
 
 
 def timestep_embedding(t: jax.Array, dim: int = TIME_FREQ_DIM) -> jax.Array:
@@ -115,7 +116,8 @@ class FlowHead(nnx.Module):
     def body(block, h, _):
       return block(h, y_act), None
 
-    x, _ = L.scan_stack(self.res_blocks, body, x, remat_policy=self.cfg.remat_policy)
+    x, _ = L.scan_stack(self.res_blocks, body, x, remat_policy=self.cfg.remat_policy,
+                        unroll=self.cfg.scan_unroll)
     return self.final_layer(x, y_act).astype(jnp.float32)
 
   def __call__(self, x_t: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:

@@ -100,10 +100,12 @@ def create_stack(factory: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.
   return build(rngs)
 
 
-def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, remat_policy: str = 'none'):
+def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, remat_policy: str = 'none',
+               unroll: bool = False):
   """Applies a stacked module layer by layer with `lax.scan` (compile time independent of depth).
 
   body(layer_module, carry, x) -> (carry, y); `xs` (optional) is scanned alongside the layers.
+  unroll=True unrolls the scan (the compiler's cost analysis then counts every layer).
   """
   graphdef, stacked_state = nnx.split(stack)
 
@@ -113,4 +115,4 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, remat_policy: 
 
   if remat_policy != 'none':
     step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-  return jax.lax.scan(step, carry, (stacked_state, xs))
+  return jax.lax.scan(step, carry, (stacked_state, xs), unroll=unroll)
