@@ -37,13 +37,16 @@ def main(argv=None) -> int:
   hbm = None if args.hbm_gib is None else int(args.hbm_gib * aot.GIB)
   try:
     result = aot.plan(config, args.topology, args.task, hbm_bytes=hbm, calibrate=not args.no_calibrate)
+    record, code = dataclasses.asdict(result), 0
   except aot.DoesNotFit as error:
     print(f'nextstep-aot: {error}', file=sys.stderr)
-    return 1
+    record = dataclasses.asdict(error.plan) if error.plan else {
+        'task': args.task, 'topology': args.topology, 'fits': False}
+    record['error'], code = str(error), 1
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(dataclasses.asdict(result), f, indent=2)
-  return 0
+      json.dump(record, f, indent=2)
+  return code
 
 
 if __name__ == '__main__':

@@ -87,7 +87,7 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b, l, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
-    q = apply_rope(self.q_proj(x), cos, sin)
+    q = L.constrain(apply_rope(self.q_proj(x), cos, sin), cfg.mesh_rules, 'batch', 'length', 'heads', 'head_dim')
     k_all, v_all, key_valid = layer_cache
     q = q.reshape(b, l, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum('blkge,bske->bkgls', q, k_all.astype(q.dtype)).astype(jnp.float32)
@@ -104,14 +104,15 @@ class Attention(nnx.Module):
     (B, L, K, E), token_valid (B, L). Returns (B, L, D)."""
     cfg = self.cfg
     b, l, _ = x.shape
-    q = apply_rope(self.q_proj(x), cos, sin)
+    q = L.constrain(apply_rope(self.q_proj(x), cos, sin), cfg.mesh_rules, 'batch', 'length', 'heads', 'head_dim')
     out = attention_lib.splash_attention(q, k.astype(q.dtype), v.astype(q.dtype), token_valid,
                                          cfg.mesh_rules)
     return self.o_proj(out.reshape(b, l, cfg.num_heads * cfg.head_dim).astype(cfg.dtype))
 
   def project_kv(self, x, cos, sin):
     """x (B, L, D) -> rotated keys and values (B, L, K, E)."""
-    return apply_rope(self.k_proj(x), cos, sin), self.v_proj(x)
+    axes = (self.cfg.mesh_rules, 'batch', 'length', 'kv_heads', 'head_dim')
+    return L.constrain(apply_rope(self.k_proj(x), cos, sin), *axes), L.constrain(self.v_proj(x), *axes)
 
 
 class MLP(nnx.Module):
@@ -119,12 +120,14 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: BackboneConfig, *, rngs: nnx.Rngs):
     kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.rules = cfg.mesh_rules
     self.gate_proj = L.Dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), **kw)
     self.up_proj = L.Dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), **kw)
     self.down_proj = L.Dense(cfg.intermediate_size, cfg.hidden_size, ('mlp', 'embed'), **kw)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    hidden = L.constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), self.rules, 'batch', 'length', 'mlp')
+    return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):
@@ -151,8 +154,10 @@ class DecoderLayer(nnx.Module):
       attended = self.self_attn.attend_sequence(normed, cos, sin, k_new, v_new, token_valid)
     else:
       attended = self.self_attn(normed, cos, sin, query_slots, (k_cache, v_cache, key_valid))
-    h = x + attended
-    return h + self.mlp(self.post_attention_layernorm(h)), k_cache, v_cache
+    rules = self.self_attn.cfg.mesh_rules
+    h = L.constrain(x + attended, rules, 'batch', 'length', 'embed')
+    out = L.constrain(h + self.mlp(self.post_attention_layernorm(h)), rules, 'batch', 'length', 'embed')
+    return out, k_cache, v_cache
 
 
 class Decoder(nnx.Module):

@@ -37,6 +37,7 @@ class FlowHeadConfig:
   param_dtype: jnp.dtype
   remat_policy: str = 'none'
   scan_unroll: bool = False  # Unroll the res-block scan (exact compiler cost analysis; AOT only).
+  mesh_rules: tuple = ()  # Logical-axis rules for activation sharding constraints.
 
 
 def timestep_embedding(t: jax.Array, dim: int = TIME_FREQ_DIM) -> jax.Array:
@@ -110,11 +111,12 @@ class FlowHead(nnx.Module):
 
   def velocity_from_condition(self, x_t: jax.Array, t: jax.Array, cond_emb: jax.Array) -> jax.Array:
     """x_t (M, T), t (M,), cond_emb = condition(c) (M, W) -> velocity (M, T) float32."""
-    y_act = jax.nn.silu(self.time_embed(t) + cond_emb)
-    x = self.input_proj(x_t)
+    rules = self.cfg.mesh_rules
+    y_act = L.constrain(jax.nn.silu(self.time_embed(t) + cond_emb), rules, 'batch', 'head_embed')
+    x = L.constrain(self.input_proj(x_t), rules, 'batch', 'head_embed')
 
     def body(block, h, _):
-      return block(h, y_act), None
+      return L.constrain(block(h, y_act), rules, 'batch', 'head_embed'), None
 
     x, _ = L.scan_stack(self.res_blocks, body, x, remat_policy=self.cfg.remat_policy,
                         unroll=self.cfg.scan_unroll)

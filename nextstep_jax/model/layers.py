@@ -1,7 +1,9 @@
 """Shared building blocks: annotated parameters, dense layers, norms, stacked-layer scan, remat.
 
 Every parameter carries logical axis names in its `out_sharding` metadata; the mesh rules in the
-config map them to mesh axes (`nextstep_jax.parallel.rules`). Parameters are stored in
+config map them to mesh axes (`nextstep_jax.parallel.rules`). Main activations are constrained to
+logical axes (`constrain`) under the mesh in context, so FSDP all-gathers weights rather than
+activations. Parameters are stored in
 `param_dtype` and cast to the compute `dtype` at use; norms and softmax run in float32.
 """
 from typing import Callable, Sequence
@@ -9,6 +11,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from nextstep_jax.parallel import rules as rules_lib
 
 Initializer = Callable[..., jax.Array]
 
@@ -18,6 +22,16 @@ REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
     'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def constrain(x: jax.Array, rules: rules_lib.Rules, *logical: str | None) -> jax.Array:
+  """Sharding constraint of activation `x` to logical axes (one per dimension) under the mesh in
+  context (`jax.sharding.use_abstract_mesh`, set by the jitted entry points); identity without a
+  multi-device mesh or without rules."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, rules_lib.logical_to_spec(logical, rules))
 
 
 def annotated_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: tuple,

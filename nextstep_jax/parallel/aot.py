@@ -17,6 +17,7 @@ Method (also in benchmarks/README.md):
 """
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -61,7 +62,12 @@ CHIPS = {
 
 
 class DoesNotFit(RuntimeError):
-  """The compiled step needs more memory per device than the chip has; the message names knobs."""
+  """The step needs more memory per device than the chip has; the message names the knobs.
+  `plan` is the Plan when compilation finished, None when the TPU compiler itself ran out of HBM."""
+
+  def __init__(self, message: str, plan: 'Plan | None' = None):
+    super().__init__(message)
+    self.plan = plan
 
 
 @dataclasses.dataclass
@@ -128,6 +134,8 @@ def topology_devices(topology: str) -> list:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   except ImportError as error:  # pragma: no cover
     raise RuntimeError('jax.experimental.topologies is unavailable; upgrade jax.') from error
+  # An AOT compile owns no TPU: let several planner processes load libtpu at once.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   generation, _, shape = topology.partition(':')
   chip_for(topology)
   dims = tuple(int(d) for d in shape.split('x')) if shape else ()
@@ -362,15 +370,23 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
   mesh = make_mesh(config, devices)
   log(f'[aot] {task} on {topology}: {len(devices)} devices, mesh {dict(mesh.shape)}')
   started = time.monotonic()
-  if task == 'train':
-    compiled = compile_train(config, mesh)
-    mem = memory(compiled)
-  else:
-    prefill, token_step = compile_sample(config, mesh)
-    mems = [memory(prefill), memory(token_step)]
-    mem = max(mems, key=lambda x: x['total_bytes'])
+  try:
+    if task == 'train':
+      compiled = compile_train(config, mesh)
+      mem = memory(compiled)
+    else:
+      prefill, token_step = compile_sample(config, mesh)
+      mem = max([memory(prefill), memory(token_step)], key=lambda x: x['total_bytes'])
+  except jax.errors.JaxRuntimeError as error:
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+      raise
+    raise DoesNotFit(knobs_message(config, dict(mesh.shape), task,
+                                   f'{task} does not fit {topology}: the TPU compiler says '
+                                   f'"{str(error).splitlines()[0]}"')) from error
   compile_s = time.monotonic() - started
   log(f'[aot] compiled in {compile_s:.1f} s; per-device total {mem["total_bytes"] / GIB:.2f} GiB')
+  if mem['total_bytes'] > hbm:
+    calibrate = False  # It does not fit: report the memory without the calibration compiles.
 
   m = config.model
   notes = []
@@ -427,14 +443,17 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
       compile_s=compile_s, notes='; '.join(notes))
   log(result.table())
   if not result.fits:
-    raise DoesNotFit(does_not_fit_message(config, result, task))
+    over = (result.total_bytes - result.hbm_bytes) / GIB
+    raise DoesNotFit(knobs_message(
+        config, result.mesh, task,
+        f'{task} does not fit {topology}: {result.total_bytes / GIB:.2f} GiB per device > '
+        f'{result.hbm_bytes / GIB:.2f} GiB HBM ({over:.2f} GiB over).'), result)
   return result
 
 
-def does_not_fit_message(config, result: Plan, task: str) -> str:
-  """Names the knobs that lower per-device memory, with their current values."""
-  over = (result.total_bytes - result.hbm_bytes) / GIB
-  m, mesh = config.model, result.mesh
+def knobs_message(config, mesh: dict, task: str, headline: str) -> str:
+  """`headline` plus the knobs that lower per-device memory, with their current values."""
+  m = config.model
   if mesh['data'] > 1:
     knobs = [f'more FSDP: --config.mesh.fsdp=-1 --config.mesh.data=1 (now data={mesh["data"]}, '
              f'fsdp={mesh["fsdp"]}: data-parallel devices hold full replicas of params and optimizer)']
@@ -451,5 +470,4 @@ def does_not_fit_message(config, result: Plan, task: str) -> str:
     knobs.append(f'fewer images per call: --config.sample.batch_size (now {config.sample.batch_size})')
     if m.param_dtype != 'bfloat16':
       knobs.append(f'bfloat16 weights for inference: --config.model.param_dtype=bfloat16 (now {m.param_dtype})')
-  return (f'{task} does not fit {result.topology}: {result.total_bytes / GIB:.2f} GiB per device > '
-          f'{result.hbm_bytes / GIB:.2f} GiB HBM ({over:.2f} GiB over). Try:\n  - ' + '\n  - '.join(knobs))
+  return f'{headline} Try:\n  - ' + '\n  - '.join(knobs)
