@@ -31,11 +31,16 @@ setuptools.setup(
         'scipy',  # Connected components and matrix square roots in the evaluators.
         'tensorboardX~=2.6',  # TensorBoard event files without TensorFlow.
     ],
-    extras_require={'test': ['pytest', 'pytest-xdist']},
+    extras_require={
+        'test': ['pytest', 'pytest-xdist',
+                 'libtpu==0.0.42.*'],  # AOT planner tests (issue 4); the lead decides.
+        'tpu-aot': ['libtpu==0.0.42.*'],  # nextstep-aot: TPU topologies and compiles without TPUs.
+    },
     entry_points={
         'console_scripts': [
             'nextstep-train=nextstep_jax.cli.train:main',
             'nextstep-sample=nextstep_jax.cli.sample:main',
+            'nextstep-aot=nextstep_jax.cli.aot:main',
         ],
     },
 )

@@ -208,6 +208,12 @@ def compile_sample(config, mesh) -> tuple[Any, Any]:
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_params, param_shardings)
   images, rows, width, cfg = sample_shapes(config)
+  batch_axes = rules_lib.logical_to_spec(('batch',), rules)[0]
+  split = math.prod(mesh.shape[axis] for axis in
+                    ((batch_axes,) if isinstance(batch_axes, str) else (batch_axes or ())))
+  if images % split:
+    raise ValueError(f'sample.batch_size={images} images must be divisible by the {split} devices '
+                     'that shard the logical batch axis; change sample.batch_size or the mesh.')
   m = config.model
   prompt_sh = sharded_sampling.prompt_shardings(mesh, rules)
   prompt = {'input_ids': jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=prompt_sh['input_ids']),
