@@ -40,12 +40,38 @@ ROWS = [
 ]
 
 
+def markdown_table(rows) -> str:
+  """The rows as the markdown table of benchmarks/README.md."""
+  gib = lambda n: f'{n / 2**30:.1f}'
+  lines = ['| task | topology (chips) | image | seq | batch | attention | remat | mesh (d,f,t) | '
+           'arg / temp / total GiB per chip | HBM GiB | fits | model TFLOPs/step | est. step s | '
+           'MFU est. | compile s |', '|' + '---|' * 15]
+  for r in rows:
+    image = '512' if r['config'].endswith(':512') else '256'
+    if 'error' in r and 'total_bytes' not in r:
+      lines.append(f'| {r["task"]} | {r["topology"]} | {image} | | | | | | | | no: {r["error"][:80]} '
+                   '| | | | |')
+      continue
+    mesh = r['mesh']
+    lines.append(
+        f'| {r["task"]} | {r["topology"]} ({r["chips"]}) | {image} | {r["seq_len"]} | {r["global_batch"]} | '
+        f'{r["attention"]} | {r["remat"]} | {mesh["data"]},{mesh["fsdp"]},{mesh["tensor"]} | '
+        f'{gib(r["argument_bytes"])} / {gib(r["temp_bytes"])} / {gib(r["total_bytes"])} | '
+        f'{gib(r["hbm_bytes"])} | {"yes" if r["fits"] else "**no**"} | {r["flops_per_step"] / 1e12:,.0f} | '
+        f'{r["estimated_step_s"]:.3g} ({r["bound"]}) | {100 * r["mfu_estimate"]:.0f}% | {r["compile_s"]:.0f} |')
+  return '\n'.join(lines)
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--only', type=int, nargs='*', default=None, help='row indices to (re)run')
   parser.add_argument('--timeout', type=float, default=1500, help='seconds per row')
+  parser.add_argument('--table', action='store_true', help='print the results as a markdown table and exit')
   args = parser.parse_args()
   rows = json.loads(OUT.read_text())['rows'] if OUT.exists() else []
+  if args.table:
+    print(markdown_table(rows))
+    return 0
   done = {(r['task'], r['config'], r['topology'], tuple(r['overrides'])): r for r in rows}
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd())
   for index, (task, config, topology, overrides) in enumerate(ROWS):

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nextstep_jax.model import backbone
+from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import generate
-from nextstep_jax.training import step as step_lib
 
 
 def _rows(mesh, rules, ndim: int):
@@ -39,7 +39,7 @@ def build_generate(graphdef: nnx.GraphDef, param_shardings, mesh, rules, cfg: ge
   def fn(params, prompt, image_keys):
     return generate.generate_tokens_fn(nnx.merge(graphdef, params), prompt, image_keys, cfg)
 
-  return jax.jit(step_lib.in_mesh(fn, mesh),
+  return jax.jit(mesh_lib.in_mesh(fn, mesh),
                  in_shardings=(param_shardings, prompt_shardings(mesh, rules), _rows(mesh, rules, 1)),
                  out_shardings=_rows(mesh, rules, 3))
 
@@ -55,7 +55,7 @@ def build_prefill(graphdef: nnx.GraphDef, param_shardings, mesh, rules, cfg: gen
     hidden, cache = model(model.embed(ids, None, None), prompt['positions'], prompt['attention_mask'], cache)
     return cache, hidden[:, -1]
 
-  return jax.jit(step_lib.in_mesh(fn, mesh),
+  return jax.jit(mesh_lib.in_mesh(fn, mesh),
                  in_shardings=(param_shardings, prompt_shardings(mesh, rules)),
                  out_shardings=(cache_shardings(mesh, rules), _rows(mesh, rules, 2)))
 
@@ -77,7 +77,7 @@ def build_token_step(graphdef: nnx.GraphDef, param_shardings, mesh, rules, cfg: 
 
   replicated = rules_lib.activation_spec(mesh, rules)
   cache = cache_shardings(mesh, rules)
-  return jax.jit(step_lib.in_mesh(fn, mesh),
+  return jax.jit(mesh_lib.in_mesh(fn, mesh),
                  in_shardings=(param_shardings, cache, _rows(mesh, rules, 2), _rows(mesh, rules, 2),
                                replicated, _rows(mesh, rules, 1)),
                  out_shardings=(cache, _rows(mesh, rules, 2), _rows(mesh, rules, 2)),

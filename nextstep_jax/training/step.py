@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import objective
 from nextstep_jax.training import state as state_lib
@@ -41,23 +42,12 @@ def batch_shardings(config, mesh, batch_spec: dict) -> dict:
           for k, v in batch_spec.items()}
 
 
-def in_mesh(fn, mesh):
-  """`fn` traced with `mesh` as the abstract mesh in context (splash attention's shard_map reads it)."""
-
-  @functools.wraps(fn)
-  def wrapped(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
-
-  return wrapped
-
-
 def build_train_step(config, graphdef, tx, state_shardings, mesh, placeholder_id: int, batch_spec: dict):
   """jax.jit of the train step with explicit in/out shardings and the state donated.
 
   batch_spec: a dict of arrays or ShapeDtypeStructs with the batch's shapes (rank per key)."""
   loss_cfg = objective.LossConfig.from_config(config, placeholder_id)
-  fn = in_mesh(functools.partial(train_step_fn, graphdef, tx, loss_cfg,
+  fn = mesh_lib.in_mesh(functools.partial(train_step_fn, graphdef, tx, loss_cfg,
                                  state_lib.learning_rate_schedule(config.train), config.seed), mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(config, mesh, batch_spec)),
