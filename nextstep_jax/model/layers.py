@@ -128,5 +128,7 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, remat_policy: 
     return body(nnx.merge(graphdef, layer_state), carry, x)
 
   if remat_policy != 'none':
-    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    # Inside a scan the loop boundary keeps XLA from merging the recomputation with the forward;
+    # unrolled layers need the optimisation barriers of prevent_cse (else remat costs vanish).
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=unroll)
   return jax.lax.scan(step, carry, (stacked_state, xs), unroll=unroll)
