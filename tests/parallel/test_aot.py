@@ -62,6 +62,11 @@ def test_layer_calibration_matches_an_unrolled_deep_compile(devices):
   assert abs(calibrated[0] / unrolled[0] - 1) < 0.01  # FLOPs: exactly linear in layers.
   assert abs(calibrated[1] / unrolled[1] - 1) < 0.1  # Bytes: fusion differs a little per depth.
   assert scanned[0] < 0.8 * unrolled[0]
+  # Full remat recomputes the forward in the backward: unrolled layers keep that recomputation
+  # (prevent_cse), so the calibrated cost grows by about a third of the layers' 3x forward.
+  remat = aot.calibrated_cost(aot.with_overrides(config, model__remat_policy='full'), compile_train,
+                              {'model__num_layers': 4})
+  assert remat[0] > 1.1 * calibrated[0]
 
 
 def test_sample_plan_reports_fields(devices):
