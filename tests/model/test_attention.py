@@ -14,7 +14,6 @@ from flax import nnx
 
 from configs.base import get_base_config
 from nextstep_jax.model import attention
-from nextstep_jax.model import backbone as BB
 from nextstep_jax.model import nextstep as ns
 from model_testing import tiny_model
 

@@ -78,7 +78,7 @@ def test_params_and_optimizer_state_stay_f32(runs):
 
 def test_bf16_compute_f32_outputs(runs):
   """Matmuls of the decoder and head run in bf16; logits, velocities and the loss are f32."""
-  config, graphdef, state, _, tok, batch = runs['bfloat16']
+  _, graphdef, state, _, _, batch = runs['bfloat16']
   model = nnx.merge(graphdef, state['params'])
   hidden, _ = model(model.embed(jnp.asarray(batch['input_ids']), None, None),
                     jnp.asarray(batch['positions']), jnp.asarray(batch['attention_mask']))
@@ -92,4 +92,3 @@ def test_bf16_compute_f32_outputs(runs):
                                                         jnp.full((3,), 0.5), h))(rows))
   dots = [line for line in jaxpr.splitlines() if 'dot_general' in line]
   assert dots and all('bf16[' in line.split('=')[0] for line in dots), 'head matmuls not in bf16'
-  del config, tok
