@@ -16,7 +16,7 @@ $(STAMP): setup.py | $(PY)
 	touch $(STAMP)
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --import-mode=importlib tests
+	JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(PY) -m pytest -q -n 2 --import-mode=importlib tests
 
 demo: $(STAMP)
 	$(PY) -m nextstep_jax.cli.demo $(DEMO_ARGS)

@@ -40,7 +40,9 @@ setuptools.setup(
     extras_require={
         # torch/transformers: only the PyTorch references of the parity tests and benchmarks.
         'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'transformers~=5.24',
-                 'tensorflow-datasets~=4.9', 'matplotlib'],
+                 'tensorflow-datasets~=4.9', 'matplotlib',
+                 'libtpu==0.0.42.*'],  # TPU topologies for the AOT planner's tests.
+        'tpu-aot': ['libtpu==0.0.42.*'],  # nextstep-aot: TPU topologies and compiles without TPUs.
         'tfds': ['tensorflow-datasets~=4.9'],  # data.source=tfds, build --from tfds.
         # Pod runs: TPU wheels of the pinned jax; gs:// workdirs (etils.epath, TensorBoard events).
         'tpu': ['jax[tpu]~=0.10.2'],
@@ -56,6 +58,7 @@ setuptools.setup(
             'nextstep-sweep=nextstep_jax.cli.sweep:main',
             'nextstep-train-tokenizer=nextstep_jax.cli.train_tokenizer:main',
             'nextstep-eval-tokenizer=nextstep_jax.cli.eval_tokenizer:main',
+            'nextstep-aot=nextstep_jax.cli.aot:main',
         ],
     },
 )

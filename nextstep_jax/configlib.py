@@ -29,6 +29,7 @@ DATA_SOURCES = ('builtin', 'arrayrecord', 'tfds')
 OVERLONG_CAPTIONS = ('truncate', 'skip')
 AUGMENT_OPS = ('hflip', 'random_crop')
 HEAD_OBJECTIVES = ('flow', 'shortcut')
+ATTENTIONS = ('xla', 'splash')
 
 
 class ConfigError(ValueError):
@@ -139,6 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(require, 'train.lr_schedule', train.lr_schedule, LR_SCHEDULES)
   _require_choice(require, 'model.dtype', m.dtype, DTYPES)
   _require_choice(require, 'model.param_dtype', m.param_dtype, DTYPES)
+  _require_choice(require, 'model.attention', m.attention, ATTENTIONS)
 
   if image.tokenizer == 'pixels':
     require(m.latent_channels == 3,

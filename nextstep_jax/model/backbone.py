@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextstep_jax.model import attention as attention_lib
 from nextstep_jax.model import layers as L
 
 MASK_VALUE = -1e30  # Finite, so fully-masked (all-pad) rows stay finite.
@@ -47,6 +48,9 @@ class BackboneConfig:
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   remat_policy: str
+  attention: str = 'xla'  # Full-sequence passes: 'xla' or 'splash' (attention.py); decode: XLA.
+  mesh_rules: tuple = ()  # Logical-axis rules (config.mesh.rules) for splash's shard_map.
+  scan_unroll: bool = False  # Unroll the layer scan (exact compiler cost analysis; AOT only).
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -83,7 +87,7 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b, l, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
-    q = apply_rope(self.q_proj(x), cos, sin)
+    q = L.constrain(apply_rope(self.q_proj(x), cos, sin), cfg.mesh_rules, 'batch', 'length', 'heads', 'head_dim')
     k_all, v_all, key_valid = layer_cache
     q = q.reshape(b, l, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum('blkge,bske->bkgls', q, k_all.astype(q.dtype)).astype(jnp.float32)
@@ -95,9 +99,20 @@ class Attention(nnx.Module):
     out = jnp.einsum('bkgls,bske->blkge', probs, v_all).reshape(b, l, cfg.num_heads * cfg.head_dim)
     return self.o_proj(out.astype(cfg.dtype))
 
+  def attend_sequence(self, x, cos, sin, k, v, token_valid):
+    """Full causal pass of splash attention over this call's own keys: x (B, L, D), k/v rotated
+    (B, L, K, E), token_valid (B, L). Returns (B, L, D)."""
+    cfg = self.cfg
+    b, l, _ = x.shape
+    q = L.constrain(apply_rope(self.q_proj(x), cos, sin), cfg.mesh_rules, 'batch', 'length', 'heads', 'head_dim')
+    out = attention_lib.splash_attention(q, k.astype(q.dtype), v.astype(q.dtype), token_valid,
+                                         cfg.mesh_rules)
+    return self.o_proj(out.reshape(b, l, cfg.num_heads * cfg.head_dim).astype(cfg.dtype))
+
   def project_kv(self, x, cos, sin):
     """x (B, L, D) -> rotated keys and values (B, L, K, E)."""
-    return apply_rope(self.k_proj(x), cos, sin), self.v_proj(x)
+    axes = (self.cfg.mesh_rules, 'batch', 'length', 'kv_heads', 'head_dim')
+    return L.constrain(apply_rope(self.k_proj(x), cos, sin), *axes), L.constrain(self.v_proj(x), *axes)
 
 
 class MLP(nnx.Module):
@@ -105,12 +120,14 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: BackboneConfig, *, rngs: nnx.Rngs):
     kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.rules = cfg.mesh_rules
     self.gate_proj = L.Dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), **kw)
     self.up_proj = L.Dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), **kw)
     self.down_proj = L.Dense(cfg.intermediate_size, cfg.hidden_size, ('mlp', 'embed'), **kw)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    hidden = L.constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), self.rules, 'batch', 'length', 'mlp')
+    return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):
@@ -123,15 +140,24 @@ class DecoderLayer(nnx.Module):
                                               param_dtype=cfg.param_dtype, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, query_slots, k_cache, v_cache, key_valid, write_index):
+  def __call__(self, x, cos, sin, query_slots, k_cache, v_cache, key_valid, write_index, token_valid):
     """One layer on x (B, L, D); writes this call's K/V into the caches (B, S, K, E) at
-    `write_index` (a scalar: every row writes the same slots) and returns (out, k_cache, v_cache)."""
+    `write_index` (a scalar: every row writes the same slots) and returns (out, k_cache, v_cache).
+    With attention='splash' a multi-token call attends only its own keys (token_valid (B, L)):
+    without caches (training) or as the first call on an empty cache (prefill); caches may be None."""
     normed = self.input_layernorm(x)
     k_new, v_new = self.self_attn.project_kv(normed, cos, sin)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new.astype(k_cache.dtype), write_index, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new.astype(v_cache.dtype), write_index, axis=1)
-    h = x + self.self_attn(normed, cos, sin, query_slots, (k_cache, v_cache, key_valid))
-    return h + self.mlp(self.post_attention_layernorm(h)), k_cache, v_cache
+    if k_cache is not None:
+      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new.astype(k_cache.dtype), write_index, axis=1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new.astype(v_cache.dtype), write_index, axis=1)
+    if self.self_attn.cfg.attention == 'splash' and x.shape[1] > 1:
+      attended = self.self_attn.attend_sequence(normed, cos, sin, k_new, v_new, token_valid)
+    else:
+      attended = self.self_attn(normed, cos, sin, query_slots, (k_cache, v_cache, key_valid))
+    rules = self.self_attn.cfg.mesh_rules
+    h = L.constrain(x + attended, rules, 'batch', 'length', 'embed')
+    out = L.constrain(h + self.mlp(self.post_attention_layernorm(h)), rules, 'batch', 'length', 'embed')
+    return out, k_cache, v_cache
 
 
 class Decoder(nnx.Module):
@@ -154,25 +180,35 @@ class Decoder(nnx.Module):
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """x (B, L, D) embeddings; positions (B, L) RoPE positions; token_valid (B, L) bool (False
     for padding). Without a cache: full causal pass. With a cache: the L tokens occupy slots
-    [index, index + L) and attend to every valid earlier slot. Returns (RMSNorm(h) (B, L, D), cache)."""
+    [index, index + L) and attend to every valid earlier slot. With cfg.attention='splash' a
+    multi-token call runs the splash kernel over its own tokens, so with a cache it must be the
+    first call on an empty cache (the sampler's prefill); single-token decode steps use XLA.
+    Returns (RMSNorm(h) (B, L, D), cache)."""
     cfg = self.cfg
     b, l, _ = x.shape
-    if cache is None:
+    if cache is None and cfg.attention == 'splash':
+      work = None  # The splash pass reads no cache.
+    elif cache is None:
       work = self.init_cache(b, l)
     else:
       work = cache
-    write_index = work.index
-    key_valid = jax.lax.dynamic_update_slice_in_dim(work.key_valid, token_valid, write_index, axis=1)
+    write_index = jnp.zeros((), jnp.int32) if work is None else work.index
+    key_valid = (token_valid if work is None else
+                 jax.lax.dynamic_update_slice_in_dim(work.key_valid, token_valid, write_index, axis=1))
     query_slots = jnp.broadcast_to(write_index + jnp.arange(l, dtype=jnp.int32), (b, l))
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
 
     def body(layer, h, layer_kv):
-      k_cache, v_cache = layer_kv
-      h, k_cache, v_cache = layer(h, cos, sin, query_slots, k_cache, v_cache, key_valid, write_index)
-      return h, (k_cache, v_cache)
+      k_cache, v_cache = layer_kv if layer_kv is not None else (None, None)
+      h, k_cache, v_cache = layer(h, cos, sin, query_slots, k_cache, v_cache, key_valid, write_index,
+                                  token_valid)
+      return h, (None if k_cache is None else (k_cache, v_cache))
 
-    h, (k, v) = L.scan_stack(self.layers, body, x.astype(cfg.dtype), (work.k, work.v), cfg.remat_policy)
+    kv = None if work is None else (work.k, work.v)
+    h, new_kv = L.scan_stack(self.layers, body, x.astype(cfg.dtype), kv, cfg.remat_policy,
+                             unroll=cfg.scan_unroll)
     out = self.norm(h)
     if cache is None:
       return out, None
+    k, v = new_kv
     return out, KVCache(k, v, key_valid, write_index + l)

@@ -43,6 +43,8 @@ class FlowHeadConfig:
   param_dtype: jnp.dtype
   remat_policy: str = 'none'
   step_cond: bool = False  # Add the zero-initialised step-size embedding (few-step heads).
+  scan_unroll: bool = False  # Unroll the res-block scan (exact compiler cost analysis; AOT only).
+  mesh_rules: tuple = ()  # Logical-axis rules for activation sharding constraints.
 
 
 def timestep_embedding(t: jax.Array, dim: int = TIME_FREQ_DIM) -> jax.Array:
@@ -121,17 +123,19 @@ class FlowHead(nnx.Module):
                               step_size: jax.Array | None = None) -> jax.Array:
     """x_t (M, T), t (M,) or () (one time for every row: embedded once), cond_emb = condition(c)
     (M, W), step_size like t (used by `step_cond` heads, None = 0) -> velocity (M, T) float32."""
+    rules = self.cfg.mesh_rules
     y = self.time_embed(jnp.reshape(t, (-1,)))
     if self.step_embed is not None:
       d = jnp.zeros_like(t) if step_size is None else jnp.broadcast_to(step_size, jnp.shape(t))
       y = y + self.step_embed(jnp.reshape(d, (-1,)))
-    y_act = jax.nn.silu(y + cond_emb)
-    x = self.input_proj(x_t)
+    y_act = L.constrain(jax.nn.silu(y + cond_emb), rules, 'batch', 'head_embed')
+    x = L.constrain(self.input_proj(x_t), rules, 'batch', 'head_embed')
 
     def body(block, h, _):
-      return block(h, y_act), None
+      return L.constrain(block(h, y_act), rules, 'batch', 'head_embed'), None
 
-    x, _ = L.scan_stack(self.res_blocks, body, x, remat_policy=self.cfg.remat_policy)
+    x, _ = L.scan_stack(self.res_blocks, body, x, remat_policy=self.cfg.remat_policy,
+                        unroll=self.cfg.scan_unroll)
     return self.final_layer(x, y_act).astype(jnp.float32)
 
   def __call__(self, x_t: jax.Array, t: jax.Array, c: jax.Array, step_size: jax.Array | None = None) -> jax.Array:

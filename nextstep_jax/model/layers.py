@@ -1,7 +1,9 @@
 """Shared building blocks: annotated parameters, dense layers, norms, stacked-layer scan, remat.
 
 Every parameter carries logical axis names in its `out_sharding` metadata; the mesh rules in the
-config map them to mesh axes (`nextstep_jax.parallel.rules`). Parameters are stored in
+config map them to mesh axes (`nextstep_jax.parallel.rules`). Main activations are constrained to
+logical axes (`constrain`) under the mesh in context, so FSDP all-gathers weights rather than
+activations. Parameters are stored in
 `param_dtype` and cast to the compute `dtype` at use; norms and softmax run in float32.
 """
 from typing import Callable, Sequence
@@ -9,6 +11,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from nextstep_jax.parallel import rules as rules_lib
 
 Initializer = Callable[..., jax.Array]
 
@@ -18,6 +22,16 @@ REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
     'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def constrain(x: jax.Array, rules: rules_lib.Rules, *logical: str | None) -> jax.Array:
+  """Sharding constraint of activation `x` to logical axes (one per dimension) under the mesh in
+  context (`jax.sharding.use_abstract_mesh`, set by the jitted entry points); identity without a
+  multi-device mesh or without rules."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, rules_lib.logical_to_spec(logical, rules))
 
 
 def annotated_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: tuple,
@@ -100,10 +114,12 @@ def create_stack(factory: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.
   return build(rngs)
 
 
-def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, remat_policy: str = 'none'):
+def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, remat_policy: str = 'none',
+               unroll: bool = False):
   """Applies a stacked module layer by layer with `lax.scan` (compile time independent of depth).
 
   body(layer_module, carry, x) -> (carry, y); `xs` (optional) is scanned alongside the layers.
+  unroll=True unrolls the scan (the compiler's cost analysis then counts every layer).
   """
   graphdef, stacked_state = nnx.split(stack)
 
@@ -112,5 +128,7 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, remat_policy: 
     return body(nnx.merge(graphdef, layer_state), carry, x)
 
   if remat_policy != 'none':
-    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-  return jax.lax.scan(step, carry, (stacked_state, xs))
+    # Inside a scan the loop boundary keeps XLA from merging the recomputation with the forward;
+    # unrolled layers need the optimisation barriers of prevent_cse (else remat costs vanish).
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=unroll)
+  return jax.lax.scan(step, carry, (stacked_state, xs), unroll=unroll)

@@ -35,19 +35,23 @@ class ModelConfig:
     return self.head.token_dim
 
   @classmethod
-  def from_config(cls, m) -> 'ModelConfig':
-    """Builds from an ml_collections `config.model`."""
+  def from_config(cls, m, mesh_rules=()) -> 'ModelConfig':
+    """Builds from an ml_collections `config.model`; mesh_rules (config.mesh.rules) shard the
+    splash attention kernel (needed with model.attention=splash under a multi-device mesh)."""
     dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+    rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_rules)
     bb = backbone.BackboneConfig(
         hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
         num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, intermediate_size=m.intermediate_size,
         rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta, attention_bias=m.attention_bias,
         o_attention_bias=m.o_attention_bias, dtype=dtype, param_dtype=param_dtype,
-        remat_policy=m.remat_policy)
+        remat_policy=m.remat_policy, attention=m.attention,
+        mesh_rules=rules, scan_unroll=m.scan_unroll)
     head = flow_head.FlowHeadConfig(
         token_dim=m.latent_channels * m.latent_patch_size ** 2, cond_dim=m.hidden_size,
         width=m.fm_head_dim, depth=m.fm_head_layers, dtype=dtype, param_dtype=param_dtype,
-        remat_policy=m.remat_policy, step_cond=m.get('fm_head_step_cond', False))
+        remat_policy=m.remat_policy, scan_unroll=m.scan_unroll, mesh_rules=rules,
+        step_cond=m.get('fm_head_step_cond', False))
     return cls(vocab_size=m.vocab_size, backbone=bb, head=head,
                tie_word_embeddings=m.tie_word_embeddings, use_gen_pos_embed=m.use_gen_pos_embed,
                base_image_grid_size=m.base_image_grid_size)
@@ -108,8 +112,10 @@ class NextStep(nnx.Module):
   def lm_logits(self, hidden: jax.Array) -> jax.Array:
     """hidden (..., D) -> logits (..., V) float32."""
     if self.lm_head is None:
-      return self.embed_tokens.attend(hidden).astype(jnp.float32)
-    return self.lm_head(hidden).astype(jnp.float32)
+      logits = self.embed_tokens.attend(hidden).astype(jnp.float32)
+    else:
+      logits = self.lm_head(hidden).astype(jnp.float32)
+    return L.constrain(logits, self.cfg.backbone.mesh_rules, *(['batch'] + [None] * (logits.ndim - 2)), 'vocab')
 
   def head_condition(self, hidden: jax.Array, image_index: jax.Array | None = None) -> jax.Array:
     """The flow head's condition c = image_out_projector(hidden (..., D) [+ gen_pos_embed at the

@@ -1,4 +1,5 @@
 """The device mesh: axes ('data', 'fsdp', 'tensor') sized from `config.mesh`."""
+import functools
 import math
 from typing import Sequence
 
@@ -37,3 +38,15 @@ def make_mesh(
   return jax.make_mesh(
       shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
       devices=devices)
+
+
+def in_mesh(fn, mesh):
+  """`fn` traced with `mesh` as the abstract mesh in context: the model's activation sharding
+  constraints and splash attention's shard_map read it (jit entry points wrap their function)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return wrapped

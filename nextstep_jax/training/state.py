@@ -47,7 +47,7 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 
 
 def model_config(config) -> nextstep.ModelConfig:
-  return nextstep.ModelConfig.from_config(config.model)
+  return nextstep.ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
 
 
 def abstract_model(config) -> nnx.Module:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import objective
 from nextstep_jax.training import state as state_lib
@@ -46,8 +47,8 @@ def build_train_step(config, graphdef, tx, state_shardings, mesh, placeholder_id
 
   batch_spec: a dict of arrays or ShapeDtypeStructs with the batch's shapes (rank per key)."""
   loss_cfg = objective.LossConfig.from_config(config, placeholder_id)
-  fn = functools.partial(train_step_fn, graphdef, tx, loss_cfg,
-                         state_lib.learning_rate_schedule(config.train), config.seed)
+  fn = mesh_lib.in_mesh(functools.partial(train_step_fn, graphdef, tx, loss_cfg,
+                                 state_lib.learning_rate_schedule(config.train), config.seed), mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(config, mesh, batch_spec)),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -1,0 +1,53 @@
+"""nextstep-aot --config configs/nextstep1_large.py --topology v5p:4x4x4 [--task train|sample]
+[--hbm-gib 95] [--no-calibrate] [--json out.json] [--config.field=value ...]
+
+Compiles the real train step (or the sampling prefill + token step) for a TPU slice without TPUs
+(needs the libtpu package: pip install -e '.[tpu-aot]') and prints per-device memory against HBM,
+the calibrated compiler cost, model FLOPs, estimated step time and MFU. Exits 1 when it does not
+fit, naming the knobs to turn. Run with JAX_PLATFORMS=cpu on a machine without TPUs.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+
+from nextstep_jax import configlib
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True, help='config file, e.g. configs/nextstep1_large.py:512')
+  parser.add_argument('--topology', required=True, help='TPU slice, e.g. v5p:4x4x4, v4:4x4x4, v5e:2x4')
+  parser.add_argument('--task', default='train', choices=('train', 'sample'))
+  parser.add_argument('--hbm-gib', type=float, default=None, help='override the chip HBM per device (GiB)')
+  parser.add_argument('--no-calibrate', action='store_true',
+                      help='skip the 1-/2-layer compiles (cost analysis then counts scan bodies once)')
+  parser.add_argument('--json', default=None, help='write the plan as JSON to this path')
+  args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  bad = [a for a in rest if not a.startswith('--config.')]
+  if bad:
+    parser.error(f'unrecognised arguments {bad}; config overrides look like --config.train.batch_size=256')
+  try:
+    config = configlib.load_config(args.config, rest)
+    configlib.validate(config)
+  except configlib.ConfigError as error:
+    print(f'nextstep-aot: {error}', file=sys.stderr)
+    return 2
+  from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel (after flag errors)
+  hbm = None if args.hbm_gib is None else int(args.hbm_gib * aot.GIB)
+  try:
+    result = aot.plan(config, args.topology, args.task, hbm_bytes=hbm, calibrate=not args.no_calibrate)
+    record, code = dataclasses.asdict(result), 0
+  except aot.DoesNotFit as error:
+    print(f'nextstep-aot: {error}', file=sys.stderr)
+    record = dataclasses.asdict(error.plan) if error.plan else {
+        'task': args.task, 'topology': args.topology, 'fits': False}
+    record['error'], code = str(error), 1
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump(record, f, indent=2)
+  return code
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,481 @@
+"""Ahead-of-time planning for TPU slices without TPUs: compile the real train step or sampling
+steps for a topology (`jax.experimental.topologies`, needs the `libtpu` package), then report
+per-chip memory against HBM, calibrated compiler costs, model FLOPs, step time and MFU estimates.
+
+Method (also in benchmarks/README.md):
+- Memory: `compiled.memory_analysis()` of the real (scanned) executable, per device: arguments +
+  outputs - aliased (donated) + temporaries. It fits when that is <= the device's HBM.
+- Cost: `compiled.cost_analysis()` counts a while-loop body once, so the scanned layer stack is
+  off by the layer count. We compile the same step with 1 and 2 decoder layers, every scan
+  unrolled (`model.scan_unroll`), and extrapolate linearly: C(L) = C(1) + (L - 1) (C(2) - C(1)).
+  The sampling token step is likewise calibrated in the head's integration steps (grid A with 1
+  and 2 steps: one more velocity evaluation). Pallas kernels (splash attention) carry no cost for
+  the compiler, so their FLOPs are added from the formula (causal half of QK^T and PV; backward
+  2.5x forward; one forward recompute under remat).
+- Step time per device: max(FLOPs / peak, bytes accessed / HBM bandwidth, FSDP collective bytes /
+  ICI bandwidth), i.e. perfect overlap; MFU = model FLOPs / (step time * devices * peak).
+"""
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nextstep_jax import configlib
+from nextstep_jax.parallel import mesh as mesh_lib
+from nextstep_jax.parallel import rules as rules_lib
+from nextstep_jax.sampling import generate
+from nextstep_jax.sampling import sharded as sharded_sampling
+from nextstep_jax.training import state as state_lib
+from nextstep_jax.training import step as step_lib
+
+GIB = 2**30
+TASKS = ('train', 'sample')
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One JAX device of a TPU generation (a chip; a TensorCore on v2/v3, which JAX shows as
+  devices). Public Cloud TPU figures: HBM bytes, peak bf16 FLOP/s, HBM and ICI bytes/s."""
+  hbm_bytes: int
+  peak_flops: float
+  hbm_bandwidth: float
+  ici_bandwidth: float
+  devices_per_chip: int = 1
+
+
+# cloud.google.com/tpu/docs/{v2,v3,v4,v5e,v5p,v6e} system architecture tables (per chip; v2/v3
+# split over their 2 TensorCores). ICI: the chip's total inter-chip bandwidth.
+CHIPS = {
+    'v2': Chip(8 * GIB, 45e12 / 2, 700e9 / 2, 62.5e9, devices_per_chip=2),
+    'v3': Chip(16 * GIB, 123e12 / 2, 900e9 / 2, 81.25e9, devices_per_chip=2),
+    'v4': Chip(32 * GIB, 275e12, 1228e9, 300e9),
+    'v5e': Chip(16 * GIB, 197e12, 819e9, 200e9),
+    'v5p': Chip(95 * GIB, 459e12, 2765e9, 600e9),
+    'v6e': Chip(32 * GIB, 918e12, 1640e9, 448e9),
+}
+
+
+class DoesNotFit(RuntimeError):
+  """The step needs more memory per device than the chip has; the message names the knobs.
+  `plan` is the Plan when compilation finished, None when the TPU compiler itself ran out of HBM."""
+
+  def __init__(self, message: str, plan: 'Plan | None' = None):
+    super().__init__(message)
+    self.plan = plan
+
+
+@dataclasses.dataclass
+class Plan:
+  """One AOT result (a row of benchmarks/results/aot_*.json)."""
+  task: str
+  topology: str
+  chips: int
+  devices: int
+  mesh: dict
+  seq_len: int
+  global_batch: int
+  attention: str
+  remat: str
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  total_bytes: int
+  hbm_bytes: int
+  fits: bool
+  compiler_flops_per_device: float
+  compiler_bytes_per_device: float
+  flops_per_step: float
+  estimated_step_s: float
+  bound: str
+  mfu_estimate: float
+  compile_s: float
+  notes: str = ''
+
+  def table(self) -> str:
+    """Human-readable summary lines."""
+    gib = lambda n: f'{n / GIB:8.2f} GiB'
+    return '\n'.join([
+        f'{self.task} on {self.topology} ({self.chips} chips, {self.devices} devices), mesh {self.mesh}, '
+        f'attention={self.attention}, remat={self.remat}',
+        f'  sequence {self.seq_len} tokens, global batch {self.global_batch}',
+        f'  per device: arguments {gib(self.argument_bytes)}  outputs {gib(self.output_bytes)}  '
+        f'aliased {gib(self.alias_bytes)}  temporaries {gib(self.temp_bytes)}',
+        f'  per device total {gib(self.total_bytes)} of HBM {gib(self.hbm_bytes)}: '
+        f'{"fits" if self.fits else "DOES NOT FIT"}',
+        f'  compiler cost per device (calibrated): {self.compiler_flops_per_device:.4g} FLOPs, '
+        f'{self.compiler_bytes_per_device:.4g} bytes accessed',
+        f'  model FLOPs per step {self.flops_per_step:.4g}; estimated step {self.estimated_step_s:.4g} s '
+        f'({self.bound}-bound); MFU estimate {100 * self.mfu_estimate:.1f}%',
+        f'  compile time {self.compile_s:.1f} s' + (f'; {self.notes}' if self.notes else ''),
+    ])
+
+
+def chip_for(topology: str) -> Chip:
+  generation = topology.split(':')[0]
+  if generation not in CHIPS:
+    raise ValueError(f'topology {topology!r}: unknown TPU generation {generation!r}; use one of '
+                     f'{", ".join(CHIPS)} (e.g. v5p:4x4x4, v5e:2x4).')
+  return CHIPS[generation]
+
+
+def topology_devices(topology: str) -> list:
+  """Devices of a TPU slice description such as 'v5p:4x4x4' or 'v5e:2x4' (libtpu, no TPU needed).
+
+  v4 is described as megacore (one device per chip, as on real v4 VMs); slices smaller than one
+  host get a host of exactly their size."""
+  try:
+    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  except ImportError as error:  # pragma: no cover
+    raise RuntimeError('jax.experimental.topologies is unavailable; upgrade jax.') from error
+  # An AOT compile owns no TPU: let several planner processes load libtpu at once.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  generation, _, shape = topology.partition(':')
+  chip_for(topology)
+  dims = tuple(int(d) for d in shape.split('x')) if shape else ()
+  if not dims or any(d < 1 for d in dims):
+    raise ValueError(f'topology {topology!r} must look like v5p:4x4x4 or v5e:2x4.')
+  kwargs = {'chip_config_name': 'megacore'} if generation == 'v4' else {}
+  try:
+    description = topologies.get_topology_desc(platform='tpu', topology_name=topology, **kwargs)
+  except Exception as error:  # pylint: disable=broad-except
+    if 'chips_per_host_bounds' not in str(error):
+      raise RuntimeError(f'libtpu cannot describe topology {topology!r}: {error}. Is the libtpu '
+                         "package installed (pip install -e '.[tpu-aot]')?") from error
+    bounds = dims + (1,) * (3 - len(dims))
+    description = topologies.get_topology_desc(platform='tpu', topology_name=topology,
+                                               chips_per_host_bounds=bounds, **kwargs)
+  return list(description.devices)
+
+
+def make_mesh(config, devices) -> jax.sharding.Mesh:
+  """The config's (data, fsdp, tensor) mesh over topology devices, laid out along the torus."""
+  shape = mesh_lib.mesh_shape(config.mesh, len(devices))
+  try:
+    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    array = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    array = np.array(devices).reshape(shape)
+  return jax.sharding.Mesh(array, mesh_lib.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.MESH_AXES))
+
+
+def train_batch_spec(config, mesh) -> dict:
+  """ShapeDtypeStructs of one global training batch (global batch, the longest sequence)."""
+  b, l = config.train.batch_size, configlib.required_seq_len(config)
+  h, w = configlib.image_grid(config)
+  shapes = {'input_ids': ((b, l), jnp.int32), 'labels': ((b, l), jnp.int32),
+            'attention_mask': ((b, l), jnp.bool_), 'positions': ((b, l), jnp.int32),
+            'image_tokens': ((b, h * w, configlib.token_dim(config)), jnp.float32),
+            'image_valid': ((b,), jnp.bool_)}
+  specs = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+  shardings = step_lib.batch_shardings(config, mesh, specs)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in specs.items()}
+
+
+def compile_train(config, mesh):
+  """The real jitted train step (training/step.py) compiled for `mesh` from abstract values."""
+  tx = state_lib.make_optimizer(config.train)
+  graphdef, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract_state, shardings)
+  batch = train_batch_spec(config, mesh)
+  placeholder_id = config.text.vocab_size  # Any valid id: a spare embedding row.
+  step = step_lib.build_train_step(config, graphdef, tx, shardings, mesh, placeholder_id, batch)
+  return step.lower(state, batch).compile()
+
+
+def sample_shapes(config) -> tuple[int, int, int, generate.SamplerConfig]:
+  """(images B, prompt rows R, prompt width P, sampler config) of one sampling batch."""
+  h, w = configlib.image_grid(config)
+  cfg = generate.SamplerConfig.from_config(config, h, w)
+  width = configlib.required_seq_len(config) - h * w - 2  # Caption + prefix; no eoi / eos.
+  images = config.sample.batch_size
+  return images, cfg.num_branches * images, width, cfg
+
+
+def compile_sample(config, mesh) -> tuple[Any, Any]:
+  """(prefill, token step) of sampling/sharded.py compiled for `mesh` from abstract values."""
+  graphdef, abstract_params = nnx.split(state_lib.abstract_model(config), nnx.Param)
+  rules = config.mesh.rules
+  param_shardings = rules_lib.state_shardings(abstract_params, mesh, rules)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_params, param_shardings)
+  images, rows, width, cfg = sample_shapes(config)
+  batch_axes = rules_lib.logical_to_spec(('batch',), rules)[0]
+  split = math.prod(mesh.shape[axis] for axis in
+                    ((batch_axes,) if isinstance(batch_axes, str) else (batch_axes or ())))
+  if images % split:
+    raise ValueError(f'sample.batch_size={images} images must be divisible by the {split} devices '
+                     'that shard the logical batch axis; change sample.batch_size or the mesh.')
+  m = config.model
+  prompt_sh = sharded_sampling.prompt_shardings(mesh, rules)
+  prompt = {'input_ids': jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=prompt_sh['input_ids']),
+            'attention_mask': jax.ShapeDtypeStruct((rows, width), jnp.bool_, sharding=prompt_sh['attention_mask']),
+            'positions': jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=prompt_sh['positions'])}
+  prefill = sharded_sampling.build_prefill(graphdef, param_shardings, mesh, rules, cfg)
+  prefill_compiled = prefill.lower(params, prompt).compile()
+
+  slots = width + cfg.num_tokens - 1
+  cache_sh = sharded_sampling.cache_shardings(mesh, rules)
+  kv_shape = (m.num_layers, rows, slots, m.num_kv_heads, m.head_dim)
+  dtype = nnx_dtype(m.dtype)
+  cache = type(cache_sh)(jax.ShapeDtypeStruct(kv_shape, dtype, sharding=cache_sh.k),
+                         jax.ShapeDtypeStruct(kv_shape, dtype, sharding=cache_sh.v),
+                         jax.ShapeDtypeStruct((rows, slots), jnp.bool_, sharding=cache_sh.key_valid),
+                         jax.ShapeDtypeStruct((), jnp.int32, sharding=cache_sh.index))
+  row_sh = rules_lib.activation_spec(mesh, rules, 'batch', None)
+  key_sh = rules_lib.activation_spec(mesh, rules, 'batch')
+  token_step = sharded_sampling.build_token_step(graphdef, param_shardings, mesh, rules, cfg)
+  token_compiled = token_step.lower(
+      params, cache, jax.ShapeDtypeStruct((rows, m.hidden_size), dtype, sharding=row_sh),
+      jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=row_sh),
+      jax.ShapeDtypeStruct((), jnp.int32, sharding=rules_lib.activation_spec(mesh, rules)),
+      jax.ShapeDtypeStruct((images,), jax.random.key(0).dtype, sharding=key_sh)).compile()
+  return prefill_compiled, token_compiled
+
+
+def nnx_dtype(name: str):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[name]
+
+
+def memory(compiled) -> dict:
+  stats = compiled.memory_analysis()
+  out = {'argument_bytes': int(stats.argument_size_in_bytes),
+         'output_bytes': int(stats.output_size_in_bytes),
+         'alias_bytes': int(stats.alias_size_in_bytes),
+         'temp_bytes': int(stats.temp_size_in_bytes)}
+  out['total_bytes'] = (out['argument_bytes'] + out['output_bytes'] - out['alias_bytes']
+                        + out['temp_bytes'] + int(stats.generated_code_size_in_bytes))
+  return out
+
+
+def cost(compiled) -> np.ndarray:
+  """(flops, bytes accessed) per device from the compiler's cost analysis."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return np.array([float(analysis.get('flops', 0.0)), float(analysis.get('bytes accessed', 0.0))])
+
+
+def with_overrides(config, **fields):
+  """A copy of `config` with `model.x` / `sample.x` fields replaced (`model__num_layers=1`)."""
+  copy = config.copy_and_resolve_references()
+  copy.unlock()
+  for key, value in fields.items():
+    group, name = key.split('__')
+    copy[group][name] = value
+  copy.lock()
+  return copy
+
+
+def calibrated_cost(config, compile_fn: Callable, axes: dict) -> np.ndarray:
+  """Cost of `compile_fn(config)` with every scan counted, by linear extrapolation.
+
+  axes: {'model__num_layers': real_count, ...}; for each axis a compile at 2 (others at 1)
+  gives its per-unit cost; all compiles unroll the model's scans."""
+  base_fields = {name: 1 for name in axes} | {'model__scan_unroll': True}
+  base = cost(compile_fn(with_overrides(config, **base_fields)))
+  total = base.copy()
+  for name, count in axes.items():
+    if count > 1:
+      per_unit = cost(compile_fn(with_overrides(config, **(base_fields | {name: 2})))) - base
+      total += (count - 1) * per_unit
+  return total
+
+
+def velocity_calls(config) -> int:
+  """Head evaluations per image token of the configured integrator."""
+  s = config.sample
+  steps = s.num_steps - 1 if s.time_grid == 'A' else s.num_steps
+  calls = steps * (2 if s.solver == 'heun' else 1)
+  return calls + (1 if s.time_grid == 'A' else 0)
+
+
+def decoder_matmul_params(config) -> dict:
+  """Weights used as matrices per token: decoder layers, lm_head, image projectors, flow head."""
+  m = config.model
+  attn = m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim + m.num_heads * m.head_dim * m.hidden_size
+  mlp = 3 * m.hidden_size * m.intermediate_size
+  w, t = m.fm_head_dim, configlib.token_dim(config)
+  head = (256 * w + w * w + m.hidden_size * w + t * w  # time (2 dense), cond, input_proj
+          + m.fm_head_layers * (2 * w * w + 3 * w * w) + 2 * w * w + w * t)
+  return {'decoder': m.num_layers * (attn + mlp), 'lm_head': m.hidden_size * m.vocab_size,
+          'image_in': t * m.hidden_size, 'image_out': m.hidden_size * m.hidden_size, 'head': head}
+
+
+def attention_flops(config, batch: int, queries: int, keys: int, causal: bool) -> float:
+  """Forward QK^T + PV FLOPs over all layers: 4 * H * E per (query, attended key)."""
+  m = config.model
+  pairs = queries * (keys + 1) / 2 if causal else queries * keys
+  return 4.0 * m.num_layers * m.num_heads * m.head_dim * pairs * batch
+
+
+def train_model_flops(config) -> float:
+  """6 * weights * tokens (forward + backward) per component, plus causal attention (x3)."""
+  b, l = config.train.batch_size, configlib.required_seq_len(config)
+  h, w = configlib.image_grid(config)
+  n = h * w
+  p = decoder_matmul_params(config)
+  head_rows = b * n * config.loss.fm_head_batch_mul
+  forward = (2 * p['decoder'] * b * l + 2 * p['lm_head'] * b * (l - 1) + 2 * p['image_in'] * b * n
+             + 2 * p['image_out'] * b * n + 2 * p['head'] * head_rows)
+  return 3 * (forward + attention_flops(config, b, l, l, causal=True))
+
+
+def sample_model_flops(config) -> float:
+  """One batch of images: prefill, N decoder steps (attention over the filled cache), and per
+  token the condition (image_out_projector, cond_embed) once plus the head's velocity evaluations
+  on every branch row."""
+  images, rows, width, cfg = sample_shapes(config)
+  n = cfg.num_tokens
+  p = decoder_matmul_params(config)
+  prefill = 2 * p['decoder'] * rows * width + attention_flops(config, rows, width, width, True)
+  decode = n * (2 * (p['decoder'] + p['image_in']) * rows) + attention_flops(config, rows, n, n, True) \
+      + attention_flops(config, rows, n, width, False)
+  cond_embed = config.model.hidden_size * config.model.fm_head_dim  # Once per token, as image_out.
+  head = n * 2 * rows * (p['image_out'] + cond_embed + (p['head'] - cond_embed) * velocity_calls(config))
+  return prefill + decode + head
+
+
+def splash_compiler_flops(config, batch_per_device: float, seq_len: int) -> float:
+  """Per-device FLOPs inside the splash kernels (invisible to the cost analysis) for a train step."""
+  forward = attention_flops(config, batch_per_device, seq_len, seq_len, causal=True)
+  recompute = forward if config.model.remat_policy != 'none' else 0.0
+  return forward + recompute + 2.5 * forward
+
+
+def collective_bytes(config, mesh, params: int) -> float:
+  """Per-device ICI bytes of FSDP per train step: params all-gathered (compute dtype) for the
+  forward and again for the backward, gradients reduce-scattered (f32), and data-parallel
+  gradient all-reduce of the local shard."""
+  fsdp, data = mesh.shape['fsdp'], mesh.shape['data']
+  compute = jnp.dtype(nnx_dtype(config.model.dtype)).itemsize
+  gathered = params * (fsdp - 1) / fsdp
+  traffic = 2 * gathered * compute + gathered * 4
+  if data > 1:
+    traffic += 2 * params / fsdp * (data - 1) / data * 4
+  return traffic
+
+
+def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = None,
+         calibrate: bool = True, log: Callable[[str], None] = print) -> Plan:
+  """Compiles `task` for `topology` and returns its Plan (see the module docstring).
+
+  Raises DoesNotFit (after logging the plan) when the per-device total exceeds the HBM."""
+  if task not in TASKS:
+    raise ValueError(f'task={task!r}; use one of {TASKS}.')
+  configlib.validate(config)
+  chip = chip_for(topology)
+  hbm = hbm_bytes or chip.hbm_bytes
+  devices = topology_devices(topology)
+  mesh = make_mesh(config, devices)
+  log(f'[aot] {task} on {topology}: {len(devices)} devices, mesh {dict(mesh.shape)}')
+  started = time.monotonic()
+  try:
+    if task == 'train':
+      compiled = compile_train(config, mesh)
+      mem = memory(compiled)
+    else:
+      prefill, token_step = compile_sample(config, mesh)
+      mem = max([memory(prefill), memory(token_step)], key=lambda x: x['total_bytes'])
+  except jax.errors.JaxRuntimeError as error:
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+      raise
+    raise DoesNotFit(knobs_message(config, dict(mesh.shape), task,
+                                   f'{task} does not fit {topology}: the TPU compiler says '
+                                   f'"{str(error).splitlines()[0]}"')) from error
+  compile_s = time.monotonic() - started
+  log(f'[aot] compiled in {compile_s:.1f} s; per-device total {mem["total_bytes"] / GIB:.2f} GiB')
+  if mem['total_bytes'] > hbm:
+    calibrate = False  # It does not fit: report the memory without the calibration compiles.
+
+  m = config.model
+  notes = []
+  if task == 'train':
+    batch, seq_len = config.train.batch_size, configlib.required_seq_len(config)
+    model_flops = train_model_flops(config)
+    if calibrate:
+      log('[aot] calibrating the cost analysis (1- and 2-layer unrolled compiles)')
+      flops, bytes_ = calibrated_cost(config, lambda c: compile_train(c, mesh),
+                                      {'model__num_layers': m.num_layers})
+    else:
+      flops, bytes_ = cost(compiled)
+      notes.append('uncalibrated cost (scan bodies counted once)')
+    if m.attention == 'splash':
+      batch_split = mesh.shape['data'] * mesh.shape['fsdp']
+      flops += splash_compiler_flops(config, batch / batch_split, seq_len) / mesh.shape['tensor']
+      notes.append('splash FLOPs added by formula')
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        nnx.state(state_lib.abstract_model(config), nnx.Param)))
+    comm_s = collective_bytes(config, mesh, params) / chip.ici_bandwidth
+  else:
+    images, rows, width, cfg = sample_shapes(config)
+    batch, seq_len = images, width + cfg.num_tokens
+    model_flops = sample_model_flops(config)
+    n = cfg.num_tokens
+    if calibrate:
+      log('[aot] calibrating the cost analysis (1-/2-layer and 1-/2-step unrolled compiles)')
+      prefill_cost = calibrated_cost(config, lambda c: compile_sample(c, mesh)[0],
+                                     {'model__num_layers': m.num_layers})
+      token_cost = calibrated_cost(
+          with_overrides(config, sample__time_grid='A', sample__solver='euler'),
+          lambda c: compile_sample(c, mesh)[1],
+          {'model__num_layers': m.num_layers, 'sample__num_steps': velocity_calls(config)})
+    else:
+      prefill_cost, token_cost = cost(prefill), cost(token_step)
+      notes.append('uncalibrated cost (scan bodies counted once)')
+    flops, bytes_ = prefill_cost + n * token_cost
+    if m.attention == 'splash':  # The prefill's kernels, per device.
+      rows_split = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['tensor']
+      flops += attention_flops(config, rows / rows_split, width, width, causal=True)
+      notes.append('splash FLOPs added by formula')
+    comm_s = 0.0
+    notes.append(f'step = prefill + {n} token steps')
+  compute_s = flops / chip.peak_flops
+  memory_s = bytes_ / chip.hbm_bandwidth
+  estimated, bound = max((compute_s, 'compute'), (memory_s, 'memory'), (comm_s, 'collective'))
+  result = Plan(
+      task=task, topology=topology, chips=len(devices) // chip.devices_per_chip, devices=len(devices),
+      mesh=dict(mesh.shape), seq_len=seq_len, global_batch=batch, attention=m.attention,
+      remat=m.remat_policy, **mem, hbm_bytes=hbm, fits=mem['total_bytes'] <= hbm,
+      compiler_flops_per_device=float(flops), compiler_bytes_per_device=float(bytes_),
+      flops_per_step=float(model_flops), estimated_step_s=float(estimated), bound=bound,
+      mfu_estimate=float(model_flops / (estimated * len(devices) * chip.peak_flops)),
+      compile_s=compile_s, notes='; '.join(notes))
+  log(result.table())
+  if not result.fits:
+    over = (result.total_bytes - result.hbm_bytes) / GIB
+    raise DoesNotFit(knobs_message(
+        config, result.mesh, task,
+        f'{task} does not fit {topology}: {result.total_bytes / GIB:.2f} GiB per device > '
+        f'{result.hbm_bytes / GIB:.2f} GiB HBM ({over:.2f} GiB over).'), result)
+  return result
+
+
+def knobs_message(config, mesh: dict, task: str, headline: str) -> str:
+  """`headline` plus the knobs that lower per-device memory, with their current values."""
+  m = config.model
+  if mesh['data'] > 1:
+    knobs = [f'more FSDP: --config.mesh.fsdp=-1 --config.mesh.data=1 (now data={mesh["data"]}, '
+             f'fsdp={mesh["fsdp"]}: data-parallel devices hold full replicas of params and optimizer)']
+  else:
+    knobs = [f'a larger slice (params and optimizer state are already sharded {mesh["fsdp"]}-way '
+             f'over fsdp, {mesh["tensor"]}-way over tensor)']
+  if task == 'train':
+    per_device = config.train.batch_size / (mesh['data'] * mesh['fsdp'])
+    knobs.append(f'a smaller per-device batch: --config.train.batch_size (now '
+                 f'{config.train.batch_size} global, {per_device:g} per data/fsdp device)')
+    if m.remat_policy != 'full':
+      knobs.append(f'rematerialise more: --config.model.remat_policy=full (now {m.remat_policy})')
+  else:
+    knobs.append(f'fewer images per call: --config.sample.batch_size (now {config.sample.batch_size})')
+    if m.param_dtype != 'bfloat16':
+      knobs.append(f'bfloat16 weights for inference: --config.model.param_dtype=bfloat16 (now {m.param_dtype})')
+  return f'{headline} Try:\n  - ' + '\n  - '.join(knobs)
