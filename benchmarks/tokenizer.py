@@ -86,8 +86,16 @@ def main(argv=None) -> int:
       results['ar_scores'][f'vae_{label}'] = {**run_eval.headline('shapes', scores), 'steps': args.ar_steps,
                                               'train_minutes': round(train_result.minutes, 2),
                                               'prompts_per_suite': args.ar_prompts}
+  if args.ar_steps:  # The pixels tokenizer on the same step budget: the like-for-like baseline.
+    ar_config = configlib.load_config('configs/shapes.py', [f'train.steps={args.ar_steps}'])
+    ar_dir = pathlib.Path(args.workdir) / f'{ar_config.name}_{args.ar_steps}'
+    train_result = loop.train(ar_config, str(ar_dir))
+    scores, _ = run_eval.evaluate_shapes(pipeline.TextToImage.from_workdir(str(ar_dir)), args.ar_prompts)
+    results['ar_scores']['pixels'] = {**run_eval.headline('shapes', scores), 'steps': args.ar_steps,
+                                      'train_minutes': round(train_result.minutes, 2),
+                                      'prompts_per_suite': args.ar_prompts}
   quality = json.loads((RESULTS / 'quality.json').read_text())
-  results['ar_scores']['pixels'] = {k: quality[k] for k in quality if k.startswith('shapes_')} | {
+  results['ar_scores']['pixels_3600_steps'] = {k: quality[k] for k in quality if k.startswith('shapes_')} | {
       'steps': quality['shapes']['train_steps'], 'source': 'benchmarks/results/quality.json'}
   tokenizer_eval.plot_robustness({k: {'robustness': v} for k, v in results['robustness'].items()},
                                  str(RESULTS / 'tokenizer_robustness.png'))
