@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from etils import epath
 
+import multiprocess_testing
+
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax.cli import sample as sample_cli
@@ -13,7 +15,6 @@ from nextstep_jax.cli import train as train_cli
 from nextstep_jax.data import sequences
 from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import loop
-from nextstep_jax.training import state as state_lib
 
 # Resumed and uninterrupted runs execute the same XLA programs on the same inputs: bitwise equal.
 RESUME_ATOL = 0.0
@@ -24,16 +25,7 @@ def tiny_config(tmp_path, *overrides):
                                                    *overrides])
 
 
-def restored_params(workdir, step=None):
-  config = configlib.config_from_json((workdir / pipeline.CONFIG_FILE).read_text())
-  tx = state_lib.make_optimizer(config.train)
-  _, abstract = state_lib.abstract_train_state(config, tx)
-  ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=100)
-  try:
-    state, extra = ckpt.restore(step, abstract)
-  finally:
-    ckpt.close()
-  return jax.tree.map(np.asarray, state), extra
+restored_params = multiprocess_testing.restore_on_one_device  # (train state as numpy, extra).
 
 
 def test_few_steps_lower_the_loss(tmp_path):
