@@ -6,6 +6,7 @@ from §5, the sampler is §7's loop (KV-cache decoding, per-token Euler–Maruya
 CFG in the head). `write_release` saves a model as a release does (sharded safetensors + index,
 config.json, tokenizer.json). Used by tests/convert and benchmarks/sampling_vs_official.py.
 """
+import inspect
 import json
 import math
 import os
@@ -91,7 +92,7 @@ class ImageHead(nn.Module):
 class NextStepTorch(nn.Module):
   """Qwen2 backbone (bare names in the release) + lm_head + projectors + flow head."""
 
-  def __init__(self, release: dict):
+  def __init__(self, release: dict, attn_implementation: str = 'eager'):
     super().__init__()
     r = release
     qwen = Qwen2Config(vocab_size=r['vocab_size'], hidden_size=r['hidden_size'],
@@ -99,7 +100,7 @@ class NextStepTorch(nn.Module):
                        num_key_value_heads=r['num_key_value_heads'], head_dim=r['head_dim'],
                        intermediate_size=r['intermediate_size'], rope_theta=r['rope_theta'],
                        rms_norm_eps=r['rms_norm_eps'], max_position_embeddings=r['max_position_embeddings'],
-                       tie_word_embeddings=False, attn_implementation='eager')
+                       tie_word_embeddings=False, attn_implementation=attn_implementation)
     d = r['hidden_size']
     token_dim = r['latent_channels'] * r['latent_patch_size'] ** 2
     self.backbone = Qwen2Model(qwen)
@@ -214,14 +215,15 @@ def generate(model: NextStepTorch, input_ids, attention_mask, num_tokens, x0, st
   (N, num_steps - 1, B, T). Returns tokens (B, N, T) float32."""
   from transformers import DynamicCache  # pylint: disable=import-outside-toplevel
   backbone = model.backbone if backbone is None else backbone
+  cache_arg = cache_kwarg(backbone)
   token_sampler = sample_token if token_sampler is None else token_sampler
   rows, width = input_ids.shape
   grid = time_grid_a(num_steps, shift, last_step_size)
   embeds = model.backbone.embed_tokens(input_ids) if prompt_embeds is None else prompt_embeds
   cache = DynamicCache()
   out = backbone(inputs_embeds=embeds, attention_mask=attention_mask,
-                 position_ids=torch.arange(width)[None].expand(rows, width), cache=cache,
-                 use_cache=True)
+                 position_ids=torch.arange(width)[None].expand(rows, width), use_cache=True,
+                 **{cache_arg: cache})
   last = out.last_hidden_state[:, -1]
   mask = attention_mask
   tokens = []
@@ -235,11 +237,18 @@ def generate(model: NextStepTorch, input_ids, attention_mask, num_tokens, x0, st
     if k == num_tokens - 1:
       break
     mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype)], dim=1)
-    x = model.image_in_projector(token.repeat(branches, 1))[:, None]
+    x = model.image_in_projector(token.to(model.image_in_projector.weight.dtype).repeat(branches, 1))[:, None]
     out = backbone(inputs_embeds=x, attention_mask=mask, position_ids=torch.full((rows, 1), width + k),
-                   cache=cache, use_cache=True)
+                   use_cache=True, **{cache_arg: cache})
     last = out.last_hidden_state[:, -1]
   return torch.stack(tokens, dim=1)
+
+
+def cache_kwarg(backbone) -> str:
+  """The KV-cache keyword of Qwen2Model.forward: `cache` from transformers 5.2x (`past_key_values`
+  deprecated), `past_key_values` before."""
+  forward = getattr(backbone, '_orig_mod', backbone).forward
+  return 'cache' if 'cache' in inspect.signature(forward).parameters else 'past_key_values'
 
 
 def to_torch(x) -> torch.Tensor:
