@@ -34,6 +34,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # The package and configs/ from this checkout (no install needed).
 RESULTS = ROOT / 'benchmarks' / 'results'
 PROMPT_TOKENS = 64  # Caption + image prefix ids per row (official prompts are of this order).
 SMOKE = dict(model__vocab_size=512, model__hidden_size=128, model__num_layers=2, model__num_heads=4,
@@ -113,6 +114,58 @@ def run_jax(args, save) -> dict:
   return out
 
 
+def run_phases(args, save) -> dict:
+  """Where a batch-1 image token's time goes: one cached decoder step (rows 2, cache of
+  prompt + 1024 slots) and one token's head integration (50 SDE steps, both CFG rows), each
+  jitted alone, median of 20 calls, under this process's XLA_FLAGS."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from nextstep_jax import configlib  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.model import nextstep  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.sampling import generate  # pylint: disable=import-outside-toplevel
+
+  config = large_config(args)
+  grid_h, grid_w = configlib.image_grid(config)
+  model_cfg = nextstep.ModelConfig.from_config(config.model)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: nextstep.NextStep(model_cfg, rngs=nnx.Rngs(0))))
+  params = jax.jit(lambda: nnx.state(nextstep.NextStep(model_cfg, rngs=nnx.Rngs(0))))()
+  sampler_cfg = generate.SamplerConfig.from_config(config, grid_h, grid_w, num_branches=2)
+  rows, slots = 2, PROMPT_TOKENS + grid_h * grid_w - 1
+  keys = generate.image_keys_from_seeds(np.arange(1))
+
+  @jax.jit
+  def decoder_step(state, cache, token):
+    m = nnx.merge(graphdef, state)
+    x = jnp.tile(m.embed_image_tokens(token[:, None]), (2, 1, 1))
+    return m(x, jnp.full((rows, 1), PROMPT_TOKENS, jnp.int32), jnp.ones((rows, 1), bool), cache)
+
+  @jax.jit
+  def head_token(state, last_hidden):
+    return generate.sample_token(nnx.merge(graphdef, state), last_hidden, jnp.asarray(0), keys, sampler_cfg)
+
+  cache = jax.jit(lambda: nnx.merge(graphdef, params).decoder.init_cache(rows, slots))()
+  last_hidden = jnp.ones((rows, config.model.hidden_size), jnp.bfloat16)
+  token = jnp.ones((1, 64), jnp.float32)
+
+  def median_ms(fn):
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(20):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times), 3)
+
+  out = dict(xla_flags=os.environ.get('XLA_FLAGS', ''), device=str(jax.devices()[0].device_kind))
+  out['decoder_step_ms'] = median_ms(lambda: decoder_step(params, cache, token))
+  out['head_token_ms'] = median_ms(lambda: head_token(params, last_hidden))
+  print(f'[phases] {out}', flush=True)
+  save(out)
+  return out
+
+
 def run_torch(args) -> dict:
   """The official loop on --torch-tokens prefixes of one image: ms per token, image time."""
   import torch  # pylint: disable=import-outside-toplevel
@@ -189,18 +242,22 @@ def ceilings() -> dict:
   return dict(bf16_matmul_flops_per_s=2 * 8192**3 / matmul_s, copy_bytes_per_s=2 * src.numel() * 2 / copy_s)
 
 
-def weight_floor_ms(config, copy_bytes_per_s: float) -> float:
-  """Milliseconds per image token to stream the bf16 decoder layers + projectors once and the head's
-  weights once per velocity evaluation (batch 1: every step is weight-bandwidth bound)."""
+def weight_floor_ms(config, copy_bytes_per_s: float) -> dict:
+  """Milliseconds per image token to stream the bf16 weights once per use at batch 1 (every step
+  is weight-bandwidth bound): the decoder layers + projectors once, the head once per velocity
+  evaluation."""
   from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel
   p = aot.decoder_matmul_params(config)
-  evaluations = aot.velocity_calls(config)
-  per_token = 2 * (p['decoder'] + p['image_in'] + p['image_out'] + p['head'] * evaluations)
-  return 1000 * per_token / copy_bytes_per_s
+  decoder = 2 * (p['decoder'] + p['image_in'] + p['image_out'])
+  head = 2 * p['head'] * aot.velocity_calls(config)
+  return dict(decoder_step=1000 * decoder / copy_bytes_per_s, head_token=1000 * head / copy_bytes_per_s,
+              token=1000 * (decoder + head) / copy_bytes_per_s)
 
 
 def child(args) -> int:
   save = lambda result: pathlib.Path(args.child_out).write_text(json.dumps(result, indent=2))
+  if args.child == 'phases':
+    return 0 if run_phases(args, save) else 1
   result = run_jax(args, save) if args.child == 'jax' else run_torch(args)
   if args.child == 'torch' and not args.smoke:
     result['ceilings'] = ceilings()
@@ -218,12 +275,13 @@ def main() -> int:
   parser.add_argument('--num-steps', type=int, default=50)
   parser.add_argument('--cfg', type=float, default=7.5)
   parser.add_argument('--image-size', type=int, default=512)
-  parser.add_argument('--sides', nargs='+', default=['jax', 'torch'], choices=['jax', 'torch'])
+  parser.add_argument('--sides', nargs='*', default=['jax', 'torch', 'phases'], choices=['jax', 'torch', 'phases'],
+                      help='sides to measure (none with --update: recompute the summary only)')
   parser.add_argument('--timeout', type=float, default=400, help='seconds per side')
   parser.add_argument('--update', action='store_true',
                       help='keep the other sides of an existing --out file (sides measured in separate runs)')
   parser.add_argument('--smoke', action='store_true', help='tiny shapes: check the script on any machine')
-  parser.add_argument('--child', choices=['jax', 'torch'], help=argparse.SUPPRESS)
+  parser.add_argument('--child', choices=['jax', 'torch', 'phases'], help=argparse.SUPPRESS)
   parser.add_argument('--child-out', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -237,7 +295,10 @@ def main() -> int:
                 machine=f'{platform.machine()}, {os.cpu_count()} CPUs',
                 setup=dict(image_size=args.image_size, num_steps=args.num_steps, cfg=args.cfg, cfg_branches=2,
                            prompt_tokens=PROMPT_TOKENS, weights='random bfloat16', smoke=args.smoke))
-  result.update({side: previous[side] for side in ('jax', 'torch') if side in previous and side not in args.sides})
+  if not args.sides:  # Summary only: keep where and how the sides were measured.
+    result.update({k: previous[k] for k in ('command', 'date', 'machine', 'setup') if k in previous})
+  result.update({side: previous[side] for side in ('jax', 'torch', 'phases')
+                 if side in previous and side not in args.sides})
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
              XLA_PYTHON_CLIENT_MEM_FRACTION='0.9', PYTHONUNBUFFERED='1')
   for side in args.sides:
@@ -272,8 +333,12 @@ def main() -> int:
     if torch_run.get('ceilings'):
       config = large_config(args)
       floor = weight_floor_ms(config, torch_run['ceilings']['copy_bytes_per_s'])
-      result['summary']['weight_streaming_floor_ms_per_token'] = round(floor, 2)
-      result['summary']['jax_fraction_of_floor'] = round(floor / one['ms_per_image_token'], 3)
+      result['summary']['weight_streaming_floor_ms'] = {k: round(v, 2) for k, v in floor.items()}
+      result['summary']['jax_fraction_of_floor'] = round(floor['token'] / one['ms_per_image_token'], 3)
+      for phase in ('decoder_step', 'head_token'):
+        if f'{phase}_ms' in result.get('phases', {}):
+          result['summary'][f'jax_{phase}_fraction_of_floor'] = round(
+              floor[phase] / result['phases'][f'{phase}_ms'], 3)
   out_path.write_text(json.dumps(result, indent=2) + '\n')
   print(json.dumps(result.get('summary', {k: result.get(k) for k in args.sides}), indent=2))
   return 0 if all('error' not in result.get(s, {}) for s in args.sides) else 1
