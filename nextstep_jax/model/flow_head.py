@@ -86,7 +86,11 @@ class ResBlock(nnx.Module):
     self.adaLN_modulation_1 = _dense(rngs, cfg, cfg.width, 3 * cfg.width, ('head_embed', 'head_mlp'), _ZEROS)
 
   def __call__(self, x, y_act):
-    shift, scale, gate = jnp.split(self.adaLN_modulation_1(y_act), 3, axis=-1)
+    return self.modulated(x, self.adaLN_modulation_1(y_act))
+
+  def modulated(self, x, modulation):
+    """The block given its adaLN output (..., 3W) = (shift, scale, gate)."""
+    shift, scale, gate = jnp.split(modulation, 3, axis=-1)
     h = self.in_ln(x) * (1 + scale) + shift
     return x + gate * self.mlp_2(jax.nn.silu(self.mlp_0(h)))
 
@@ -99,7 +103,11 @@ class FinalLayer(nnx.Module):
     self.linear = _dense(rngs, cfg, cfg.width, cfg.token_dim, ('head_embed', 'token'), _ZEROS)
 
   def __call__(self, x, y_act):
-    shift, scale = jnp.split(self.adaLN_modulation_1(y_act), 2, axis=-1)
+    return self.modulated(x, self.adaLN_modulation_1(y_act))
+
+  def modulated(self, x, modulation):
+    """The layer given its adaLN output (..., 2W) = (shift, scale)."""
+    shift, scale = jnp.split(modulation, 2, axis=-1)
     return self.linear(L.layer_norm(x, LN_EPS) * (1 + scale) + shift)
 
 
@@ -124,19 +132,55 @@ class FlowHead(nnx.Module):
     """x_t (M, T), t (M,) or () (one time for every row: embedded once), cond_emb = condition(c)
     (M, W), step_size like t (used by `step_cond` heads, None = 0) -> velocity (M, T) float32."""
     rules = self.cfg.mesh_rules
-    y = self.time_embed(jnp.reshape(t, (-1,)))
-    if self.step_embed is not None:
-      d = jnp.zeros_like(t) if step_size is None else jnp.broadcast_to(step_size, jnp.shape(t))
-      y = y + self.step_embed(jnp.reshape(d, (-1,)))
-    y_act = L.constrain(jax.nn.silu(y + cond_emb), rules, 'batch', 'head_embed')
+    y_act = self._activated_condition(t, cond_emb, step_size)
     x = L.constrain(self.input_proj(x_t), rules, 'batch', 'head_embed')
 
-    def body(block, h, _):
+    def body(block, h, _):  # adaLN inside the (rematerialised) block: no (depth, M, 3W) tensor in training.
       return L.constrain(block(h, y_act), rules, 'batch', 'head_embed'), None
 
     x, _ = L.scan_stack(self.res_blocks, body, x, remat_policy=self.cfg.remat_policy,
                         unroll=self.cfg.scan_unroll)
     return self.final_layer(x, y_act).astype(jnp.float32)
+
+  def step_modulations(self, t: jax.Array, cond_emb: jax.Array, step_size: jax.Array | None = None) -> dict:
+    """Every part of the velocity that depends only on (t, d, c), for E evaluation times:
+    t (E,), step_size (E,) or None, cond_emb (M, W) -> {'blocks': (E, depth, M, 3W), 'final':
+    (E, M, 2W)}, computed as batched matmuls over E x M rows (the samplers build it once per token
+    instead of once per integration step)."""
+    y_act = self._activated_condition(t[:, None], cond_emb[None], None if step_size is None else step_size[:, None])
+    mods = self._modulations(y_act)
+    return {'blocks': jnp.moveaxis(mods['blocks'], 0, 1), 'final': mods['final']}
+
+  def velocity_from_modulations(self, x_t: jax.Array, modulations: dict) -> jax.Array:
+    """x_t (M, T) and one evaluation point's modulations {'blocks': (depth, M, 3W), 'final':
+    (M, 2W)} -> velocity (M, T) float32."""
+    rules = self.cfg.mesh_rules
+    x = L.constrain(self.input_proj(x_t), rules, 'batch', 'head_embed')
+
+    def body(block, h, modulation):
+      return L.constrain(block.modulated(h, modulation), rules, 'batch', 'head_embed'), None
+
+    x, _ = L.scan_stack(self.res_blocks, body, x, modulations['blocks'], unroll=self.cfg.scan_unroll)
+    return self.final_layer.modulated(x, modulations['final']).astype(jnp.float32)
+
+  def _activated_condition(self, t, cond_emb, step_size):
+    """silu(time_embed(t) [+ step_embed(d)] + cond_emb): t (...,) broadcast against cond_emb
+    (..., W) (a scalar t is embedded once for every row)."""
+    y = self.time_embed(jnp.reshape(t, (-1,))).reshape(jnp.shape(t) + (-1,))
+    if self.step_embed is not None:
+      d = jnp.zeros_like(t) if step_size is None else jnp.broadcast_to(step_size, jnp.shape(t))
+      y = y + self.step_embed(jnp.reshape(d, (-1,))).reshape(jnp.shape(d) + (-1,))
+    return L.constrain(jax.nn.silu(y + cond_emb), self.cfg.mesh_rules, *(None,) * (jnp.ndim(cond_emb) - 2),
+                       'batch', 'head_embed')
+
+  def _modulations(self, y_act: jax.Array) -> dict:
+    """adaLN outputs of every block and the final layer: y_act (..., W) -> {'blocks': (depth, ...,
+    3W), 'final': (..., 2W)}."""
+    def body(block, carry, _):
+      return carry, block.adaLN_modulation_1(y_act)
+
+    _, blocks = L.scan_stack(self.res_blocks, body, None, unroll=self.cfg.scan_unroll)
+    return {'blocks': blocks, 'final': self.final_layer.adaLN_modulation_1(y_act)}
 
   def __call__(self, x_t: jax.Array, t: jax.Array, c: jax.Array, step_size: jax.Array | None = None) -> jax.Array:
     return self.velocity_from_condition(x_t, t, self.condition(c), step_size)

@@ -72,21 +72,23 @@ class SamplerConfig:
                token_steps=tuple(s.get('token_steps', ())))
 
 
-def guided_velocity_fn(head, cond_emb: jax.Array, cfg: SamplerConfig, scale: jax.Array):
-  """velocity(x (B, T), t (), d ()) -> (B, T): all branches in one head call (t and the step size d
-  embedded once for every row), then CFG."""
+def guided_velocity(head, cond_emb: jax.Array, cfg: SamplerConfig,
+                    scale: jax.Array) -> integrators.ConditionedVelocity:
+  """The guided velocity of one token: its table is the head's step_modulations of every
+  evaluation point (all branches' rows, built once per token); each step tiles x over the
+  branches, runs the head's x-path once for all rows, then combines the branches (CFG)."""
   branches = cfg.num_branches
 
-  def velocity(x, t, d):
-    rows = jnp.tile(x, (branches, 1))
-    v = head.velocity_from_condition(rows, t, cond_emb, d)
+  def apply(x, modulations):
+    v = head.velocity_from_modulations(jnp.tile(x, (branches, 1)), modulations)
     if branches == 1:
       return v
     if branches == 2:
       return guidance.combine_two_way(v, scale)
     return guidance.combine_three_way(v, scale, jnp.asarray(cfg.cfg_img, jnp.float32))
 
-  return velocity
+  return integrators.ConditionedVelocity(
+      condition=lambda t, d: head.step_modulations(t, cond_emb, d), apply=apply)
 
 
 def sample_token(model, last_hidden: jax.Array, token_index: jax.Array, row_keys: jax.Array,
@@ -97,7 +99,7 @@ def sample_token(model, last_hidden: jax.Array, token_index: jax.Array, row_keys
   cond = model.head_condition(last_hidden, token_index)
   cond_emb = model.image_head.condition(cond)  # Once per token, outside the integration loop.
   scale = guidance.guidance_scale(cfg.cfg, cfg.cfg_schedule, token_index, cfg.num_tokens)
-  velocity = guided_velocity_fn(model.image_head, cond_emb, cfg, scale)
+  velocity = guided_velocity(model.image_head, cond_emb, cfg, scale)
   x0 = integrator.temperature * integrators.row_normal(row_keys, 0, (model.cfg.token_dim,))
   token = integrators.integrate(velocity, x0, row_keys, integrator)
   return L.layer_norm(token) if cfg.use_norm else token

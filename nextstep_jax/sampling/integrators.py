@@ -17,9 +17,14 @@ Solvers: 'sde' = Euler-Maruyama of the SiT SDE with diffusion w(t) = 1 - t:
   score = (t v - x) / (1 - t); drift = v + (1 - t) score = (1 + t) v - x;
   x <- x + drift dt + sqrt(2 (1 - t)) sqrt(dt) z;
 'euler' / 'heun' = the deterministic ODE dx = v dt (first / second order).
+Conditioned velocities: a field whose work splits into a part that depends only on the step's
+(t, d) (for the flow head: the time embedding and every adaLN modulation) and a part that depends
+on x can be passed as a `ConditionedVelocity`; `integrate` then evaluates the first part once for
+all of the token's evaluation points, as one batched call, before the step loop, and each step
+only slices its row of that table. A plain `VelocityFn` is the special case whose table is (t, d).
 """
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +34,21 @@ TIME_GRIDS = ('A', 'B')
 
 # (x (M, T) f32, t () f32, step size d () f32) -> (M, T) f32
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionedVelocity:
+  """v(x, t, d) = apply(x, table[e]) with table = condition(ts (E,), ds (E,)), a pytree whose
+  leaves have the leading axis E (one row per evaluation point)."""
+  condition: Callable[[jax.Array, jax.Array], Any]
+  apply: Callable[[jax.Array, Any], jax.Array]
+
+  @classmethod
+  def of(cls, velocity: 'VelocityFn | ConditionedVelocity') -> 'ConditionedVelocity':
+    """A plain VelocityFn as a ConditionedVelocity whose table is (t, d) itself."""
+    if isinstance(velocity, cls):
+      return velocity
+    return cls(condition=lambda t, d: (t, d), apply=lambda x, td: velocity(x, *td))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,35 +107,54 @@ def row_normal(row_keys: jax.Array, salt, shape: tuple[int, ...]) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), shape, jnp.float32))(row_keys)
 
 
-def _solver_step(velocity_fn: VelocityFn, solver: str, x, t, t_next, noise_fn, noise_scale: float):
-  """One step t -> t_next of `solver` from x (M, T) f32; noise_fn() draws the SDE noise (M, T)."""
+def _solver_step(velocity_at, solver: str, x, t, t_next, noise_fn, noise_scale: float):
+  """One step t -> t_next of `solver` from x (M, T) f32; velocity_at(x, 'start' | 'end') is the
+  field at this step's start / end time; noise_fn() draws the SDE noise (M, T)."""
   dt = t_next - t
-  v = velocity_fn(x, t, dt)
+  v = velocity_at(x, 'start')
   if solver == 'euler':
     return x + v * dt
   if solver == 'heun':
-    v_next = velocity_fn(x + v * dt, t_next, dt)
+    v_next = velocity_at(x + v * dt, 'end')
     return x + 0.5 * (v + v_next) * dt
   drift = (1.0 + t) * v - x
   noise = noise_scale * noise_fn()
   return x + drift * dt + jnp.sqrt(2.0 * (1.0 - t)) * jnp.sqrt(dt) * noise
 
 
-def integrate(velocity_fn: VelocityFn, x0: jax.Array, row_keys: jax.Array, cfg: IntegratorConfig) -> jax.Array:
+def integrate(velocity: 'VelocityFn | ConditionedVelocity', x0: jax.Array, row_keys: jax.Array,
+              cfg: IntegratorConfig) -> jax.Array:
   """Integrates from noise x0 (M, T) float32 (already scaled by temperature) to a token (M, T) f32.
 
+  velocity: a VelocityFn or a ConditionedVelocity (its table is built once for every evaluation
+  point: the step starts, for heun the step ends, for grid A the final delta step).
   row_keys (M,) keys: the SDE's step i draws row m's noise from fold_in(row_keys[m], i + 1),
   scaled by `temperature` (salt 0 is left for x0).
   """
+  velocity = ConditionedVelocity.of(velocity)
   times = time_grid(cfg)
   starts, ends = times[:-1], times[1:]
+  sizes = ends - starts
+  final_step = cfg.time_grid == 'A' and not cfg.times
+  points_t, points_d = [starts], [sizes]
+  if cfg.solver == 'heun':
+    points_t, points_d = points_t + [ends], points_d + [sizes]
+  if final_step:
+    points_t.append(times[-1:])
+    points_d.append(jnp.full((1,), cfg.last_step_size, jnp.float32))
+  table = velocity.condition(jnp.concatenate(points_t), jnp.concatenate(points_d))
+  n = starts.shape[0]
+  at_start = jax.tree.map(lambda a: a[:n], table)
+  at_end = jax.tree.map(lambda a: a[n:2 * n], table) if cfg.solver == 'heun' else None
 
   def step(x, inputs):
-    i, t, t_next = inputs
+    i, t, t_next, start_row, end_row = inputs
+    rows = {'start': start_row, 'end': end_row}
     noise_fn = lambda: row_normal(row_keys, i + 1, x.shape[1:])
-    return _solver_step(velocity_fn, cfg.solver, x, t, t_next, noise_fn, cfg.temperature), None
+    return _solver_step(lambda y, where: velocity.apply(y, rows[where]), cfg.solver, x, t, t_next, noise_fn,
+                        cfg.temperature), None
 
-  x, _ = jax.lax.scan(step, x0.astype(jnp.float32), (jnp.arange(starts.shape[0]), starts, ends))
-  if cfg.time_grid == 'A' and not cfg.times:
-    x = x + cfg.last_step_size * velocity_fn(x, times[-1], jnp.asarray(cfg.last_step_size, jnp.float32))
+  x, _ = jax.lax.scan(step, x0.astype(jnp.float32), (jnp.arange(n), starts, ends, at_start, at_end))
+  if final_step:
+    x = x + cfg.last_step_size * velocity.apply(x, jax.tree.map(lambda a: a[-1], table))
   return x

@@ -202,3 +202,21 @@ def test_scalar_time_equals_per_row_time():
   cond_emb = head.condition(c)
   np.testing.assert_array_equal(np.asarray(head.velocity_from_condition(x, jnp.float32(0.7), cond_emb)),
                                 np.asarray(head.velocity_from_condition(x, jnp.full((4,), 0.7), cond_emb)))
+
+
+def test_step_modulations_give_the_velocity_of_each_point():
+  """The sampler's split of the head (adaLN of every block and the final layer tabulated for E
+  (t, d) points, then the x-path per point) equals the one-call velocity at each point, for a
+  step-conditioned head with random weights (float32, same operations in another order)."""
+  head = FH.FlowHead(head_config(step_cond=True), rngs=nnx.Rngs(3))
+  randomize(head, seed=4)
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((5, T_DIM)), jnp.float32)
+  cond_emb = head.condition(jnp.asarray(rng.standard_normal((5, C_DIM)), jnp.float32))
+  t, d = jnp.asarray([0.0, 0.37, 0.9]), jnp.asarray([0.37, 0.53, 0.04])
+  table = head.step_modulations(t, cond_emb, d)
+  assert table['blocks'].shape == (3, DEPTH, 5, 3 * WIDTH) and table['final'].shape == (3, 5, 2 * WIDTH)
+  for e in range(3):
+    split = head.velocity_from_modulations(x, jax.tree.map(lambda a, e=e: a[e], table))
+    np.testing.assert_allclose(np.asarray(split), np.asarray(head.velocity_from_condition(x, t[e], cond_emb, d[e])),
+                               rtol=HEAD_RTOL, atol=HEAD_ATOL)
