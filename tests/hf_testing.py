@@ -1,7 +1,11 @@
-"""A tiny HF `tokenizer.json` with the NextStep special tokens (tokenizers library only)."""
+"""Pieces of tiny releases: an HF `tokenizer.json` with the NextStep special tokens (tokenizers
+library only) and a random image tokenizer in the official `vae/` layout."""
+from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nextstep_jax.data import text_tokenizer
+from nextstep_jax.image import vae
+from nextstep_jax.image import vae_tokenizer
 
 CAPTIONS = ('a red circle to the left of a blue square', 'a photo of a cat on a sofa, 4k',
             'make the sky green', 'masterpiece, film grained, best quality.', 'Copy original image.')
@@ -20,3 +24,12 @@ def build_tokenizer(path: str) -> Tokenizer:
   tok.add_special_tokens(list(text_tokenizer.SPECIAL_TOKENS))
   tok.save(path)
   return tok
+
+
+def write_vae_release(directory, z_channels: int = 16, seed: int = 5) -> vae.AutoEncoder:
+  """A random tiny f2 VAE (non-default factors) written as a release's vae/: config.json + safetensors."""
+  cfg = vae.AutoEncoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=z_channels, norm_groups=4,
+                              scaling_factor=0.8, shift_factor=0.1)
+  model = vae.AutoEncoder(cfg, nnx.Rngs(seed))
+  vae_tokenizer.export_release(directory, cfg, nnx.state(model, nnx.Param))
+  return model

@@ -1,7 +1,8 @@
-"""nextstep-convert --hf-dir RELEASE --out DIR [--dtype float32|bfloat16] [--compute-dtype bfloat16]
+"""nextstep-convert --hf-dir RELEASE --out DIR [--dtype float32|bfloat16] [--vae TOKENIZER_DIR]
 
-Converts an official NextStep-1 release (a download of e.g. stepfun-ai/NextStep-1-Large: config.json,
-model.safetensors.index.json + shards, tokenizer.json) into DIR: config.json (ours), tokenizer.json
+Converts an official NextStep-1 release (a download of e.g. stepfun-ai/NextStep-1-Large:
+config.json, model.safetensors.index.json + shards, tokenizer.json, vae/) into DIR: config.json
+(ours), tokenizer.json, vae/ (the image tokenizer, from the release's vae/ or --vae, import-checked)
 and params/ (orbax; `TextToImage.from_converted(DIR)` or `nextstep-sample --converted DIR` restore
 it sharded onto any mesh). Host memory: the params once in --dtype (14B: 60 GB float32, 30 GB
 bfloat16) plus one tensor.
@@ -20,6 +21,8 @@ def main(argv=None) -> int:
                       help='activation dtype of the converted config (model.dtype)')
   parser.add_argument('--image-tokenizer', default='vae', choices=('vae', 'pixels'),
                       help='image tokenizer of the converted config (official: vae)')
+  parser.add_argument('--vae', default=None,
+                      help="image tokenizer folder (config.json + checkpoint.pt): default the release's vae/")
   parser.add_argument('--image-size', type=int, default=512, help='default square image side in pixels')
   parser.add_argument('--max-caption-tokens', type=int, default=256, help='prompt token budget per caption')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -28,13 +31,15 @@ def main(argv=None) -> int:
   try:
     config = official.convert(args.hf_dir, args.out, param_dtype=args.dtype, compute_dtype=args.compute_dtype,
                               image_tokenizer=args.image_tokenizer, image_size=args.image_size,
-                              max_caption_tokens=args.max_caption_tokens)
+                              max_caption_tokens=args.max_caption_tokens, vae_dir=args.vae)
   except (official.ConversionError, FileExistsError) as error:
     print(f'nextstep-convert: {error}', file=sys.stderr)
     return 1
   m = config.model
   print(f'converted {args.hf_dir} -> {args.out}: {m.num_layers} layers, hidden {m.hidden_size}, '
         f'head {m.fm_head_dim}x{m.fm_head_layers}, params {m.param_dtype}')
+  if config.image.tokenizer == 'vae':
+    print(f'image tokenizer: {config.image.vae.checkpoint or "none found: add --vae DIR before sampling"}')
   return 0
 
 

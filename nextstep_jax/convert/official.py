@@ -7,6 +7,10 @@ A release directory holds `config.json`, `model.safetensors.index.json` + shards
   out_dir/tokenizer.json  the release's tokenizer, copied
   out_dir/params/0/       orbax checkpoint of the model params (nnx.State), restorable sharded
                           onto any mesh (`load_params`)
+  out_dir/vae/            the image tokenizer (f8ch16 VAE: config.json + checkpoint.pt or
+                          *.safetensors), copied from the release's `vae/` folder or `vae_dir`
+                          after a full import check; config image.vae.checkpoint = 'vae' and the
+                          VAE's architecture fields come from its config.json
 
 Names and layouts follow one table (`_rules`): official name (with `{layer}` for stacked
 modules) -> our param path -> transform ('copy', 'flat' = reshape a flat vector into the target's
@@ -33,6 +37,7 @@ from configs import base as base_config
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax.data import hf_tokenizer
+from nextstep_jax.image import vae_import
 from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import state as state_lib
@@ -41,6 +46,7 @@ from nextstep_jax.utils import logging as logging_lib
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.json'
 PARAMS_DIR = 'params'
+VAE_DIR = 'vae'  # In a model release and in the converted directory.
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
 # Tensors in releases that are not parameters: gen_pos_embed is a fixed buffer (checked against
@@ -306,10 +312,43 @@ def _check_gen_pos_embed(files, shapes, config) -> list[str]:
   return []
 
 
+def vae_source(hf_dir: pathlib.Path, vae_dir: str | pathlib.Path | None) -> pathlib.Path | None:
+  """The image tokenizer release to convert with: `vae_dir` if given (it must hold config.json),
+  else the model release's `vae/` folder, else None."""
+  if vae_dir is not None:
+    root = pathlib.Path(vae_dir)
+    if not (root / vae_import.CONFIG_FILE).exists():
+      raise ConversionError(f'--vae {vae_dir}: {root / vae_import.CONFIG_FILE} is missing; pass the folder holding '
+                            f'the tokenizer\'s {vae_import.CONFIG_FILE} and {vae_import.TORCH_FILE} (or *.safetensors), '
+                            'e.g. a NextStep-1-f8ch16-Tokenizer download or a release\'s vae/.')
+    return root
+  root = hf_dir / VAE_DIR
+  return root if (root / vae_import.CONFIG_FILE).exists() else None
+
+
+def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path) -> None:
+  """Imports the VAE release in `source` (every tensor name and shape checked) and sets the
+  config's image.vae architecture from it; the checkpoint path is set when the files are copied."""
+  try:
+    model = vae_import.load_release(source)
+  except (vae_import.CheckpointLayoutError, ValueError, FileNotFoundError) as error:
+    raise ConversionError(f'image tokenizer {source}: {error}') from error
+  cfg, v = model.cfg, config.image.vae
+  v.in_channels, v.out_ch, v.ch, v.ch_mult = cfg.in_channels, cfg.out_ch, cfg.ch, tuple(cfg.ch_mult)
+  v.num_res_blocks, v.z_channels, v.norm_groups = cfg.num_res_blocks, cfg.z_channels, cfg.norm_groups
+  v.scaling_factor, v.shift_factor, v.encoder_norm, v.psz = cfg.scaling_factor, cfg.shift_factor, cfg.encoder_norm, cfg.psz
+  if cfg.z_channels != config.model.latent_channels:
+    raise ConversionError(f'image tokenizer {source} has z_channels={cfg.z_channels} but the model reads '
+                          f'{config.model.latent_channels}-channel latents; pass the tokenizer of this model.')
+
+
 def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype: str = 'float32',
             compute_dtype: str = 'bfloat16', image_tokenizer: str = 'vae', image_size: int = 512,
-            max_caption_tokens: int = 256) -> ml_collections.ConfigDict:
-  """Converts the release in `hf_dir` into `out_dir` (see the module docstring); returns the config."""
+            max_caption_tokens: int = 256, vae_dir: str | pathlib.Path | None = None) -> ml_collections.ConfigDict:
+  """Converts the release in `hf_dir` into `out_dir` (see the module docstring); returns the config.
+
+  With image_tokenizer='vae' the VAE comes from `vae_dir` or the release's `vae/`; when neither
+  exists the config's image.vae.checkpoint stays '' and `TextToImage.from_converted` asks for one."""
   hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir).absolute()
   if not (hf_dir / CONFIG_FILE).exists():
     raise ConversionError(f'{hf_dir / CONFIG_FILE} is missing; pass the directory of a NextStep-1 release.')
@@ -325,6 +364,9 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
     raise ConversionError('Cannot convert ' + str(hf_dir) + ':\n  - ' + '\n  - '.join(problems))
   config = converted_config(fields, hf, tok.vocab_size, param_dtype, compute_dtype, image_tokenizer,
                             image_size, max_caption_tokens)
+  vae_release = vae_source(hf_dir, vae_dir) if image_tokenizer == 'vae' else None
+  if vae_release is not None:
+    _attach_vae(config, vae_release)
   configlib.validate(config)
   abstract, mapping = plan(config, shapes)
   problems = _check_gen_pos_embed(files, shapes, config)
@@ -339,6 +381,12 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
   finally:
     ckpt.close()
   shutil.copyfile(hf_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+  if vae_release is not None:
+    (out_dir / VAE_DIR).mkdir(exist_ok=True)
+    for path in vae_release.iterdir():
+      if path.name == vae_import.CONFIG_FILE or path.name == vae_import.TORCH_FILE or path.suffix == '.safetensors':
+        shutil.copyfile(path, out_dir / VAE_DIR / path.name)
+    config.image.vae.checkpoint = VAE_DIR  # Relative: load_config resolves it against the directory.
   (out_dir / CONFIG_FILE).write_text(configlib.config_to_json(config))
   return config
 
@@ -363,4 +411,7 @@ def load_config(converted_dir: str | pathlib.Path) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f'{path} is missing: {converted_dir} is not a converted checkpoint '
                             '(make one with nextstep-convert --hf-dir RELEASE --out DIR).')
-  return configlib.config_from_json(path.read_text())
+  config = configlib.config_from_json(path.read_text())
+  if config.image.vae.checkpoint == VAE_DIR:
+    config.image.vae.checkpoint = str(pathlib.Path(converted_dir).absolute() / VAE_DIR)
+  return config

@@ -107,6 +107,10 @@ class TextToImage:
     restored straight onto their shardings under `mesh` (default: every device, sized by the
     converted config's mesh fields, FSDP over all devices)."""
     config = official.load_config(directory)
+    if config.image.tokenizer == 'vae' and not config.image.vae.checkpoint and image_tokenizer is None:
+      raise ValueError(f'{directory} was converted without image tokenizer weights (the release had no vae/ '
+                       'folder): convert again with nextstep-convert --vae DIR (a NextStep-1-f8ch16-Tokenizer '
+                       'download), or pass image_tokenizer=.')
     mesh = mesh or mesh_lib.make_mesh(config.mesh)
     graphdef, params = official.load_params(directory, mesh, config)
     tok = hf_tokenizer.HFTokenizer.load(str(pathlib.Path(directory) / official.TOKENIZER_FILE))

@@ -249,3 +249,38 @@ def test_gen_pos_embed_buffer_is_checked(tmp_path):
                    extra_tensors={'gen_pos_embed': table.flip(-1)})
   with pytest.raises(official.ConversionError, match='gen_pos_embed .* differs from the 2-D sin-cos table'):
     official.convert(tmp_path / 'bad', tmp_path / 'bad_out', compute_dtype='float32')
+
+
+def test_release_vae_is_converted_and_used_by_the_sampler(release, tmp_path):
+  """The release's vae/ is import-checked, copied, and its architecture and factors land in the
+  config; the converted sampler decodes with exactly those weights (not a random VAE)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.image import vae_import  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.sampling import pipeline  # pylint: disable=import-outside-toplevel
+  with_vae = tmp_path / 'hf'
+  shutil.copytree(release[1], with_vae)
+  hf_testing.write_vae_release(with_vae / 'vae')
+  config = official.convert(with_vae, tmp_path / 'out', compute_dtype='float32', image_size=16)
+  v = config.image.vae
+  assert (v.ch, tuple(v.ch_mult), v.z_channels, v.scaling_factor, v.shift_factor) == (8, (1, 2), 16, 0.8, 0.1)
+  assert sorted(p.name for p in (tmp_path / 'out' / 'vae').iterdir()) == sorted(
+      p.name for p in (with_vae / 'vae').iterdir())
+  sampler = pipeline.TextToImage.from_converted(str(tmp_path / 'out'), mesh=mesh_lib.make_mesh(
+      config.mesh, jax.devices()[:1]), num_steps=2)
+  latents = np.random.default_rng(0).standard_normal((1, 8, 8, 16)).astype(np.float32)
+  expected = np.clip(np.asarray(vae_import.load_release(with_vae / 'vae').decode(latents)), -1, 1)  # As the tokenizer.
+  np.testing.assert_allclose(np.asarray(sampler.image_tokenizer.decode(latents)), expected, atol=1e-5)
+  assert np.abs(expected).mean() > 0.05  # Random weights decode to a non-trivial image.
+
+
+def test_missing_or_mismatched_vae_is_a_clear_error(release, tmp_path):
+  from nextstep_jax.sampling import pipeline  # pylint: disable=import-outside-toplevel
+  config = official.convert(release[1], tmp_path / 'no_vae', compute_dtype='float32')
+  assert config.image.tokenizer == 'vae' and config.image.vae.checkpoint == ''
+  with pytest.raises(ValueError, match='--vae DIR'):
+    pipeline.TextToImage.from_converted(str(tmp_path / 'no_vae'), mesh=mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
+  with pytest.raises(official.ConversionError, match='config.json is missing'):
+    official.convert(release[1], tmp_path / 'x', vae_dir=tmp_path / 'nowhere')
+  hf_testing.write_vae_release(tmp_path / 'vae8', z_channels=8)
+  with pytest.raises(official.ConversionError, match='z_channels=8'):
+    official.convert(release[1], tmp_path / 'y', vae_dir=tmp_path / 'vae8')
