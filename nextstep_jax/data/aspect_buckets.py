@@ -70,7 +70,7 @@ def record_size(element) -> tuple[int, int]:
 
 def assign_buckets(source, bucket_grids: list[tuple[int, int]], progress=None) -> tuple[np.ndarray, dict]:
   """(N,) int32 bucket of every source record (-1: unreadable, left out) and {reason: count} of
-  the records left out. `progress(done)` is called every 10000 records when given."""
+  the records left out. `progress(done)` is called after each record when given."""
   assignment = np.empty(len(source), np.int32)
   left_out: dict[str, int] = {}
   for index in range(len(source)):
@@ -80,7 +80,7 @@ def assign_buckets(source, bucket_grids: list[tuple[int, int]], progress=None) -
     except bad_records.BadRecordError as error:
       assignment[index] = -1
       left_out[error.reason] = left_out.get(error.reason, 0) + 1
-    if progress and (index + 1) % 10000 == 0:
+    if progress:
       progress(index + 1)
   return assignment, left_out
 

@@ -41,6 +41,7 @@ from nextstep_jax.data import sequences
 from nextstep_jax.data import text_tokenizer
 from nextstep_jax.image import patchify
 from nextstep_jax.image import tokenizers
+from nextstep_jax.utils import logging as log_utils
 
 COUNTS_KEY = 'bad_record_counts'  # (len(bad_records.REASONS),) int64 per batch, stripped by next_batch.
 INDEX_KEY = 'record_index'  # (R,) int64 source index of each row, stripped by next_batch.
@@ -49,8 +50,10 @@ BUCKET_KEY = 'bucket'  # () int32 aspect bucket of the batch (data.aspect_bucket
 
 
 def uses_grain(config) -> bool:
-  """Whether training reads through this pipeline (any non-builtin source, or data.grain_builtin)."""
-  return config.data.source != 'builtin' or bool(config.data.grain_builtin)
+  """Whether training reads through this pipeline (any non-builtin source, data.grain_builtin,
+  or the latent cache, whatever source it was built from)."""
+  d = config.data
+  return d.source != 'builtin' or bool(d.grain_builtin) or bool(d.use_latent_cache)
 
 
 def augment_ops(config) -> tuple[str, ...]:
@@ -301,6 +304,7 @@ def _prefetch_in_workers(ds: grain.IterDataset, d) -> grain.IterDataset:
 
 
 MAX_STEPS = 2**62  # Length of the bucketed step stream (endless in practice).
+BUCKET_PROGRESS_EVERY = 50_000  # Records between progress lines of the bucket assignment.
 
 
 def bucket_schedule(config, source, process_count: int) -> aspect_buckets.BucketSchedule:
@@ -308,8 +312,9 @@ def bucket_schedule(config, source, process_count: int) -> aspect_buckets.Bucket
   a warning) and the step schedule over them; the same in every process."""
   process_batch_size(config, process_count)  # Checks divisibility.
   grids = aspect_buckets.grids(config)
-  assignment, left_out = aspect_buckets.assign_buckets(
-      source, grids, lambda done: print(f'aspect buckets: {done}/{len(source)} records assigned', flush=True))
+  print(f'aspect buckets: reading the image size of {len(source)} records', flush=True)
+  progress = log_utils.ProgressLogger(len(source), every=BUCKET_PROGRESS_EVERY)
+  assignment, left_out = aspect_buckets.assign_buckets(source, grids, progress.update)
   if left_out:
     print(f'aspect buckets: left out {bad_records.describe(left_out)} (no readable image size)', flush=True)
   seed = config.seed if config.data.shuffle_seed < 0 else config.data.shuffle_seed
