@@ -231,12 +231,9 @@ def _validate_aspect_buckets(require, config: ml_collections.ConfigDict) -> bool
     require(False, f'data.aspect_buckets={areas}: {error}.')
     return False
   require(len(set(grids)) == len(grids), f'data.aspect_buckets={areas} lists a grid twice.')
-  require(config.data.source != 'builtin' or config.data.grain_builtin,
+  require(config.data.source != 'builtin' or config.data.grain_builtin or config.data.use_latent_cache,
           'data.aspect_buckets needs the Grain pipeline: set data.source=arrayrecord/tfds or '
           'data.grain_builtin=True.')
-  require(not config.data.use_latent_cache,
-          'data.aspect_buckets with data.use_latent_cache=True is not supported (the cache holds '
-          'square latents): train from raw records or drop the buckets.')
   if config.model.use_gen_pos_embed:
     table = config.model.base_image_grid_size ** 2
     require(all(h * w <= table for h, w in grids),

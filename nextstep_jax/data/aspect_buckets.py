@@ -68,15 +68,32 @@ def record_size(element) -> tuple[int, int]:
   return image_preprocess.image_file_size(image)
 
 
-def assign_buckets(source, bucket_grids: list[tuple[int, int]], progress=None) -> tuple[np.ndarray, dict]:
-  """(N,) int32 bucket of every source record (-1: unreadable, left out) and {reason: count} of
-  the records left out. `progress(done)` is called after each record when given."""
+def cached_bucket(element, bucket_grids: list[tuple[int, int]], patch: int) -> int:
+  """The bucket of a latent-cache record, from its stored latent shape (V, h, w, C); raises
+  BadRecordError for skipped markers and ValueError for a grid that is not a bucket."""
+  record = records.decode_record(element)
+  meta = record.metadata
+  if meta.get('kind') == 'skipped':
+    raise bad_records.BadRecordError(meta['reason'], 'skipped when the cache was built')
+  if meta.get('kind') != 'latents':
+    raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD,
+                                     f'record kind {meta.get("kind")!r} in the latent cache')
+  grid = (meta['shape'][1] // patch, meta['shape'][2] // patch)
+  if grid not in bucket_grids:
+    raise ValueError(f'latent-cache record {meta.get("source_index")} holds a {grid[0]}*{grid[1]} token grid, '
+                     f'not one of data.aspect_buckets {bucket_grids}; rebuild the cache (`nextstep-data '
+                     'cache-latents`) with the training config\'s aspect buckets')
+  return bucket_grids.index(grid)
+
+
+def assign_buckets(source, bucket_of, progress=None) -> tuple[np.ndarray, dict]:
+  """(N,) int32 bucket of every source record (-1: left out) and {reason: count} of the records
+  left out. bucket_of(element) -> bucket or BadRecordError; `progress(done)` after each record."""
   assignment = np.empty(len(source), np.int32)
   left_out: dict[str, int] = {}
   for index in range(len(source)):
     try:
-      height, width = record_size(source[index])
-      assignment[index] = nearest_bucket(height, width, bucket_grids)
+      assignment[index] = bucket_of(source[index])
     except bad_records.BadRecordError as error:
       assignment[index] = -1
       left_out[error.reason] = left_out.get(error.reason, 0) + 1

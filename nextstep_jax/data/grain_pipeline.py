@@ -10,7 +10,8 @@
 
 With `data.aspect_buckets` the stream is instead a function of the global step
 (data/aspect_buckets.py): step -> its bucket and this process's source indices -> preprocess each
-at the bucket's size with rng (seed, step, global row) -> rows of the bucket's token grid. A bad
+at the bucket's size (latent cache: records stored at their bucket's size) with rng
+(seed, step, global row) -> rows of the bucket's token grid. A bad
 record there becomes an ignored row (labels IGNORE_ID, image_valid False), counted, so shapes and
 the schedule stay the same in every process.
 
@@ -308,15 +309,21 @@ BUCKET_PROGRESS_EVERY = 50_000  # Records between progress lines of the bucket a
 
 
 def bucket_schedule(config, source, process_count: int) -> aspect_buckets.BucketSchedule:
-  """The bucket of every record of `source` (records without a readable size are left out, with
-  a warning) and the step schedule over them; the same in every process."""
+  """The bucket of every record of `source` (raw: nearest to its image's aspect; latent cache: its
+  stored grid; records without either are left out, with a warning) and the step schedule over
+  them; the same in every process."""
   process_batch_size(config, process_count)  # Checks divisibility.
   grids = aspect_buckets.grids(config)
-  print(f'aspect buckets: reading the image size of {len(source)} records', flush=True)
+  if config.data.use_latent_cache:
+    patch = config.model.latent_patch_size
+    bucket_of = lambda element: aspect_buckets.cached_bucket(element, grids, patch)
+  else:
+    bucket_of = lambda element: aspect_buckets.nearest_bucket(*aspect_buckets.record_size(element), grids)
+  print(f'aspect buckets: reading the size of {len(source)} records', flush=True)
   progress = log_utils.ProgressLogger(len(source), every=BUCKET_PROGRESS_EVERY)
-  assignment, left_out = aspect_buckets.assign_buckets(source, grids, progress.update)
+  assignment, left_out = aspect_buckets.assign_buckets(source, bucket_of, progress.update)
   if left_out:
-    print(f'aspect buckets: left out {bad_records.describe(left_out)} (no readable image size)', flush=True)
+    print(f'aspect buckets: left out {bad_records.describe(left_out)} (no usable size)', flush=True)
   seed = config.seed if config.data.shuffle_seed < 0 else config.data.shuffle_seed
   return aspect_buckets.BucketSchedule(assignment, len(grids), config.train.batch_size, seed)
 
@@ -332,6 +339,8 @@ class _BucketBatch(grain.transforms.Map):
     self.grids = aspect_buckets.grids(config)
     self.unit = aspect_buckets.pixel_unit(config)
     self.max_caption_tokens = config.text.max_caption_tokens
+    self.latent_patch, self.latent_channels = config.model.latent_patch_size, config.model.latent_channels
+    self.use_latent_cache = bool(config.data.use_latent_cache)
 
   def map(self, step: int) -> dict:
     bucket, indices = self.schedule.rows(step, self.process_index, self.process_count)
@@ -347,8 +356,7 @@ class _BucketBatch(grain.transforms.Map):
         counts[bad_records.REASONS.index(reason)] += 1
       valid.append('skip' not in example)
       if 'skip' in example:  # An ignored row keeps the batch's shape.
-        example = {'image': np.zeros((height, width, 3), np.uint8), 'caption': '', 'drop_text': False,
-                   'index': int(index)}
+        example = {'caption': '', 'drop_text': False, 'index': int(index), **self._blank(grid)}
       rows.append(example)
     batch = stack_rows(rows, self.tok, grid, self.max_caption_tokens)
     valid = np.array(valid)
@@ -358,12 +366,19 @@ class _BucketBatch(grain.transforms.Map):
     batch[BUCKET_KEY] = np.int32(bucket)
     return batch
 
+  def _blank(self, grid: tuple[int, int]) -> dict:
+    """The zero picture of an ignored row of a `grid` bucket."""
+    if self.use_latent_cache:
+      shape = (grid[0] * self.latent_patch, grid[1] * self.latent_patch, self.latent_channels)
+      return {'latents': np.zeros(shape, np.float32)}
+    return {'image': np.zeros((grid[0] * self.unit, grid[1] * self.unit, 3), np.uint8)}
+
 
 def make_bucketed_dataset(config, tok: text_tokenizer.Tokenizer, process_index: int,
                           process_count: int) -> grain.IterDataset:
   """The aspect-bucketed batch stream of one process (module docstring); batches also carry
   VALID_KEY and BUCKET_KEY."""
-  source = open_raw_source(config)
+  source = open_source(config)
   if len(source) == 0:
     raise ValueError('the data source has no records; check data.paths / the TFDS split')
   schedule = bucket_schedule(config, source, process_count)

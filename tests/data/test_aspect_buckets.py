@@ -11,6 +11,7 @@ from nextstep_jax import configlib
 from nextstep_jax.data import aspect_buckets
 from nextstep_jax.data import bad_records
 from nextstep_jax.data import grain_pipeline
+from nextstep_jax.data import latent_cache
 from nextstep_jax.data import sequences
 from nextstep_jax.image import aspect
 from nextstep_jax.training import loop
@@ -132,13 +133,30 @@ def test_bad_records_become_ignored_rows_and_resume_is_exact(tmp_path, tok, caps
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_the_latent_cache_stores_each_record_at_its_bucket_and_trains_the_same(tmp_path, tok):
+  config = _config(tmp_path, _shards(tmp_path, 15, garbage=(3,)), drop_text_prob=0.5)
+  latent_cache.build_latent_cache(config, str(tmp_path / 'latents'), num_shards=2, batch_size=4)
+  raw = grain_pipeline.GrainTrainingData(config, tok, 0, 1)
+  cached_config = config.copy_and_resolve_references()
+  cached_config.data.use_latent_cache = True
+  cached_config.data.latent_cache_paths = str(tmp_path / 'latents-*')
+  cached = grain_pipeline.GrainTrainingData(cached_config, tok, 0, 1)
+  for _ in range(6):
+    expected, got = raw.next_batch(), cached.next_batch()
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+  other = cached_config.copy_and_resolve_references()
+  other.data.aspect_buckets = ('2*2', '1*4')  # 4:1 records were cached at a grid not listed here.
+  with pytest.raises(ValueError, match='rebuild the cache'):
+    grain_pipeline.GrainTrainingData(other, tok, 0, 1)
+
+
 def test_bucket_configs_are_checked(tmp_path):
   config = _config(tmp_path, 'x-*.array_record')
   configlib.validate(config)
   for fields, message in (({'aspect_buckets': ('2*2', '2x4')}, 'is not "h\\*w"'),
                           ({'aspect_buckets': ('2*2', '2*2')}, 'lists a grid twice'),
                           ({'source': 'builtin'}, 'needs the Grain pipeline'),
-                          ({'use_latent_cache': True, 'latent_cache_paths': 'c-*'}, 'not supported'),
                           ({'aspect_buckets': ('2*2', '2*20')}, 'max_seq_len')):
     bad = _config(tmp_path, 'x-*.array_record', **fields)
     with pytest.raises(configlib.ConfigError, match=message):
