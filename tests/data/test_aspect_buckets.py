@@ -101,23 +101,29 @@ def test_processes_share_each_step_bucket_and_split_its_batch(tmp_path, tok):
       assert (placeholders == h * w).all()
 
 
-def test_bad_records_become_ignored_rows_and_resume_is_exact(tmp_path, tok, capsys):
-  truncated, garbage = 7, 3
-  config = _config(tmp_path, _shards(tmp_path, 15, (truncated,), (garbage,)), augment='hflip,random_crop',
-                   drop_text_prob=0.5)
+TRUNCATED, GARBAGE = 7, 3
+
+
+def test_bad_records_become_ignored_rows(tmp_path, tok, capsys):
+  config = _config(tmp_path, _shards(tmp_path, 15, (TRUNCATED,), (GARBAGE,)))
   data = grain_pipeline.GrainTrainingData(config, tok, 0, 1)
   assert 'left out skipped 1 (undecodable_image 1)' in capsys.readouterr().out
   seen_truncated = 0
   for _ in range(8):
     raw = data.next_raw_batch()
     indices = raw[grain_pipeline.INDEX_KEY]
-    assert garbage not in indices
-    bad_rows = indices == truncated
+    assert GARBAGE not in indices
+    bad_rows = indices == TRUNCATED
     np.testing.assert_array_equal(raw[grain_pipeline.VALID_KEY], ~bad_rows)
     assert (raw['labels'][bad_rows] == sequences.IGNORE_ID).all()
     seen_truncated += int(bad_rows.sum())
   assert seen_truncated and data.bad_record_counts[bad_records.TRUNCATED_IMAGE] == seen_truncated
 
+
+@pytest.mark.parametrize('worker_count', [0, 1])
+def test_resume_from_state_yields_exactly_the_uninterrupted_batches(tmp_path, tok, worker_count):
+  config = _config(tmp_path, _shards(tmp_path, 15, (TRUNCATED,), (GARBAGE,)), augment='hflip,random_crop',
+                   drop_text_prob=0.5, worker_count=worker_count)
   uninterrupted = grain_pipeline.GrainTrainingData(config, tok, 0, 1)
   for _ in range(3):
     uninterrupted.next_batch()
@@ -131,6 +137,8 @@ def test_bad_records_become_ignored_rows_and_resume_is_exact(tmp_path, tok, caps
     assert set(got) == set(want)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  for data in (uninterrupted, resumed):
+    data.close()
 
 
 def test_the_latent_cache_stores_each_record_at_its_bucket_and_trains_the_same(tmp_path, tok):
