@@ -416,9 +416,8 @@ class GrainTrainingData:
     if tok.vocab_size > config.model.vocab_size:
       raise ValueError(f'text tokenizer has {tok.vocab_size} ids but model.vocab_size='
                        f'{config.model.vocab_size}; raise model.vocab_size or lower text.vocab_size')
-    bucket_grids = aspect_buckets.grids(config) or [configlib.image_grid(config)]
     length = max(sequences.training_sequence_length(tok, h, w, config.text.max_caption_tokens)
-                 for h, w in bucket_grids)
+                 for h, w in configlib.training_grids(config))
     if length > config.model.max_seq_len:
       raise ValueError(f'training sequences have {length} tokens but model.max_seq_len='
                        f'{config.model.max_seq_len}; raise model.max_seq_len')
