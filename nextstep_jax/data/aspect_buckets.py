@@ -31,7 +31,7 @@ _SCHEDULE_SALT = 0xB0C4  # Separates the schedule's rng stream from the buckets'
 
 def grids(config) -> list[tuple[int, int]]:
   """The configured buckets as token grids (h, w), in config order ([] without buckets)."""
-  return [aspect.parse_area(text) for text in config.data.aspect_buckets]
+  return [aspect.parse_area(text) for text in config.data.get('aspect_buckets', ())]
 
 
 def pixel_unit(config) -> int:

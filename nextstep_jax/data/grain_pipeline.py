@@ -11,9 +11,9 @@
 With `data.aspect_buckets` the stream is instead a function of the global step
 (data/aspect_buckets.py): step -> its bucket and this process's source indices -> preprocess each
 at the bucket's size (latent cache: records stored at their bucket's size) with rng
-(seed, step, global row) -> rows of the bucket's token grid. A bad
-record there becomes an ignored row (labels IGNORE_ID, image_valid False), counted, so shapes and
-the schedule stay the same in every process.
+(seed, step, global row) -> rows of the bucket's token grid. A bad record there becomes an ignored
+row (labels IGNORE_ID, image_valid False), counted, so shapes and the schedule stay the same in
+every process.
 
 Every random choice is a function of (seed, global position), so the stream is deterministic;
 the iterator state (grain's, JSON) resumes it exactly, for the same worker count. Images are
@@ -277,7 +277,7 @@ def make_dataset(config, tok: text_tokenizer.Tokenizer, process_index: int,
   COUNTS_KEY besides the token rows and 'image' (R, S, S, 3) uint8 or 'latents' (R, h, w, C)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is outside [0, {process_count})')
-  if config.data.aspect_buckets:
+  if config.data.get('aspect_buckets'):
     return make_bucketed_dataset(config, tok, process_index, process_count)
   d = config.data
   source = open_source(config)
@@ -301,7 +301,7 @@ def _prefetch_in_workers(ds: grain.IterDataset, d) -> grain.IterDataset:
   if not flags.FLAGS.is_parsed():  # Grain's worker pool reads absl flags; use their defaults.
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count,
-                                                     per_worker_buffer_size=d.prefetch))
+                                                    per_worker_buffer_size=d.prefetch))
 
 
 MAX_STEPS = 2**62  # Length of the bucketed step stream (endless in practice).
