@@ -123,6 +123,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.use_latent_cache = False  # Train from data.latent_cache_paths instead of raw images.
   c.data.latent_cache_paths = ''  # Shards of `nextstep-data cache-latents` (comma list / globs).
   c.data.cache_variants = 1  # Latent variants per record (1 = plain; >1 needs data.augment).
+  # Aspect-ratio buckets (nextstep_jax/data/aspect_buckets.py): token grids 'h*w' as the official
+  # area string (e.g. ('16*16', '12*21', '21*12') at 256 px); each record goes to the nearest
+  # aspect, every global batch is one bucket (one compiled step shape each). () = square image.size.
+  c.data.aspect_buckets = ()
 
   # Objective.
   c.loss = ml_collections.ConfigDict()

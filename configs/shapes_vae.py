@@ -5,19 +5,35 @@
   nextstep-train --config configs/shapes_vae.py --workdir runs/shapes_vae
   nextstep-train --config configs/shapes_vae.py:noise --workdir runs/shapes_vae_noise   # gamma 0.2 tokenizer
 
-Variants: '' (tokenizer runs/tokenizer_shapes), 'noise' (runs/tokenizer_shapes_noise); point
-elsewhere with --config.image.vae.checkpoint=DIR.
+Training from the latent cache (the VAE encoder runs once per image instead of every step):
+
+  nextstep-data cache-latents --config configs/shapes_vae.py --out runs/shapes_vae_latents/latents
+  nextstep-train --config configs/shapes_vae.py:cached --workdir runs/shapes_vae_cached
+
+Variants: '' (tokenizer runs/tokenizer_shapes), 'noise' (runs/tokenizer_shapes_noise), 'cached' /
+'noise_cached' (the same, reading the latents that `cache-latents` wrote with that config to
+runs/shapes_vae_latents / runs/shapes_vae_noise_latents; rebuild the cache when the tokenizer
+changes). Point elsewhere with --config.image.vae.checkpoint=DIR and
+--config.data.latent_cache_paths='DIR/latents-*.array_record'.
 """
 from configs import shapes
 from configs import tokenizer_shapes
 
+VARIANTS = ('', 'noise', 'cached', 'noise_cached')
+
 
 def get_config(arg=None):
-  if arg not in (None, '', 'noise'):
-    raise ValueError(f'unknown shapes_vae variant {arg!r}; use "noise" or none')
+  arg = arg or ''
+  if arg not in VARIANTS:
+    raise ValueError(f'unknown shapes_vae variant {arg!r}; use one of {VARIANTS[1:]} or none')
+  noise = arg.startswith('noise')
   c = shapes.get_config()
-  c.name = 'shapes_vae' if not arg else f'shapes_vae_{arg}'
+  c.name = 'shapes_vae_noise' if noise else 'shapes_vae'
   tokenizer_shapes.set_vae(c)
   c.image.use_norm = True  # Official NextStep-1: tokens are LayerNormed like encoder_norm's patches.
-  c.image.vae.checkpoint = 'runs/tokenizer_shapes' if not arg else 'runs/tokenizer_shapes_noise'
+  c.image.vae.checkpoint = 'runs/tokenizer_shapes_noise' if noise else 'runs/tokenizer_shapes'
+  if arg.endswith('cached'):  # The one change: read latents (built from the same data and VAE).
+    c.data.use_latent_cache = True
+    c.data.latent_cache_paths = f'runs/{c.name}_latents/latents-*.array_record'
+    c.name += '_cached'
   return c

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from nextstep_jax.image import aspect
 from nextstep_jax.parallel.mesh import MESH_AXES
 
 TOKENIZERS = ('pixels', 'vae')
@@ -152,8 +153,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             'image.use_norm=False with image.tokenizer=pixels.')
   if image.tokenizer == 'vae':
     _validate_vae(require, config)
+  buckets_ok = _validate_aspect_buckets(require, config)
   downsample = tokenizer_downsample(config) if image.tokenizer in TOKENIZERS else None
-  if downsample and image.size > 0 and m.latent_patch_size > 0:
+  if downsample and image.size > 0 and m.latent_patch_size > 0 and buckets_ok:
     unit = downsample * m.latent_patch_size
     require(image.size % unit == 0,
             f'image.size={image.size} must be divisible by {unit} (image.tokenizer='
@@ -218,6 +220,29 @@ def _validate_data_pipeline(require, data: ml_collections.ConfigDict) -> None:
           'stores augmented variants: set data.augment (e.g. "hflip") or cache_variants=1.')
 
 
+def _validate_aspect_buckets(require, config: ml_collections.ConfigDict) -> bool:
+  """data.aspect_buckets ('h*w' token grids); False when an entry does not parse."""
+  areas = tuple(config.data.get('aspect_buckets', ()))
+  if not areas:
+    return True
+  try:
+    grids = [aspect.parse_area(text) for text in areas]
+  except ValueError as error:
+    require(False, f'data.aspect_buckets={areas}: {error}.')
+    return False
+  require(len(set(grids)) == len(grids), f'data.aspect_buckets={areas} lists a grid twice.')
+  require(config.data.source != 'builtin' or config.data.grain_builtin or config.data.use_latent_cache,
+          'data.aspect_buckets needs the Grain pipeline: set data.source=arrayrecord/tfds or '
+          'data.grain_builtin=True.')
+  if config.model.use_gen_pos_embed:
+    table = config.model.base_image_grid_size ** 2
+    require(all(h * w <= table for h, w in grids),
+            f'data.aspect_buckets={areas} has grids of more than model.base_image_grid_size**2='
+            f'{table} tokens (the gen_pos_embed table, indexed by flat token index); raise '
+            'model.base_image_grid_size.')
+  return True
+
+
 def tokenizer_downsample(config: ml_collections.ConfigDict) -> int:
   """Image side / latent side: 1 for pixels, 2**(len(image.vae.ch_mult) - 1) for the VAE."""
   if config.image.tokenizer == 'vae':
@@ -232,14 +257,22 @@ def image_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return side, side
 
 
+def training_grids(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+  """Token grids (h, w) of training images: the data.aspect_buckets areas, else [image_grid]."""
+  if config.data.get('aspect_buckets'):
+    return [aspect.parse_area(text) for text in config.data.aspect_buckets]
+  return [image_grid(config)]
+
+
 def token_dim(config: ml_collections.ConfigDict) -> int:
   """Width of one continuous image token: latent_channels * latent_patch_size**2."""
   return config.model.latent_channels * config.model.latent_patch_size**2
 
 
 def required_seq_len(config: ml_collections.ConfigDict) -> int:
-  """Longest training sequence: caption, <image_area>, "h*w", boi, h*w tokens, eoi, eos."""
-  return sum(_seq_len_parts(config).values())
+  """Longest training sequence: caption, <image_area>, "h*w", boi, h*w tokens, eoi, eos (the
+  longest over the aspect buckets)."""
+  return max(sum(_seq_len_parts(config, grid).values()) for grid in training_grids(config))
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -264,8 +297,8 @@ def with_base_defaults(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return merged
 
 
-def _seq_len_parts(config: ml_collections.ConfigDict) -> dict[str, int]:
-  h, w = image_grid(config)
+def _seq_len_parts(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> dict[str, int]:
+  h, w = grid
   return {
       'caption': config.text.max_caption_tokens,
       '<image_area>': 1,
@@ -278,7 +311,8 @@ def _seq_len_parts(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def _seq_len_breakdown(config: ml_collections.ConfigDict) -> str:
-  return ' + '.join(f'{n} ({part})' for part, n in _seq_len_parts(config).items())
+  grid = max(training_grids(config), key=lambda g: sum(_seq_len_parts(config, g).values()))
+  return ' + '.join(f'{n} ({part})' for part, n in _seq_len_parts(config, grid).items())
 
 
 def _validate_vae(require, config: ml_collections.ConfigDict) -> None:

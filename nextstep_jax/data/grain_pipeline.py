@@ -8,6 +8,13 @@
   -> skip bad records (counted) and batch this process's rows; build the token rows
   -> prefetch in `data.worker_count` worker processes (grain mp_prefetch; 0 = in process threads)
 
+With `data.aspect_buckets` the stream is instead a function of the global step
+(data/aspect_buckets.py): step -> its bucket and this process's source indices -> preprocess each
+at the bucket's size (latent cache: records stored at their bucket's size) with rng
+(seed, step, global row) -> rows of the bucket's token grid. A bad record there becomes an ignored
+row (labels IGNORE_ID, image_valid False), counted, so shapes and the schedule stay the same in
+every process.
+
 Every random choice is a function of (seed, global position), so the stream is deterministic;
 the iterator state (grain's, JSON) resumes it exactly, for the same worker count. Images are
 turned into tokens in `GrainTrainingData.next_batch` with the image tokenizer (on the host /
@@ -15,7 +22,7 @@ accelerator of the training process), or read from the latent cache.
 
 Batch (numpy, R = train.batch_size / process_count rows): input_ids, labels, positions (R, L)
 int32; attention_mask (R, L) bool; image_tokens (R, N, T) float32; image_valid (R,) bool; the
-same keys as builtin_source.BuiltinSource.batch.
+same keys as builtin_source.BuiltinSource.batch (with buckets, L and N are the step's bucket's).
 """
 import json
 from typing import Any
@@ -25,6 +32,7 @@ import grain
 import numpy as np
 
 from nextstep_jax import configlib
+from nextstep_jax.data import aspect_buckets
 from nextstep_jax.data import bad_records
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data import captions as captions_lib
@@ -34,14 +42,19 @@ from nextstep_jax.data import sequences
 from nextstep_jax.data import text_tokenizer
 from nextstep_jax.image import patchify
 from nextstep_jax.image import tokenizers
+from nextstep_jax.utils import logging as log_utils
 
 COUNTS_KEY = 'bad_record_counts'  # (len(bad_records.REASONS),) int64 per batch, stripped by next_batch.
 INDEX_KEY = 'record_index'  # (R,) int64 source index of each row, stripped by next_batch.
+VALID_KEY = 'row_valid'  # (R,) bool, False for a bad record's ignored row; becomes image_valid.
+BUCKET_KEY = 'bucket'  # () int32 aspect bucket of the batch (data.aspect_buckets), stripped by next_batch.
 
 
 def uses_grain(config) -> bool:
-  """Whether training reads through this pipeline (any non-builtin source, or data.grain_builtin)."""
-  return config.data.source != 'builtin' or bool(config.data.grain_builtin)
+  """Whether training reads through this pipeline (any non-builtin source, data.grain_builtin,
+  or the latent cache, whatever source it was built from)."""
+  d = config.data
+  return d.source != 'builtin' or bool(d.grain_builtin) or bool(d.use_latent_cache)
 
 
 def augment_ops(config) -> tuple[str, ...]:
@@ -156,6 +169,10 @@ class Preprocess(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator) -> dict:
     index, record = element
+    return self.example(index, record, rng, self.size, self.size)
+
+  def example(self, index: int, record, rng: np.random.Generator, height: int, width: int) -> dict:
+    """The example of source record `index` with a (height, width) image (module docstring)."""
     fixes: list[str] = []
     try:
       drop_text = bool(rng.random() < self.drop_text_prob)
@@ -167,9 +184,9 @@ class Preprocess(grain.transforms.RandomMap):
         data, caption_raw = read_raw(record)
         image, fixes = image_preprocess.decode_image(data)
         if self.ops:
-          image = image_preprocess.augment(image, self.size, self.size, self.ops, self.crop_scale, rng)
+          image = image_preprocess.augment(image, height, width, self.ops, self.crop_scale, rng)
         else:
-          image = image_preprocess.to_training_image(image, self.size, self.size)
+          image = image_preprocess.to_training_image(image, height, width)
         picture = {'image': image}
       caption, caption_fixes = captions_lib.decode_caption(caption_raw)
       caption, fit_fixes = captions_lib.fit_caption(caption, self.tok, self.max_caption_tokens,
@@ -178,6 +195,16 @@ class Preprocess(grain.transforms.RandomMap):
       return {'skip': error.reason, 'fixes': fixes}
     return {**picture, 'caption': caption, 'drop_text': drop_text, 'index': index,
             'fixes': fixes + caption_fixes + fit_fixes}
+
+
+def stack_rows(rows: list[dict], tok, grid: tuple[int, int], max_caption_tokens: int) -> dict:
+  """Examples -> the token rows of a (grid_h, grid_w) image each, 'image' or 'latents', INDEX_KEY."""
+  batch = sequences.build_training_batch(tok, [r['caption'] for r in rows], *grid, max_caption_tokens,
+                                         np.array([r['drop_text'] for r in rows]))
+  picture_key = 'latents' if 'latents' in rows[0] else 'image'
+  batch[picture_key] = np.stack([r[picture_key] for r in rows])
+  batch[INDEX_KEY] = np.array([r['index'] for r in rows], np.int64)
+  return batch
 
 
 class _SkipAndBatchIterator(grain.DatasetIterator):
@@ -214,12 +241,8 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
       else:
         rows.append(example)
         skips_in_a_row = 0
-    batch = sequences.build_training_batch(self._tok, [r['caption'] for r in rows], *self._grid,
-                                           self._max_caption_tokens,
-                                           np.array([r['drop_text'] for r in rows]))
-    picture_key = 'latents' if 'latents' in rows[0] else 'image'
-    batch[picture_key] = np.stack([r[picture_key] for r in rows])
-    batch[INDEX_KEY] = np.array([r['index'] for r in rows], np.int64)
+    batch = stack_rows(rows, self._tok, self._grid, self._max_caption_tokens)
+    batch[VALID_KEY] = np.ones(len(rows), bool)
     batch[COUNTS_KEY] = counts
     return batch
 
@@ -254,6 +277,8 @@ def make_dataset(config, tok: text_tokenizer.Tokenizer, process_index: int,
   COUNTS_KEY besides the token rows and 'image' (R, S, S, 3) uint8 or 'latents' (R, h, w, C)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is outside [0, {process_count})')
+  if config.data.get('aspect_buckets'):
+    return make_bucketed_dataset(config, tok, process_index, process_count)
   d = config.data
   source = open_source(config)
   num_records = len(source)
@@ -267,12 +292,101 @@ def make_dataset(config, tok: text_tokenizer.Tokenizer, process_index: int,
                                             prefetch_buffer_size=d.prefetch * config.train.batch_size))
   ds = _SkipAndBatch(ds, process_batch_size(config, process_count), tok, configlib.image_grid(config),
                      config.text.max_caption_tokens, max_skips_in_a_row=num_records)
-  if d.worker_count:
-    if not flags.FLAGS.is_parsed():  # Grain's worker pool reads absl flags; use their defaults.
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count,
-                                                     per_worker_buffer_size=d.prefetch))
-  return ds
+  return _prefetch_in_workers(ds, d)
+
+
+def _prefetch_in_workers(ds: grain.IterDataset, d) -> grain.IterDataset:
+  if not d.worker_count:
+    return ds
+  if not flags.FLAGS.is_parsed():  # Grain's worker pool reads absl flags; use their defaults.
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count,
+                                                    per_worker_buffer_size=d.prefetch))
+
+
+MAX_STEPS = 2**62  # Length of the bucketed step stream (endless in practice).
+BUCKET_PROGRESS_EVERY = 50_000  # Records between progress lines of the bucket assignment.
+
+
+def bucket_schedule(config, source, process_count: int) -> aspect_buckets.BucketSchedule:
+  """The bucket of every record of `source` (raw: nearest to its image's aspect; latent cache: its
+  stored grid; records without either are left out, with a warning) and the step schedule over
+  them; the same in every process."""
+  process_batch_size(config, process_count)  # Checks divisibility.
+  grids = aspect_buckets.grids(config)
+  if config.data.use_latent_cache:
+    patch = config.model.latent_patch_size
+    bucket_of = lambda element: aspect_buckets.cached_bucket(element, grids, patch)
+  else:
+    bucket_of = lambda element: aspect_buckets.nearest_bucket(*aspect_buckets.record_size(element), grids)
+  print(f'aspect buckets: reading the size of {len(source)} records', flush=True)
+  progress = log_utils.ProgressLogger(len(source), every=BUCKET_PROGRESS_EVERY)
+  assignment, left_out = aspect_buckets.assign_buckets(source, bucket_of, progress.update)
+  if left_out:
+    print(f'aspect buckets: left out {bad_records.describe(left_out)} (no usable size)', flush=True)
+  seed = config.seed if config.data.shuffle_seed < 0 else config.data.shuffle_seed
+  return aspect_buckets.BucketSchedule(assignment, len(grids), config.train.batch_size, seed)
+
+
+class _BucketBatch(grain.transforms.Map):
+  """Global step -> this process's batch of the step's bucket (module docstring)."""
+
+  def __init__(self, config, tok, source, schedule: aspect_buckets.BucketSchedule, process_index: int,
+               process_count: int):
+    self.preprocess = Preprocess(config, tok)
+    self.tok, self.source, self.schedule = tok, source, schedule
+    self.process_index, self.process_count = process_index, process_count
+    self.grids = aspect_buckets.grids(config)
+    self.unit = aspect_buckets.pixel_unit(config)
+    self.max_caption_tokens = config.text.max_caption_tokens
+    self.latent_patch, self.latent_channels = config.model.latent_patch_size, config.model.latent_channels
+    self.use_latent_cache = bool(config.data.use_latent_cache)
+
+  def map(self, step: int) -> dict:
+    bucket, indices = self.schedule.rows(step, self.process_index, self.process_count)
+    grid = self.grids[bucket]
+    height, width = grid[0] * self.unit, grid[1] * self.unit
+    counts = np.zeros(len(bad_records.REASONS), np.int64)
+    rows, valid = [], []
+    first_row = self.process_index * len(indices)
+    for row, index in enumerate(indices):
+      rng = np.random.default_rng([self.schedule.seed, step, first_row + row])
+      example = self.preprocess.example(int(index), self.source[int(index)], rng, height, width)
+      for reason in example['fixes'] + ([example['skip']] if 'skip' in example else []):
+        counts[bad_records.REASONS.index(reason)] += 1
+      valid.append('skip' not in example)
+      if 'skip' in example:  # An ignored row keeps the batch's shape.
+        example = {'caption': '', 'drop_text': False, 'index': int(index), **self._blank(grid)}
+      rows.append(example)
+    batch = stack_rows(rows, self.tok, grid, self.max_caption_tokens)
+    valid = np.array(valid)
+    batch['labels'][~valid] = sequences.IGNORE_ID
+    batch[VALID_KEY] = valid
+    batch[COUNTS_KEY] = counts
+    batch[BUCKET_KEY] = np.int32(bucket)
+    return batch
+
+  def _blank(self, grid: tuple[int, int]) -> dict:
+    """The zero picture of an ignored row of a `grid` bucket."""
+    if self.use_latent_cache:
+      shape = (grid[0] * self.latent_patch, grid[1] * self.latent_patch, self.latent_channels)
+      return {'latents': np.zeros(shape, np.float32)}
+    return {'image': np.zeros((grid[0] * self.unit, grid[1] * self.unit, 3), np.uint8)}
+
+
+def make_bucketed_dataset(config, tok: text_tokenizer.Tokenizer, process_index: int,
+                          process_count: int) -> grain.IterDataset:
+  """The aspect-bucketed batch stream of one process (module docstring); batches also carry
+  VALID_KEY and BUCKET_KEY."""
+  source = open_source(config)
+  if len(source) == 0:
+    raise ValueError('the data source has no records; check data.paths / the TFDS split')
+  schedule = bucket_schedule(config, source, process_count)
+  d = config.data
+  ds = grain.MapDataset.range(MAX_STEPS).map(
+      _BucketBatch(config, tok, source, schedule, process_index, process_count))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch))
+  return _prefetch_in_workers(ds, d)
 
 
 class _Fetch(grain.transforms.Map):
@@ -302,8 +416,8 @@ class GrainTrainingData:
     if tok.vocab_size > config.model.vocab_size:
       raise ValueError(f'text tokenizer has {tok.vocab_size} ids but model.vocab_size='
                        f'{config.model.vocab_size}; raise model.vocab_size or lower text.vocab_size')
-    grid_h, grid_w = configlib.image_grid(config)
-    length = sequences.training_sequence_length(tok, grid_h, grid_w, config.text.max_caption_tokens)
+    length = max(sequences.training_sequence_length(tok, h, w, config.text.max_caption_tokens)
+                 for h, w in configlib.training_grids(config))
     if length > config.model.max_seq_len:
       raise ValueError(f'training sequences have {length} tokens but model.max_seq_len='
                        f'{config.model.max_seq_len}; raise model.max_seq_len')
@@ -326,13 +440,15 @@ class GrainTrainingData:
     """This process's rows of the next training batch (module docstring)."""
     batch = self.next_raw_batch()
     batch.pop(INDEX_KEY)
+    batch.pop(BUCKET_KEY, None)
+    valid = batch.pop(VALID_KEY)
     if 'latents' in batch:
       latents = batch.pop('latents')
     else:
       latents = self.image_tokenizer.encode(tokenizers.uint8_to_unit(batch.pop('image')))
     batch['image_tokens'] = np.asarray(patchify.patchify(np.asarray(latents, np.float32), self.patch),
                                        np.float32)
-    batch['image_valid'] = np.ones(len(batch['input_ids']), bool)
+    batch['image_valid'] = valid
     return batch
 
   def get_state(self) -> dict:

@@ -40,6 +40,19 @@ def decode_image(data) -> tuple[np.ndarray, list[str]]:
   return _pil_to_rgb(image)
 
 
+def image_file_size(data) -> tuple[int, int]:
+  """(height, width) from an image file's header (pixels not decoded); BadRecordError if unreadable."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      width, height = Image.open(io.BytesIO(bytes(data))).size
+  except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError, EOFError) as error:
+    raise bad_records.BadRecordError(bad_records.UNDECODABLE_IMAGE, str(error)) from error
+  if width < 1 or height < 1:
+    raise bad_records.BadRecordError(bad_records.UNDECODABLE_IMAGE, f'size {(width, height)}')
+  return height, width
+
+
 def _pil_to_rgb(image: Image.Image) -> tuple[np.ndarray, list[str]]:
   mode = image.mode
   if mode == 'RGB':

@@ -3,8 +3,8 @@
 Reads the raw source the config names (data.source: arrayrecord / tfds / builtin) in index order
 and writes latent records (records.py) with the same indices, so a pipeline reading the cache
 (data.use_latent_cache) shuffles, shards and skips exactly as the raw one: record i holds
-data.cache_variants latents (V, h, w, C) float32 of source record i, variant 0 the resized,
-centre-cropped image and variant k >= 1 `image_preprocess.augment` with
+data.cache_variants latents (V, h, w, C) float32 of source record i (at image.size, or at its
+nearest data.aspect_buckets bucket's size), variant 0 the resized, centre-cropped image and variant k >= 1 `image_preprocess.augment` with
 default_rng([shuffle seed, i, k]) (data.augment); records that must be skipped are stored as
 {'kind': 'skipped', 'reason'} markers. Captions are stored as read; the pipeline cleans them.
 Shards are resumable like `nextstep-data build` (builder.run_jobs); encoding runs in this process
@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from nextstep_jax.data import aspect_buckets
 from nextstep_jax.data import bad_records
 from nextstep_jax.data import builder
 from nextstep_jax.data import grain_pipeline
@@ -24,14 +25,24 @@ from nextstep_jax.data import records
 from nextstep_jax.image import tokenizers
 
 
+def training_size(image: np.ndarray, config) -> tuple[int, int]:
+  """(height, width) in pixels the image trains at: its nearest aspect bucket, else image.size."""
+  grids = aspect_buckets.grids(config)
+  if not grids:
+    return config.image.size, config.image.size
+  h, w = grids[aspect_buckets.nearest_bucket(image.shape[0], image.shape[1], grids)]
+  unit = aspect_buckets.pixel_unit(config)
+  return h * unit, w * unit
+
+
 def image_variants(image: np.ndarray, index: int, config) -> np.ndarray:
-  """(V, S, S, 3) uint8: the plain training image, then V - 1 augmented ones."""
-  size, ops = config.image.size, grain_pipeline.augment_ops(config)
+  """(V, H, W, 3) uint8 at `training_size`: the plain training image, then V - 1 augmented ones."""
+  (height, width), ops = training_size(image, config), grain_pipeline.augment_ops(config)
   seed = config.seed if config.data.shuffle_seed < 0 else config.data.shuffle_seed
-  out = [image_preprocess.to_training_image(image, size, size)]
+  out = [image_preprocess.to_training_image(image, height, width)]
   for variant in range(1, config.data.cache_variants):
     rng = np.random.default_rng([seed, index, variant])
-    out.append(image_preprocess.augment(image, size, size, ops, config.data.random_crop_scale, rng))
+    out.append(image_preprocess.augment(image, height, width, ops, config.data.random_crop_scale, rng))
   return np.stack(out)
 
 
@@ -55,13 +66,13 @@ class _LatentShard:
           decoded.append((index, image_variants(image, index, self.config), caption, fixes))
         except bad_records.BadRecordError as error:
           markers[index] = error.reason
-      latents = []
-      if decoded:
-        stacked = np.concatenate([variants for _, variants, _, _ in decoded])
+      by_index = {}
+      for shape in sorted({variants.shape for _, variants, _, _ in decoded}):  # One encode per bucket.
+        group = [item for item in decoded if item[1].shape == shape]
+        stacked = np.concatenate([variants for _, variants, _, _ in group])
         encoded = np.asarray(self.tokenizer.encode(tokenizers.uint8_to_unit(stacked)), np.float32)
-        latents = np.split(encoded, len(decoded))
-      by_index = {index: (variants, caption, fixes)
-                  for (index, _, caption, fixes), variants in zip(decoded, latents)}
+        for (index, _, caption, fixes), variants in zip(group, np.split(encoded, len(group))):
+          by_index[index] = (variants, caption, fixes)
       for index in indices:
         if index in markers:
           meta = {'kind': 'skipped', 'reason': markers[index], 'source_index': index}

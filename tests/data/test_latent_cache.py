@@ -64,3 +64,35 @@ def test_cache_variants_are_the_plain_and_augmented_encodings(tmp_path, tok):
   config.data.latent_cache_paths = str(tmp_path / 'var-*')
   batch = grain_pipeline.GrainTrainingData(config, tok, 0, 1).next_raw_batch()
   assert batch['latents'].shape == (4, 16, 16, 3)
+
+
+def test_vae_config_trains_from_the_cache_by_one_config_change(tmp_path, tok):
+  """configs/shapes_vae.py:cached (here with the tiny random VAE) differs from the plain config
+  only in reading the cache; the cache of the built-in data gives the on-the-fly VAE batches."""
+  from configs import shapes_vae  # pylint: disable=g-import-not-at-top
+  from configs import tokenizer_shapes  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.data import training_data  # pylint: disable=g-import-not-at-top
+
+  def small(arg):
+    c = shapes_vae.get_config(arg)
+    tokenizer_shapes.set_vae(c, 'tiny')
+    c.image.vae.checkpoint = ''  # Random weights: the equality below does not need trained ones.
+    c.data.num_train, c.data.cache_dir, c.train.batch_size, c.data.read_threads = 12, str(tmp_path), 4, 1
+    return c
+
+  plain, cached = small(''), small('cached')
+  changed = {k for k, v in cached.data.items() if plain.data[k] != v}
+  assert changed == {'use_latent_cache', 'latent_cache_paths'}
+  with cached.unlocked():
+    cached.data.latent_cache_paths = str(tmp_path / 'latents-*.array_record')
+  latent_cache.build_latent_cache(plain, str(tmp_path / 'latents'), num_shards=2)
+  on_the_fly = plain.copy_and_resolve_references()
+  on_the_fly.data.grain_builtin = True  # The same Grain order, encoding every batch.
+  from_cache = training_data.make_training_data(cached, tok, 0, 1)
+  assert from_cache.kind == 'grain'
+  encoding = grain_pipeline.GrainTrainingData(on_the_fly, tok, 0, 1)
+  for _ in range(4):
+    expected, got = encoding.next_batch(), from_cache.next_batch()
+    assert got['image_tokens'].shape == (4, 16, 16)  # 4x4 grid of 4-channel 2x2 patches.
+    for key in expected:
+      np.testing.assert_allclose(got[key], expected[key], atol=1e-5, rtol=0, err_msg=key)
