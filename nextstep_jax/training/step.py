@@ -7,13 +7,15 @@ resumed run draws exactly the noise an uninterrupted one would.
 Gradient accumulation (`train.microbatches` = K > 1): the global batch of B rows is cut into K
 microbatches of B / K rows, microbatch j holding rows j, j + K, j + 2K, ... Strided rows keep
 every device on rows it already holds (the batch is sharded in contiguous blocks of B_dev rows,
-B_dev % K == 0), so the split is a local reshape and transpose, no all-to-all. A `lax.scan` over
+B_dev % K == 0), so the split of the batch is a local reshape and transpose, no all-to-all. A `lax.scan` over
 the microbatches accumulates float32 gradients (constrained to the params' shardings) and the
 loss sums; the loss normalisers (text-target and head-row counts) are those of the whole batch,
 so the gradient, the loss pieces and the grad norm are the full batch's up to float32 summation
 order, followed by one optimizer update. Keys: the head's noise and times are drawn once for the
 whole batch from the step key, exactly as with K = 1, and each microbatch takes its rows' draws,
-so every row sees the same noise whatever K is; K = 1 runs the plain full-batch step.
+so every row sees the same noise whatever K is (the draws keep the objective's (copy, row, token)
+order, which each microbatch regroups like the objective's own tiling of the tokens); K = 1 runs
+the plain full-batch step, bit for bit the step without accumulation.
 """
 import functools
 import math
@@ -41,27 +43,35 @@ def split_microbatches(x: jax.Array, count: int, axis: int = 0) -> jax.Array:
   return jnp.moveaxis(x, axis + 1, 0)
 
 
+def split_batch_rows(x: jax.Array, count: int, rules) -> jax.Array:
+  """A batch array (B, ...) sharded over `batch` -> (count, B / count, ...), each microbatch
+  sharded over `batch` again: a local reshape and transpose on every device."""
+  x = layers.constrain(x, rules, 'batch', *([None] * (x.ndim - 1)))
+  x = split_microbatches(x, count)
+  return layers.constrain(x, rules, None, 'batch', *([None] * (x.ndim - 2)))
+
+
+def split_head_draws(x: jax.Array, count: int, b: int, n: int, rules) -> jax.Array:
+  """Head draws (mul B N, ...) ordered (copy, row, token) -> (count, mul, B / count, N, ...), the
+  microbatches of the rows of `split_batch_rows`, sharded over `batch` (local)."""
+  x = x.reshape((-1, b, n) + x.shape[1:])
+  x = layers.constrain(x, rules, None, 'batch', *([None] * (x.ndim - 2)))
+  x = split_microbatches(x, count, axis=1)
+  return layers.constrain(x, rules, None, None, 'batch', *([None] * (x.ndim - 3)))
+
+
 def microbatch_gradients(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig, microbatches: int,
                          rules, grad_shardings, params, batch: dict, key: jax.Array) -> tuple:
   """(grads, metrics {loss, lm_loss, im_loss}) of the whole batch's loss, accumulated over
   `microbatches` strided microbatches in a lax.scan (see module docstring)."""
   b, n, token_dim = batch['image_tokens'].shape
-  mul = loss_cfg.fm_head_batch_mul
   counts = objective.loss_counts(batch, loss_cfg)
-  draws = objective.head_draws(key, mul * b * n, token_dim, loss_cfg)
-
-  def split_batch(x):  # (B, ...) -> (K, B / K, ...)
-    x = split_microbatches(layers.constrain(x, rules, 'batch', *([None] * (x.ndim - 1))), microbatches)
-    return layers.constrain(x, rules, None, 'batch', *([None] * (x.ndim - 2)))
-
-  def split_draws(x):  # (mul B N, ...) rows ordered (copy, row, token) -> (K, mul, B / K, N, ...)
-    x = x.reshape((mul, b, n) + x.shape[1:])
-    x = split_microbatches(layers.constrain(x, rules, None, 'batch', *([None] * (x.ndim - 2))),
-                           microbatches, axis=1)
-    return layers.constrain(x, rules, None, None, 'batch', *([None] * (x.ndim - 3)))
+  draws = objective.head_draws(key, loss_cfg.fm_head_batch_mul * b * n, token_dim, loss_cfg)
 
   def accumulate(acc, microbatch):
     rows, row_draws = microbatch
+    # Back to the objective's flat (copy, row, token) rows: like its tiling of the tokens, this
+    # regroups each device's rows (one small all-to-all of the draws per microbatch).
     row_draws = {k: v.reshape((-1,) + v.shape[3:]) for k, v in row_draws.items()}
 
     def loss_fn(p):
@@ -76,7 +86,8 @@ def microbatch_gradients(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig,
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   init = {'grads': jax.lax.with_sharding_constraint(zeros, grad_shardings),
           'sums': {'lm_sum': jnp.zeros((), jnp.float32), 'im_sum': jnp.zeros((), jnp.float32)}}
-  xs = ({k: split_batch(v) for k, v in batch.items()}, {k: split_draws(v) for k, v in draws.items()})
+  xs = ({k: split_batch_rows(v, microbatches, rules) for k, v in batch.items()},
+        {k: split_head_draws(v, microbatches, b, n, rules) for k, v in draws.items()})
   acc, _ = jax.lax.scan(accumulate, init, xs)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), acc['grads'], params)
   _, metrics = objective.combine_loss(acc['sums'], counts, loss_cfg)
