@@ -7,9 +7,9 @@ TPU topology (libtpu, no TPU needed): the same global batch and update, with the
       --config configs/nextstep1_large.py:512 --topology v5p:2x4x4 --microbatches 1,2,4,8 \\
       --set model.attention=splash
 
-Each run replaces its (config, topology, overrides) entry in benchmarks/results/microbatch_memory.json
-(command, date, machine, per-K argument / temp / total bytes per device, compile seconds) and
-redraws benchmarks/results/microbatch_memory.png.
+Each run updates its (config, topology, overrides) entry in benchmarks/results/microbatch_memory.json
+(command, date, machine, per-K argument / temp / total bytes per device, compile seconds; rows of
+other K values from an earlier run are kept) and redraws benchmarks/results/microbatch_memory.png.
 """
 import argparse
 import datetime
@@ -60,7 +60,8 @@ def plot(runs: list[dict]) -> None:
     ks = [r['microbatches'] for r in run['rows']]
     full = run['rows'][0]['temp_bytes']
     ax.plot(ks, [r['temp_bytes'] / full for r in run['rows']], 'o-',
-            label=f'{run["config"]} on {run["topology"]} ({full / aot.GIB:.2f} GiB at K={ks[0]})')
+            label=f'{run["config"]} {" ".join(run["overrides"])} on {run["topology"]}, global batch '
+                  f'{run["rows"][0]["global_batch"]} ({full / aot.GIB:.2f} GiB at K={ks[0]})')
   ax.set_xscale('log', base=2)
   ax.set_xlabel('train.microbatches K')
   ax.set_ylabel('temporaries per device / at K = 1')
@@ -87,6 +88,10 @@ def main(argv=None) -> int:
             'machine': f'{platform.machine()} {platform.node()}, jax {jax.__version__}, AOT for {args.topology}'}
   data = json.loads(OUT.read_text()) if OUT.exists() else {'benchmark': 'microbatch_memory', 'runs': []}
   key = lambda run: (run['config'], run['topology'], run['overrides'])
+  earlier = [run for run in data['runs'] if key(run) == key(record)]
+  if earlier:  # Keep the other K values of an earlier run of the same setup.
+    kept = [r for r in earlier[0]['rows'] if r['microbatches'] not in microbatches]
+    record['rows'] = sorted(kept + rows, key=lambda r: r['microbatches'])
   data['runs'] = [run for run in data['runs'] if key(run) != key(record)] + [record]
   OUT.write_text(json.dumps(data, indent=2) + '\n')
   plot(data['runs'])
