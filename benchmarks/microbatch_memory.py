@@ -67,10 +67,10 @@ def plot(runs: list[dict]) -> None:
   ax.set_ylabel('temporaries per device / at K = 1')
   ax.set_ylim(0, 1.05)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.2))
   ax.set_title('Train-step temporaries vs gradient accumulation (AOT, same global batch)', fontsize=9)
   fig.tight_layout()
-  fig.savefig(PLOT, dpi=120)
+  fig.savefig(PLOT, dpi=120, bbox_inches='tight')
 
 
 def main(argv=None) -> int:
