@@ -7,15 +7,16 @@ resumed run draws exactly the noise an uninterrupted one would.
 Gradient accumulation (`train.microbatches` = K > 1): the global batch of B rows is cut into K
 microbatches of B / K rows, microbatch j holding rows j, j + K, j + 2K, ... Strided rows keep
 every device on rows it already holds (the batch is sharded in contiguous blocks of B_dev rows,
-B_dev % K == 0), so the split of the batch is a local reshape and transpose, no all-to-all. A `lax.scan` over
-the microbatches accumulates float32 gradients (constrained to the params' shardings) and the
-loss sums; the loss normalisers (text-target and head-row counts) are those of the whole batch,
-so the gradient, the loss pieces and the grad norm are the full batch's up to float32 summation
-order, followed by one optimizer update. Keys: the head's noise and times are drawn once for the
-whole batch from the step key, exactly as with K = 1, and each microbatch takes its rows' draws,
-so every row sees the same noise whatever K is (the draws keep the objective's (copy, row, token)
-order, which each microbatch regroups like the objective's own tiling of the tokens); K = 1 runs
-the plain full-batch step, bit for bit the step without accumulation.
+B_dev % K == 0), so splitting the batch is a local reshape and transpose, no all-to-all. A
+`lax.scan` over the microbatches accumulates float32 gradients (constrained to the params'
+shardings) and the loss sums; the loss normalisers (text-target and head-row counts) are those of
+the whole batch, so the gradient, the loss pieces and the grad norm are the full batch's up to
+float32 summation order, followed by one optimizer update. Keys: the head's noise and times are
+drawn once for the whole batch from the step key, exactly as with K = 1, and each microbatch
+takes its rows' draws, so every row sees the same noise whatever K is (the draws keep the
+objective's (copy, row, token) order, which each microbatch regroups like the objective's own
+tiling of the tokens); K = 1 runs the plain full-batch step, bit for bit the step without
+accumulation.
 """
 import functools
 import math
@@ -142,7 +143,8 @@ def build_train_step(config, graphdef, tx, state_shardings, mesh, placeholder_id
   """jax.jit of the train step with explicit in/out shardings and the state donated.
 
   batch_spec: a dict of arrays or ShapeDtypeStructs with the batch's shapes (rank per key)."""
-  check_microbatches(config, mesh)
+  if config.train.microbatches > 1:
+    check_microbatches(config, mesh)
   loss_cfg = objective.LossConfig.from_config(config, placeholder_id)
   fn = mesh_lib.in_mesh(functools.partial(
       train_step_fn, graphdef, tx, loss_cfg, state_lib.learning_rate_schedule(config.train), config.seed,

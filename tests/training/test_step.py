@@ -91,7 +91,7 @@ def test_microbatches_match_the_full_batch_on_a_2x2x2_mesh(setup):
   assert_same_run(micro, full)
 
 
-def test_split_is_strided_and_local():
+def test_split_is_strided():
   x = np.arange(16 * 3).reshape(16, 3)
   parts = np.asarray(step_lib.split_microbatches(x, 4))
   assert parts.shape == (4, 4, 3)
