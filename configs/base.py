@@ -161,6 +161,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
   c.train.batch_size = 64  # Global batch of sequences.
+  # Scale (issue 4): gradient accumulation. The global batch runs as this many microbatches (a
+  # lax.scan, f32 gradients, one update): same loss and update, activations of 1/K of it at a
+  # time. Must divide the rows of each batch-sharding device (batch_size / (data x fsdp)).
+  c.train.microbatches = 1
   c.train.lr = 1e-3  # Peak learning rate.
   c.train.lr_schedule = 'cosine'  # cosine | constant (both after linear warm-up).
   c.train.warmup_steps = 100

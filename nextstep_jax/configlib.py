@@ -112,6 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(train[field] >= 0, f'train.{field}={train[field]} must be >= 0.')
   require(0 <= train.min_lr_ratio <= 1,
           f'train.min_lr_ratio={train.min_lr_ratio} must be in [0, 1].')
+  _validate_microbatches(require, train)
   require(0 < sample.last_step_size < 1,
           f'sample.last_step_size={sample.last_step_size} must be in (0, 1).')
   if m.num_heads > 0 and m.num_kv_heads > 0:
@@ -193,6 +194,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
+
+
+def _validate_microbatches(require, train: ml_collections.ConfigDict) -> None:
+  """train.microbatches: a positive int dividing the global batch (the mesh-dependent per-device
+  check runs when the train step is built, training/step.py check_microbatches)."""
+  k = train.microbatches
+  if not isinstance(k, int) or k < 1:
+    require(False, f'train.microbatches={k!r} must be an integer >= 1 (1 = no gradient accumulation).')
+    return
+  require(train.batch_size % k == 0,
+          f'train.microbatches={k} must divide train.batch_size={train.batch_size}: set '
+          f'train.batch_size to a multiple of {k} (e.g. {max(k, train.batch_size // k * k)}) or '
+          f'train.microbatches to a divisor of {train.batch_size}.')
 
 
 def _validate_data_pipeline(require, data: ml_collections.ConfigDict) -> None:

@@ -100,6 +100,9 @@ def test_missing_file_and_missing_get_config(tmp_path):
     ('loss.head_objective', 'shortcut', 'set model.fm_head_step_cond=True'),
     ('sample.times', (0.0, 0.7), r'sample.times=\(0.0, 0.7\) must increase strictly from 0.0 to 1.0'),
     ('sample.token_steps', (4, 0), 'sample.token_steps'),
+    ('train.microbatches', 0, 'train.microbatches=0 must be an integer >= 1'),
+    ('train.microbatches', 3, r'train.microbatches=3 must divide train.batch_size=64: set train.batch_size '
+                              r'to a multiple of 3 \(e.g. 63\) or train.microbatches to a divisor of 64'),
 ])
 def test_validate_rejects(field, value, message):
   config = get_base_config()

@@ -470,6 +470,12 @@ def knobs_message(config, mesh: dict, task: str, headline: str) -> str:
              f'over fsdp, {mesh["tensor"]}-way over tensor)']
   if task == 'train':
     per_device = config.train.batch_size / (mesh['data'] * mesh['fsdp'])
+    k, rows = config.train.microbatches, int(per_device)
+    more = [d for d in range(2 * k, rows + 1, k) if rows == per_device and rows % d == 0]
+    if more:
+      knobs.append(f'gradient accumulation: --config.train.microbatches={more[0]} (now {k}; activations '
+                   f'of {rows // more[0]} of the {rows} rows per data/fsdp device at a time, same global '
+                   'batch and update)')
     knobs.append(f'a smaller per-device batch: --config.train.batch_size (now '
                  f'{config.train.batch_size} global, {per_device:g} per data/fsdp device)')
     if m.remat_policy != 'full':

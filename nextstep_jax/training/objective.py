@@ -18,6 +18,11 @@ with u_1 = u(x_t, t, d'), u_2 = u(x_t + d u_1, t + d, d') (no gradient; d' = 0 a
 d = 1/K, so the chain ends in the flow-matching velocity), the target of u(x_t, t, 2d) is
 (u_1 + u_2) / 2: one step of 2d must land where two steps of d land. Guidance is applied at
 sampling time (CFG combines average velocities the same way as instantaneous ones).
+
+Normalisation: each piece is a masked sum divided once by its count over the whole batch
+(`loss_sums`, `loss_counts`, `combine_loss`), so gradient accumulation (training/step.py) sums
+microbatch sums under the whole batch's counts and gets the full-batch loss exactly in definition.
+The head's random draws (`head_draws`) are made for the whole batch's rows at once.
 """
 import dataclasses
 import math
@@ -55,82 +60,131 @@ def placeholder_positions(image_token_mask: jax.Array, num_tokens: int) -> jax.A
   return jax.vmap(lambda row: jnp.nonzero(row, size=num_tokens, fill_value=0)[0])(image_token_mask)
 
 
-def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-  """Masked mean cross-entropy. logits (B, L', V) f32; targets, mask (B, L')."""
+def lm_target_mask(batch: dict, cfg: LossConfig) -> jax.Array:
+  """(B, L - 1) bool: position i + 1's label is a text target (not ignored, not a placeholder)."""
+  image_mask = batch['input_ids'][:, 1:] == cfg.placeholder_id
+  return (batch['labels'][:, 1:] != IGNORE_ID) & ~image_mask
+
+
+def head_row_mask(image_valid: jax.Array, num_tokens: int, mul: int) -> jax.Array:
+  """(B,) bool -> (mul B N,) float32 head-row mask, ordered (copy, row, token) like the tiled tokens."""
+  b = image_valid.shape[0]
+  token_mask = jnp.broadcast_to(image_valid[:, None], (b, num_tokens)).reshape(-1)
+  return jnp.tile(token_mask.astype(jnp.float32), (mul,))
+
+
+def loss_counts(batch: dict, cfg: LossConfig) -> dict:
+  """The loss normalisers of `batch`, from its masks alone: {'lm_count': text targets (int32),
+  'im_count': valid head rows (float32)}."""
+  n = batch['image_tokens'].shape[1]
+  return {'lm_count': lm_target_mask(batch, cfg).sum(),
+          'im_count': head_row_mask(batch['image_valid'], n, cfg.fm_head_batch_mul).sum()}
+
+
+def lm_loss_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """Masked sum of cross-entropies. logits (B, L', V) f32; targets, mask (B, L')."""
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
   nll = (logz - target_logit) * mask
-  return nll.sum() / (mask.sum() + 1e-8)
+  return nll.sum()
 
 
-def flow_matching_loss(velocity_fn, x1: jax.Array, cond: jax.Array, mask: jax.Array, key: jax.Array,
-                       cfg: LossConfig) -> jax.Array:
-  """x1 (M, T) clean tokens, cond (M, C) conditions, mask (M,) -> scalar FM loss.
+def head_draws(key: jax.Array, num_rows: int, token_dim: int, cfg: LossConfig) -> dict:
+  """The head objective's random draws for R = num_rows head rows (fm_head_batch_mul B N, ordered
+  (copy, row, token) like the tiled tokens); every array leads with R, so a microbatch takes its
+  rows' slice of the draws of the whole batch.
 
-  velocity_fn(x_t (M', T), t (M',), cond (M', C)) -> (M', T) with M' = M * fm_head_batch_mul.
+  flow: {'eps' (R, T) f32, 't' (R,)}; shortcut adds 'd' (R,) levels, 'd_query' (R,) (0 at the
+  finest level) and 'is_sc' (R,) bool (self-consistency rows come first).
+  """
+  if cfg.head_objective != 'shortcut':
+    key_t, key_eps = jax.random.split(key)
+    t = jax.nn.sigmoid(cfg.time_mean + cfg.time_std * jax.random.normal(key_t, (num_rows,)))
+    return {'eps': jax.random.normal(key_eps, (num_rows, token_dim), jnp.float32), 't': t}
+  key_t, key_eps, key_level, key_grid = jax.random.split(key, 4)
+  eps = jax.random.normal(key_eps, (num_rows, token_dim), jnp.float32)
+  t_flow = jax.nn.sigmoid(cfg.time_mean + cfg.time_std * jax.random.normal(key_t, (num_rows,)))
+  levels = int(math.log2(cfg.shortcut_max_steps))
+  level = jax.random.randint(key_level, (num_rows,), 1, levels + 1)
+  d = 2.0 ** -level.astype(jnp.float32)
+  grid_points = 2 ** level - 1  # t = j d with j = 0 .. 1/d - 2, so that t + 2d <= 1.
+  t_sc = jnp.floor(jax.random.uniform(key_grid, (num_rows,)) * grid_points) * d
+  is_sc = jnp.arange(num_rows) < round(cfg.shortcut_fraction * num_rows)
+  return {'eps': eps, 't': jnp.where(is_sc, t_sc, t_flow), 'd': d,
+          'd_query': jnp.where(level == levels, 0.0, d), 'is_sc': is_sc}
+
+
+def flow_matching_loss_sum(velocity_fn, x1: jax.Array, cond: jax.Array, mask: jax.Array, draws: dict,
+                           cfg: LossConfig) -> jax.Array:
+  """x1 (M, T) clean tokens, cond (M, C) conditions, mask (M,), draws of M' = M fm_head_batch_mul
+  rows (`head_draws`) -> masked sum over rows of the per-row mean squared error.
+
+  velocity_fn(x_t (M', T), t (M',), cond (M', C)) -> (M', T).
   """
   mul = cfg.fm_head_batch_mul
   x1 = jnp.tile(x1.astype(jnp.float32), (mul, 1))
   cond = jnp.tile(cond, (mul, 1))
   mask = jnp.tile(mask.astype(jnp.float32), (mul,))
-  key_t, key_eps = jax.random.split(key)
-  t = jax.nn.sigmoid(cfg.time_mean + cfg.time_std * jax.random.normal(key_t, (x1.shape[0],)))
-  eps = jax.random.normal(key_eps, x1.shape, jnp.float32)
+  t, eps = draws['t'], draws['eps']
   x_t = t[:, None] * x1 + (1.0 - t[:, None]) * eps
   target = x1 - eps
   v = velocity_fn(x_t, t, cond).astype(jnp.float32)
   per_token = jnp.mean(jnp.square(v - target), axis=-1)
-  return (per_token * mask).sum() / (mask.sum() + 1e-8)
+  return (per_token * mask).sum()
 
 
-def shortcut_loss(velocity_fn, x1: jax.Array, cond: jax.Array, mask: jax.Array, key: jax.Array,
-                  cfg: LossConfig) -> jax.Array:
-  """Flow matching at d = 0 plus the shortcut self-consistency rows (see module doc).
+def shortcut_loss_sum(velocity_fn, x1: jax.Array, cond: jax.Array, mask: jax.Array, draws: dict,
+                      cfg: LossConfig) -> jax.Array:
+  """Flow matching at d = 0 plus the shortcut self-consistency rows (see module doc); masked sum.
 
-  velocity_fn(x_t (M', T), t (M',), cond (M', C), d (M',)) -> (M', T). Returns the scalar loss.
+  velocity_fn(x_t (M', T), t (M',), cond (M', C), d (M',)) -> (M', T).
   """
   mul = cfg.fm_head_batch_mul
   x1 = jnp.tile(x1.astype(jnp.float32), (mul, 1))
   cond = jnp.tile(cond, (mul, 1))
   mask = jnp.tile(mask.astype(jnp.float32), (mul,))
-  rows = x1.shape[0]
-  key_t, key_eps, key_level, key_grid = jax.random.split(key, 4)
-  eps = jax.random.normal(key_eps, x1.shape, jnp.float32)
-  t_flow = jax.nn.sigmoid(cfg.time_mean + cfg.time_std * jax.random.normal(key_t, (rows,)))
-  levels = int(math.log2(cfg.shortcut_max_steps))
-  level = jax.random.randint(key_level, (rows,), 1, levels + 1)
-  d = 2.0 ** -level.astype(jnp.float32)
-  grid_points = 2 ** level - 1  # t = j d with j = 0 .. 1/d - 2, so that t + 2d <= 1.
-  t_sc = jnp.floor(jax.random.uniform(key_grid, (rows,)) * grid_points) * d
-  is_sc = jnp.arange(rows) < round(cfg.shortcut_fraction * rows)
-  t = jnp.where(is_sc, t_sc, t_flow)
+  eps, t, d, d_query, is_sc = (draws[k] for k in ('eps', 't', 'd', 'd_query', 'is_sc'))
   x_t = t[:, None] * x1 + (1.0 - t[:, None]) * eps
-  d_query = jnp.where(level == levels, 0.0, d)
   u_1 = jax.lax.stop_gradient(velocity_fn(x_t, t, cond, d_query).astype(jnp.float32))
   u_2 = jax.lax.stop_gradient(velocity_fn(x_t + d[:, None] * u_1, t + d, cond, d_query).astype(jnp.float32))
   target = jnp.where(is_sc[:, None], 0.5 * (u_1 + u_2), x1 - eps)
   v = velocity_fn(x_t, t, cond, jnp.where(is_sc, 2.0 * d, 0.0)).astype(jnp.float32)
   per_token = jnp.mean(jnp.square(v - target), axis=-1)
-  return (per_token * mask).sum() / (mask.sum() + 1e-8)
+  return (per_token * mask).sum()
 
 
-def compute_loss(model, batch: dict, key: jax.Array, cfg: LossConfig) -> tuple[jax.Array, dict]:
-  """Total loss and its pieces {'loss', 'lm_loss', 'im_loss'} for one batch (see module doc)."""
+def loss_sums(model, batch: dict, draws: dict, cfg: LossConfig) -> dict:
+  """Unnormalised loss pieces {'lm_sum', 'im_sum'} of `batch` with the head draws of its rows."""
   input_ids, tokens = batch['input_ids'], batch['image_tokens']
   b, n, _ = tokens.shape
   image_mask = input_ids == cfg.placeholder_id
   x = model.embed(input_ids, tokens, image_mask)
   hidden, _ = model(x, batch['positions'], batch['attention_mask'])
 
-  targets = batch['labels'][:, 1:]
-  lm_mask = (targets != IGNORE_ID) & ~image_mask[:, 1:]
-  lm = lm_loss(model.lm_logits(hidden[:, :-1]), targets, lm_mask)
+  lm = lm_loss_sum(model.lm_logits(hidden[:, :-1]), batch['labels'][:, 1:], lm_target_mask(batch, cfg))
 
   cond_positions = placeholder_positions(image_mask, n) - 1  # (B, N): predicts token k
   cond_hidden = jnp.take_along_axis(hidden, cond_positions[..., None], axis=1)
   cond = model.head_condition(cond_hidden, jnp.broadcast_to(jnp.arange(n), (b, n)))
   token_mask = jnp.broadcast_to(batch['image_valid'][:, None], (b, n)).reshape(-1)
-  head_loss = shortcut_loss if cfg.head_objective == 'shortcut' else flow_matching_loss
-  im = head_loss(model.image_head, tokens.reshape(b * n, -1), cond.reshape(b * n, -1), token_mask, key, cfg)
+  head_loss = shortcut_loss_sum if cfg.head_objective == 'shortcut' else flow_matching_loss_sum
+  im = head_loss(model.image_head, tokens.reshape(b * n, -1), cond.reshape(b * n, -1), token_mask, draws, cfg)
+  return {'lm_sum': lm, 'im_sum': im}
+
+
+def combine_loss(sums: dict, counts: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
+  """Normalised pieces and the weighted total: (total, {'loss', 'lm_loss', 'im_loss'}).
+
+  Linear in `sums`: with the counts of a whole batch, the totals of its microbatches' sums add up
+  to the total of the batch."""
+  lm = sums['lm_sum'] / (counts['lm_count'] + 1e-8)
+  im = sums['im_sum'] / (counts['im_count'] + 1e-8)
   total = cfg.lm_loss_weight * lm + cfg.im_loss_weight * im
   return total, {'loss': total, 'lm_loss': lm, 'im_loss': im}
+
+
+def compute_loss(model, batch: dict, key: jax.Array, cfg: LossConfig) -> tuple[jax.Array, dict]:
+  """Total loss and its pieces {'loss', 'lm_loss', 'im_loss'} for one batch (see module doc)."""
+  b, n, token_dim = batch['image_tokens'].shape
+  draws = head_draws(key, cfg.fm_head_batch_mul * b * n, token_dim, cfg)
+  return combine_loss(loss_sums(model, batch, draws, cfg), loss_counts(batch, cfg), cfg)

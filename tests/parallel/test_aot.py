@@ -98,3 +98,15 @@ def test_not_fitting_names_the_knobs(tmp_path, capsys):
 def test_cli_rejects_bad_config():
   assert aot_cli.main(['--config', 'configs/tiny.py', '--topology', TOPOLOGY,
                        '--config.model.attention=flash']) == 2
+
+
+def test_not_fitting_suggests_gradient_accumulation():
+  mesh = {'data': 1, 'fsdp': 4, 'tensor': 1}
+  message = aot.knobs_message(tiny('train.batch_size=16'), mesh, 'train', 'train does not fit.')
+  assert ('--config.train.microbatches=2 (now 1; activations of 2 of the 4 rows per data/fsdp device'
+          in message)
+  message = aot.knobs_message(tiny('train.batch_size=24', 'train.microbatches=2'), mesh, 'train', '')
+  assert '--config.train.microbatches=6 (now 2; activations of 1 of the 6 rows' in message
+  # One row per device and microbatch already: only the other knobs remain.
+  message = aot.knobs_message(tiny('train.batch_size=16', 'train.microbatches=4'), mesh, 'train', '')
+  assert 'microbatches' not in message and '--config.train.batch_size' in message

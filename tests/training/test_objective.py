@@ -117,7 +117,7 @@ def reference_losses(model, batch, key, cfg, tok):
   token_mask = np.repeat(batch['image_valid'], N).astype(np.float64)
   tile = np.arange(m * cfg.fm_head_batch_mul) % m  # Row r <- r mod M.
   x1, cond, token_mask = x1[tile], cond[tile], token_mask[tile]
-  # Same draws as objective.flow_matching_loss: split(key) -> (t key, eps key).
+  # Same draws as objective.head_draws: split(key) -> (t key, eps key).
   key_t, key_eps = jax.random.split(key)
   n = np.asarray(jax.random.normal(key_t, (len(tile),)), np.float64)
   t = 1 / (1 + np.exp(-(cfg.time_mean + cfg.time_std * n)))
@@ -245,7 +245,8 @@ def test_shortcut_rows_follow_the_documented_targets():
 
   rng = np.random.default_rng(0)
   x1, cond = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32), jnp.ones((16, 3))
-  loss = float(O.shortcut_loss(spy, x1, cond, jnp.ones((16,), bool), jax.random.key(1), cfg))
+  draws = O.head_draws(jax.random.key(1), 128, 4, cfg)
+  loss = float(O.shortcut_loss_sum(spy, x1, cond, jnp.ones((16,), bool), draws, cfg)) / 128
   (t, dq), (t2, dq2), (tf, df) = calls
   sc = np.arange(128) < 64
   d = (t2 - t)[sc]
