@@ -5,6 +5,7 @@ images (B, S, S, 3) in [-1, 1] --Encoder--> moments (B, S/f, S/f, 2Z) = [mean | 
          eps 1e-6), unpatchify--> posterior N(mean, exp(logvar)) (logvar clipped to [-30, 20])
   z = mean (deterministic) or mean + std * eps;   latents = (z - shift_factor) * scaling_factor
 latents --(latents / scaling_factor + shift_factor)--Decoder--> images (B, S, S, 3)
+`encode`/`decode` take an optional `vae_tiling.Tiling`: overlapping spatial tiles, blended (large images).
 
 f = 2 ** (len(ch_mult) - 1). Parameter names follow the official checkpoint (`encoder.down.0.block.1
 .conv1` -> encoder/down/0/block/1/conv1); conv `kernel` is the torch OIHW weight transposed to HWIO,
