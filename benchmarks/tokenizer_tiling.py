@@ -133,39 +133,46 @@ def main(argv=None) -> int:
   parser.add_argument('--num', type=int, default=256, help='held-out scenes (16 per mosaic)')
   parser.add_argument('--image-size', type=int, default=1024, help='official-size decode side (px)')
   parser.add_argument('--tiles', nargs='*', default=['64/16', '32/8'], help='official tilings size/overlap')
-  parser.add_argument('--small-tiles', nargs='*', default=['8/2', '16/4'], help='small-tokenizer tilings')
+  parser.add_argument('--small-tiles', nargs='*', default=['8/2', '8/4', '16/4'],
+                      help='small-tokenizer tilings (the first size also gives the hard-cut control)')
   parser.add_argument('--tpu', default='', help='also AOT-compile for this TPU topology, e.g. v5e:1x1')
   parser.add_argument('--skip-quality', action='store_true')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  out_path = RESULTS / 'tokenizer.json'
-  results = json.loads(out_path.read_text()) if out_path.exists() else {}
-  entry = results.get('tiled_decode', {})
+  command = 'python ' + ' '.join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv)))
   latent_side = args.image_size // vae.AutoEncoderConfig().downsample
   tilings = [None] + [parse_tiles(t) for t in args.tiles]
   targets = {'cpu': jax.devices('cpu')}
   if args.tpu:
     from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel (libtpu)
     targets[args.tpu] = aot.topology_devices(args.tpu)
-  memory = entry.get('memory', {})
+  setup = (f'official f8ch16 decode (float32) of one {args.image_size}x{args.image_size} image, per '
+           'device, compiled.memory_analysis()')
   for target, devices in targets.items():
-    memory[target] = {}
-    for tiling in tilings:
-      memory[target][tiles_label(tiling)] = decode_memory(devices, latent_side, tiling)
-      print(json.dumps({target: {tiles_label(tiling): memory[target][tiles_label(tiling)]}}), flush=True)
-  entry['memory'] = memory
-  entry['memory_setup'] = (f'official f8ch16 decode (float32) of one {args.image_size}x{args.image_size} '
-                           'image, per device, compiled.memory_analysis()')
+    memory = {}
+    for tiling in tilings:  # Saved after each compile: TPU compiles take minutes.
+      memory[tiles_label(tiling)] = decode_memory(devices, latent_side, tiling)
+      print(json.dumps({target: {tiles_label(tiling): memory[tiles_label(tiling)]}}), flush=True)
+      save({'memory_setup': setup, 'memory': {target: memory}, 'commands': {target: command}})
   if not args.skip_quality:
-    entry['quality'], panel = quality(args.run, args.num, [parse_tiles(t) for t in args.small_tiles],
-                                      vae_tiling.Tiling(parse_tiles(args.small_tiles[0]).size, 0))
+    small = [parse_tiles(t) for t in args.small_tiles]
+    quality_result, panel = quality(args.run, args.num, small, vae_tiling.Tiling(small[0].size, 0))
     image_utils.save_png(RESULTS / 'tokenizer_tiled_decode.png', panel)
-  entry.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-               command='python ' + ' '.join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))),
-               machine=f'{platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__}')
-  results['tiled_decode'] = entry
-  out_path.write_text(json.dumps(results, indent=2) + '\n')
-  print(f'wrote {out_path}')
+    save({'quality': quality_result, 'commands': {'quality': command}})
   return 0
+
+
+def save(updates: dict) -> None:
+  """Merges `updates` into results/tokenizer.json's `tiled_decode` (dict values one level deep, so
+  separate invocations add their parts) with the date and machine; other keys are kept."""
+  out_path = RESULTS / 'tokenizer.json'
+  results = json.loads(out_path.read_text()) if out_path.exists() else {}
+  entry = results.setdefault('tiled_decode', {})
+  for key, value in updates.items():
+    entry[key] = {**entry.get(key, {}), **value} if isinstance(value, dict) and key != 'quality' else value
+  entry.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+               machine=f'{platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__}')
+  out_path.write_text(json.dumps(results, indent=2) + '\n')
+  print(f'wrote {out_path}', flush=True)
 
 
 if __name__ == '__main__':
