@@ -161,14 +161,22 @@ def main(argv=None) -> int:
   return 0
 
 
+def merged(old, new):
+  """new over old, dicts merged recursively (so separate invocations add their rows)."""
+  if not (isinstance(old, dict) and isinstance(new, dict)):
+    return new
+  return {**old, **{key: merged(old.get(key), value) for key, value in new.items()}}
+
+
 def save(updates: dict) -> None:
-  """Merges `updates` into results/tokenizer.json's `tiled_decode` (dict values one level deep, so
-  separate invocations add their parts) with the date and machine; other keys are kept."""
+  """Merges `updates` into results/tokenizer.json's `tiled_decode` (a new `quality` replaces the
+  stored one) with the date and machine; other keys are kept."""
   out_path = RESULTS / 'tokenizer.json'
   results = json.loads(out_path.read_text()) if out_path.exists() else {}
   entry = results.setdefault('tiled_decode', {})
-  for key, value in updates.items():
-    entry[key] = {**entry.get(key, {}), **value} if isinstance(value, dict) and key != 'quality' else value
+  if 'quality' in updates:
+    entry.pop('quality', None)
+  entry = results['tiled_decode'] = merged(entry, updates)
   entry.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                machine=f'{platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__}')
   out_path.write_text(json.dumps(results, indent=2) + '\n')
