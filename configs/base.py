@@ -69,6 +69,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   v.encoder_norm = True  # LayerNorm each psz x psz patch of the mean (official true).
   v.psz = 2  # Patch side of encoder_norm (unverified official value; see nextstep1.md).
   v.batch_chunk = 8  # Images per device per encode/decode pass (bounds memory, e.g. 1024px).
+  # Spatial tiling (image/vae_tiling.py): encode/decode overlapping tiles of tile_size latent
+  # pixels blended with linear ramps when a latent side exceeds tile_size (official: 1024px images
+  # in 3x3 tiles of 512px; 512px and below untiled, exact). GroupNorm and attention become per tile.
+  v.tile_size = 64  # Tile side in latent pixels (0 = never tile).
+  v.tile_overlap = 16  # Minimum overlap of neighbouring tiles in latent pixels (< tile_size).
   v.dtype = 'float32'
   v.param_dtype = 'float32'
 

@@ -25,11 +25,20 @@ def set_vae(c, arg=None) -> None:
 
 
 def get_config(arg=None):
+  if arg not in (None, '', 'noise', 'tiny'):
+    raise ValueError(f'unknown tokenizer_shapes variant {arg!r}; use "noise", "tiny" or none')
   c = base.get_base_config()
   c.name = 'tokenizer_shapes' if not arg else f'tokenizer_shapes_{arg}'
   set_vae(c, arg)
   c.data.dataset = 'shapes'
   c.data.num_train = 20000
+  set_vae_train(c, arg)
+  return c
+
+
+def set_vae_train(c, arg=None) -> None:
+  """The tokenizer training recipe (vae_train.*), shared with configs/demo_vae.py; 'tiny' also
+  shrinks data.num_train."""
   t = c.vae_train
   t.steps, t.batch_size, t.lr, t.warmup_steps = 1500, 32, 1e-3, 100
   t.l1_weight, t.l2_weight, t.kl_weight = 1.0, 1.0, 1e-6
@@ -41,6 +50,3 @@ def get_config(arg=None):
     t.steps, t.batch_size, t.lr, t.warmup_steps, t.num_eval = 16, 8, 3e-3, 1, 16
     t.log_every, t.checkpoint_every, t.grid_every = 4, 8, 0
     t.noise_max, t.disc_weight, t.disc_start, t.disc_ch = 0.2, 0.1, 2, 8
-  elif arg:
-    raise ValueError(f'unknown tokenizer_shapes variant {arg!r}; use "noise", "tiny" or none')
-  return c

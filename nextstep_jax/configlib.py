@@ -342,6 +342,11 @@ def _validate_vae(require, config: ml_collections.ConfigDict) -> None:
     require(all(w % v.norm_groups == 0 for w in widths),
             f'image.vae widths {widths} (ch={v.ch} x ch_mult) must be divisible by '
             f'image.vae.norm_groups={v.norm_groups}; pick ch a multiple of norm_groups.')
+  require(v.tile_size >= 0, f'image.vae.tile_size={v.tile_size} must be >= 0 (0 = never tile).')
+  if v.tile_size > 0:
+    require(0 <= v.tile_overlap < v.tile_size,
+            f'image.vae.tile_overlap={v.tile_overlap} must be in [0, image.vae.tile_size='
+            f'{v.tile_size}); e.g. image.vae.tile_overlap={v.tile_size // 4}.')
   require(m.latent_channels == v.z_channels,
           f'model.latent_channels={m.latent_channels} must equal image.vae.z_channels='
           f'{v.z_channels} with image.tokenizer=vae.')

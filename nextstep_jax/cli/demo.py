@@ -1,31 +1,66 @@
 """`make demo`: train the default shapes config on the CPU, sample, evaluate, print the workdir.
 
-  python -m nextstep_jax.cli.demo [--config configs/shapes.py:demo] [--workdir runs/demo]
-                                  [--num-prompts 50] [--config.train.steps=...]
+  python -m nextstep_jax.cli.demo [--tokenizer pixels|vae] [--config FILE[:variant]]
+                                  [--workdir DIR] [--num-prompts 50] [--config.train.steps=...]
 
-Writes <workdir>/demo/{seen,heldout}_grid.png with their prompts, and demo/scores.json.
+--tokenizer picks the default config and workdir: pixels -> configs/shapes.py:demo in runs/demo;
+vae -> configs/demo_vae.py in runs/demo_vae. A VAE config without image.vae.checkpoint first trains
+its tokenizer (vae_train.*) in <workdir>/tokenizer (reused once finished), then the AR model on its
+latents. Rerunning the command resumes an interrupted run.
+
+Writes <workdir>/demo/{seen_two,heldout}_grid.png with their prompts, and demo/scores.json.
 """
 import json
 import pathlib
 import sys
+import time
 
 from nextstep_jax.cli import train as train_cli
 
-DEFAULT_CONFIG = 'configs/shapes.py:demo'
+DEFAULTS = {'pixels': ('configs/shapes.py:demo', 'runs/demo'), 'vae': ('configs/demo_vae.py', 'runs/demo_vae')}
 DEFAULT_PROMPTS = 50
+TOKENIZER_DIR = 'tokenizer'
+TOKENIZER_EVAL_IMAGES = 256
+
+
+def _pop_flag(argv: list, name: str, default: str) -> str:
+  if name not in argv:
+    return default
+  i = argv.index(name)
+  if i + 1 >= len(argv):
+    raise SystemExit(f'{name} needs a value')
+  value = argv[i + 1]
+  del argv[i:i + 2]
+  return value
+
+
+def train_tokenizer(config, workdir: str) -> dict:
+  """Trains (or reuses) the VAE of `config` in <workdir>/tokenizer, points image.vae.checkpoint at
+  it and returns its held-out PSNR/SSIM and training minutes."""
+  from nextstep_jax.evaluate import tokenizer_eval  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.image import vae_tokenizer  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.training import tokenizer_train  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(workdir).resolve() / TOKENIZER_DIR
+  if not (root / vae_tokenizer.RELEASE_DIR).exists():
+    tokenizer_train.train(config, str(root))
+  config.image.vae.checkpoint = str(root)
+  scores = tokenizer_eval.evaluate_run(str(root), TOKENIZER_EVAL_IMAGES, sigmas=(0.0,))
+  last = json.loads((root / 'metrics.jsonl').read_text().splitlines()[-1])
+  return {'workdir': str(root), 'steps': last['step'], 'train_minutes': round(last['minutes'], 2),
+          'heldout_psnr': scores['psnr'], 'heldout_ssim': scores['ssim']}
 
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  num_prompts = DEFAULT_PROMPTS
-  if '--num-prompts' in argv:
-    i = argv.index('--num-prompts')
-    num_prompts = int(argv[i + 1])
-    del argv[i:i + 2]
+  num_prompts = int(_pop_flag(argv, '--num-prompts', str(DEFAULT_PROMPTS)))
+  tokenizer = _pop_flag(argv, '--tokenizer', 'pixels')
+  if tokenizer not in DEFAULTS:
+    raise SystemExit(f'--tokenizer {tokenizer!r}: use one of {", ".join(DEFAULTS)}')
+  default_config, default_workdir = DEFAULTS[tokenizer]
   if not any(a == '--config' or a.startswith('--config=') for a in argv):
-    argv = ['--config', DEFAULT_CONFIG] + argv
+    argv = ['--config', default_config] + argv
   if not any(a == '--workdir' or a.startswith('--workdir=') for a in argv):
-    argv += ['--workdir', 'runs/demo']
+    argv += ['--workdir', default_workdir]
   args, config = train_cli.parse_config(argv, __doc__)
 
   from nextstep_jax.evaluate import run_eval  # pylint: disable=g-import-not-at-top
@@ -33,7 +68,14 @@ def main(argv=None) -> int:
   from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
   from nextstep_jax.utils import images as image_utils  # pylint: disable=g-import-not-at-top
 
+  start = time.monotonic()
+  tokenizer_summary = {}
+  if config.image.tokenizer == 'vae' and not config.image.vae.checkpoint:
+    tokenizer_summary = {'tokenizer': train_tokenizer(config, args.workdir)}
   result = loop.train(config, args.workdir)
+  if result.preempted:
+    print(f'preempted at step {result.step}; rerun the same command to resume.')
+    return 0
   sampler = pipeline.TextToImage.from_workdir(result.workdir)
   out = pathlib.Path(result.workdir) / 'demo'
   out.mkdir(parents=True, exist_ok=True)
@@ -47,6 +89,7 @@ def main(argv=None) -> int:
     scores, images = run_eval.evaluate_digits(sampler, num_prompts, config.image.size)
     image_utils.save_png(out / 'digits_grid.png', image_utils.make_grid(images[:64], ncols=8))
   summary = {'config': config.name, 'train_steps': result.step, 'train_minutes': round(result.minutes, 2),
+             **tokenizer_summary, 'wall_minutes_this_invocation': round((time.monotonic() - start) / 60, 2),
              'final_metrics': result.metrics, 'scores': scores,
              **run_eval.headline(config.data.dataset, scores)}
   summary = run_eval.json_safe(summary)

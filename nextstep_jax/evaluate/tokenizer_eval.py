@@ -50,6 +50,18 @@ def ssim_map(reference, images) -> np.ndarray:
   return ((2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2)) / ((mx**2 + my**2 + SSIM_C1) * (vx + vy + SSIM_C2))
 
 
+def seam_ratio(images, reference, seams_y: Sequence[int], seams_x: Sequence[int]) -> float:
+  """How visible tile seams are: the mean |step| of the error images - reference (float
+  (B, H, W, C)) across the worst seam row/column (between pixels s - 1 and s), over the median
+  |step| of the error between any two neighbouring rows/columns. About 1 when tiling leaves no
+  discontinuity; a hard cut between tiles gives about 2 or more."""
+  err = np.asarray(images, np.float64) - np.asarray(reference, np.float64)
+  step_y = np.abs(np.diff(err, axis=1)).mean(axis=(0, 2, 3))
+  step_x = np.abs(np.diff(err, axis=2)).mean(axis=(0, 1, 3))
+  at_seams = np.concatenate([step_y[[s - 1 for s in seams_y]], step_x[[s - 1 for s in seams_x]]])
+  return float(at_seams.max() / np.median(np.concatenate([step_y, step_x])))
+
+
 def reconstruction_scores(tokenizer, images_uint8: np.ndarray) -> dict:
   """Mean PSNR/SSIM of decode(encode(x)) on uint8 images (B, S, S, 3)."""
   recon = image_utils.to_uint8(tokenizer.decode(tokenizer.encode(tokenizers.uint8_to_unit(images_uint8))))
@@ -73,7 +85,8 @@ def evaluate_run(workdir: str, num: int, sigmas: Sequence[float]) -> dict:
   returns {'psnr', 'ssim', 'n', 'robustness': {sigma: psnr}, 'noise_max', ...}."""
   from nextstep_jax.training import tokenizer_train  # pylint: disable=g-import-not-at-top (jax model)
   root = pathlib.Path(workdir)
-  config = configlib.config_from_json((root / tokenizer_train.CONFIG_FILE).read_text())
+  config = configlib.with_base_defaults(
+      configlib.config_from_json((root / tokenizer_train.CONFIG_FILE).read_text()))
   config.image.vae.checkpoint = str(root)
   tokenizer = tokenizers.get_tokenizer(config)
   images = tokenizer_train.heldout_images(config, num)

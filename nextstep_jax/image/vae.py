@@ -5,6 +5,7 @@ images (B, S, S, 3) in [-1, 1] --Encoder--> moments (B, S/f, S/f, 2Z) = [mean | 
          eps 1e-6), unpatchify--> posterior N(mean, exp(logvar)) (logvar clipped to [-30, 20])
   z = mean (deterministic) or mean + std * eps;   latents = (z - shift_factor) * scaling_factor
 latents --(latents / scaling_factor + shift_factor)--Decoder--> images (B, S, S, 3)
+`encode`/`decode` take an optional `vae_tiling.Tiling`: overlapping spatial tiles, blended (large images).
 
 f = 2 ** (len(ch_mult) - 1). Parameter names follow the official checkpoint (`encoder.down.0.block.1
 .conv1` -> encoder/down/0/block/1/conv1); conv `kernel` is the torch OIHW weight transposed to HWIO,
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nextstep_jax.image import patchify as patchify_lib
+from nextstep_jax.image import vae_tiling
 from nextstep_jax.model import layers
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -253,19 +255,24 @@ class AutoEncoder(nnx.Module):
     self.encoder = Encoder(cfg, rngs)
     self.decoder = Decoder(cfg, rngs)
 
-  def posterior(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def posterior(self, images: jax.Array, tiling: vae_tiling.Tiling | None = None
+                ) -> tuple[jax.Array, jax.Array]:
     """images (B, S, S, 3) in [-1, 1] -> (mean, logvar), each (B, S/f, S/f, Z) float32; the mean
-    is normalised per psz x psz patch when `encoder_norm`."""
-    moments = self.encoder(images).astype(jnp.float32)
+    is normalised per psz x psz patch when `encoder_norm` (after blending, when tiled)."""
+    if tiling is None:
+      moments = self.encoder(images).astype(jnp.float32)
+    else:
+      moments = vae_tiling.tiled_apply(self.encoder, images, tiling, self.cfg.downsample, 1)
     mean, logvar = jnp.split(moments, 2, axis=-1)
     if self.cfg.encoder_norm:
       mean = normalize_patches(mean, self.cfg.psz)
     return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
-  def encode(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+  def encode(self, images: jax.Array, key: jax.Array | None = None,
+             tiling: vae_tiling.Tiling | None = None) -> jax.Array:
     """images -> normalised latents (z - shift) * scale; z = mean unless `deterministic` is off and
-    a key is given."""
-    mean, logvar = self.posterior(images)
+    a key is given. `tiling`: encode overlapping tiles and blend them (vae_tiling)."""
+    mean, logvar = self.posterior(images, tiling)
     z = mean
     if not self.cfg.deterministic and key is not None:
       z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
@@ -277,9 +284,13 @@ class AutoEncoder(nnx.Module):
   def denormalize(self, latents: jax.Array) -> jax.Array:
     return latents / self.cfg.scaling_factor + self.cfg.shift_factor
 
-  def decode(self, latents: jax.Array) -> jax.Array:
-    """Normalised latents (B, h, w, Z) -> images (B, h*f, w*f, 3) float32 (not clipped)."""
-    return self.decoder(self.denormalize(latents)).astype(jnp.float32)
+  def decode(self, latents: jax.Array, tiling: vae_tiling.Tiling | None = None) -> jax.Array:
+    """Normalised latents (B, h, w, Z) -> images (B, h*f, w*f, 3) float32 (not clipped).
+    `tiling`: decode overlapping latent tiles and blend them (vae_tiling)."""
+    z = self.denormalize(latents)
+    if tiling is None:
+      return self.decoder(z).astype(jnp.float32)
+    return vae_tiling.tiled_apply(self.decoder, z, tiling, 1, self.cfg.downsample)
 
 
 def normalize_patches(mean: jax.Array, psz: int) -> jax.Array:

@@ -6,7 +6,9 @@ Each call pads B to a multiple of rows_per_pass = image.vae.batch_chunk x (devic
 mesh axes) and runs lax.map over passes, each pass sharded over `batch`, so peak memory is one
 pass of `batch_chunk` images per device (a 1024x1024 decode works with batch_chunk=1) and the
 result is exactly the unchunked one. Inputs are the same numpy batch on every process; outputs are
-gathered to every process.
+gathered to every process. Images whose latent side exceeds image.vae.tile_size are encoded and
+decoded in overlapping spatial tiles (`vae_tiling`, one tile at a time under lax.scan), so a pass
+holds one tile's activations; smaller images are untouched.
 
 Weights come from `image.vae.checkpoint`:
   * an official release directory: `config.json` + `checkpoint.pt` (or a .safetensors copy);
@@ -23,6 +25,7 @@ from flax import nnx
 
 from nextstep_jax.image import vae
 from nextstep_jax.image import vae_import
+from nextstep_jax.image import vae_tiling
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 
@@ -33,8 +36,11 @@ SAFETENSORS_FILE = 'vae.safetensors'
 class VaeTokenizer:
   """See module docstring. `channels`, `downsample`, `latent_shape` as every tokenizer."""
 
-  def __init__(self, model: vae.AutoEncoder, batch_chunk: int, mesh: jax.sharding.Mesh, rules):
+  def __init__(self, model: vae.AutoEncoder, batch_chunk: int, mesh: jax.sharding.Mesh, rules,
+               tiling: vae_tiling.Tiling = vae_tiling.Tiling()):
+    tiling.check()
     self.model_config = model.cfg
+    self.tiling = tiling
     self.channels = model.cfg.z_channels
     self.downsample = model.cfg.downsample
     graphdef, state = nnx.split(model)
@@ -50,7 +56,7 @@ class VaeTokenizer:
     def mapped(method):
       def run(params, x):
         model = nnx.merge(graphdef, params)
-        return jax.lax.map(getattr(model, method), x)
+        return jax.lax.map(lambda rows: getattr(model, method)(rows, tiling=tiling), x)
       return jax.jit(run, in_shardings=(param_shardings, passes), out_shardings=gathered)
 
     self._encode, self._decode = mapped('encode'), mapped('decode')
@@ -78,7 +84,8 @@ class VaeTokenizer:
   @classmethod
   def from_config(cls, config) -> 'VaeTokenizer':
     mesh = mesh_lib.make_mesh(config.mesh)
-    return cls(load_model(config), config.image.vae.batch_chunk, mesh, config.mesh.rules)
+    return cls(load_model(config), config.image.vae.batch_chunk, mesh, config.mesh.rules,
+               vae_tiling.Tiling.from_config(config.image.vae))
 
 
 def load_model(config) -> vae.AutoEncoder:
