@@ -71,13 +71,7 @@ def record_size(element) -> tuple[int, int]:
 def cached_bucket(element, bucket_grids: list[tuple[int, int]], patch: int) -> int:
   """The bucket of a latent-cache record, from its stored latent shape (V, h, w, C); raises
   BadRecordError for skipped markers and ValueError for a grid that is not a bucket."""
-  record = records.decode_record(element)
-  meta = record.metadata
-  if meta.get('kind') == 'skipped':
-    raise bad_records.BadRecordError(meta['reason'], 'skipped when the cache was built')
-  if meta.get('kind') != 'latents':
-    raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD,
-                                     f'record kind {meta.get("kind")!r} in the latent cache')
+  meta = records.decode_latent_record(element).metadata
   grid = (meta['shape'][1] // patch, meta['shape'][2] // patch)
   if grid not in bucket_grids:
     raise ValueError(f'latent-cache record {meta.get("source_index")} holds a {grid[0]}*{grid[1]} token grid, '

@@ -138,13 +138,8 @@ def read_raw(element) -> tuple[Any, Any]:
 
 def read_latents(element) -> tuple[np.ndarray, bytes, list[str]]:
   """A latent-cache record -> (latents (V, h, w, C) float32, caption bytes, image fixes)."""
-  record = records.decode_record(element)
+  record = records.decode_latent_record(element)
   meta = record.metadata
-  if meta.get('kind') == 'skipped':
-    raise bad_records.BadRecordError(meta['reason'], 'skipped when the cache was built')
-  if meta.get('kind') != 'latents':
-    raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD,
-                                     f'record kind {meta.get("kind")!r} in the latent cache')
   latents = np.frombuffer(record.payload, np.dtype(meta['dtype'])).reshape(meta['shape'])
   return latents.astype(np.float32), record.caption, list(meta.get('fixes', ()))
 

@@ -61,6 +61,18 @@ def decode_record(data: bytes) -> Record:
   return Record(payload, caption, metadata)
 
 
+def decode_latent_record(data: bytes) -> Record:
+  """A latent-cache record (metadata kind 'latents'); BadRecordError for a marker of a record
+  skipped when the cache was built, or for any other kind."""
+  record = decode_record(data)
+  kind = record.metadata.get('kind')
+  if kind == 'skipped':
+    raise bad_records.BadRecordError(record.metadata['reason'], 'skipped when the cache was built')
+  if kind != 'latents':
+    raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD, f'record kind {kind!r} in the latent cache')
+  return record
+
+
 def shard_path(prefix: str, index: int, count: int) -> str:
   return f'{prefix}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}'
 
