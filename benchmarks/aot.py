@@ -44,21 +44,24 @@ def markdown_table(rows) -> str:
   """The rows as the markdown table of benchmarks/README.md."""
   gib = lambda n: f'{n / 2**30:.1f}'
   lines = ['| task | topology (chips) | image | seq | batch | attention | remat | mesh (d,f,t) | '
-           'arg / temp / total GiB per chip | HBM GiB | fits | model TFLOPs/step | est. step s | '
-           'MFU est. | compile s |', '|' + '---|' * 15]
+           'arg / temp / total GiB per chip | HBM GiB | fits | model TFLOPs/step | compiler / model FLOPs | '
+           'est. step s | MFU est. | compile s |', '|' + '---|' * 16]
   for r in rows:
     image = '512' if r['config'].endswith(':512') else '256'
     if 'error' in r and 'total_bytes' not in r:
       lines.append(f'| {r["task"]} | {r["topology"]} | {image} | | | | | | | | no: {r["error"][:80]} '
-                   '| | | | |')
+                   '| | | | | |')
       continue
     mesh = r['mesh']
+    ratio = r.get('compiler_to_model_flops')
+    timing = (f'{r["estimated_step_s"]:.3g} ({r["bound"]}) | {100 * r["mfu_estimate"]:.0f}%'
+              if r.get('mfu_estimate') is not None else 'none | none')
     lines.append(
         f'| {r["task"]} | {r["topology"]} ({r["chips"]}) | {image} | {r["seq_len"]} | {r["global_batch"]} | '
         f'{r["attention"]} | {r["remat"]} | {mesh["data"]},{mesh["fsdp"]},{mesh["tensor"]} | '
         f'{gib(r["argument_bytes"])} / {gib(r["temp_bytes"])} / {gib(r["total_bytes"])} | '
         f'{gib(r["hbm_bytes"])} | {"yes" if r["fits"] else "**no**"} | {r["flops_per_step"] / 1e12:,.0f} | '
-        f'{r["estimated_step_s"]:.3g} ({r["bound"]}) | {100 * r["mfu_estimate"]:.0f}% | {r["compile_s"]:.0f} |')
+        f'{"" if ratio is None else f"{ratio:.2f}"} | {timing} | {r["compile_s"]:.0f} |')
   return '\n'.join(lines)
 
 
