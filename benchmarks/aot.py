@@ -21,8 +21,9 @@ import time
 OUT = pathlib.Path(__file__).parent / 'results' / 'aot_nextstep1_large.json'
 TRAIN_512 = 'configs/nextstep1_large.py:512'
 TRAIN_256 = 'configs/nextstep1_large.py'
-# Sampling: bf16 weights (inference), 4 images x 2 CFG branches per call, 256x256.
-SAMPLE = ['--config.model.param_dtype=bfloat16', '--config.sample.batch_size=4']
+# Sampling: bf16 weights (inference), 512x512 (the released model's size), 8 images x 2 CFG
+# branches per call (one image per device on the 8-device slices).
+SAMPLE = ['--config.model.param_dtype=bfloat16', '--config.sample.batch_size=8']
 
 ROWS = [
     ('train', TRAIN_512, 'v5p:4x4x4', ['--config.model.attention=splash']),  # v5p-128: 64 chips.
@@ -30,9 +31,9 @@ ROWS = [
     ('train', TRAIN_512, 'v5p:2x4x4', ['--config.model.attention=splash']),  # v5p-64: 32 chips.
     ('train', TRAIN_512, 'v5p:4x4x8', ['--config.model.attention=splash']),  # v5p-256: 128 chips.
     ('train', TRAIN_512, 'v4:4x4x4', ['--config.model.attention=splash']),  # v4-128: 64 chips.
-    ('sample', TRAIN_256, 'v5e:2x4', SAMPLE + ['--config.model.attention=splash']),  # v5e-8.
-    ('sample', TRAIN_256, 'v5p:1x1x1', SAMPLE + ['--config.model.attention=splash']),  # One chip.
-    ('sample', TRAIN_256, 'v2:2x2', SAMPLE + ['--config.model.attention=xla']),  # v2-8 (8 cores).
+    ('sample', TRAIN_512, 'v5e:2x4', SAMPLE + ['--config.model.attention=splash']),  # v5e-8.
+    ('sample', TRAIN_512, 'v5p:1x1x1', SAMPLE + ['--config.model.attention=splash']),  # One chip.
+    ('sample', TRAIN_512, 'v2:2x2', SAMPLE + ['--config.model.attention=xla']),  # v2-8 (8 cores).
     ('train', TRAIN_512, 'v5p:4x4x4', ['--config.model.attention=xla']),
     ('train', TRAIN_256, 'v5p:2x4x4', ['--config.model.attention=splash']),
     ('train', TRAIN_256, 'v5p:4x4x8', ['--config.model.attention=splash']),
