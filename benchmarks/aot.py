@@ -24,6 +24,7 @@ TRAIN_256 = 'configs/nextstep1_large.py'
 # Sampling: bf16 weights (inference), 512x512 (the released model's size), 8 images x 2 CFG
 # branches per call (one image per device on the 8-device slices).
 SAMPLE = ['--config.model.param_dtype=bfloat16', '--config.sample.batch_size=8']
+TENSOR_8 = ['--config.mesh.data=1', '--config.mesh.fsdp=1', '--config.mesh.tensor=8']
 
 ROWS = [
     ('train', TRAIN_512, 'v5p:4x4x4', ['--config.model.attention=splash']),  # v5p-128: 64 chips.
@@ -38,6 +39,10 @@ ROWS = [
     ('train', TRAIN_256, 'v5p:2x4x4', ['--config.model.attention=splash']),
     ('train', TRAIN_256, 'v5p:4x4x8', ['--config.model.attention=splash']),
     ('train', TRAIN_256, 'v4:4x4x4', ['--config.model.attention=splash']),
+    # Sampling reads every weight once per image token: tensor parallelism reads 1/8 of them per
+    # device, where FSDP gathers (and so reads) all of them on every device.
+    ('sample', TRAIN_512, 'v5e:2x4', SAMPLE + TENSOR_8 + ['--config.model.attention=splash']),
+    ('sample', TRAIN_512, 'v2:2x2', SAMPLE + TENSOR_8 + ['--config.model.attention=xla']),
 ]
 
 

@@ -370,15 +370,18 @@ def train_model_flops(config) -> float:
 def sample_model_flops(config) -> float:
   """One batch of images: prefill, N decoder steps (attention over the filled cache), and per
   token the condition (image_out_projector, cond_embed) once plus the head's velocity evaluations
-  on every branch row."""
+  on every branch row; the time embedding MLP runs once per evaluation on the step's scalar time."""
   images, rows, width, cfg = sample_shapes(config)
   n = cfg.num_tokens
   p = decoder_matmul_params(config)
   prefill = 2 * p['decoder'] * rows * width + attention_flops(config, rows, width, width, True)
   decode = n * (2 * (p['decoder'] + p['image_in']) * rows) + attention_flops(config, rows, n, n, True) \
       + attention_flops(config, rows, n, width, False)
-  cond_embed = config.model.hidden_size * config.model.fm_head_dim  # Once per token, as image_out.
-  head = n * 2 * rows * (p['image_out'] + cond_embed + (p['head'] - cond_embed) * velocity_calls(config))
+  w, calls = config.model.fm_head_dim, velocity_calls(config)
+  cond_embed = config.model.hidden_size * w  # Once per token, as image_out.
+  time_mlp = 256 * w + w * w  # One row per evaluation.
+  per_row = p['image_out'] + cond_embed + (p['head'] - cond_embed - time_mlp) * calls
+  head = n * 2 * (rows * per_row + time_mlp * calls)
   return prefill + decode + head
 
 
