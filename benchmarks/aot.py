@@ -1,6 +1,6 @@
 """AOT plans of NextStep-1-Large (14B) on TPU slices, compiled here without TPUs (needs libtpu).
 
-  flock /tmp/nextstep-heavy.lock python benchmarks/aot.py [--only N ...] [--timeout 1500]
+  python benchmarks/aot.py [--only N ...] [--timeout 1500]   # a 14B train row: 10-30 min of CPU
 
 Each row runs `python -m nextstep_jax.cli.aot ... --json` in its own process (rows are
 independent; a row that times out is recorded as such) and the list is rewritten to
@@ -60,7 +60,7 @@ def markdown_table(rows) -> str:
       continue
     mesh = r['mesh']
     ratio = r.get('compiler_to_model_flops')
-    timing = (f'{r["estimated_step_s"]:.3g} ({r["bound"]}) | {100 * r["mfu_estimate"]:.0f}%'
+    timing = (f'{r["estimated_step_s"]:.3g} ({r["bound"]}) | {100 * r["mfu_estimate"]:.2g}%'
               if r.get('mfu_estimate') is not None else 'none | none')
     lines.append(
         f'| {r["task"]} | {r["topology"]} ({r["chips"]}) | {image} | {r["seq_len"]} | {r["global_batch"]} | '
@@ -108,7 +108,7 @@ def main() -> int:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         'benchmark': 'AOT plans of NextStep-1-Large on TPU slices (compiled on CPU with libtpu)',
-        'command': 'flock /tmp/nextstep-heavy.lock python benchmarks/aot.py',
+        'command': 'python benchmarks/aot.py  # one process per row; each row has its own command',
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         'machine': f'{platform.machine()}, {os.cpu_count()} CPUs (compile host); libtpu AOT',
         'rows': list(done.values())}, indent=2))
