@@ -1,6 +1,6 @@
 """AOT plans of NextStep-1-Large (14B) on TPU slices, compiled here without TPUs (needs libtpu).
 
-  flock /tmp/nextstep-heavy.lock python benchmarks/aot.py [--only N ...] [--timeout 1500]
+  python benchmarks/aot.py [--only N ...] [--timeout 1500]   # a 14B train row: 10-30 min of CPU
 
 Each row runs `python -m nextstep_jax.cli.aot ... --json` in its own process (rows are
 independent; a row that times out is recorded as such) and the list is rewritten to
@@ -21,8 +21,10 @@ import time
 OUT = pathlib.Path(__file__).parent / 'results' / 'aot_nextstep1_large.json'
 TRAIN_512 = 'configs/nextstep1_large.py:512'
 TRAIN_256 = 'configs/nextstep1_large.py'
-# Sampling: bf16 weights (inference), 4 images x 2 CFG branches per call, 256x256.
-SAMPLE = ['--config.model.param_dtype=bfloat16', '--config.sample.batch_size=4']
+# Sampling: bf16 weights (inference), 512x512 (the released model's size), 8 images x 2 CFG
+# branches per call (one image per device on the 8-device slices).
+SAMPLE = ['--config.model.param_dtype=bfloat16', '--config.sample.batch_size=8']
+TENSOR_8 = ['--config.mesh.data=1', '--config.mesh.fsdp=1', '--config.mesh.tensor=8']
 
 ROWS = [
     ('train', TRAIN_512, 'v5p:4x4x4', ['--config.model.attention=splash']),  # v5p-128: 64 chips.
@@ -30,13 +32,17 @@ ROWS = [
     ('train', TRAIN_512, 'v5p:2x4x4', ['--config.model.attention=splash']),  # v5p-64: 32 chips.
     ('train', TRAIN_512, 'v5p:4x4x8', ['--config.model.attention=splash']),  # v5p-256: 128 chips.
     ('train', TRAIN_512, 'v4:4x4x4', ['--config.model.attention=splash']),  # v4-128: 64 chips.
-    ('sample', TRAIN_256, 'v5e:2x4', SAMPLE + ['--config.model.attention=splash']),  # v5e-8.
-    ('sample', TRAIN_256, 'v5p:1x1x1', SAMPLE + ['--config.model.attention=splash']),  # One chip.
-    ('sample', TRAIN_256, 'v2:2x2', SAMPLE + ['--config.model.attention=xla']),  # v2-8 (8 cores).
+    ('sample', TRAIN_512, 'v5e:2x4', SAMPLE + ['--config.model.attention=splash']),  # v5e-8.
+    ('sample', TRAIN_512, 'v5p:1x1x1', SAMPLE + ['--config.model.attention=splash']),  # One chip.
+    ('sample', TRAIN_512, 'v2:2x2', SAMPLE + ['--config.model.attention=xla']),  # v2-8 (8 cores).
     ('train', TRAIN_512, 'v5p:4x4x4', ['--config.model.attention=xla']),
     ('train', TRAIN_256, 'v5p:2x4x4', ['--config.model.attention=splash']),
     ('train', TRAIN_256, 'v5p:4x4x8', ['--config.model.attention=splash']),
     ('train', TRAIN_256, 'v4:4x4x4', ['--config.model.attention=splash']),
+    # Sampling reads every weight once per image token: tensor parallelism reads 1/8 of them per
+    # device, where FSDP gathers (and so reads) all of them on every device.
+    ('sample', TRAIN_512, 'v5e:2x4', SAMPLE + TENSOR_8 + ['--config.model.attention=splash']),
+    ('sample', TRAIN_512, 'v2:2x2', SAMPLE + TENSOR_8 + ['--config.model.attention=xla']),
 ]
 
 
@@ -44,21 +50,24 @@ def markdown_table(rows) -> str:
   """The rows as the markdown table of benchmarks/README.md."""
   gib = lambda n: f'{n / 2**30:.1f}'
   lines = ['| task | topology (chips) | image | seq | batch | attention | remat | mesh (d,f,t) | '
-           'arg / temp / total GiB per chip | HBM GiB | fits | model TFLOPs/step | est. step s | '
-           'MFU est. | compile s |', '|' + '---|' * 15]
+           'arg / temp / total GiB per chip | HBM GiB | fits | model TFLOPs/step | compiler / model FLOPs | '
+           'est. step s | MFU est. | compile s |', '|' + '---|' * 16]
   for r in rows:
     image = '512' if r['config'].endswith(':512') else '256'
     if 'error' in r and 'total_bytes' not in r:
       lines.append(f'| {r["task"]} | {r["topology"]} | {image} | | | | | | | | no: {r["error"][:80]} '
-                   '| | | | |')
+                   '| | | | | |')
       continue
     mesh = r['mesh']
+    ratio = r.get('compiler_to_model_flops')
+    timing = (f'{r["estimated_step_s"]:.3g} ({r["bound"]}) | {100 * r["mfu_estimate"]:.2g}%'
+              if r.get('mfu_estimate') is not None else 'none | none')
     lines.append(
         f'| {r["task"]} | {r["topology"]} ({r["chips"]}) | {image} | {r["seq_len"]} | {r["global_batch"]} | '
         f'{r["attention"]} | {r["remat"]} | {mesh["data"]},{mesh["fsdp"]},{mesh["tensor"]} | '
         f'{gib(r["argument_bytes"])} / {gib(r["temp_bytes"])} / {gib(r["total_bytes"])} | '
         f'{gib(r["hbm_bytes"])} | {"yes" if r["fits"] else "**no**"} | {r["flops_per_step"] / 1e12:,.0f} | '
-        f'{r["estimated_step_s"]:.3g} ({r["bound"]}) | {100 * r["mfu_estimate"]:.0f}% | {r["compile_s"]:.0f} |')
+        f'{"" if ratio is None else f"{ratio:.2f}"} | {timing} | {r["compile_s"]:.0f} |')
   return '\n'.join(lines)
 
 
@@ -99,7 +108,7 @@ def main() -> int:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         'benchmark': 'AOT plans of NextStep-1-Large on TPU slices (compiled on CPU with libtpu)',
-        'command': 'flock /tmp/nextstep-heavy.lock python benchmarks/aot.py',
+        'command': 'python benchmarks/aot.py  # one process per row; each row has its own command',
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         'machine': f'{platform.machine()}, {os.cpu_count()} CPUs (compile host); libtpu AOT',
         'rows': list(done.values())}, indent=2))

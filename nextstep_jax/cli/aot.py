@@ -3,8 +3,9 @@
 
 Compiles the real train step (or the sampling prefill + token step) for a TPU slice without TPUs
 (needs the libtpu package: pip install -e '.[tpu-aot]') and prints per-device memory against HBM,
-the calibrated compiler cost, model FLOPs, estimated step time and MFU. Exits 1 when it does not
-fit, naming the knobs to turn. Run with JAX_PLATFORMS=cpu on a machine without TPUs.
+the calibrated compiler cost, model FLOPs, estimated step time and MFU (none when the calibration
+is invalid). Exits 1 when it does not fit, naming the knobs to turn. Run with JAX_PLATFORMS=cpu on
+a machine without TPUs.
 """
 import argparse
 import dataclasses
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
   parser.add_argument('--task', default='train', choices=('train', 'sample'))
   parser.add_argument('--hbm-gib', type=float, default=None, help='override the chip HBM per device (GiB)')
   parser.add_argument('--no-calibrate', action='store_true',
-                      help='skip the 1-/2-layer compiles (cost analysis then counts scan bodies once)')
+                      help='skip the 1-/2-layer compiles (memory only: no step time or MFU)')
   parser.add_argument('--json', default=None, help='write the plan as JSON to this path')
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   bad = [a for a in rest if not a.startswith('--config.')]

@@ -8,10 +8,20 @@ Method (also in benchmarks/README.md):
 - Cost: `compiled.cost_analysis()` counts a while-loop body once, so the scanned layer stack is
   off by the layer count. We compile the same step with 1 and 2 decoder layers, every scan
   unrolled (`model.scan_unroll`), and extrapolate linearly: C(L) = C(1) + (L - 1) (C(2) - C(1)).
+  At 14B the TPU SPMD partitioner also rewrites the large FSDP matmuls as windowed einsums
+  (collective matmuls: a while loop over the gathered shards), which the cost analysis would
+  again count once (a 1-layer 14B compile on v5p-64 had 20 such loops and reported less than
+  the model FLOPs); the calibration compiles disable them (CALIBRATION_OPTIONS, same matmuls) and
+  a calibration compile that still holds any while loop is refused (CalibrationError).
   The sampling token step is likewise calibrated in the head's integration steps (grid A with 1
   and 2 steps: one more velocity evaluation). Pallas kernels (splash attention) carry no cost for
   the compiler, so their FLOPs are added from the formula (causal half of QK^T and PV; backward
   2.5x forward; one forward recompute under remat).
+- Validity: every device runs its share of the model plus recomputation and non-matmul work, so
+  the devices' total compiler FLOPs must be at least the model FLOPs. A lower (or uncalibrated)
+  cost is reported with a note and no step time or MFU. Full remat recomputes each layer's
+  forward except its last matmul (the MLP down projection, whose output the backward does not
+  need): 14B training costs 1.244x its model FLOPs, below the naive 4/3.
 - Step time per device: max(FLOPs / peak, bytes accessed / HBM bandwidth, FSDP collective bytes /
   ICI bandwidth), i.e. perfect overlap; MFU = model FLOPs / (step time * devices * peak).
 """
@@ -92,9 +102,10 @@ class Plan:
   compiler_flops_per_device: float
   compiler_bytes_per_device: float
   flops_per_step: float
-  estimated_step_s: float
-  bound: str
-  mfu_estimate: float
+  compiler_to_model_flops: float  # Compiler FLOPs of all devices / model FLOPs (>= 1 when valid).
+  estimated_step_s: float | None  # None: no valid calibrated cost, so no timing claim.
+  bound: str | None
+  mfu_estimate: float | None
   compile_s: float
   notes: str = ''
 
@@ -109,10 +120,13 @@ class Plan:
         f'aliased {gib(self.alias_bytes)}  temporaries {gib(self.temp_bytes)}',
         f'  per device total {gib(self.total_bytes)} of HBM {gib(self.hbm_bytes)}: '
         f'{"fits" if self.fits else "DOES NOT FIT"}',
-        f'  compiler cost per device (calibrated): {self.compiler_flops_per_device:.4g} FLOPs, '
+        f'  compiler cost per device: {self.compiler_flops_per_device:.4g} FLOPs, '
         f'{self.compiler_bytes_per_device:.4g} bytes accessed',
-        f'  model FLOPs per step {self.flops_per_step:.4g}; estimated step {self.estimated_step_s:.4g} s '
-        f'({self.bound}-bound); MFU estimate {100 * self.mfu_estimate:.1f}%',
+        f'  model FLOPs per step {self.flops_per_step:.4g}; compiler / model FLOPs '
+        f'{self.compiler_to_model_flops:.3f}; ' + (
+            f'estimated step {self.estimated_step_s:.4g} s ({self.bound}-bound); MFU estimate '
+            f'{100 * self.mfu_estimate:.1f}%' if self.mfu_estimate is not None else
+            'no step time or MFU estimate'),
         f'  compile time {self.compile_s:.1f} s' + (f'; {self.notes}' if self.notes else ''),
     ])
 
@@ -179,7 +193,7 @@ def train_batch_spec(config, mesh) -> dict:
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in specs.items()}
 
 
-def compile_train(config, mesh):
+def compile_train(config, mesh, compiler_options: dict | None = None):
   """The real jitted train step (training/step.py) compiled for `mesh` from abstract values."""
   tx = state_lib.make_optimizer(config.train)
   graphdef, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
@@ -188,7 +202,7 @@ def compile_train(config, mesh):
   batch = train_batch_spec(config, mesh)
   placeholder_id = config.text.vocab_size  # Any valid id: a spare embedding row.
   step = step_lib.build_train_step(config, graphdef, tx, shardings, mesh, placeholder_id, batch)
-  return step.lower(state, batch).compile()
+  return step.lower(state, batch).compile(compiler_options=compiler_options)
 
 
 def sample_shapes(config) -> tuple[int, int, int, generate.SamplerConfig]:
@@ -200,7 +214,7 @@ def sample_shapes(config) -> tuple[int, int, int, generate.SamplerConfig]:
   return images, cfg.num_branches * images, width, cfg
 
 
-def compile_sample(config, mesh) -> tuple[Any, Any]:
+def compile_sample(config, mesh, compiler_options: dict | None = None) -> tuple[Any, Any]:
   """(prefill, token step) of sampling/sharded.py compiled for `mesh` from abstract values."""
   graphdef, abstract_params = nnx.split(state_lib.abstract_model(config), nnx.Param)
   rules = config.mesh.rules
@@ -220,7 +234,7 @@ def compile_sample(config, mesh) -> tuple[Any, Any]:
             'attention_mask': jax.ShapeDtypeStruct((rows, width), jnp.bool_, sharding=prompt_sh['attention_mask']),
             'positions': jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=prompt_sh['positions'])}
   prefill = sharded_sampling.build_prefill(graphdef, param_shardings, mesh, rules, cfg)
-  prefill_compiled = prefill.lower(params, prompt).compile()
+  prefill_compiled = prefill.lower(params, prompt).compile(compiler_options=compiler_options)
 
   slots = width + cfg.num_tokens - 1
   cache_sh = sharded_sampling.cache_shardings(mesh, rules)
@@ -237,7 +251,8 @@ def compile_sample(config, mesh) -> tuple[Any, Any]:
       params, cache, jax.ShapeDtypeStruct((rows, m.hidden_size), dtype, sharding=row_sh),
       jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=row_sh),
       jax.ShapeDtypeStruct((), jnp.int32, sharding=rules_lib.activation_spec(mesh, rules)),
-      jax.ShapeDtypeStruct((images,), jax.random.key(0).dtype, sharding=key_sh)).compile()
+      jax.ShapeDtypeStruct((images,), jax.random.key(0).dtype, sharding=key_sh)).compile(
+          compiler_options=compiler_options)
   return prefill_compiled, token_compiled
 
 
@@ -275,18 +290,43 @@ def with_overrides(config, **fields):
   return copy
 
 
-def calibrated_cost(config, compile_fn: Callable, axes: dict) -> np.ndarray:
-  """Cost of `compile_fn(config)` with every scan counted, by linear extrapolation.
+# XLA's TPU SPMD partitioner turns large FSDP matmuls into windowed einsums (collective matmuls):
+# a while loop over the all-gathered / reduce-scattered shards, whose body the cost analysis counts
+# once. Calibration compiles switch them off: the same matmuls, no loops.
+CALIBRATION_OPTIONS = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
+                       'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
 
-  axes: {'model__num_layers': real_count, ...}; for each axis a compile at 2 (others at 1)
-  gives its per-unit cost; all compiles unroll the model's scans."""
+
+class CalibrationError(RuntimeError):
+  """A calibration compile still holds loops, so its cost analysis would undercount."""
+
+
+def while_loops(compiled) -> int:
+  """Number of while loops in the optimised HLO (each body is costed once)."""
+  return compiled.as_text().count(' while(')
+
+
+def calibrated_cost(config, compile_fn: Callable, axes: dict) -> np.ndarray:
+  """Cost of `compile_fn(config, compiler_options)` with every loop counted, by linear extrapolation.
+
+  axes: {'model__num_layers': real_count, ...}; for each axis a compile at 2 (others at 1) gives
+  its per-unit cost: C(n) = C(1) + (n - 1) (C(2) - C(1)). Every compile unrolls the model's scans
+  and disables windowed einsums (CALIBRATION_OPTIONS); a compile that still has a while loop
+  raises CalibrationError."""
+  def loop_free_cost(fields: dict) -> np.ndarray:
+    compiled = compile_fn(with_overrides(config, **fields), CALIBRATION_OPTIONS)
+    loops = while_loops(compiled)
+    if loops:
+      raise CalibrationError(f'the calibration compile with {fields} has {loops} while loops whose '
+                             'bodies the cost analysis counts once.')
+    return cost(compiled)
+
   base_fields = {name: 1 for name in axes} | {'model__scan_unroll': True}
-  base = cost(compile_fn(with_overrides(config, **base_fields)))
+  base = loop_free_cost(base_fields)
   total = base.copy()
   for name, count in axes.items():
     if count > 1:
-      per_unit = cost(compile_fn(with_overrides(config, **(base_fields | {name: 2})))) - base
-      total += (count - 1) * per_unit
+      total += (count - 1) * (loop_free_cost(base_fields | {name: 2}) - base)
   return total
 
 
@@ -332,15 +372,18 @@ def train_model_flops(config) -> float:
 def sample_model_flops(config) -> float:
   """One batch of images: prefill, N decoder steps (attention over the filled cache), and per
   token the condition (image_out_projector, cond_embed) once plus the head's velocity evaluations
-  on every branch row."""
+  on every branch row; the time embedding MLP runs once per evaluation on the step's scalar time."""
   images, rows, width, cfg = sample_shapes(config)
   n = cfg.num_tokens
   p = decoder_matmul_params(config)
   prefill = 2 * p['decoder'] * rows * width + attention_flops(config, rows, width, width, True)
   decode = n * (2 * (p['decoder'] + p['image_in']) * rows) + attention_flops(config, rows, n, n, True) \
       + attention_flops(config, rows, n, width, False)
-  cond_embed = config.model.hidden_size * config.model.fm_head_dim  # Once per token, as image_out.
-  head = n * 2 * rows * (p['image_out'] + cond_embed + (p['head'] - cond_embed) * velocity_calls(config))
+  w, calls = config.model.fm_head_dim, velocity_calls(config)
+  cond_embed = config.model.hidden_size * w  # Once per token, as image_out.
+  time_mlp = 256 * w + w * w  # One row per evaluation.
+  per_row = p['image_out'] + cond_embed + (p['head'] - cond_embed - time_mlp) * calls
+  head = n * 2 * (rows * per_row + time_mlp * calls)
   return prefill + decode + head
 
 
@@ -362,6 +405,25 @@ def collective_bytes(config, mesh, params: int) -> float:
   if data > 1:
     traffic += 2 * params / fsdp * (data - 1) / data * 4
   return traffic
+
+
+def step_estimate(chip: Chip, devices: int, model_flops: float, flops: float, bytes_: float,
+                  comm_s: float, calibrated: bool) -> tuple[float | None, str | None, float | None, str]:
+  """(step seconds, bound, MFU, note) from per-device compiler FLOPs / bytes and collective seconds.
+
+  Every device runs its share of the model plus recomputation and non-matmul work, so the
+  devices' total compiler FLOPs below the model FLOPs means the calibration missed work: such a
+  cost (or an uncalibrated one) gives no step time and no MFU, only the note saying why."""
+  ratio = flops * devices / model_flops
+  if not calibrated:
+    return None, None, None, 'no step time or MFU claim'
+  if ratio < 1:
+    return None, None, None, (f'INVALID calibration: compiler FLOPs are {ratio:.2f}x the model FLOPs '
+                              '(< 1); no step time or MFU claim')
+  estimated, bound = max((flops / chip.peak_flops, 'compute'), (bytes_ / chip.hbm_bandwidth, 'memory'),
+                         (comm_s, 'collective'))
+  return float(estimated), bound, float(model_flops / (estimated * devices * chip.peak_flops)), \
+      f'compiler FLOPs {ratio:.3f}x model FLOPs'
 
 
 def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = None,
@@ -398,16 +460,18 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
 
   m = config.model
   notes = []
+  uncalibrated = 'uncalibrated cost (loop bodies counted once)'
   if task == 'train':
     batch, seq_len = config.train.batch_size, configlib.required_seq_len(config)
     model_flops = train_model_flops(config)
+    flops, bytes_ = cost(compiled)
     if calibrate:
       log('[aot] calibrating the cost analysis (1- and 2-layer unrolled compiles)')
-      flops, bytes_ = calibrated_cost(config, lambda c: compile_train(c, mesh),
-                                      {'model__num_layers': m.num_layers})
-    else:
-      flops, bytes_ = cost(compiled)
-      notes.append('uncalibrated cost (scan bodies counted once)')
+      try:
+        flops, bytes_ = calibrated_cost(config, lambda c, options: compile_train(c, mesh, options),
+                                        {'model__num_layers': m.num_layers})
+      except CalibrationError as error:
+        calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
     if m.attention == 'splash':
       batch_split = mesh.shape['data'] * mesh.shape['fsdp']
       flops += splash_compiler_flops(config, batch / batch_split, seq_len) / mesh.shape['tensor']
@@ -420,17 +484,19 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
     batch, seq_len = images, width + cfg.num_tokens
     model_flops = sample_model_flops(config)
     n = cfg.num_tokens
+    prefill_cost, token_cost = cost(prefill), cost(token_step)
     if calibrate:
       log('[aot] calibrating the cost analysis (1-/2-layer and 1-/2-step unrolled compiles)')
-      prefill_cost = calibrated_cost(config, lambda c: compile_sample(c, mesh)[0],
-                                     {'model__num_layers': m.num_layers})
-      token_cost = calibrated_cost(
-          with_overrides(config, sample__time_grid='A', sample__solver='euler'),
-          lambda c: compile_sample(c, mesh)[1],
-          {'model__num_layers': m.num_layers, 'sample__num_steps': velocity_calls(config)})
-    else:
-      prefill_cost, token_cost = cost(prefill), cost(token_step)
-      notes.append('uncalibrated cost (scan bodies counted once)')
+      try:
+        prefill_cost = calibrated_cost(config, lambda c, options: compile_sample(c, mesh, options)[0],
+                                       {'model__num_layers': m.num_layers})
+        token_cost = calibrated_cost(
+            with_overrides(config, sample__time_grid='A', sample__solver='euler'),
+            lambda c, options: compile_sample(c, mesh, options)[1],
+            {'model__num_layers': m.num_layers, 'sample__num_steps': velocity_calls(config)})
+      except CalibrationError as error:
+        calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
+        prefill_cost, token_cost = cost(prefill), cost(token_step)
     flops, bytes_ = prefill_cost + n * token_cost
     if m.attention == 'splash':  # The prefill's kernels, per device.
       rows_split = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['tensor']
@@ -438,17 +504,18 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
       notes.append('splash FLOPs added by formula')
     comm_s = 0.0
     notes.append(f'step = prefill + {n} token steps')
-  compute_s = flops / chip.peak_flops
-  memory_s = bytes_ / chip.hbm_bandwidth
-  estimated, bound = max((compute_s, 'compute'), (memory_s, 'memory'), (comm_s, 'collective'))
+  flops_ratio = float(flops) * len(devices) / model_flops
+  estimated, bound, mfu, note = step_estimate(chip, len(devices), model_flops, flops, bytes_, comm_s,
+                                              calibrated=calibrate)
+  notes.append(note if calibrate else f'{uncalibrated}; {note}')
   result = Plan(
       task=task, topology=topology, chips=len(devices) // chip.devices_per_chip, devices=len(devices),
       mesh=dict(mesh.shape), seq_len=seq_len, global_batch=batch, attention=m.attention,
       remat=m.remat_policy, **mem, hbm_bytes=hbm, fits=mem['total_bytes'] <= hbm,
       compiler_flops_per_device=float(flops), compiler_bytes_per_device=float(bytes_),
-      flops_per_step=float(model_flops), estimated_step_s=float(estimated), bound=bound,
-      mfu_estimate=float(model_flops / (estimated * len(devices) * chip.peak_flops)),
-      compile_s=compile_s, notes='; '.join(notes))
+      flops_per_step=float(model_flops), compiler_to_model_flops=flops_ratio,
+      estimated_step_s=estimated, bound=bound, mfu_estimate=mfu, compile_s=compile_s,
+      notes='; '.join(notes))
   log(result.table())
   if not result.fits:
     over = (result.total_bytes - result.hbm_bytes) / GIB

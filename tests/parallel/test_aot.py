@@ -46,6 +46,7 @@ def test_train_plan_reports_fields(devices):
   assert plan.flops_per_step == aot.train_model_flops(config)
   assert plan.compiler_flops_per_device > plan.flops_per_step / plan.devices / 2
   assert plan.estimated_step_s > 0 and 0 < plan.mfu_estimate < 1
+  assert plan.compiler_to_model_flops >= 1 and 'x model FLOPs' in plan.notes
   assert 'splash FLOPs added by formula' in plan.notes
   assert any('fits' in line for line in lines)
 
@@ -55,9 +56,12 @@ def test_layer_calibration_matches_an_unrolled_deep_compile(devices):
   layer body once and so reports far less."""
   config = tiny('model.num_layers=4', 'mesh.data=-1')
   mesh = aot.make_mesh(config, devices)
-  compile_train = lambda c: aot.compile_train(c, mesh)
+  compile_train = lambda c, options=None: aot.compile_train(c, mesh, options)
   calibrated = aot.calibrated_cost(config, compile_train, {'model__num_layers': 4})
-  unrolled = aot.cost(compile_train(aot.with_overrides(config, model__scan_unroll=True)))
+  unrolled_compiled = compile_train(aot.with_overrides(config, model__scan_unroll=True),
+                                    aot.CALIBRATION_OPTIONS)
+  assert aot.while_loops(unrolled_compiled) == 0
+  unrolled = aot.cost(unrolled_compiled)
   scanned = aot.cost(compile_train(config))
   assert abs(calibrated[0] / unrolled[0] - 1) < 0.01  # FLOPs: exactly linear in layers.
   assert abs(calibrated[1] / unrolled[1] - 1) < 0.1  # Bytes: fusion differs a little per depth.
@@ -67,6 +71,33 @@ def test_layer_calibration_matches_an_unrolled_deep_compile(devices):
   remat = aot.calibrated_cost(aot.with_overrides(config, model__remat_policy='full'), compile_train,
                               {'model__num_layers': 4})
   assert remat[0] > 1.1 * calibrated[0]
+  # All devices together: the model's 6ND plus the forward again (4/3) plus elementwise work.
+  assert 1.2 < remat[0] * len(devices) / aot.train_model_flops(config) < 1.5
+
+
+def test_calibration_rejects_compiles_with_loops(devices):
+  """Collective matmuls (here forced with the post-SPMD mode) are while loops over the FSDP shards,
+  costed once: a calibration compile that holds any loop is refused, not extrapolated."""
+  config = tiny('model.num_layers=2', 'mesh.data=1', 'mesh.fsdp=-1')
+  mesh = aot.make_mesh(config, devices)
+  collective_matmuls = {'xla_tpu_all_gather_collective_matmul_mode': 'post_spmd',
+                        'xla_tpu_reduce_scatter_collective_matmul_mode': 'post_spmd'}
+  compile_with_loops = lambda c, options: aot.compile_train(c, mesh, options | collective_matmuls)
+  with pytest.raises(aot.CalibrationError, match='while loops'):
+    aot.calibrated_cost(config, compile_with_loops, {'model__num_layers': 2})
+
+
+def test_step_estimate_never_claims_more_than_the_model_flops():
+  chip = aot.CHIPS['v5p']
+  model = 4 * 3.0e12  # Four devices; full remat makes the compiler count ~4/3 of it.
+  step, bound, mfu, note = aot.step_estimate(chip, 4, model, 4.0e12, 1e9, 0.0, calibrated=True)
+  assert bound == 'compute' and step == pytest.approx(4.0e12 / chip.peak_flops)
+  assert mfu == pytest.approx(0.75) and '1.333x model FLOPs' in note
+  assert aot.step_estimate(chip, 4, model, 4.0e12, 1e15, 0.0, calibrated=True)[1] == 'memory'
+  step, bound, mfu, note = aot.step_estimate(chip, 4, model, 2.9e12, 1e9, 0.0, calibrated=True)
+  assert step is None and bound is None and mfu is None
+  assert 'INVALID calibration: compiler FLOPs are 0.97x the model FLOPs' in note
+  assert aot.step_estimate(chip, 4, model, 4.0e12, 1e9, 0.0, calibrated=False)[2] is None
 
 
 def test_sample_plan_reports_fields(devices):
@@ -77,6 +108,7 @@ def test_sample_plan_reports_fields(devices):
   assert plan.fits and plan.task == 'sample' and plan.global_batch == 4
   assert plan.seq_len == configlib.required_seq_len(config) - 2
   assert plan.flops_per_step == aot.sample_model_flops(config) > 0
+  assert plan.compiler_to_model_flops >= 1 and plan.mfu_estimate is not None
   assert f'step = prefill + {h * w} token steps' in plan.notes
   with pytest.raises(ValueError, match='sample.batch_size=2 images must be divisible by the 4'):
     aot.plan(tiny('sample.batch_size=2'), TOPOLOGY, 'sample', calibrate=False, log=lambda line: None)
