@@ -43,7 +43,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Scale (issue 4): attention kernel of full-sequence passes (training, prefill): xla | splash
   # (Pallas TPU kernel; interpret mode off TPU). Decode steps always use XLA.
   m.attention = 'xla'
-  m.scan_unroll = False  # Unroll layer scans: exact compiler cost analysis (AOT calibration only).
+  m.scan_unroll = False  # Unroll layer and integration-step scans: exact compiler cost analysis (AOT calibration only).
 
   # Image tokenizer: images (B, S, S, 3) in [-1, 1] <-> latents (B, S/f, S/f, latent_channels).
   c.image = ml_collections.ConfigDict()

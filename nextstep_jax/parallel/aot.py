@@ -297,6 +297,13 @@ CALIBRATION_OPTIONS = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
                        'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
 
 
+# Step calibration of sampling starts at 2 head evaluations per token: with one, the per-token
+# modulation table (FlowHead.step_modulations) has a single row and compiles to other fusions than
+# at E >= 2 (on v5e tensor-parallel the 1 -> 2 difference charged ~27 MB per device of table
+# building to every integration step).
+TABLE_STEPS_BASE = 2
+
+
 class CalibrationError(RuntimeError):
   """A calibration compile still holds loops, so its cost analysis would undercount."""
 
@@ -306,13 +313,14 @@ def while_loops(compiled) -> int:
   return compiled.as_text().count(' while(')
 
 
-def calibrated_cost(config, compile_fn: Callable, axes: dict) -> np.ndarray:
+def calibrated_cost(config, compile_fn: Callable, axes: dict, bases: dict | None = None) -> np.ndarray:
   """Cost of `compile_fn(config, compiler_options)` with every loop counted, by linear extrapolation.
 
-  axes: {'model__num_layers': real_count, ...}; for each axis a compile at 2 (others at 1) gives
-  its per-unit cost: C(n) = C(1) + (n - 1) (C(2) - C(1)). Every compile unrolls the model's scans
-  and disables windowed einsums (CALIBRATION_OPTIONS); a compile that still has a while loop
-  raises CalibrationError."""
+  axes: {'model__num_layers': real_count, ...}; bases: {axis: b} (default 1, at most the real
+  count). For each axis a compile at b + 1 (others at their base) gives its per-unit cost:
+  C(n) = C(b) + (n - b) (C(b + 1) - C(b)). Every compile unrolls the model's scans and the
+  integrator's steps and disables windowed einsums (CALIBRATION_OPTIONS); a compile that still has
+  a while loop raises CalibrationError."""
   def loop_free_cost(fields: dict) -> np.ndarray:
     compiled = compile_fn(with_overrides(config, **fields), CALIBRATION_OPTIONS)
     loops = while_loops(compiled)
@@ -321,12 +329,14 @@ def calibrated_cost(config, compile_fn: Callable, axes: dict) -> np.ndarray:
                              'bodies the cost analysis counts once.')
     return cost(compiled)
 
-  base_fields = {name: 1 for name in axes} | {'model__scan_unroll': True}
+  base_counts = {name: min((bases or {}).get(name, 1), count) for name, count in axes.items()}
+  base_fields = base_counts | {'model__scan_unroll': True}
   base = loop_free_cost(base_fields)
   total = base.copy()
   for name, count in axes.items():
-    if count > 1:
-      total += (count - 1) * (loop_free_cost(base_fields | {name: 2}) - base)
+    if count > base_counts[name]:
+      total += (count - base_counts[name]) * (
+          loop_free_cost(base_fields | {name: base_counts[name] + 1}) - base)
   return total
 
 
@@ -493,7 +503,8 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
         token_cost = calibrated_cost(
             with_overrides(config, sample__time_grid='A', sample__solver='euler'),
             lambda c, options: compile_sample(c, mesh, options)[1],
-            {'model__num_layers': m.num_layers, 'sample__num_steps': velocity_calls(config)})
+            {'model__num_layers': m.num_layers, 'sample__num_steps': velocity_calls(config)},
+            bases={'sample__num_steps': TABLE_STEPS_BASE})
       except CalibrationError as error:
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
         prefill_cost, token_cost = cost(prefill), cost(token_step)

@@ -64,7 +64,8 @@ class SamplerConfig:
     s = config.sample
     integ = integrators.IntegratorConfig(
         num_steps=s.num_steps, solver=s.solver, time_grid=s.time_grid, timestep_shift=s.timestep_shift,
-        last_step_size=s.last_step_size, temperature=s.temperature, times=tuple(s.get('times', ())))
+        last_step_size=s.last_step_size, temperature=s.temperature, times=tuple(s.get('times', ())),
+        unroll=config.model.scan_unroll)
     if num_branches is None:
       num_branches = 1 if s.cfg == 1.0 else 2
     return cls(grid_h=grid_h, grid_w=grid_w, integrator=integ, num_branches=num_branches, cfg=s.cfg,

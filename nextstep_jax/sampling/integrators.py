@@ -60,6 +60,7 @@ class IntegratorConfig:
   last_step_size: float = 0.04
   temperature: float = 1.0
   times: tuple[float, ...] = ()  # Explicit schedule 0 = t_0 < ... < t_n = 1 (overrides the grid).
+  unroll: bool = False  # Unroll the step scan (AOT cost calibration: no loop bodies counted once).
 
   def __post_init__(self):
     if self.solver not in SOLVERS:
@@ -154,7 +155,8 @@ def integrate(velocity: 'VelocityFn | ConditionedVelocity', x0: jax.Array, row_k
     return _solver_step(lambda y, where: velocity.apply(y, rows[where]), cfg.solver, x, t, t_next, noise_fn,
                         cfg.temperature), None
 
-  x, _ = jax.lax.scan(step, x0.astype(jnp.float32), (jnp.arange(n), starts, ends, at_start, at_end))
+  x, _ = jax.lax.scan(step, x0.astype(jnp.float32), (jnp.arange(n), starts, ends, at_start, at_end),
+                      unroll=cfg.unroll)
   if final_step:
     x = x + cfg.last_step_size * velocity.apply(x, jax.tree.map(lambda a: a[-1], table))
   return x
