@@ -43,6 +43,8 @@ ROWS = [
     # device, where FSDP gathers (and so reads) all of them on every device.
     ('sample', TRAIN_512, 'v5e:2x4', SAMPLE + TENSOR_8 + ['--config.model.attention=splash']),
     ('sample', TRAIN_512, 'v2:2x2', SAMPLE + TENSOR_8 + ['--config.model.attention=xla']),
+    # The headline row with matmul outputs saved instead of full recomputation.
+    ('train', TRAIN_512, 'v5p:4x4x4', ['--config.model.attention=splash', '--config.model.remat_policy=dots_saveable']),
 ]
 
 
