@@ -496,7 +496,8 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
     n = cfg.num_tokens
     prefill_cost, token_cost = cost(prefill), cost(token_step)
     if calibrate:
-      log('[aot] calibrating the cost analysis (1-/2-layer and 1-/2-step unrolled compiles)')
+      log('[aot] calibrating the cost analysis (1-/2-layer and '
+          f'{TABLE_STEPS_BASE}-/{TABLE_STEPS_BASE + 1}-step unrolled compiles)')
       try:
         prefill_cost = calibrated_cost(config, lambda c, options: compile_sample(c, mesh, options)[0],
                                        {'model__num_layers': m.num_layers})
