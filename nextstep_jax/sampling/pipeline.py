@@ -26,9 +26,9 @@ from nextstep_jax.data import sequences
 from nextstep_jax.data import text_tokenizer
 from nextstep_jax.image import patchify
 from nextstep_jax.image import tokenizers
-from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import progress
+from nextstep_jax.sampling import sharded
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.utils import images as image_utils
 
@@ -104,14 +104,14 @@ class TextToImage:
   def from_converted(cls, directory: str, mesh: jax.sharding.Mesh | None = None, image_tokenizer=None,
                      progress_every: int = 0, **overrides) -> 'TextToImage':
     """Loads a checkpoint written by `nextstep-convert`: params only (no optimizer memory),
-    restored straight onto their shardings under `mesh` (default: every device, sized by the
-    converted config's mesh fields, FSDP over all devices)."""
+    restored straight onto their shardings under `mesh` (default: `sharded.sampling_mesh`, every
+    device, tensor-parallel within a host, the rest FSDP)."""
     config = official.load_config(directory)
     if config.image.tokenizer == 'vae' and not config.image.vae.checkpoint and image_tokenizer is None:
       raise ValueError(f'{directory} was converted without image tokenizer weights (the release had no vae/ '
                        'folder): convert again with nextstep-convert --vae DIR (a NextStep-1-f8ch16-Tokenizer '
                        'download), or pass image_tokenizer=.')
-    mesh = mesh or mesh_lib.make_mesh(config.mesh)
+    mesh = mesh or sharded.sampling_mesh(config)
     graphdef, params = official.load_params(directory, mesh, config)
     tok = hf_tokenizer.HFTokenizer.load(str(pathlib.Path(directory) / official.TOKENIZER_FILE))
     return cls(config, graphdef, params, tok, image_tokenizer=image_tokenizer,

@@ -1,20 +1,50 @@
 """Sampling entry points jitted with explicit shardings: params by the mesh rules, prompt rows and
 images over the logical `batch` axis.
 
+`sampling_mesh` picks the layout sampling runs fastest on (tensor parallelism within a host).
 `build_generate` wraps `generate.generate_tokens_fn` (the whole generation). `build_prefill` and
 `build_token_step` split it into the prefill and one image token's work (head sampling of token k
 with the configured steps and CFG, then the decoder step that feeds it back), the pieces the AOT
 planner compiles and costs separately. Letters as in generate.py: B images, R = branches * B
 prompt rows, P prompt width, N image tokens, T token dim, D hidden.
 """
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from nextstep_jax.model import backbone
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import generate
+from nextstep_jax.training import state as state_lib
+
+
+def sampling_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The mesh over `devices` (default: all) that sampling `config`'s model runs fastest on.
+
+  Every image token step reads all decoder weights: under FSDP each device gathers and reads the
+  whole model per token, under tensor parallelism 1/t of it (NextStep-1-Large, 8 images at 512x512
+  on v5e-8, AOT estimates: 133 s FSDP, 13.8 s tensor-parallel; benchmarks/README.md). So `tensor`
+  is the largest divisor of this process's device count that every parameter dimension sharded
+  over it divides (heads, kv heads, MLP, vocab, head MLP under `config.mesh.rules`), keeping
+  tensor-parallel collectives within a host; the remaining devices form `fsdp` (`data` = 1).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  local = sum(d.process_index == jax.process_index() for d in devices) or len(devices)
+  params = nnx.state(state_lib.abstract_model(config), nnx.Param)
+  error = None
+  for tensor in (t for t in range(local, 0, -1) if local % t == 0 and len(devices) % t == 0):
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=tensor)), devices)
+    try:
+      rules_lib.state_shardings(params, mesh, config.mesh.rules)
+    except ValueError as e:  # A dimension this split does not divide: try a smaller tensor axis.
+      error = e
+      continue
+    return mesh
+  raise ValueError(f'no (fsdp, tensor) split of {len(devices)} devices divides the model: {error}')
 
 
 def _rows(mesh, rules, ndim: int):

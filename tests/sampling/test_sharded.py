@@ -82,3 +82,18 @@ def test_prefill_and_token_steps_reproduce_generate(setup):
   got = np.stack(tokens, axis=1)
   np.testing.assert_allclose(got[:, 0], want[:, 0], atol=FIRST_TOKEN_ATOL, rtol=0)
   np.testing.assert_allclose(got, want, atol=ALL_TOKENS_ATOL, rtol=0)
+
+
+def test_sampling_mesh_is_tensor_parallel_as_far_as_the_model_divides():
+  from configs import nextstep1_large, tiny  # pylint: disable=import-outside-toplevel
+  large = nextstep1_large.get_config()  # 40 heads, 8 kv heads, MLP 13824, vocab 152064, head 1536.
+  assert dict(sharded.sampling_mesh(large).shape) == {'data': 1, 'fsdp': 1, 'tensor': 8}
+  assert dict(sharded.sampling_mesh(large, jax.devices()[:4]).shape) == {'data': 1, 'fsdp': 1, 'tensor': 4}
+  small = tiny.get_config()  # 2 kv heads: tensor 2 at most, the other devices FSDP.
+  assert dict(sharded.sampling_mesh(small).shape) == {'data': 1, 'fsdp': 4, 'tensor': 2}
+  assert dict(sharded.sampling_mesh(small, jax.devices()[:1]).shape) == {'data': 1, 'fsdp': 1, 'tensor': 1}
+  with small.unlocked():
+    small.model.hidden_size, small.model.num_heads, small.model.num_kv_heads = 63, 7, 7
+    small.model.head_dim, small.model.intermediate_size = 8, 63
+  with pytest.raises(ValueError, match='no .fsdp, tensor. split of 8 devices divides the model.*not divisible'):
+    sharded.sampling_mesh(small)
