@@ -2,14 +2,18 @@
 regularisation; held-out PSNR/SSIM, robustness curves, and (optionally) the AR model's scores.
 
   python benchmarks/tokenizer.py [--variants plain noise] [--steps N] [--num 256] [--workdir runs]
-      [--override data.num_train=5000 ...] [--ar-steps 0] [--ar-prompts 50]
+      [--override data.num_train=5000 ...] [--ar-steps 0] [--ar-prompts 50] [--no-ar-baseline]
+      [--ar-tag _3600_steps]
 
 Per variant: `nextstep-train-tokenizer --config configs/tokenizer_shapes.py[:noise]` (skipped when
 the run's release/ exists), then `nextstep-eval-tokenizer` scoring on `--num` held-out scenes (the
 held-out colour-shape pairs). With `--ar-steps` > 0, configs/shapes_vae.py[:noise] trains the AR model
 on each tokenizer for that many steps and the shapes evaluator scores it on `--ar-prompts`
-prompts per suite. Writes benchmarks/results/tokenizer.json (merging with an existing one, so
-variants can be run by separate commands), tokenizer_robustness.png and tokenizer_recon_*.png.
+prompts per suite, and so does the pixels model on the same budget (the baseline; skip it with
+`--no-ar-baseline`); `--ar-tag` suffixes the AR score keys so longer runs sit beside shorter ones.
+Writes benchmarks/results/tokenizer.json (merged into the file as it is when the run ends, so
+variants can run as separate, even concurrent, commands), tokenizer_robustness.png and
+tokenizer_recon_*.png.
 """
 import argparse
 import datetime
@@ -47,11 +51,13 @@ def main(argv=None) -> int:
   parser.add_argument('--workdir', default='runs', help='parent of the run directories')
   parser.add_argument('--ar-steps', type=int, default=0, help='AR training steps per tokenizer (0 = skip)')
   parser.add_argument('--ar-prompts', type=int, default=50)
+  parser.add_argument('--ar-baseline', action=argparse.BooleanOptionalAction, default=True,
+                      help='also train and score the pixels model on the same AR budget')
+  parser.add_argument('--ar-tag', default='', help='suffix of the AR score keys, e.g. _3600_steps')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  command = 'python ' + ' '.join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv)))
   out_path = RESULTS / 'tokenizer.json'
-  results = json.loads(out_path.read_text()) if out_path.exists() else {}
-  for key in ('psnr', 'ssim', 'robustness', 'runs', 'ar_scores'):
-    results.setdefault(key, {})
+  results = {key: {} for key in ('psnr', 'ssim', 'robustness', 'runs', 'ar_scores')}
   for label in args.variants:
     variant = VARIANTS[label]
     workdir = pathlib.Path(args.workdir) / ('tokenizer_shapes' + (f'_{variant}' if variant else ''))
@@ -83,25 +89,31 @@ def main(argv=None) -> int:
       ar_dir = pathlib.Path(args.workdir) / ar_config.name
       train_result = loop.train(ar_config, str(ar_dir))
       scores, _ = run_eval.evaluate_shapes(pipeline.TextToImage.from_workdir(str(ar_dir)), args.ar_prompts)
-      results['ar_scores'][f'vae_{label}'] = {**run_eval.headline('shapes', scores), 'steps': args.ar_steps,
-                                              'train_minutes': round(train_result.minutes, 2),
-                                              'prompts_per_suite': args.ar_prompts}
-  if args.ar_steps:  # The pixels tokenizer on the same step budget: the like-for-like baseline.
+      results['ar_scores'][f'vae_{label}{args.ar_tag}'] = {
+          **run_eval.headline('shapes', scores), 'steps': args.ar_steps,
+          'train_minutes': round(train_result.minutes, 2), 'prompts_per_suite': args.ar_prompts,
+          'command': command}
+  if args.ar_steps and args.ar_baseline:  # The pixels tokenizer on the same budget: like for like.
     ar_config = configlib.load_config('configs/shapes.py', [f'train.steps={args.ar_steps}'])
     ar_dir = pathlib.Path(args.workdir) / f'{ar_config.name}_{args.ar_steps}'
     train_result = loop.train(ar_config, str(ar_dir))
     scores, _ = run_eval.evaluate_shapes(pipeline.TextToImage.from_workdir(str(ar_dir)), args.ar_prompts)
-    results['ar_scores']['pixels'] = {**run_eval.headline('shapes', scores), 'steps': args.ar_steps,
-                                      'train_minutes': round(train_result.minutes, 2),
-                                      'prompts_per_suite': args.ar_prompts}
+    results['ar_scores'][f'pixels{args.ar_tag}'] = {
+        **run_eval.headline('shapes', scores), 'steps': args.ar_steps,
+        'train_minutes': round(train_result.minutes, 2), 'prompts_per_suite': args.ar_prompts,
+        'command': command}
   quality = json.loads((RESULTS / 'quality.json').read_text())
-  results['ar_scores']['pixels_3600_steps'] = {k: quality[k] for k in quality if k.startswith('shapes_')} | {
-      'steps': quality['shapes']['train_steps'], 'source': 'benchmarks/results/quality.json'}
+  quality_scores = {'pixels_3600_steps': {k: quality[k] for k in quality if k.startswith('shapes_')} | {
+      'steps': quality['shapes']['train_steps'], 'source': 'benchmarks/results/quality.json'}}
+  stored = json.loads(out_path.read_text()) if out_path.exists() else {}  # Another command's figures.
+  for key, values in results.items():  # This run's figures win, then quality.json's.
+    results[key] = stored.get(key, {}) | (quality_scores if key == 'ar_scores' else {}) | values
   tokenizer_eval.plot_robustness({k: {'robustness': v} for k, v in results['robustness'].items()},
                                  str(RESULTS / 'tokenizer_robustness.png'))
+  results = stored | results
   results.update(
       sigmas=list(SIGMAS), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      command='python ' + ' '.join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))),
+      command=command,
       machine=f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}')
   out_path.write_text(json.dumps(run_eval.json_safe(results), indent=2) + '\n')
   print(f'wrote {out_path}')
