@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nextstep_jax import nn as L
 from nextstep_jax.model import backbone
 from nextstep_jax.model import flow_head
-from nextstep_jax.model import layers as L
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -129,3 +129,14 @@ class NextStep(nnx.Module):
 def count_params(state) -> int:
   """Number of scalars in an nnx.State or a pytree of (abstract) arrays."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def model_config(config) -> ModelConfig:
+  """The ModelConfig of a full config (`config.model` under `config.mesh.rules`)."""
+  return ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
+
+
+def abstract_model(config) -> NextStep:
+  """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half."""
+  cfg = model_config(config)
+  return nnx.eval_shape(lambda: NextStep(cfg, rngs=nnx.Rngs(0)))

@@ -33,6 +33,7 @@ from flax import nnx
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import runs
 from nextstep_jax.model import nextstep
 from nextstep_jax.sampling import guidance
 from nextstep_jax.sampling import pipeline
@@ -255,14 +256,14 @@ def distill(teacher_workdir: str, out_workdir: str, prompts: list[str], seeds: l
   configlib.validate(config)
   out = pathlib.Path(out_workdir).absolute()
   out.mkdir(parents=True, exist_ok=True)
-  (out / pipeline.CONFIG_FILE).write_text(configlib.config_to_json(config))
-  shutil.copy(pathlib.Path(teacher_workdir) / pipeline.TOKENIZER_FILE, out / pipeline.TOKENIZER_FILE)
+  (out / runs.CONFIG_FILE).write_text(configlib.config_to_json(config))
+  shutil.copy(pathlib.Path(teacher_workdir) / runs.TOKENIZER_FILE, out / runs.TOKENIZER_FILE)
   tx = state_lib.make_optimizer(config.train)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.asarray(cfg.steps, jnp.int32)}
   summary = {'teacher': str(teacher_workdir), 'teacher_sample': teacher.settings, 'trajectories': int(states.shape[1]),
              'data_seconds': round(data_s, 1), 'train_seconds': round(time.perf_counter() - start - data_s, 1),
              'losses': losses, 'distill': dataclasses.asdict(cfg)}
-  ckpt = checkpoints.Checkpointer(out / pipeline.CHECKPOINT_DIR, keep=1, async_save=False)
+  ckpt = checkpoints.Checkpointer(out / runs.CHECKPOINT_DIR, keep=1, async_save=False)
   try:
     ckpt.save(cfg.steps, state, {'distill': summary}, force=True)
     ckpt.wait()
