@@ -33,9 +33,10 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from configs import base as base_config
 from nextstep_jax import checkpoints
+from nextstep_jax import config_defaults
 from nextstep_jax import configlib
+from nextstep_jax import nn
 from nextstep_jax import runs
 from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.image import vae_import
@@ -212,7 +213,7 @@ def _tokenizer_problems(hf: dict, tok: hf_tokenizer.HFTokenizer, vocab_size: int
 def converted_config(fields: dict, hf: dict, tok_vocab_size: int, param_dtype: str, compute_dtype: str,
                      image_tokenizer: str, image_size: int, max_caption_tokens: int) -> ml_collections.ConfigDict:
   """Our full config for a converted release (sampling defaults of the official T2I example)."""
-  c = base_config.get_base_config()
+  c = config_defaults.get_base_config()
   c.name = f'converted_{hf.get("model_type", "nextstep")}'
   c.model.update(fields)
   c.model.param_dtype, c.model.dtype, c.model.remat_policy = param_dtype, compute_dtype, 'none'
@@ -371,7 +372,7 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
   problems = _check_gen_pos_embed(files, shapes, config)
   if problems:
     raise ConversionError('\n'.join(problems))
-  params = read_params(files, abstract, mapping, nextstep.DTYPES[param_dtype])
+  params = read_params(files, abstract, mapping, nn.DTYPES[param_dtype])
   out_dir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoints.Checkpointer(out_dir / PARAMS_DIR, keep=1, async_save=False)
   try:

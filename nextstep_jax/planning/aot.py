@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from nextstep_jax import configlib
+from nextstep_jax import nn
 from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
@@ -231,7 +232,7 @@ def compile_sample(config, mesh, compiler_options: dict | None = None) -> tuple[
   slots = width + cfg.num_tokens - 1
   cache_sh = sharded_sampling.cache_shardings(mesh, rules)
   kv_shape = (m.num_layers, rows, slots, m.num_kv_heads, m.head_dim)
-  dtype = nnx_dtype(m.dtype)
+  dtype = nn.DTYPES[m.dtype]
   cache = type(cache_sh)(jax.ShapeDtypeStruct(kv_shape, dtype, sharding=cache_sh.k),
                          jax.ShapeDtypeStruct(kv_shape, dtype, sharding=cache_sh.v),
                          jax.ShapeDtypeStruct((rows, slots), jnp.bool_, sharding=cache_sh.key_valid),
@@ -246,10 +247,6 @@ def compile_sample(config, mesh, compiler_options: dict | None = None) -> tuple[
       jax.ShapeDtypeStruct((images,), jax.random.key(0).dtype, sharding=key_sh)).compile(
           compiler_options=compiler_options)
   return prefill_compiled, token_compiled
-
-
-def nnx_dtype(name: str):
-  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[name]
 
 
 def memory(compiled) -> dict:

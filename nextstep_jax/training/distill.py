@@ -43,7 +43,8 @@ from nextstep_jax.utils import logging as logging_lib
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """Distillation settings (from `config.distill`)."""
+  """Distillation settings (arguments of `distill`; recorded in the student's distill.json and
+  checkpoint, not in its config)."""
   num_images: int = 1024  # Teacher images whose tokens give the conditions.
   noises_per_token: int = 2  # Teacher trajectories per token condition.
   teacher_steps: int = 16  # Uniform-grid ODE steps of the teacher (a multiple of max_student_steps).
@@ -63,10 +64,6 @@ class DistillConfig:
                        f'distill.max_student_steps={k}')
     if self.teacher_solver not in ('euler', 'heun'):
       raise ValueError(f'distill.teacher_solver={self.teacher_solver!r}; use euler or heun')
-
-  @classmethod
-  def from_config(cls, config) -> 'DistillConfig':
-    return cls(**config.distill.to_dict())
 
 
 def token_conditions(model, prompt: dict, tokens: jax.Array, num_branches: int) -> jax.Array:
@@ -252,7 +249,6 @@ def distill(teacher_workdir: str, out_workdir: str, prompts: list[str], seeds: l
     config.sample.update(dict(solver='euler', time_grid='B', timestep_shift=1.0, num_steps=student_steps,
                               cfg=1.0 if cfg.fold_guidance else scale, cfg_schedule='constant', times=(),
                               token_steps=()))
-    config.distill.update(dataclasses.asdict(cfg))
   configlib.validate(config)
   out = pathlib.Path(out_workdir).absolute()
   out.mkdir(parents=True, exist_ok=True)
