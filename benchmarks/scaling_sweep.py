@@ -1,52 +1,52 @@
-"""Scaling sweep on this CPU: shapes-world models of 3 widths x 2 depths at a fixed step budget.
+"""Compute-optimal scaling study on this CPU: shapes world, 3 isoFLOP budgets, a 4x prediction, head allocation.
 
-  python benchmarks/scaling_sweep.py [--steps 500] [--stop-at 200] [--runs-dir /tmp/nextstep_scaling_runs]
+  python benchmarks/scaling_sweep.py [--runs-dir /work/runs/scaling_study] [--collect-only]
 
-Every run has the learning-rate schedule of a --steps run (warm-up 50, cosine) and ends after
---stop-at steps. The same as
-  nextstep-sweep --base configs/shapes.py \
-    --grid model.hidden_size,model.intermediate_size,model.head_dim=64:176:16,128:352:32,256:704:64 \
-    --grid model.num_layers=2,4 --set train.steps=500 ... --stop-at 200 --out benchmarks/results
-with the results renamed: benchmarks/results/scaling_sweep.{csv,png,json} (runs, fitted exponent
-and its standard error, the command, date and machine). Run workdirs (checkpoints) go to --runs-dir.
+Family: width w in WIDTHS, depth round(w / 32), attention heads of 16, flow head max(32, w / 2) x 2
+layers (`experiments/scaling.py`). Budgets 1e12, 3e12, 1e13 training FLOPs (the planner's model):
+5 sizes per budget centred on sqrt(C / 120), each trained for C / (FLOPs per step) steps with its
+own cosine schedule; 5 flow-head allocations at 1e13; the fitted laws then predict the optimal size
+and eval loss at 4e13 and that run is trained. About 1.5e14 FLOPs and 20 runs: roughly an hour on a
+quiet 2-core CPU. Every run resumes from its checkpoints; rerunning the command skips finished runs.
+Writes benchmarks/results/scaling_sweep.json and scaling_sweep_{isoflop,laws,head_allocation}.png.
 """
 import argparse
-import datetime
 import os
-import pathlib
 import platform
 import sys
 
-import jax
+from nextstep_jax.experiments import study
 
-from nextstep_jax.experiments import sweep
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+WIDTHS = (16, 32, 48, 64, 96, 128, 160, 192, 256)
+BUDGETS = (1e12, 3e12, 1e13)
+FIXED = ('train.batch_size=32', 'train.lr=1e-3', 'train.log_every=100', 'train.sample_every=0',
+         'train.num_grid_samples=4', 'train.keep_checkpoints=1', 'sample.num_steps=20')
 
-RESULTS = pathlib.Path(__file__).parent / 'results'
-GRID = ('model.hidden_size,model.intermediate_size,model.head_dim=64:176:16,128:352:32,256:704:64',
-        'model.num_layers=2,4')
 
-
-def fixed_overrides(steps: int) -> list[str]:
-  return [f'train.steps={steps}', 'train.batch_size=32', 'train.warmup_steps=50', 'train.lr=1e-3',
-          f'train.checkpoint_every={steps}', 'train.log_every=50', 'train.sample_every=0',
-          'train.num_grid_samples=4', 'sample.num_steps=10', 'data.num_train=10000']
+def spec() -> study.StudySpec:
+  return study.StudySpec('configs/shapes.py', FIXED, WIDTHS, BUDGETS, sizes_per_budget=5, min_steps=100,
+                         max_steps=20000, predict_factor=4.0)
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--steps', type=int, default=500, help='train.steps (sets the LR schedule)')
-  parser.add_argument('--stop-at', type=int, default=200, help='end each run after this step')
-  parser.add_argument('--runs-dir', default='/tmp/nextstep_scaling_runs')
-  parser.add_argument('--eval-sequences', type=int, default=512)
+  parser.add_argument('--runs-dir', default='/work/runs/scaling_study', help='run workdirs (gs:// works)')
+  parser.add_argument('--out', default=RESULTS, help='where scaling_sweep.json and the PNGs go')
+  parser.add_argument('--collect-only', action='store_true', help='read finished runs, train nothing')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  extra = {'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
-           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  import jax  # pylint: disable=g-import-not-at-top
+  extra = {'command': ' '.join(['python', 'benchmarks/scaling_sweep.py', *(sys.argv[1:] if argv is None else argv)]),
            'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}'}
-  summary = sweep.run_sweep('configs/shapes.py', GRID, fixed_overrides(args.steps), str(RESULTS.absolute()),
-                            args.runs_dir, stem='scaling_sweep', eval_sequences=args.eval_sequences,
-                            stop_at=args.stop_at, extra=extra)
-  print(f'exponent {summary["fitted_exponent"]:.4f} ± {summary["fitted_exponent_std"]:.4f} '
-        f'({summary["fit"]["chosen"]}); wrote {RESULTS}/scaling_sweep.csv, .png, .json')
+  summary = study.run_study(spec(), args.out, args.runs_dir, train=not args.collect_only, extra=extra,
+                            stem='scaling_sweep')
+  if summary is None:
+    return 1
+  p = summary['prediction']
+  print(f'N* ~ C^{summary["exponent_n_opt"]["value"]:.3f} {summary["exponent_n_opt"]["interval"]}, '
+        f'L* ~ C^-{summary["exponent_loss"]["value"]:.3f} {summary["exponent_loss"]["interval"]}; '
+        f'prediction at {p["budget"]:.3g}: {p["predicted_eval_loss"]:.4f} vs measured '
+        f'{p.get("measured_eval_loss")} (relative error {p.get("relative_error")})')
   return 0
 
 

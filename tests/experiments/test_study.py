@@ -1,0 +1,80 @@
+"""Study orchestration: planner FLOPs, plans per stage, launch lines, resuming and collecting from records."""
+import json
+
+import pytest
+
+from nextstep_jax import configlib
+from nextstep_jax.experiments import scaling
+from nextstep_jax.experiments import study
+from nextstep_jax.planning import costs
+
+FIXED = ('train.batch_size=8',)
+
+
+def small_spec(**changes) -> study.StudySpec:
+  fields = dict(base='configs/shapes.py', fixed=FIXED, widths=(16, 32, 48, 64), budgets=(2e9, 4e9, 8e9),
+                sizes_per_budget=3, min_steps=4, max_steps=60, predict_factor=4.0, heads=((16, 1), (32, 2)))
+  return study.StudySpec(**(fields | changes))
+
+
+def test_flops_per_step_is_the_planners_model():
+  spec = small_spec()
+  shape = scaling.family_shape(48)
+  config = configlib.load_config('configs/shapes.py', [*FIXED, *shape.overrides()])
+  assert study.Costs(spec).flops_per_step(shape) == costs.train_model_flops(config)
+
+
+def test_spec_refuses_too_few_budgets_and_shrinking_predictions():
+  with pytest.raises(ValueError, match='>= 3 isoFLOP budgets'):
+    small_spec(budgets=(1e9, 2e9))
+  with pytest.raises(ValueError, match='predict_factor'):
+    small_spec(predict_factor=0.5)
+
+
+def test_schedule_follows_the_run_length():
+  spec = small_spec()
+  config = study.shape_config(spec, scaling.family_shape(32), steps=400)
+  assert (config.train.steps, config.train.warmup_steps, config.train.checkpoint_every) == (400, 20, 100)
+  assert config.train.batch_size == 8 and config.model.hidden_size == 32
+
+
+def test_plans_and_launch_lines(capsys, tmp_path):
+  spec = small_spec()
+  cost = study.Costs(spec)
+  isoflop = study.plan_isoflop(spec, cost)
+  assert sorted({r.budget for r in isoflop}) == [2e9, 4e9, 8e9] and len(isoflop) == 9
+  for run in isoflop:
+    assert run.steps == round(run.budget / cost.flops_per_step(run.shape))
+  heads = study.plan_heads(spec, cost, isoflop)
+  assert [(r.shape.head_dim, r.shape.head_layers) for r in heads] == [(16, 1), (32, 2)]
+  assert all(r.budget == 8e9 for r in heads)
+  laws = {'n_opt_law': {'coefficient': 1.0, 'exponent': 0.5}, 'loss_law': {'coefficient': 1.0, 'exponent': 0.1}}
+  run, n_opt = study.plan_prediction(spec, cost, laws)
+  assert run.budget == 3.2e10 and n_opt == pytest.approx(3.2e10**0.5)
+  assert run.shape == scaling.nearest_shape(study.family(spec), n_opt, cost.non_embedding)
+  runs_dir = str(tmp_path / 'runs')
+  assert study.run_study(spec, str(tmp_path / 'out'), runs_dir, launch_only='train --name {name}') is None
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('train')]
+  assert len(lines) == len({study.run_key(r) for r in isoflop + heads})  # The shared head run once.
+  first = isoflop[0]
+  assert lines[0].startswith(f'train --name {study.run_key(first).replace(".", "-")} --config configs/shapes.py '
+                             f'--workdir {runs_dir}/{study.run_key(first)} --config.train.batch_size=8')
+  assert f'--config.train.steps={first.steps}' in lines[0]
+
+
+def test_finished_runs_are_read_back_not_retrained(tmp_path, monkeypatch):
+  spec = small_spec()
+  cost = study.Costs(spec)
+  run = study.plan_isoflop(spec, cost)[0]
+  workdir = tmp_path / study.run_key(run)
+  workdir.mkdir()
+  record = {'name': study.run_key(run), 'steps': run.steps, 'eval_loss': 1.25}
+  (workdir / study.RECORD_FILE).write_text(json.dumps(record))
+  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loop, 'train', lambda *a, **k: pytest.fail('a finished run was retrained'))
+  assert study.execute(spec, cost, run, str(tmp_path), train=True, label='') == record
+  # A record of another step count (the run was replanned) is not this run's result.
+  (workdir / study.RECORD_FILE).write_text(json.dumps(record | {'steps': run.steps + 1}))
+  assert study.read_record(str(workdir), run) is None
+  # Collecting without training: an unfinished run gives no record.
+  assert study.execute(spec, cost, run, str(tmp_path), train=False, label='') is None
