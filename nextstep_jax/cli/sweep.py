@@ -8,6 +8,17 @@ Fields that must change together: --grid model.hidden_size,model.intermediate_si
 --launch-cmd-only prints one training command per run instead (e.g. each on its own slice with
 --launcher 'launch/tpu_pod.sh --name sweep-{name} --zone ZONE --type v5p-8'; {name} becomes the run
 name); afterwards --collect-only evaluates the finished workdirs and fits without training.
+
+Compute-optimal mode (--budgets instead of --grid; `experiments/study.py`): for every budget C
+(training FLOPs, the planner's model), family shapes of the --widths (depth and flow head scale
+with the width) train for C / (FLOPs per step) steps along the isoFLOP curve; flow-head
+allocations run at the largest budget; parabola and power-law fits with bootstrap intervals
+predict the optimal size and loss at --predict-factor x the largest budget, and that run is
+trained and compared. Writes DIR/scaling_study.json and _isoflop/_laws/_head_allocation PNGs:
+  nextstep-sweep --base configs/shapes.py --budgets 1e12,3e12,1e13 --widths 16,32,48,64,96,128,160,192,256 \
+    --set train.batch_size=32 --out DIR
+With --launch-cmd-only it prints the unfinished runs' commands (the prediction run once the
+isoFLOP runs are collected); --collect-only reads finished workdirs (local or gs://).
 """
 import argparse
 import sys
@@ -16,8 +27,15 @@ import sys
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--base', required=True, help='base config file[:variant], e.g. configs/shapes.py')
-  parser.add_argument('--grid', action='append', default=[], required=True,
+  parser.add_argument('--grid', action='append', default=[],
                       help='field=v1,v2,... or field1,field2=a1:b1,a2:b2 (repeatable; Cartesian product)')
+  parser.add_argument('--budgets', default=None, help='compute-optimal mode: training FLOPs budgets, e.g. 1e12,3e12,1e13')
+  parser.add_argument('--widths', default='16,32,48,64,96,128,160,192,256', help='family widths (multiples of 16)')
+  parser.add_argument('--sizes-per-budget', type=int, default=5)
+  parser.add_argument('--min-steps', type=int, default=100, help='shorter runs are left off a budget')
+  parser.add_argument('--max-steps', type=int, default=20000, help='longer runs are left off a budget')
+  parser.add_argument('--predict-factor', type=float, default=4.0, help='prediction budget / largest budget')
+  parser.add_argument('--eval-prompts', type=int, default=50, help='shapes evaluator prompts per suite')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='override applied to every run, e.g. train.steps=400 (repeatable)')
   parser.add_argument('--out', required=True, help='output directory (sweep.csv/.png/.json; runs/ unless --runs-dir)')
@@ -33,8 +51,12 @@ def main(argv=None) -> int:
                       '{name} becomes the run name)')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
+  if bool(args.grid) == bool(args.budgets):
+    parser.error('give either --grid specs (a grid sweep) or --budgets (a compute-optimal study)')
   from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top (after flag errors)
   from nextstep_jax.experiments import sweep  # pylint: disable=g-import-not-at-top
+  if args.budgets:
+    return _study(parser, args)
   try:
     runs = sweep.expand_grid(args.grid)
     for run in runs:
@@ -50,6 +72,31 @@ def main(argv=None) -> int:
                             eval_sequences=args.eval_sequences, stop_at=args.stop_at, extra={'command': ' '.join(sys.argv)})
   print(f'{len(summary["runs"])} runs; L(C) exponent {summary["fitted_exponent"]:.4f} '
         f'± {summary["fitted_exponent_std"]:.4f} ({summary["fit"]["chosen"]}); wrote {args.out}/sweep.csv, .png, .json')
+  return 0
+
+
+def _study(parser, args) -> int:
+  """Compute-optimal mode: plan, run or collect, fit, predict (see the module docstring)."""
+  from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.experiments import study  # pylint: disable=g-import-not-at-top
+  try:
+    spec = study.StudySpec(args.base, tuple(args.set), tuple(int(w) for w in args.widths.split(',')),
+                           tuple(float(b) for b in args.budgets.split(',')), args.sizes_per_budget,
+                           args.min_steps, args.max_steps, predict_factor=args.predict_factor,
+                           eval_sequences=args.eval_sequences, eval_prompts=args.eval_prompts)
+    study.plan_isoflop(spec, study.Costs(spec))
+  except (ValueError, configlib.ConfigError) as error:
+    parser.error(str(error))
+  runs_dir = args.runs_dir or f'{args.out.rstrip("/")}/runs'
+  summary = study.run_study(spec, args.out, runs_dir, train=not args.collect_only,
+                            extra={'command': ' '.join(sys.argv)},
+                            launch_only=args.launcher if args.launch_cmd_only else None)
+  if summary is None:
+    return 0 if args.launch_cmd_only else 1
+  p = summary['prediction']
+  print(f'N* ~ C^{summary["exponent_n_opt"]["value"]:.3f}, L* ~ C^-{summary["exponent_loss"]["value"]:.3f}; '
+        f'predicted eval loss {p["predicted_eval_loss"]:.4f} at {p["budget"]:.3g} FLOPs, measured '
+        f'{p.get("measured_eval_loss")}; wrote {args.out}/scaling_study.json and PNGs')
   return 0
 
 

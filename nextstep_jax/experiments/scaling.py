@@ -152,7 +152,8 @@ def law_value(law: dict, budget: float, falling: bool) -> float:
 def bootstrap_laws(budgets: Sequence[float], log_n: Sequence[float], loss: Sequence[float],
                    predict_at: Sequence[float] = (), samples: int = 1000, seed: int = 0) -> dict:
   """Bootstrap over runs: each sample redraws every budget's runs with replacement (as many as it
-  has) and refits `fit_laws`. Samples without a minimum on some curve are dropped and counted.
+  has; redrawn until it holds >= 3 distinct sizes, the fewest a parabola needs) and refits
+  `fit_laws`. Samples without a minimum on some curve are dropped and counted.
 
   Returns {'samples', 'dropped', 'exponent_n_opt': [lo, hi], 'exponent_loss': [lo, hi],
   'n_opt_at': [[lo, hi] per predict_at], 'loss_opt_at': [...], 'draws': {name: array}} with
@@ -164,7 +165,7 @@ def bootstrap_laws(budgets: Sequence[float], log_n: Sequence[float], loss: Seque
   draws = {'exponent_n_opt': [], 'exponent_loss': [], 'n_opt_law': [], 'loss_law': []}
   dropped = 0
   for _ in range(samples):
-    rows = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+    rows = np.concatenate([_resample(rng, g, log_n) for g in groups])
     laws = fit_laws(budgets[rows], log_n[rows], loss[rows])
     if laws is None:
       dropped += 1
@@ -188,6 +189,16 @@ def bootstrap_laws(budgets: Sequence[float], log_n: Sequence[float], loss: Seque
           'n_opt_at': [interval([law_value(l, c, False) for l in draws['n_opt_law']]) for c in predict_at],
           'loss_opt_at': [interval([law_value(l, c, True) for l in draws['loss_law']]) for c in predict_at],
           'draws': draws}
+
+
+def _resample(rng: np.random.Generator, rows: np.ndarray, log_n: np.ndarray) -> np.ndarray:
+  """`rows` drawn with replacement until the draw covers >= 3 distinct sizes."""
+  if len(np.unique(log_n[rows])) < 3:
+    raise ValueError(f'an isoFLOP budget has {len(np.unique(log_n[rows]))} distinct sizes; a parabola needs 3')
+  while True:
+    draw = rng.choice(rows, size=len(rows), replace=True)
+    if len(np.unique(log_n[draw])) >= 3:
+      return draw
 
 
 def nearest_shape(shapes: Sequence[Shape], target_n: float, count: Callable[[Shape], float]) -> Shape:

@@ -8,6 +8,7 @@ from etils import epath
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from nextstep_jax.experiments import scaling  # pylint: disable=wrong-import-position
 
@@ -74,6 +75,7 @@ def fitted_laws(path: epath.Path, summary: dict, boot: dict) -> None:
                  label='measured' if key == 'loss_opt' else 'size run (nearest family shape)')
     ax.set_xscale('log')
     ax.set_yscale('log')
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # Minor labels of a narrow range overlap.
     ax.set_xlabel('training FLOPs C')
     ax.set_ylabel(label)
     ax.legend(fontsize=7)

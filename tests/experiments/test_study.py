@@ -1,5 +1,6 @@
 """Study orchestration: planner FLOPs, plans per stage, launch lines, resuming and collecting from records."""
 import json
+import math
 
 import pytest
 
@@ -78,3 +79,57 @@ def test_finished_runs_are_read_back_not_retrained(tmp_path, monkeypatch):
   assert study.read_record(str(workdir), run) is None
   # Collecting without training: an unfinished run gives no record.
   assert study.execute(spec, cost, run, str(tmp_path), train=False, label='') is None
+
+
+def test_study_fits_predicts_and_plots_from_run_records(tmp_path, monkeypatch):
+  """Every run's record is synthetic (loss a known function of N and C): the summary must carry
+  the recovered laws, the prediction against the 'measured' prediction run, the head table, PNGs."""
+  spec = small_spec(bootstrap_samples=100, sizes_per_budget=4, max_steps=120)
+  cost = study.Costs(spec)
+
+  def fake_loss(budget, n):  # Vertex at N* = 1.5 C^0.5 (among each budget's sizes), L* = 20 C^-0.1.
+    return 20.0 * budget**-0.1 + 0.05 * (math.log(n) - math.log(1.5 * budget**0.5))**2
+
+  def fake_execute(spec_, cost_, run, runs_dir, train, label):
+    del spec_, runs_dir, train, label
+    n = cost_.non_embedding(run.shape)
+    counts = cost_.counts(run.shape)
+    return {'name': study.run_key(run), 'budget': run.budget, 'width': run.shape.width, 'depth': run.shape.depth,
+            'fm_head_dim': run.shape.head_dim, 'fm_head_layers': run.shape.head_layers, 'steps': run.steps,
+            **counts, 'backbone_params': counts['non_embedding_params'] - counts['head_params'],
+            'train_flops': run.steps * cost_.flops_per_step(run.shape), 'eval_loss': fake_loss(run.budget, n),
+            'eval_im_loss': 0.0, 'shapes_seen_accuracy_one': 0.5, 'shapes_seen_accuracy_two': 0.25,
+            'shapes_heldout_accuracy': 0.1, 'train_seconds_this_invocation': 1.0}
+
+  monkeypatch.setattr(study, 'execute', fake_execute)
+  summary = study.run_study(spec, str(tmp_path), str(tmp_path / 'runs'), stem='s')
+  isoflop = [r for r in summary['runs'] if r['name'] in {n for b in summary['isoflop_budgets'] for n in b['runs']}]
+  assert len(summary['isoflop_budgets']) == 3 and len(isoflop) == 12
+  # The parabola cannot represent the synthetic curve exactly only where sizes are sparse: loose check.
+  assert summary['exponent_loss']['value'] == pytest.approx(0.1, abs=0.02)
+  assert summary['exponent_n_opt']['value'] == pytest.approx(0.5, abs=0.05)
+  lo, hi = summary['exponent_n_opt']['interval']
+  assert lo <= summary['exponent_n_opt']['value'] <= hi
+  p = summary['prediction']
+  assert p['budget'] == pytest.approx(4 * 8e9)
+  assert p['predicted_eval_loss'] == pytest.approx(20.0 * p['budget']**-0.1, rel=0.02)
+  assert p['relative_error'] == pytest.approx(abs(p['predicted_eval_loss'] - p['measured_eval_loss'])
+                                              / p['measured_eval_loss'])
+  assert [r['fm_head_dim'] for r in summary['head_allocation']] == [16, 32]
+  assert summary['head_allocation'][0]['head_share'] < summary['head_allocation'][1]['head_share']
+  written = json.loads((tmp_path / 's.json').read_text())
+  assert written['num_runs'] == len(summary['runs']) == len({r['name'] for r in summary['runs']})
+  for name in ('isoflop', 'laws', 'head_allocation'):
+    assert (tmp_path / f's_{name}.png').stat().st_size > 10_000
+
+
+def test_cli_compute_optimal_launch_lines(capsys, tmp_path):
+  from nextstep_jax.cli import sweep as sweep_cli  # pylint: disable=g-import-not-at-top
+  assert sweep_cli.main(['--base', 'configs/shapes.py', '--budgets', '2e9,4e9,8e9', '--widths', '16,32,48,64',
+                         '--sizes-per-budget', '3', '--min-steps', '4', '--max-steps', '60', '--set',
+                         'train.batch_size=8', '--out', str(tmp_path), '--launch-cmd-only', '--launcher', 'go']) == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('go ')]
+  assert len(lines) >= 9 and all(f'--workdir {tmp_path}/runs/c' in l for l in lines)
+  with pytest.raises(SystemExit):
+    sweep_cli.main(['--base', 'configs/shapes.py', '--budgets', '1e12', '--grid', 'model.num_layers=1,2',
+                    '--out', str(tmp_path)])
