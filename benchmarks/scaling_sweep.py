@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 
+from nextstep_jax.evaluate import run_eval
 from nextstep_jax.experiments import study
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
@@ -38,8 +39,10 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   extra = {'command': ' '.join(['python', 'benchmarks/scaling_sweep.py', *(sys.argv[1:] if argv is None else argv)]),
            'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}'}
-  summary = study.run_study(spec(), args.out, args.runs_dir, train=not args.collect_only, extra=extra,
-                            stem='scaling_sweep')
+  study_spec = spec()
+  summary = study.run_study(study_spec, args.out, args.runs_dir, train=not args.collect_only, extra=extra,
+                            stem='scaling_sweep',
+                            scorer=lambda workdir: run_eval.score_workdir(workdir, study_spec.eval_prompts))
   if summary is None:
     return 1
   p = summary['prediction']

@@ -75,9 +75,19 @@ def main(argv=None) -> int:
   return 0
 
 
+def spec_is_shapes(spec) -> bool:
+  from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top
+  return configlib.load_config(spec.base, list(spec.fixed)).data.dataset == 'shapes'
+
+
+def _shapes_scorer(run_eval, spec):
+  return lambda workdir: run_eval.score_workdir(workdir, spec.eval_prompts)
+
+
 def _study(parser, args) -> int:
   """Compute-optimal mode: plan, run or collect, fit, predict (see the module docstring)."""
   from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.evaluate import run_eval  # pylint: disable=g-import-not-at-top
   from nextstep_jax.experiments import study  # pylint: disable=g-import-not-at-top
   try:
     spec = study.StudySpec(args.base, tuple(args.set), tuple(int(w) for w in args.widths.split(',')),
@@ -90,7 +100,8 @@ def _study(parser, args) -> int:
   runs_dir = args.runs_dir or f'{args.out.rstrip("/")}/runs'
   summary = study.run_study(spec, args.out, runs_dir, train=not args.collect_only,
                             extra={'command': ' '.join(sys.argv)},
-                            launch_only=args.launcher if args.launch_cmd_only else None)
+                            launch_only=args.launcher if args.launch_cmd_only else None,
+                            scorer=_shapes_scorer(run_eval, spec) if spec_is_shapes(spec) else None)
   if summary is None:
     return 0 if args.launch_cmd_only else 1
   p = summary['prediction']

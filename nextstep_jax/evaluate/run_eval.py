@@ -31,6 +31,13 @@ def evaluate_shapes(sampler, num_prompts: int, seed: int = 1) -> tuple[dict, dic
   return scores, images
 
 
+def score_workdir(workdir: str, num_prompts: int, seed: int = 1) -> dict:
+  """Headline shapes accuracies of a training run's latest checkpoint (`num_prompts` per suite)."""
+  from nextstep_jax.sampling import pipeline  # pylint: disable=g-import-not-at-top (loads jax models)
+  scores, _ = evaluate_shapes(pipeline.TextToImage.from_workdir(workdir), num_prompts, seed)
+  return {**json_safe(headline('shapes', scores)), 'evaluator_prompts_per_suite': num_prompts}
+
+
 def evaluate_digits(sampler, num_prompts: int, size: int, seed: int = 1) -> tuple[dict, np.ndarray]:
   """Returns (score dict with accuracy/frechet/n, generated images uint8)."""
   from nextstep_jax.data.builtin import digits  # pylint: disable=g-import-not-at-top (sklearn import)

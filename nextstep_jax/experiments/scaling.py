@@ -12,7 +12,7 @@ Pure functions over numbers (no training here; `study.py` runs and collects). Co
 """
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

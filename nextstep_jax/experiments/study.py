@@ -11,26 +11,27 @@ resumed from its last checkpoint when not; its results are cached in the workdir
   3. fits: a parabola in log N per isoFLOP curve, N*(C) and L*(C) power laws, bootstrap intervals.
   4. the prediction run: the family shape nearest N*(C') at C' = predict_factor x the largest
      budget, trained for C' FLOPs; its measured eval loss against L*(C').
-Every run is scored by its held-out eval loss (`sweep.heldout_loss`) and by the shapes evaluator's
-prompt accuracy on samples (`evaluate.run_eval.evaluate_shapes`).
+Every run is scored by its held-out eval loss (`sweep.heldout_loss`) and, through the `scorer` the
+entry points pass, by the shapes evaluator's prompt accuracy on samples (`evaluate.run_eval`).
 """
 import dataclasses
 import datetime
 import json
 import math
 import time
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 from etils import epath
 
 from nextstep_jax import configlib
 from nextstep_jax import runs as runs_lib
-from nextstep_jax.experiments import scaling
-from nextstep_jax.experiments import study_plots
-from nextstep_jax.experiments import sweep
+from nextstep_jax.experiments import scaling, study_plots, sweep
 from nextstep_jax.planning import costs
 
 RECORD_FILE = 'scaling_record.json'
+# Scores what users see in a run's samples, e.g. {'shapes_seen_accuracy_two': ...}; the entry
+# points pass the evaluator's (`evaluate.run_eval.score_workdir`), a layer above this one.
+Scorer = Callable[[str], dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,15 +147,11 @@ def launch_command(launcher: str, spec: StudySpec, run: scaling.PlannedRun, runs
                               run_workdir(runs_dir, run))
 
 
-def evaluate_run(spec: StudySpec, workdir: str) -> dict:
-  """Held-out eval loss pieces and the shapes evaluator's accuracies of a run's last checkpoint."""
-  from nextstep_jax.evaluate import run_eval  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.sampling import pipeline  # pylint: disable=g-import-not-at-top
+def evaluate_run(spec: StudySpec, workdir: str, scorer: Scorer | None) -> dict:
+  """Held-out eval loss pieces of a run's last checkpoint, and `scorer(workdir)`'s figures."""
   heldout = sweep.heldout_loss(workdir, spec.eval_sequences)
-  scores, _ = run_eval.evaluate_shapes(pipeline.TextToImage.from_workdir(workdir), spec.eval_prompts)
   return {'eval_loss': heldout['loss'], 'eval_im_loss': heldout['im_loss'], 'eval_lm_loss': heldout['lm_loss'],
-          'step': heldout['step'], **run_eval.json_safe(run_eval.headline('shapes', scores)),
-          'evaluator_prompts_per_suite': spec.eval_prompts}
+          'step': heldout['step'], **(scorer(workdir) if scorer else {})}
 
 
 def read_record(workdir: str, run: scaling.PlannedRun) -> dict | None:
@@ -167,7 +164,7 @@ def read_record(workdir: str, run: scaling.PlannedRun) -> dict | None:
 
 
 def execute(spec: StudySpec, cost: Costs, run: scaling.PlannedRun, runs_dir: str, train: bool,
-            label: str) -> dict | None:
+            label: str, scorer: Scorer | None = None) -> dict | None:
   """Trains `run` (unless finished or `train` is False), evaluates it once and caches the record.
   Returns the record, or None when collecting and the run has not finished."""
   from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
@@ -193,14 +190,14 @@ def execute(spec: StudySpec, cost: Costs, run: scaling.PlannedRun, runs_dir: str
             **counts, 'backbone_params': counts['non_embedding_params'] - counts['head_params'],
             'flops_per_step': cost.flops_per_step(run.shape),
             'train_flops': cost.flops_per_step(run.shape) * run.steps,
-            'train_loss': sweep.final_train_loss(workdir), **evaluate_run(spec, workdir),
+            'train_loss': sweep.final_train_loss(workdir), **evaluate_run(spec, workdir, scorer),
             'train_seconds_this_invocation': round(train_seconds, 1)}
   record['eval_seconds'] = round(time.monotonic() - start, 1)
   if record['step'] != run.steps:
     raise RuntimeError(f'{workdir}: latest checkpoint is step {record["step"]}, expected {run.steps}')
   (epath.Path(workdir) / RECORD_FILE).write_text(json.dumps(record, indent=2) + '\n')
   print(f'{label} {run_key(run)}: eval loss {record["eval_loss"]:.4f}, '
-        f'seen-two accuracy {record["shapes_seen_accuracy_two"]}', flush=True)
+        f'seen-two accuracy {record.get("shapes_seen_accuracy_two")}', flush=True)
   return record
 
 
@@ -223,15 +220,17 @@ def head_table(records: Sequence[dict]) -> list[dict]:
   keys = ('name', 'budget', 'width', 'depth', 'fm_head_dim', 'fm_head_layers', 'non_embedding_params',
           'head_params', 'backbone_params', 'steps', 'train_flops', 'eval_loss', 'eval_im_loss',
           'shapes_seen_accuracy_one', 'shapes_seen_accuracy_two', 'shapes_heldout_accuracy')
-  rows = [{k: r[k] for k in keys} | {'head_share': r['head_params'] / r['non_embedding_params']}
+  rows = [{k: r.get(k) for k in keys} | {'head_share': r['head_params'] / r['non_embedding_params']}
           for r in records]
   return sorted(rows, key=lambda r: r['head_share'])
 
 
 def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, extra: dict | None = None,
-              launch_only: str | None = None, stem: str = 'scaling_study') -> dict | None:
+              launch_only: str | None = None, stem: str = 'scaling_study',
+              scorer: Scorer | None = None) -> dict | None:
   """Runs (or with `train` False: collects) every stage; writes <out_dir>/<stem>.json and
-  <stem>_isoflop.png, _laws.png, _head_allocation.png. `launch_only`: a launcher prefix; prints one command per run that is not finished
+  <stem>_isoflop.png, _laws.png, _head_allocation.png. `scorer`: evaluator figures added to
+  every run's record. `launch_only`: a launcher prefix; prints one command per run that is not finished
   (the prediction run once the isoFLOP runs are) and returns None."""
   cost = Costs(spec)
   isoflop = plan_isoflop(spec, cost)
@@ -248,7 +247,7 @@ def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, 
     return None
   done = {}
   for index, run in enumerate(first):
-    record = execute(spec, cost, run, runs_dir, train, f'[{index + 1}/{len(first) + 1}]')
+    record = execute(spec, cost, run, runs_dir, train, f'[{index + 1}/{len(first) + 1}]', scorer)
     if record is not None:
       done[run_key(run)] = record
   iso_records = [done[run_key(r)] for r in isoflop if run_key(r) in done]
@@ -261,7 +260,8 @@ def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, 
   print(f'fit: N* ~ C^{laws["n_opt_law"]["exponent"]:.3f}, L* ~ C^-{laws["loss_law"]["exponent"]:.3f}; '
         f'predicted at {prediction_run.budget:.3g} FLOPs: N* {n_opt:.3g}, eval loss {predicted_loss:.4f}',
         flush=True)
-  measured = execute(spec, cost, prediction_run, runs_dir, train, f'[{len(first) + 1}/{len(first) + 1}]')
+  measured = execute(spec, cost, prediction_run, runs_dir, train, f'[{len(first) + 1}/{len(first) + 1}]',
+                     scorer)
   prediction = {'budget': prediction_run.budget, 'budget_factor_over_largest_fitted': spec.predict_factor,
                 'predicted_n_opt': n_opt, 'predicted_n_opt_interval': boot['n_opt_at'][0],
                 'predicted_eval_loss': predicted_loss, 'predicted_eval_loss_interval': boot['loss_opt_at'][0],
@@ -271,13 +271,13 @@ def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, 
                    'relative_error': scaling.relative_error(predicted_loss, measured['eval_loss']),
                    'within_interval': bool(boot['loss_opt_at'][0][0] <= measured['eval_loss']
                                            <= boot['loss_opt_at'][0][1]),
-                   'measured_shapes_seen_accuracy_two': measured['shapes_seen_accuracy_two']}
+                   'measured_shapes_seen_accuracy_two': measured.get('shapes_seen_accuracy_two')}
     done[run_key(prediction_run)] = measured
   all_records = list(done.values())
   compute = [r['train_flops'] for r in all_records]
   summary = {
       'base': spec.base, 'fixed': list(spec.fixed), 'spec': _spec_json(spec),
-      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
       'flops_model': 'planning.costs.train_model_flops per step x steps (non-embedding N; 6N per token + attention)',
       'runs': all_records, 'num_runs': len(all_records), 'compute_span': max(compute) / min(compute),
       'isoflop_budgets': [{**o, 'runs': [run_key(r) for r in isoflop if r.budget == o['budget']]}

@@ -5,16 +5,16 @@ import math
 import pytest
 
 from nextstep_jax import configlib
-from nextstep_jax.experiments import scaling
-from nextstep_jax.experiments import study
+from nextstep_jax.experiments import scaling, study
 from nextstep_jax.planning import costs
 
 FIXED = ('train.batch_size=8',)
 
 
 def small_spec(**changes) -> study.StudySpec:
-  fields = dict(base='configs/shapes.py', fixed=FIXED, widths=(16, 32, 48, 64), budgets=(2e9, 4e9, 8e9),
-                sizes_per_budget=3, min_steps=4, max_steps=60, predict_factor=4.0, heads=((16, 1), (32, 2)))
+  fields = {'base': 'configs/shapes.py', 'fixed': FIXED, 'widths': (16, 32, 48, 64), 'budgets': (2e9, 4e9, 8e9),
+            'sizes_per_budget': 3, 'min_steps': 4, 'max_steps': 60, 'predict_factor': 4.0,
+            'heads': ((16, 1), (32, 2))}
   return study.StudySpec(**(fields | changes))
 
 
@@ -85,13 +85,12 @@ def test_study_fits_predicts_and_plots_from_run_records(tmp_path, monkeypatch):
   """Every run's record is synthetic (loss a known function of N and C): the summary must carry
   the recovered laws, the prediction against the 'measured' prediction run, the head table, PNGs."""
   spec = small_spec(bootstrap_samples=100, sizes_per_budget=4, max_steps=120)
-  cost = study.Costs(spec)
 
   def fake_loss(budget, n):  # Vertex at N* = 1.5 C^0.5 (among each budget's sizes), L* = 20 C^-0.1.
     return 20.0 * budget**-0.1 + 0.05 * (math.log(n) - math.log(1.5 * budget**0.5))**2
 
-  def fake_execute(spec_, cost_, run, runs_dir, train, label):
-    del spec_, runs_dir, train, label
+  def fake_execute(spec_, cost_, run, runs_dir, train, label, scorer):
+    del spec_, runs_dir, train, label, scorer
     n = cost_.non_embedding(run.shape)
     counts = cost_.counts(run.shape)
     return {'name': study.run_key(run), 'budget': run.budget, 'width': run.shape.width, 'depth': run.shape.depth,
