@@ -215,6 +215,13 @@ def fit_summary(spec: StudySpec, records: Sequence[dict]) -> tuple[dict, dict]:
   return laws, boot
 
 
+def head_rows(heads: Sequence[scaling.PlannedRun], isoflop: Sequence[scaling.PlannedRun]) -> list:
+  """The head runs plus the family's own head on the budget's middle isoFLOP shape (the total the
+  head runs match), each run once."""
+  on_curve = [r for r in isoflop if r.budget == heads[0].budget]
+  return list({run_key(r): r for r in [*heads, on_curve[len(on_curve) // 2]]}.values())
+
+
 def head_table(records: Sequence[dict]) -> list[dict]:
   """Rows of the head-allocation table, smallest head share first."""
   keys = ('name', 'budget', 'width', 'depth', 'fm_head_dim', 'fm_head_layers', 'non_embedding_params',
@@ -287,7 +294,7 @@ def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, 
       'exponent_loss': {'value': laws['loss_law']['exponent'], 'interval': boot['exponent_loss']},
       'bootstrap': {k: boot[k] for k in ('samples', 'dropped', 'level')},
       'prediction': prediction,
-      'head_allocation': head_table([done[run_key(r)] for r in heads if run_key(r) in done]),
+      'head_allocation': head_table([done[run_key(r)] for r in head_rows(heads, isoflop) if run_key(r) in done]),
       'total_train_seconds_recorded': round(sum(r['train_seconds_this_invocation'] for r in all_records), 1),
       **(extra or {})}
   out = epath.Path(out_dir)

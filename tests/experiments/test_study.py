@@ -114,8 +114,13 @@ def test_study_fits_predicts_and_plots_from_run_records(tmp_path, monkeypatch):
   assert p['predicted_eval_loss'] == pytest.approx(20.0 * p['budget']**-0.1, rel=0.02)
   assert p['relative_error'] == pytest.approx(abs(p['predicted_eval_loss'] - p['measured_eval_loss'])
                                               / p['measured_eval_loss'])
-  assert [r['fm_head_dim'] for r in summary['head_allocation']] == [16, 32]
-  assert summary['head_allocation'][0]['head_share'] < summary['head_allocation'][1]['head_share']
+  table = summary['head_allocation']  # The head runs and the family's own head on the middle shape.
+  middle = summary['isoflop_budgets'][-1]['runs'][len(summary['isoflop_budgets'][-1]['runs']) // 2]
+  assert middle in [r['name'] for r in table] and len({r['name'] for r in table}) == len(table)
+  assert {(r['fm_head_dim'], r['fm_head_layers']) for r in table} >= {(16, 1), (32, 2)}
+  assert table[0]['fm_head_dim'] == 16
+  shares = [r['head_share'] for r in table]
+  assert shares == sorted(shares) and all(r['budget'] == 8e9 for r in table)
   written = json.loads((tmp_path / 's.json').read_text())
   assert written['num_runs'] == len(summary['runs']) == len({r['name'] for r in summary['runs']})
   for name in ('isoflop', 'laws', 'head_allocation'):
