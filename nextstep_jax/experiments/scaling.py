@@ -93,6 +93,24 @@ def isoflop_runs(budget: float, shapes: Sequence[Shape], flops_per_step: Callabl
   return min(windows, key=lambda w: abs(math.log(count(w[len(w) // 2].shape)) - target))
 
 
+def edge_extension(on_curve: Sequence[PlannedRun], losses: Sequence[float], shapes: Sequence[Shape],
+                   flops_per_step: Callable[[Shape], float], min_steps: int, max_steps: int) -> PlannedRun | None:
+  """The next run for an isoFLOP curve whose lowest loss is at its smallest or largest sampled
+  size: the family shape just beyond that edge (`shapes` ordered by size) at the same budget, if
+  its step count is within [min_steps, max_steps]; None when the minimum is inside (bracketed)."""
+  order = sorted(range(len(on_curve)), key=lambda i: shapes.index(on_curve[i].shape))
+  best = min(range(len(order)), key=lambda i: losses[order[i]])
+  if 0 < best < len(order) - 1:
+    return None
+  edge = shapes.index(on_curve[order[best]].shape)
+  beyond = edge + (1 if best == len(order) - 1 else -1)
+  if not 0 <= beyond < len(shapes):
+    return None
+  budget = on_curve[0].budget
+  steps = round(budget / flops_per_step(shapes[beyond]))
+  return PlannedRun('isoflop', budget, shapes[beyond], steps) if min_steps <= steps <= max_steps else None
+
+
 def fit_parabola(log_n: np.ndarray, loss: np.ndarray) -> dict | None:
   """L = c2 (log N)^2 + c1 log N + c0 by least squares; returns {n_opt, loss_opt, curvature,
   interior} or None when it has no minimum near the sampled sizes (fewer than 3 distinct sizes,

@@ -3,7 +3,8 @@
 Stages (each run trains in its own workdir, `<runs_dir>/<run name>`, and is skipped when finished,
 resumed from its last checkpoint when not; its results are cached in the workdir as
 `scaling_record.json`, so collecting again, locally or from gs://, reads them back):
-  1. isoFLOP runs: for every budget C, family shapes (`scaling.family_shape`) that train for
+  1. isoFLOP runs (a curve whose lowest loss is at its smallest or largest size gets the next family
+     shape beyond that edge, up to `max_extensions` times, so its vertex is bracketed): for every budget C, family shapes (`scaling.family_shape`) that train for
      round(C / FLOPs per step) steps, FLOPs per step from the planner's model
      (`planning.costs.train_model_flops`); each run's learning-rate schedule ends at its last step.
   2. head allocation runs at `head_budget` (default the largest budget): the flow head resized, the backbone chosen so the
@@ -53,6 +54,7 @@ class StudySpec:
   eval_sequences: int = 512
   eval_prompts: int = 50
   bootstrap_samples: int = 1000
+  max_extensions: int = 2  # Sizes added per curve whose lowest loss is at a sampled edge.
 
   def __post_init__(self):
     if len(self.budgets) < 3:
@@ -237,8 +239,9 @@ def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, 
               scorer: Scorer | None = None) -> dict | None:
   """Runs (or with `train` False: collects) every stage; writes <out_dir>/<stem>.json and
   <stem>_isoflop.png, _laws.png, _head_allocation.png. `scorer`: evaluator figures added to
-  every run's record. `launch_only`: a launcher prefix; prints one command per run that is not finished
-  (the prediction run once the isoFLOP runs are) and returns None."""
+  every run's record. `launch_only`: a launcher prefix; prints one command per run of the next
+  stage that is not finished (curve extensions and the prediction once the isoFLOP runs are) and
+  returns None."""
   cost = Costs(spec)
   isoflop = plan_isoflop(spec, cost)
   heads = plan_heads(spec, cost, isoflop)
@@ -247,28 +250,44 @@ def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, 
   print(f'study: {len(isoflop)} isoFLOP runs over {len(spec.budgets)} budgets, {len(heads)} head runs, '
         f'1 prediction run at {spec.predict_factor:g}x {max(spec.budgets):.3g} FLOPs; '
         f'{total_flops + spec.predict_factor * max(spec.budgets):.3g} FLOPs in all', flush=True)
-  if launch_only is not None:
-    for run in first:
-      if read_record(run_workdir(runs_dir, run), run) is None:
-        print(launch_command(launch_only, spec, run, runs_dir))
-    return None
   done = {}
-  for index, run in enumerate(first):
-    record = execute(spec, cost, run, runs_dir, train, f'[{index + 1}/{len(first) + 1}]', scorer)
+
+  def obtain(run: scaling.PlannedRun, label: str) -> dict | None:
+    if launch_only is None:
+      record = execute(spec, cost, run, runs_dir, train, label, scorer)
+    else:
+      record = read_record(run_workdir(runs_dir, run), run)
+      if record is None:
+        print(launch_command(launch_only, spec, run, runs_dir))
     if record is not None:
       done[run_key(run)] = record
-  iso_records = [done[run_key(r)] for r in isoflop if run_key(r) in done]
-  if len(iso_records) < len(isoflop):
-    print(f'{len(iso_records)}/{len(isoflop)} isoFLOP runs finished; no fit yet.', flush=True)
+    return record
+
+  for index, run in enumerate(first):
+    obtain(run, f'[{index + 1}/{len(first) + 1}]')
+  if any(run_key(r) not in done for r in isoflop):
+    print(f'{sum(run_key(r) in done for r in isoflop)}/{len(isoflop)} isoFLOP runs finished; no fit yet.', flush=True)
     return None
+  for budget in spec.budgets:  # Extend every curve whose lowest loss sits at a sampled edge.
+    for _ in range(spec.max_extensions):
+      on_curve = [r for r in isoflop if r.budget == budget]
+      extra_run = scaling.edge_extension(on_curve, [done[run_key(r)]['eval_loss'] for r in on_curve], family(spec),
+                                         cost.flops_per_step, spec.min_steps, spec.max_steps)
+      if extra_run is None:
+        break
+      isoflop.append(extra_run)
+      if obtain(extra_run, f'[extension of {budget:.3g}]') is None:
+        return None
+  iso_records = [done[run_key(r)] for r in isoflop]
   laws, boot = fit_summary(spec, iso_records)
   prediction_run, n_opt = plan_prediction(spec, cost, laws)
   predicted_loss = scaling.law_value(laws['loss_law'], prediction_run.budget, falling=True)
   print(f'fit: N* ~ C^{laws["n_opt_law"]["exponent"]:.3f}, L* ~ C^-{laws["loss_law"]["exponent"]:.3f}; '
         f'predicted at {prediction_run.budget:.3g} FLOPs: N* {n_opt:.3g}, eval loss {predicted_loss:.4f}',
         flush=True)
-  measured = execute(spec, cost, prediction_run, runs_dir, train, f'[{len(first) + 1}/{len(first) + 1}]',
-                     scorer)
+  measured = obtain(prediction_run, f'[{len(first) + 1}/{len(first) + 1}]')
+  if launch_only is not None:
+    return None
   prediction = {'budget': prediction_run.budget, 'budget_factor_over_largest_fitted': spec.predict_factor,
                 'predicted_n_opt': n_opt, 'predicted_n_opt_interval': boot['n_opt_at'][0],
                 'predicted_eval_loss': predicted_loss, 'predicted_eval_loss_interval': boot['loss_opt_at'][0],

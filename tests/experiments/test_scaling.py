@@ -124,3 +124,15 @@ def test_head_allocations_keep_the_total_while_the_head_grows():
   for s in shapes:  # Each backbone is the best available match of the target total.
     others = [count(scaling.family_shape(w, s.head_dim, s.head_layers)) for w in widths]
     assert abs(math.log(count(s) / target)) == pytest.approx(min(abs(math.log(o / target)) for o in others))
+
+
+def test_curves_are_extended_past_an_edge_minimum():
+  shapes = [scaling.family_shape(w) for w in (16, 32, 48, 64, 96, 128)]
+  flops = lambda s: 1e6 * s.width  # pylint: disable=unnecessary-lambda-assignment
+  on_curve = [scaling.PlannedRun('isoflop', 1e10, s, round(1e10 / flops(s))) for s in shapes[1:4]]
+  nxt = scaling.edge_extension(on_curve, [3.0, 2.0, 1.0], shapes, flops, 10, 10**6)  # Falls to the largest.
+  assert nxt.shape.width == 96 and nxt.steps == round(1e10 / 96e6) and nxt.budget == 1e10
+  assert scaling.edge_extension(on_curve, [1.0, 2.0, 3.0], shapes, flops, 10, 10**6).shape.width == 16
+  assert scaling.edge_extension(on_curve, [2.0, 1.0, 3.0], shapes, flops, 10, 10**6) is None  # Bracketed.
+  assert scaling.edge_extension(on_curve, [3.0, 2.0, 1.0], shapes, flops, 150, 10**6) is None  # 104 steps: too few.
+  assert scaling.edge_extension(on_curve[::-1], [1.0, 2.0, 3.0], shapes, flops, 10, 10**6).shape.width == 96
