@@ -35,6 +35,10 @@ RECORD_FILE = 'scaling_record.json'
 Scorer = Callable[[str], dict]
 
 
+class StudyInterrupted(RuntimeError):
+  """A run stopped early (SIGTERM / preemption) with a checkpoint; rerunning resumes it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StudySpec:
   """What a study trains: base config and fixed overrides, the family widths, the budgets."""
@@ -183,8 +187,11 @@ def execute(spec: StudySpec, cost: Costs, run: scaling.PlannedRun, runs_dir: str
       return None
     print(f'{label} {run_key(run)}: training {run.steps} steps from step {done}', flush=True)
     start = time.monotonic()
-    loop.train(shape_config(spec, run.shape, run.steps), workdir)
+    result = loop.train(shape_config(spec, run.shape, run.steps), workdir)
     train_seconds = time.monotonic() - start
+    if result.preempted:
+      raise StudyInterrupted(f'{workdir}: stopped at step {result.step} of {run.steps} (checkpointed); '
+                             'rerun the same command to resume')
   start = time.monotonic()
   counts = cost.counts(run.shape)
   record = {'name': run_key(run), 'budget': run.budget, 'width': run.shape.width, 'depth': run.shape.depth,

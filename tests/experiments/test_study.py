@@ -137,3 +137,13 @@ def test_cli_compute_optimal_launch_lines(capsys, tmp_path):
   with pytest.raises(SystemExit):
     sweep_cli.main(['--base', 'configs/shapes.py', '--budgets', '1e12', '--grid', 'model.num_layers=1,2',
                     '--out', str(tmp_path)])
+
+
+def test_a_preempted_run_stops_the_study_with_a_resume_hint(tmp_path, monkeypatch):
+  spec = small_spec()
+  cost = study.Costs(spec)
+  run = study.plan_isoflop(spec, cost)[0]
+  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loop, 'train', lambda config, workdir: loop.TrainResult(workdir, 3, {}, 0.1, preempted=True))
+  with pytest.raises(study.StudyInterrupted, match=f'step 3 of {run.steps}.*rerun'):
+    study.execute(spec, cost, run, str(tmp_path), train=True, label='')
