@@ -313,7 +313,8 @@ def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, 
       'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
       'flops_model': 'planning.costs.train_model_flops per step x steps (non-embedding N; 6N per token + attention)',
       'runs': all_records, 'num_runs': len(all_records), 'compute_span': max(compute) / min(compute),
-      'isoflop_budgets': [{**o, 'runs': [run_key(r) for r in isoflop if r.budget == o['budget']]}
+      'isoflop_budgets': [{**o, 'runs': [run_key(r) for r in isoflop if r.budget == o['budget']],
+                           'best_run': _best_run([done[run_key(r)] for r in isoflop if r.budget == o['budget']])}
                           for o in laws['optima']],
       'n_opt_law': laws['n_opt_law'], 'loss_law': laws['loss_law'],
       'exponent_n_opt': {'value': laws['n_opt_law']['exponent'], 'interval': boot['exponent_n_opt']},
@@ -328,6 +329,12 @@ def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, 
   (out / f'{stem}.json').write_text(json.dumps(summary, indent=2) + '\n')
   study_plots.write_all(out, stem, summary, boot)
   return summary
+
+
+def _best_run(records: Sequence[dict]) -> dict:
+  """The measured lowest-loss run of a curve with its evaluator accuracies (what users see)."""
+  best = min(records, key=lambda r: r['eval_loss'])
+  return {k: v for k, v in best.items() if k in ('name', 'non_embedding_params', 'eval_loss') or 'accuracy' in k}
 
 
 def _spec_json(spec: StudySpec) -> dict:

@@ -104,6 +104,10 @@ def test_study_fits_predicts_and_plots_from_run_records(tmp_path, monkeypatch):
   summary = study.run_study(spec, str(tmp_path), str(tmp_path / 'runs'), stem='s')
   isoflop = [r for r in summary['runs'] if r['name'] in {n for b in summary['isoflop_budgets'] for n in b['runs']}]
   assert len(summary['isoflop_budgets']) == 3 and len(isoflop) == 12
+  for budget in summary['isoflop_budgets']:
+    curve = [r for r in isoflop if r['name'] in budget['runs']]
+    assert budget['best_run']['eval_loss'] == min(r['eval_loss'] for r in curve)
+    assert budget['best_run']['shapes_seen_accuracy_two'] == 0.25
   # The parabola cannot represent the synthetic curve exactly only where sizes are sparse: loose check.
   assert summary['exponent_loss']['value'] == pytest.approx(0.1, abs=0.02)
   assert summary['exponent_n_opt']['value'] == pytest.approx(0.5, abs=0.05)
