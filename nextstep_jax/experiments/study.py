@@ -286,7 +286,18 @@ def run_study(spec: StudySpec, out_dir: str, runs_dir: str, train: bool = True, 
       if obtain(extra_run, f'[extension of {budget:.3g}]') is None:
         return None
   iso_records = [done[run_key(r)] for r in isoflop]
-  laws, boot = fit_summary(spec, iso_records)
+  try:
+    laws, boot = fit_summary(spec, iso_records)
+  except ValueError as error:  # Keep the measured runs: the JSON says why there is no law.
+    print(f'no fit: {error}', flush=True)
+    summary = {'base': spec.base, 'fixed': list(spec.fixed), 'spec': _spec_json(spec), 'runs': list(done.values()),
+               'fit_error': str(error),
+               'head_allocation': head_table([done[run_key(r)] for r in head_rows(heads, isoflop)]),
+               **(extra or {})}
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(out_dir) / f'{stem}.json').write_text(json.dumps(summary, indent=2) + '\n')
+    study_plots.head_allocation(epath.Path(out_dir) / f'{stem}_head_allocation.png', summary)
+    return summary
   prediction_run, n_opt = plan_prediction(spec, cost, laws)
   predicted_loss = scaling.law_value(laws['loss_law'], prediction_run.budget, falling=True)
   print(f'fit: N* ~ C^{laws["n_opt_law"]["exponent"]:.3f}, L* ~ C^-{laws["loss_law"]["exponent"]:.3f}; '

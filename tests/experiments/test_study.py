@@ -151,3 +151,21 @@ def test_a_preempted_run_stops_the_study_with_a_resume_hint(tmp_path, monkeypatc
   monkeypatch.setattr(loop, 'train', lambda config, workdir: loop.TrainResult(workdir, 3, {}, 0.1, preempted=True))
   with pytest.raises(study.StudyInterrupted, match=f'step 3 of {run.steps}.*rerun'):
     study.execute(spec, cost, run, str(tmp_path), train=True, label='')
+
+
+def test_curves_without_a_minimum_keep_their_runs_and_say_why(tmp_path, monkeypatch):
+  spec = small_spec(sizes_per_budget=4, max_steps=120, max_extensions=0)
+
+  def falling_execute(spec_, cost_, run, runs_dir, train, label, scorer):  # Bigger is always better.
+    del spec_, runs_dir, train, label, scorer
+    counts = cost_.counts(run.shape)
+    return {'name': study.run_key(run), 'budget': run.budget, 'width': run.shape.width, 'depth': run.shape.depth,
+            'fm_head_dim': run.shape.head_dim, 'fm_head_layers': run.shape.head_layers, 'steps': run.steps,
+            **counts, 'backbone_params': counts['non_embedding_params'] - counts['head_params'],
+            'train_flops': run.budget, 'eval_loss': 10.0 / math.log(counts['non_embedding_params']),
+            'eval_im_loss': 0.0, 'train_seconds_this_invocation': 1.0}
+
+  monkeypatch.setattr(study, 'execute', falling_execute)
+  summary = study.run_study(spec, str(tmp_path), str(tmp_path / 'runs'), stem='s')
+  assert 'no loss minimum' in summary['fit_error'] and 'prediction' not in summary
+  assert len(summary['runs']) == len(json.loads((tmp_path / 's.json').read_text())['runs']) >= 12
