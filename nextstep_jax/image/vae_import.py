@@ -204,7 +204,8 @@ def read_release_tensors(directory: str | pathlib.Path) -> dict[str, np.ndarray]
 def load_release(directory: str | pathlib.Path, **overrides) -> vae.AutoEncoder:
   """The official tokenizer in `directory` (config.json + checkpoint.pt | *.safetensors).
 
-  overrides: AutoEncoderConfig fields not stored in config.json (dtype, param_dtype) or to replace the release's (e.g. psz, whose release value is unverified).
+  overrides: AutoEncoderConfig fields not stored in config.json (dtype, param_dtype) or to replace
+    the release's (e.g. psz, whose release value is unverified).
   """
   root = pathlib.Path(directory)
   if not (root / CONFIG_FILE).exists():

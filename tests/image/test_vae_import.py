@@ -1,6 +1,10 @@
 """Official-layout PyTorch autoencoder (written here from nextstep1.md §2/§8) vs our import of its
 torch.save'd state_dict: posterior mean/logvar, normalised latents, decoded images; and the
 restricted unpickler rejecting anything but tensor records."""
+import pytest
+
+pytest.importorskip('torch', reason='the PyTorch references need the parity extra')
+
 import json
 import math
 import os
@@ -8,13 +12,14 @@ import pickle
 import zipfile
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from nextstep_jax.image import vae
 from nextstep_jax.image import vae_import
+
+pytestmark = pytest.mark.torch
 
 # float32 on both sides; differences come from conv/attention summation order through ~20 layers.
 ATOL = 2e-4

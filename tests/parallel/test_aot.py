@@ -10,6 +10,8 @@ from nextstep_jax import configlib
 from nextstep_jax.cli import aot as aot_cli
 from nextstep_jax.parallel import aot
 
+pytestmark = pytest.mark.tpu_aot
+
 TOPOLOGY = 'v5e:2x2'
 TRAIN = ['model.num_layers=3', 'model.attention=splash', 'model.remat_policy=dots_saveable',
          'mesh.data=2', 'mesh.fsdp=-1']
