@@ -1,7 +1,7 @@
 """Conversion of an official-layout release and parity with the PyTorch reference (float32).
 
 A tiny random release is built in PyTorch (tests/torch_reference.py: transformers' Qwen2Model +
-the head and projectors rebuilt from nextstep1.md), saved as a release is (3 safetensors shards +
+the head and projectors rebuilt from docs/model.md), saved as a release is (3 safetensors shards +
 index, config.json, tokenizer.json), converted, restored, and compared piece by piece and over a
 whole generation with identical noise on both sides.
 """

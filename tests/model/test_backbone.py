@@ -1,4 +1,4 @@
-"""The Qwen2-style decoder (design doc §1): RoPE, GQA attention, RMSNorm, KV cache, padding, remat."""
+"""The Qwen2-style decoder (docs/model.md §1): RoPE, GQA attention, RMSNorm, KV cache, padding, remat."""
 import dataclasses
 
 import jax

@@ -1,4 +1,4 @@
-"""The flow-matching head against a numpy reference of design doc §5."""
+"""The flow-matching head against a numpy reference of docs/model.md §5."""
 import math
 
 import jax

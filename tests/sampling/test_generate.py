@@ -1,4 +1,4 @@
-"""The scanned, KV-cached sampler against a step-by-step no-cache reference (design doc §7)."""
+"""The scanned, KV-cached sampler against a step-by-step no-cache reference (docs/model.md §7)."""
 import dataclasses
 
 import jax

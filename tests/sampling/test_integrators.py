@@ -1,4 +1,4 @@
-"""Per-token integrators, time grids and guidance (design doc §7)."""
+"""Per-token integrators, time grids and guidance (docs/model.md §7)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
