@@ -1,5 +1,5 @@
-"""The NextStep model: parameter counts and layout (docs/model.md §1, §8), sharding metadata, embeddings,
-tied embeddings and gen_pos_embed (§7)."""
+"""The NextStep model: parameter counts and layout (docs/model.md §1, §8), sharding metadata,
+embeddings, tied embeddings and gen_pos_embed (§7)."""
 import importlib.util
 import os
 

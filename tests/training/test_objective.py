@@ -1,4 +1,5 @@
-"""The training objective against a hand-computed numpy reference on a real tiny batch (docs/model.md §4, §6)."""
+"""The training objective against a hand-computed numpy reference on a real tiny batch
+(docs/model.md §4, §6)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
