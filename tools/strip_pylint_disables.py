@@ -11,6 +11,7 @@ A reason written after the check name, `(sklearn is slow to import)`, stays as a
 
 Run it before `ruff check --fix` / `ruff format` (tools/lint_fix.sh does), on a clean tree.
 """
+
 import json
 import pathlib
 import re
@@ -28,22 +29,37 @@ def ruff_findings(paths: list[str], rules: set[str]) -> set[tuple[str, int, str]
   if not rules:
     return set()
   result = subprocess.run(
-      ['ruff', 'check', '--output-format', 'json', '--no-cache', '--select', ','.join(sorted(rules)),
-       *paths], capture_output=True, text=True, check=False)
+    [
+      'ruff',
+      'check',
+      '--output-format',
+      'json',
+      '--no-cache',
+      '--select',
+      ','.join(sorted(rules)),
+      *paths,
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if result.returncode not in (0, 1):
     raise SystemExit(f'ruff failed ({result.returncode}): {result.stderr}')
-  return {(str(pathlib.Path(f['filename']).resolve()), f['location']['row'], f['code'])
-          for f in json.loads(result.stdout or '[]')}
+  return {
+    (str(pathlib.Path(f['filename']).resolve()), f['location']['row'], f['code'])
+    for f in json.loads(result.stdout or '[]')
+  }
 
 
 def rewrite_line(line: str, flagged: set[str]) -> str:
   """`line` without its pylint comment; `# noqa: CODES` for the `flagged` ruff equivalents."""
   match = DISABLE.search(line)
-  code = line[:match.start()]
+  code = line[: match.start()]
   reason = match['reason'].strip()
   reason = reason[1:-1].strip() if reason.startswith('(') and reason.endswith(')') else reason
-  codes = sorted({RUFF_EQUIVALENT[c] for c in match['checks'].split(',')
-                  if RUFF_EQUIVALENT.get(c) in flagged})
+  codes = sorted(
+    {RUFF_EQUIVALENT[c] for c in match['checks'].split(',') if RUFF_EQUIVALENT.get(c) in flagged}
+  )
   comments = []
   if reason:
     comments.append(f'# {reason[0].upper()}{reason[1:]}.' if not code.strip() else f'# {reason}')
@@ -56,8 +72,13 @@ def rewrite_line(line: str, flagged: set[str]) -> str:
 
 def main(argv: list[str]) -> int:
   paths = argv or [p for p in DEFAULT_PATHS if pathlib.Path(p).exists()]
-  files = sorted({f for p in paths for f in (pathlib.Path(p).rglob('*.py') if pathlib.Path(p).is_dir()
-                                              else [pathlib.Path(p)])})
+  files = sorted(
+    {
+      f
+      for p in paths
+      for f in (pathlib.Path(p).rglob('*.py') if pathlib.Path(p).is_dir() else [pathlib.Path(p)])
+    }
+  )
   findings = ruff_findings(paths, set(RUFF_EQUIVALENT.values()))
   changed_files = removed = converted = 0
   for path in files:
@@ -78,7 +99,9 @@ def main(argv: list[str]) -> int:
         out.append(new)
     path.write_text('\n'.join(out), encoding='utf-8')
     changed_files += 1
-  print(f'pylint comments: {converted} became `# noqa`, {removed} removed, in {changed_files} files')
+  print(
+    f'pylint comments: {converted} became `# noqa`, {removed} removed, in {changed_files} files'
+  )
   return 0
 
 
