@@ -48,3 +48,11 @@ def tmp_workdir(tmp_path):
   workdir = tmp_path / 'workdir'
   workdir.mkdir()
   return workdir
+
+
+@pytest.fixture
+def tfds_testing():
+  """The tests/tfds_testing.py helpers; skips the test without the tfds extra."""
+  pytest.importorskip('tensorflow_datasets', reason='TFDS sources need the tfds extra')
+  import tfds_testing as helpers  # Imports tensorflow_datasets.
+  return helpers
