@@ -94,7 +94,8 @@ def measure_install(ref: str, scratch: pathlib.Path, demo_seconds: float) -> dic
   stamp = demo_stamp(clone)
   cache_before = pip_cache_mb()
   start = time.monotonic()
-  run(['make', stamp], cwd=clone, stdout=subprocess.DEVNULL)
+  with open(scratch / f'install-{ref.replace("/", "_")}.log', 'w') as log:
+    run(['make', stamp], cwd=clone, stdout=log, stderr=subprocess.STDOUT)
   seconds = time.monotonic() - start
   listed = subprocess.run(
     [str(clone / '.venv/bin/python'), '-m', 'pip', 'list', '--format=json'],
