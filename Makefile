@@ -7,6 +7,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+BIN = $(dir $(PY))
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 TEST_STAMP := $(VENV)/.installed-test
 DEMO_ARGS ?=
@@ -36,12 +37,12 @@ test-fast: $(TEST_STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --durations=10 -m '$(FAST_TIER)' $(PYTEST_ARGS) tests
 
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check $(LINT_PATHS)
-	$(VENV)/bin/ruff format --check $(LINT_PATHS)
-	if [ -f .importlinter ]; then $(VENV)/bin/lint-imports; fi
+	$(BIN)ruff check $(LINT_PATHS)
+	$(BIN)ruff format --check $(LINT_PATHS)
+	if [ -f .importlinter ]; then $(BIN)lint-imports; fi
 
 format: $(TEST_STAMP)
-	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(PY) tools/lint_fix.sh
+	PATH=$(abspath $(BIN)):$$PATH PYTHON=$(PY) tools/lint_fix.sh
 
 demo: $(RUNTIME_STAMP)
 	$(PY) -m nextstep_jax.cli.demo $(DEMO_ARGS)
