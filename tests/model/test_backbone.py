@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nextstep_jax import nn as L
 from nextstep_jax.model import backbone as BB
-from nextstep_jax.model import layers as L
 from model_testing import randomize
 
 ROPE_ATOL = 1e-5  # float32 cos/sin of angles up to ~40 rad (positions < 40) vs float64.

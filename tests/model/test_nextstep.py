@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_base_config
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.model import nextstep as ns
 
 PROJ_RTOL = 1e-5  # float32 Dense (12 -> 64) vs float64 numpy.
