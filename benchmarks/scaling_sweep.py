@@ -36,7 +36,7 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default=RESULTS, help='where scaling_sweep.json and the PNGs go')
   parser.add_argument('--collect-only', action='store_true', help='read finished runs, train nothing')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   extra = {'command': ' '.join(['python', 'benchmarks/scaling_sweep.py', *(sys.argv[1:] if argv is None else argv)]),
            'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}'}
   study_spec = spec()

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
   parser.add_argument('--base', required=True, help='base config file[:variant], e.g. configs/shapes.py')
   parser.add_argument('--grid', action='append', default=[],
                       help='field=v1,v2,... or field1,field2=a1:b1,a2:b2 (repeatable; Cartesian product)')
-  parser.add_argument('--budgets', default=None, help='compute-optimal mode: training FLOPs budgets, e.g. 1e12,3e12,1e13')
+  parser.add_argument('--budgets', default=None,
+                      help='compute-optimal mode: training FLOPs budgets, e.g. 1e12,3e12,1e13')
   parser.add_argument('--widths', default='16,32,48,64,96,128,160,192,256', help='family widths (multiples of 16)')
   parser.add_argument('--sizes-per-budget', type=int, default=5)
   parser.add_argument('--min-steps', type=int, default=100, help='shorter runs are left off a budget')

@@ -3,12 +3,14 @@
 Stages (each run trains in its own workdir, `<runs_dir>/<run name>`, and is skipped when finished,
 resumed from its last checkpoint when not; its results are cached in the workdir as
 `scaling_record.json`, so collecting again, locally or from gs://, reads them back):
-  1. isoFLOP runs (a curve whose lowest loss is at its smallest or largest size gets the next family
-     shape beyond that edge, up to `max_extensions` times, so its vertex is bracketed): for every budget C, family shapes (`scaling.family_shape`) that train for
+  1. isoFLOP runs: for every budget C, family shapes (`scaling.family_shape`) that train for
      round(C / FLOPs per step) steps, FLOPs per step from the planner's model
      (`planning.costs.train_model_flops`); each run's learning-rate schedule ends at its last step.
-  2. head allocation runs at `head_budget` (default the largest budget): the flow head resized, the backbone chosen so the
-     non-embedding count stays near that of the budget's middle isoFLOP shape.
+     A curve whose lowest loss is at its smallest or largest size gets the next family shape beyond
+     that edge, up to `max_extensions` times, so its vertex is bracketed.
+  2. head allocation runs at `head_budget` (default the largest budget): the flow head resized,
+     the backbone chosen so the non-embedding count stays near that of the budget's middle
+     isoFLOP shape.
   3. fits: a parabola in log N per isoFLOP curve, N*(C) and L*(C) power laws, bootstrap intervals.
   4. the prediction run: the family shape nearest N*(C') at C' = predict_factor x the largest
      budget, trained for C' FLOPs; its measured eval loss against L*(C').
@@ -26,7 +28,9 @@ from etils import epath
 
 from nextstep_jax import configlib
 from nextstep_jax import runs as runs_lib
-from nextstep_jax.experiments import scaling, study_plots, sweep
+from nextstep_jax.experiments import scaling
+from nextstep_jax.experiments import study_plots
+from nextstep_jax.experiments import sweep
 from nextstep_jax.planning import costs
 
 RECORD_FILE = 'scaling_record.json'
@@ -173,7 +177,7 @@ def execute(spec: StudySpec, cost: Costs, run: scaling.PlannedRun, runs_dir: str
             label: str, scorer: Scorer | None = None) -> dict | None:
   """Trains `run` (unless finished or `train` is False), evaluates it once and caches the record.
   Returns the record, or None when collecting and the run has not finished."""
-  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.training import loop
   workdir = run_workdir(runs_dir, run)
   record = read_record(workdir, run)
   if record is not None:

@@ -7,10 +7,10 @@ import numpy as np
 from etils import epath
 
 matplotlib.use('Agg')
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import pyplot as plt
+from matplotlib import ticker
 
-from nextstep_jax.experiments import scaling  # pylint: disable=wrong-import-position
+from nextstep_jax.experiments import scaling
 
 
 def _save(fig, path: epath.Path) -> None:

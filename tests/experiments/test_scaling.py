@@ -34,7 +34,8 @@ def test_family_scales_width_and_depth_together_and_is_a_valid_config():
   config = configlib.load_config('configs/shapes.py', list(shape.overrides()))
   configlib.validate(config)
   m = config.model
-  assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.fm_head_dim, m.fm_head_layers) == (96, 3, 6, 3, 16, 1)
+  got = (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.fm_head_dim, m.fm_head_layers)
+  assert got == (96, 3, 6, 3, 16, 1)
   assert m.intermediate_size == 264 and shape.name == 'w96-d3-h16x1'
   with pytest.raises(ValueError, match='multiple of 16'):
     scaling.family_shape(40)
@@ -42,8 +43,8 @@ def test_family_scales_width_and_depth_together_and_is_a_valid_config():
 
 def test_isoflop_runs_split_the_budget_and_centre_on_the_prior():
   shapes = [scaling.family_shape(w) for w in (16, 32, 48, 64, 96, 128, 160, 192, 256)]
-  count = lambda s: 12.0 * s.depth * s.width**2  # pylint: disable=unnecessary-lambda-assignment
-  flops = lambda s: 6.0 * count(s) * 1000  # pylint: disable=unnecessary-lambda-assignment
+  count = lambda s: 12.0 * s.depth * s.width**2
+  flops = lambda s: 6.0 * count(s) * 1000
   budget = 6.0 * 20 * scaling.chinchilla_prior(1e13, 20.0)**2  # == 1e13.
   picked = scaling.isoflop_runs(budget, shapes, flops, count, sizes=5, min_steps=10, max_steps=10**7)
   assert len(picked) == 5 and all(r.budget == budget for r in picked)
@@ -105,7 +106,7 @@ def test_bootstrap_refuses_curves_that_never_turn():
 
 def test_prediction_helpers():
   shapes = [scaling.family_shape(w) for w in (32, 64, 128)]
-  count = lambda s: float(s.width**3)  # pylint: disable=unnecessary-lambda-assignment
+  count = lambda s: float(s.width**3)
   assert scaling.nearest_shape(shapes, 90**3, count).width == 64
   assert scaling.nearest_shape(shapes, 100**3, count).width == 128  # Nearest in log space.
   assert scaling.relative_error(2.1, 2.0) == pytest.approx(0.05)
@@ -113,7 +114,7 @@ def test_prediction_helpers():
 
 
 def test_head_allocations_keep_the_total_while_the_head_grows():
-  count = lambda s: float(10 * s.depth * s.width**2 + 5 * s.head_layers * s.head_dim**2)  # pylint: disable=unnecessary-lambda-assignment
+  count = lambda s: float(10 * s.depth * s.width**2 + 5 * s.head_layers * s.head_dim**2)
   widths = tuple(range(16, 257, 16))
   target = count(scaling.family_shape(128))
   shapes = scaling.head_allocations(target, [(16, 1), (64, 2), (128, 4)], widths, count)
@@ -128,7 +129,7 @@ def test_head_allocations_keep_the_total_while_the_head_grows():
 
 def test_curves_are_extended_past_an_edge_minimum():
   shapes = [scaling.family_shape(w) for w in (16, 32, 48, 64, 96, 128)]
-  flops = lambda s: 1e6 * s.width  # pylint: disable=unnecessary-lambda-assignment
+  flops = lambda s: 1e6 * s.width
   on_curve = [scaling.PlannedRun('isoflop', 1e10, s, round(1e10 / flops(s))) for s in shapes[1:4]]
   nxt = scaling.edge_extension(on_curve, [3.0, 2.0, 1.0], shapes, flops, 10, 10**6)  # Falls to the largest.
   assert nxt.shape.width == 96 and nxt.steps == round(1e10 / 96e6) and nxt.budget == 1e10

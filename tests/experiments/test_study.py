@@ -5,7 +5,8 @@ import math
 import pytest
 
 from nextstep_jax import configlib
-from nextstep_jax.experiments import scaling, study
+from nextstep_jax.experiments import scaling
+from nextstep_jax.experiments import study
 from nextstep_jax.planning import costs
 
 FIXED = ('train.batch_size=8',)
@@ -71,7 +72,7 @@ def test_finished_runs_are_read_back_not_retrained(tmp_path, monkeypatch):
   workdir.mkdir()
   record = {'name': study.run_key(run), 'steps': run.steps, 'eval_loss': 1.25}
   (workdir / study.RECORD_FILE).write_text(json.dumps(record))
-  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.training import loop
   monkeypatch.setattr(loop, 'train', lambda *a, **k: pytest.fail('a finished run was retrained'))
   assert study.execute(spec, cost, run, str(tmp_path), train=True, label='') == record
   # A record of another step count (the run was replanned) is not this run's result.
@@ -132,7 +133,7 @@ def test_study_fits_predicts_and_plots_from_run_records(tmp_path, monkeypatch):
 
 
 def test_cli_compute_optimal_launch_lines(capsys, tmp_path):
-  from nextstep_jax.cli import sweep as sweep_cli  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.cli import sweep as sweep_cli
   assert sweep_cli.main(['--base', 'configs/shapes.py', '--budgets', '2e9,4e9,8e9', '--widths', '16,32,48,64',
                          '--sizes-per-budget', '3', '--min-steps', '4', '--max-steps', '60', '--set',
                          'train.batch_size=8', '--out', str(tmp_path), '--launch-cmd-only', '--launcher', 'go']) == 0
@@ -147,7 +148,7 @@ def test_a_preempted_run_stops_the_study_with_a_resume_hint(tmp_path, monkeypatc
   spec = small_spec()
   cost = study.Costs(spec)
   run = study.plan_isoflop(spec, cost)[0]
-  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.training import loop
   monkeypatch.setattr(loop, 'train', lambda config, workdir: loop.TrainResult(workdir, 3, {}, 0.1, preempted=True))
   with pytest.raises(study.StudyInterrupted, match=f'step 3 of {run.steps}.*rerun'):
     study.execute(spec, cost, run, str(tmp_path), train=True, label='')
