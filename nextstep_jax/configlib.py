@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from nextstep_jax import errors
 from nextstep_jax.image import aspect
 from nextstep_jax.parallel.mesh import MESH_AXES
 
@@ -33,7 +34,7 @@ HEAD_OBJECTIVES = ('flow', 'shortcut')
 ATTENTIONS = ('xla', 'splash')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UsageError, ValueError):
   """A config field is unknown, mistyped or inconsistent; the message names the field and fix."""
 
 

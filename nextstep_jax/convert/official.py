@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from configs import base as base_config
 from nextstep_jax import checkpoints
+from nextstep_jax import errors
 from nextstep_jax import configlib
 from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.image import vae_import
@@ -56,7 +57,7 @@ GEN_POS_EMBED_ATOL = 1e-4  # The buffer is float32 sin/cos; a bf16 release round
 _MAX_LISTED = 30
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """The release does not match the expected layout; the message lists every problem."""
 
 

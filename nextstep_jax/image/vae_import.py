@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from nextstep_jax import errors
 from nextstep_jax.image import vae
 
 CONFIG_FILE = 'config.json'
@@ -45,11 +46,11 @@ _CONFIG_FIELDS = ('in_channels', 'out_ch', 'ch', 'ch_mult', 'num_res_blocks', 'z
                   'norm_groups')
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(errors.UserError, pickle.UnpicklingError):
   """The pickle references something other than tensor-rebuild records."""
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointLayoutError(errors.UserError, ValueError):
   """Tensor names or shapes do not match the model built from the release's config."""
 
 

@@ -24,6 +24,7 @@ from etils import epath
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import errors
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data import training_data
 from nextstep_jax.parallel import mesh as mesh_lib
@@ -36,7 +37,7 @@ from nextstep_jax.utils import images as image_utils
 from nextstep_jax.utils import logging as log_utils
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(errors.UserError, RuntimeError):
   """The loss or gradient norm became NaN/Inf."""
 
 

@@ -31,6 +31,7 @@ from flax import nnx
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import errors
 from nextstep_jax.data import builtin_source
 from nextstep_jax.image import discriminator
 from nextstep_jax.image import tokenizers
@@ -47,7 +48,7 @@ NUM_GRID = 8  # Held-out images in each reconstruction grid.
 HELDOUT_SEED = 7919  # Shapes held-out scenes: default_rng(HELDOUT_SEED + seed), 'heldout' split.
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(errors.UserError, RuntimeError):
   """A loss became NaN/Inf."""
 
 
