@@ -58,7 +58,8 @@ class CheckpointSaveError(errors.UserError, RuntimeError):
 
 # Files every committed checkpoint holds (relative to its step directory).
 _REQUIRED_FILES = ('_CHECKPOINT_METADATA', 'state/_METADATA', 'state/manifest.ocdbt', 'extra/metadata')
-DAMAGED_SUFFIX = '.damaged'
+DAMAGED_SUFFIX = '.damaged'  # Damaged steps are kept in <directory>.damaged/<step>-<time>.
+SUPERSEDED_SUFFIX = '.superseded'  # Steps newer than a `--step` resume, kept likewise.
 
 
 @dataclasses.dataclass
@@ -271,13 +272,28 @@ class Checkpointer:
     return Restored(step, restored.state, restored.extra,
                     restored.data if has_data else None, skipped=[])
 
-  def _damaged_root(self) -> epath.Path:
-    root = epath.Path(self.directory)
-    return root.parent / (root.name + DAMAGED_SUFFIX)
+  def set_aside_newer(self, step: int) -> list[str]:
+    """Moves the checkpoints newer than `step` to `<directory>.superseded/` (kept, so a run can
+    resume from an older step and save over those step numbers); returns one line per move."""
+    lines = []
+    if jax.process_index() == 0:
+      for newer in [s for s in self.all_steps() if s > step]:
+        kept = self._move_aside(newer, SUPERSEDED_SUFFIX)
+        lines.append(f'resuming from step {step}: moved the newer checkpoint {newer} aside to {kept}')
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('nextstep_set_aside_newer')
+    self._manager.reload()
+    return lines
 
-  def _move_aside(self, step: int) -> epath.Path:
-    """Moves step `step`'s directory to `<directory>.damaged/<step>-<UTC time>`; returns it."""
-    target = self._damaged_root() / f'{step}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}'
+  def _damaged_root(self, suffix: str = '.damaged') -> epath.Path:
+    root = epath.Path(self.directory)
+    return root.parent / (root.name + suffix)
+
+  def _move_aside(self, step: int, suffix: str = '.damaged') -> epath.Path:
+    """Moves step `step`'s directory to `<directory><suffix>/<step>-<UTC time>`; returns it."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
+    target = self._damaged_root(suffix) / f'{step}-{stamp}'
     target.parent.mkdir(parents=True, exist_ok=True)
     (epath.Path(self.directory) / str(step)).rename(target)
     self._manager.reload()

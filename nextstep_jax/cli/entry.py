@@ -5,7 +5,9 @@ config, inputs, a damaged checkpoint, a held workdir ...) is printed as `error: 
 stderr, with no traceback, and its exit code returned (2 usage, 1 runtime). `--debug` anywhere on
 the command line, or NEXTSTEP_DEBUG=1 in the environment, prints the traceback too. Any other
 exception is a bug: it propagates with its traceback. Ctrl-C outside training (which saves and
-exits by itself) prints one line and exits 130. `ArgumentParser` reports flag errors the same way
+exits by itself) prints one line and exits 130; a SIGTERM or Ctrl-C that arrived while the
+package was importing (`nextstep_jax/signals.py`) is reported in one line before any work starts,
+or, for the trainer (`stop_signals='train'`), handed to its preemption watch. `ArgumentParser` reports flag errors the same way
 (one line, exit 2) instead of argparse's usage block.
 """
 import argparse
@@ -15,6 +17,7 @@ import traceback
 from typing import Callable, Sequence
 
 from nextstep_jax import errors
+from nextstep_jax import signals
 
 DEBUG_FLAG = '--debug'
 DEBUG_ENV = 'NEXTSTEP_DEBUG'
@@ -37,10 +40,24 @@ def debug_enabled(argv: Sequence[str]) -> bool:
   return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, '').strip() not in ('', '0')
 
 
-def run(main_impl: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
-  """Runs `main_impl(argv)` (default sys.argv[1:]); returns its exit code, or a user error's."""
+def run(main_impl: Callable[[list[str]], int], argv: Sequence[str] | None = None,
+        stop_signals: str = 'default') -> int:
+  """Runs `main_impl(argv)` (default sys.argv[1:]); returns its exit code, or a user error's.
+
+  stop_signals: 'default' (an early stop request ends the tool before it starts; then the usual
+  handlers) or 'train' (SIGTERM / Ctrl-C stay recorded for the trainer's preemption watch).
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = debug_enabled(argv)
+  if stop_signals == 'train':
+    signals.install()
+  else:
+    early = signals.received()
+    signals.uninstall()
+    if early:
+      print(f'error: stopped by {signals.name(early[0])} before any work started',
+            file=sys.stderr, flush=True)
+      return 128 + early[0]
   try:
     return main_impl(argv)
   except errors.UserError as error:
