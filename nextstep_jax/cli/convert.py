@@ -10,9 +10,15 @@ bfloat16) plus one tensor.
 import argparse
 import sys
 
+from nextstep_jax.cli import entry
+
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  return entry.run(_main, argv)
+
+
+def _main(argv) -> int:
+  parser = entry.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--hf-dir', required=True, help='directory of the official release')
   parser.add_argument('--out', required=True, help='output directory (must not hold params/ yet)')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
@@ -25,16 +31,17 @@ def main(argv=None) -> int:
                       help="image tokenizer folder (config.json + checkpoint.pt): default the release's vae/")
   parser.add_argument('--image-size', type=int, default=512, help='default square image side in pixels')
   parser.add_argument('--max-caption-tokens', type=int, default=256, help='prompt token budget per caption')
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(argv)
+  if args.image_size < 1 or args.max_caption_tokens < 1:
+    parser.error('--image-size and --max-caption-tokens must be >= 1')
 
   from nextstep_jax.convert import official  # pylint: disable=import-outside-toplevel (after flag errors)
   try:
     config = official.convert(args.hf_dir, args.out, param_dtype=args.dtype, compute_dtype=args.compute_dtype,
                               image_tokenizer=args.image_tokenizer, image_size=args.image_size,
                               max_caption_tokens=args.max_caption_tokens, vae_dir=args.vae)
-  except (official.ConversionError, FileExistsError) as error:
-    print(f'nextstep-convert: {error}', file=sys.stderr)
-    return 1
+  except FileExistsError as error:
+    raise official.ConversionError(str(error)) from error
   m = config.model
   print(f'converted {args.hf_dir} -> {args.out}: {m.num_layers} layers, hidden {m.hidden_size}, '
         f'head {m.fm_head_dim}x{m.fm_head_layers}, params {m.param_dtype}')

@@ -12,9 +12,15 @@ name); afterwards --collect-only evaluates the finished workdirs and fits withou
 import argparse
 import sys
 
+from nextstep_jax.cli import entry
+
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  return entry.run(_main, argv)
+
+
+def _main(argv) -> int:
+  parser = entry.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--base', required=True, help='base config file[:variant], e.g. configs/shapes.py')
   parser.add_argument('--grid', action='append', default=[], required=True,
                       help='field=v1,v2,... or field1,field2=a1:b1,a2:b2 (repeatable; Cartesian product)')
@@ -31,7 +37,7 @@ def main(argv=None) -> int:
   parser.add_argument('--launcher', default='python -m nextstep_jax.cli.train',
                       help='command prefix of --launch-cmd-only lines (takes --config/--workdir/--config.x=v; '
                       '{name} becomes the run name)')
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(argv)
 
   from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top (after flag errors)
   from nextstep_jax.experiments import sweep  # pylint: disable=g-import-not-at-top

@@ -19,6 +19,7 @@ from etils import epath
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import errors
 from nextstep_jax.convert import official
 from nextstep_jax.data import edit_sequences
 from nextstep_jax.data import hf_tokenizer
@@ -35,6 +36,10 @@ from nextstep_jax.utils import images as image_utils
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
 CHECKPOINT_DIR = 'checkpoints'
+
+
+class RunFilesError(errors.UserError, FileNotFoundError):
+  """A training run or converted checkpoint directory lacks a file it needs."""
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -59,10 +64,18 @@ class TextToImage:
   """A text-to-image sampler bound to one model's params and one config's sample settings."""
 
   def __init__(self, config, graphdef, params, tok: text_tokenizer.Tokenizer, image_tokenizer=None,
-               progress_every: int = 0, **overrides):
+               progress_every: int = 0, max_caption_tokens: int | None = None, **overrides):
     """overrides: sample.* fields for this sampler (e.g. cfg=2.0, num_steps=20).
     image_tokenizer: default `tokenizers.get_tokenizer(config)`. progress_every > 0: a console
-    bar over image tokens, advanced every that many tokens (sampling/progress.py)."""
+    bar over image tokens, advanced every that many tokens (sampling/progress.py).
+    max_caption_tokens: the prompt token budget (default the config's text.max_caption_tokens);
+    longer prompts than the model trained with are allowed within model.max_seq_len."""
+    if max_caption_tokens is not None:
+      if max_caption_tokens < 1:
+        raise configlib.ConfigError(f'max_caption_tokens={max_caption_tokens} must be >= 1')
+      config = config.copy_and_resolve_references()
+      with config.unlocked():
+        config.text.max_caption_tokens = int(max_caption_tokens)
     self.config = config
     sample_cfg = config.sample.to_dict()
     unknown = set(overrides) - set(sample_cfg)
@@ -84,8 +97,11 @@ class TextToImage:
     """Loads a training run: its config.json, tokenizer.model and checkpoint `step` (latest)."""
     root = epath.Path(workdir)
     if not (root / CONFIG_FILE).exists():
-      raise FileNotFoundError(f'{root} is not a training run: {CONFIG_FILE} is missing '
-                              '(train one with nextstep-train --workdir DIR)')
+      raise RunFilesError(f'{root} is not a training run: {CONFIG_FILE} is missing '
+                          '(train one with nextstep-train --workdir DIR)')
+    if not (root / TOKENIZER_FILE).exists():
+      raise RunFilesError(f'{root / TOKENIZER_FILE} is missing; copy it from the run that trained '
+                          f'this model, or retrain (nextstep-train --workdir {root})')
     config = configlib.with_base_defaults(configlib.config_from_json((root / CONFIG_FILE).read_text()))
     tok = text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
     tx = state_lib.make_optimizer(config.train)
@@ -106,6 +122,10 @@ class TextToImage:
     """Loads a checkpoint written by `nextstep-convert`: params only (no optimizer memory),
     restored straight onto their shardings under `mesh` (default: `sharded.sampling_mesh`, every
     device, tensor-parallel within a host, the rest FSDP)."""
+    for name in (official.CONFIG_FILE, official.TOKENIZER_FILE):
+      if not (pathlib.Path(directory) / name).exists():
+        raise RunFilesError(f'{pathlib.Path(directory) / name} is missing: {directory} is not a complete '
+                            'nextstep-convert output; convert again (nextstep-convert --hf-dir RELEASE --out DIR)')
     config = official.load_config(directory)
     if config.image.tokenizer == 'vae' and not config.image.vae.checkpoint and image_tokenizer is None:
       raise ValueError(f'{directory} was converted without image tokenizer weights (the release had no vae/ '
