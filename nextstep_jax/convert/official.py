@@ -31,6 +31,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors import safe_open
 
 from configs import base as base_config
@@ -118,24 +119,46 @@ def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
   """{official tensor name: shard file} from the index json (or the single safetensors file)."""
   root = pathlib.Path(hf_dir)
   if (root / INDEX_FILE).exists():
-    weight_map = json.loads((root / INDEX_FILE).read_text())['weight_map']
+    weight_map = read_json(root / INDEX_FILE).get('weight_map')
+    if not isinstance(weight_map, dict):
+      raise ConversionError(f'{root / INDEX_FILE} has no "weight_map" object; download it again')
     files = {name: root / shard for name, shard in weight_map.items()}
     absent = sorted({str(path) for path in files.values() if not path.exists()})
     if absent:
       raise ConversionError(f'{INDEX_FILE} names shards that are missing: {absent}')
     return files
   if (root / SINGLE_FILE).exists():
-    with safe_open(root / SINGLE_FILE, 'numpy') as f:
+    with _open_safetensors(root / SINGLE_FILE) as f:
       return {name: root / SINGLE_FILE for name in f.keys()}
   raise ConversionError(f'{root} holds neither {INDEX_FILE} nor {SINGLE_FILE}; pass the directory of a '
                         'NextStep-1 release (e.g. a download of stepfun-ai/NextStep-1-Large).')
+
+
+def _open_safetensors(path: pathlib.Path):
+  """safe_open(path) with a damaged file reported as a ConversionError naming it."""
+  try:
+    return safe_open(path, 'numpy')
+  except (SafetensorError, OSError, ValueError) as error:
+    raise ConversionError(f'{path} is not a readable safetensors file ({error}); the download is '
+                          'probably incomplete: download it again') from error
+
+
+def read_json(path: pathlib.Path) -> dict:
+  """A JSON object file; ConversionError naming the file when it is not one."""
+  try:
+    value = json.loads(path.read_text(encoding='utf-8'))
+  except (ValueError, UnicodeDecodeError) as error:
+    raise ConversionError(f'{path} is not valid JSON ({error}); download it again') from error
+  if not isinstance(value, dict):
+    raise ConversionError(f'{path} holds {type(value).__name__}, expected a JSON object')
+  return value
 
 
 def tensor_shapes(files: dict[str, pathlib.Path]) -> dict[str, tuple[int, ...]]:
   """Shapes from the safetensors headers (no tensor data read)."""
   shapes = {}
   for shard in sorted(set(files.values())):
-    with safe_open(shard, 'numpy') as f:
+    with _open_safetensors(shard) as f:
       for name in f.keys():
         if files.get(name) == shard:
           shapes[name] = tuple(f.get_slice(name).get_shape())
@@ -287,7 +310,7 @@ def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_d
   progress = logging_lib.ProgressLogger(len(mapping), every=log_every, items_per_step=1)
   done = 0
   for shard in sorted(by_shard):
-    with safe_open(shard, 'numpy') as f:
+    with _open_safetensors(shard) as f:
       for name in sorted(by_shard[shard]):
         path, layer, transform = mapping[name]
         target = buffers[path]
@@ -305,7 +328,7 @@ def _check_gen_pos_embed(files, shapes, config) -> list[str]:
     return []
   m = config.model
   ours = nextstep.sincos_pos_embed_2d(m.hidden_size, m.base_image_grid_size)
-  with safe_open(files['gen_pos_embed'], 'numpy') as f:
+  with _open_safetensors(files['gen_pos_embed']) as f:
     theirs = f.get_tensor('gen_pos_embed').astype(np.float32).reshape(-1, m.hidden_size)
   if theirs.shape != ours.shape or not np.allclose(theirs, ours, atol=GEN_POS_EMBED_ATOL):
     return [f'gen_pos_embed {shapes["gen_pos_embed"]} differs from the 2-D sin-cos table of grid '
@@ -327,7 +350,22 @@ def vae_source(hf_dir: pathlib.Path, vae_dir: str | pathlib.Path | None) -> path
   return root if (root / vae_import.CONFIG_FILE).exists() else None
 
 
-def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path) -> None:
+def hf_use_norm(config: ml_collections.ConfigDict, cfg, source: pathlib.Path, stated) -> bool:
+  """Whether sampled tokens are LayerNormed (official `use_norm`): what the release says
+  (`stated`: `use_norm` of the model's config.json, None when absent), else whether its VAE
+  normalises latents per token patch (encoder_norm with psz == latent_patch_size)."""
+  matches = bool(cfg.encoder_norm) and cfg.psz == config.model.latent_patch_size
+  if stated is None:
+    return matches
+  if stated and not matches:
+    raise ConversionError(
+        f'the release sets use_norm=true but its image tokenizer {source} has encoder_norm='
+        f'{cfg.encoder_norm}, psz={cfg.psz} (latent_patch_size {config.model.latent_patch_size}); '
+        'this combination is not supported')
+  return bool(stated)
+
+
+def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path, stated_use_norm=None) -> None:
   """Imports the VAE release in `source` (every tensor name and shape checked) and sets the
   config's image.vae architecture from it; the checkpoint path is set when the files are copied."""
   try:
@@ -338,6 +376,7 @@ def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path) -> None
   v.in_channels, v.out_ch, v.ch, v.ch_mult = cfg.in_channels, cfg.out_ch, cfg.ch, tuple(cfg.ch_mult)
   v.num_res_blocks, v.z_channels, v.norm_groups = cfg.num_res_blocks, cfg.z_channels, cfg.norm_groups
   v.scaling_factor, v.shift_factor, v.encoder_norm, v.psz = cfg.scaling_factor, cfg.shift_factor, cfg.encoder_norm, cfg.psz
+  config.image.use_norm = hf_use_norm(config, cfg, source, stated_use_norm)
   if cfg.z_channels != config.model.latent_channels:
     raise ConversionError(f'image tokenizer {source} has z_channels={cfg.z_channels} but the model reads '
                           f'{config.model.latent_channels}-channel latents; pass the tokenizer of this model.')
@@ -355,7 +394,7 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
     raise ConversionError(f'{hf_dir / CONFIG_FILE} is missing; pass the directory of a NextStep-1 release.')
   if (out_dir / PARAMS_DIR).exists():
     raise FileExistsError(f'{out_dir / PARAMS_DIR} exists; choose an empty --out directory.')
-  hf = json.loads((hf_dir / CONFIG_FILE).read_text())
+  hf = read_json(hf_dir / CONFIG_FILE)
   tok = hf_tokenizer.HFTokenizer.load(str(hf_dir / TOKENIZER_FILE))
   files = tensor_files(hf_dir)
   shapes = tensor_shapes(files)
@@ -367,7 +406,7 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
                             image_size, max_caption_tokens)
   vae_release = vae_source(hf_dir, vae_dir) if image_tokenizer == 'vae' else None
   if vae_release is not None:
-    _attach_vae(config, vae_release)
+    _attach_vae(config, vae_release, hf.get('use_norm'))
   configlib.validate(config)
   abstract, mapping = plan(config, shapes)
   problems = _check_gen_pos_embed(files, shapes, config)
