@@ -395,6 +395,9 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
   if (out_dir / PARAMS_DIR).exists():
     raise FileExistsError(f'{out_dir / PARAMS_DIR} exists; choose an empty --out directory.')
   hf = read_json(hf_dir / CONFIG_FILE)
+  if not (hf_dir / TOKENIZER_FILE).exists():
+    raise ConversionError(f'{hf_dir / TOKENIZER_FILE} is missing; the release download is incomplete '
+                          '(it holds the text tokenizer): download it again')
   tok = hf_tokenizer.HFTokenizer.load(str(hf_dir / TOKENIZER_FILE))
   files = tensor_files(hf_dir)
   shapes = tensor_shapes(files)
