@@ -12,7 +12,16 @@ Console scripts (`nextstep-*`) record SIGTERM and Ctrl-C from here on, before th
 import os as _os
 import sys as _sys
 
-if _os.path.basename(_sys.argv[0] if _sys.argv else '').startswith('nextstep-'):
+def _is_console_script() -> bool:
+  """`nextstep-*` entry points, or `python -m nextstep_jax.cli.*` (argv[0] is '-m' while the
+  package imports; the original command line tells)."""
+  if _os.path.basename(_sys.argv[0] if _sys.argv else '').startswith('nextstep-'):
+    return True
+  orig = list(getattr(_sys, 'orig_argv', []))
+  return '-m' in orig[:-1] and orig[orig.index('-m') + 1].startswith('nextstep_jax.cli.')
+
+
+if _is_console_script():
   from nextstep_jax import signals as _signals
   _signals.install()
 
