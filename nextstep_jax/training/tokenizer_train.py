@@ -186,11 +186,12 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
   program = _program(configlib.config_to_json(config))
   mesh, graphdef = program.mesh, program.graphdef
   ckpt = checkpoints.Checkpointer(root / 'checkpoints', keep=t.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is None:
+  restored = ckpt.restore_newest(program.abstract,  # Damaged newer steps are moved aside.
+                                 log=lambda line: print(f'warning: {line}', flush=True))
+  if restored is None:
     state, start = program.init(), 0
   else:
-    state, _ = ckpt.restore(start, program.abstract)
+    state, start = restored.state, restored.step
     print(f'resumed from step {start} in {root}', flush=True)
   step_fn = program.step
   writer = log_utils.MetricWriter(root / 'tb')
