@@ -184,7 +184,7 @@ class Checkpointer:
     """Committed steps, oldest first."""
     return list(self._manager.all_steps())
 
-  def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
+  def restore(self, step: int | None, abstract_state: Any, partial: bool = False) -> tuple[Any, dict]:
     """Restores `step` (None: the newest that restores, see `restore_newest`) onto the
     shardings of `abstract_state`.
 
@@ -193,6 +193,8 @@ class Checkpointer:
       abstract_state: the expected pytree, with `jax.ShapeDtypeStruct(shape, dtype,
         sharding=...)` (or jax.Array) leaves; restored arrays get these shapes, dtypes and
         shardings.
+      partial: `abstract_state` is a dict naming only some of the saved top-level entries (e.g.
+        {'params': ...}); only those are read, the rest stay on disk.
 
     Returns:
       (state, extra): state with the structure of `abstract_state`, extra the saved JSON dict.
@@ -203,24 +205,24 @@ class Checkpointer:
       CheckpointDamagedError: `step` was given and cannot be read back.
     """
     if step is None:
-      restored = self.restore_newest(abstract_state)
+      restored = self.restore_newest(abstract_state, partial=partial)
       if restored is None:
         raise CheckpointNotFoundError(f'No checkpoint in {self.directory}; train first (nextstep-train)')
       return restored.state, restored.extra
     if step not in self.all_steps():
       raise CheckpointNotFoundError(
           f'No checkpoint for step {step} in {self.directory}; saved steps: {self.all_steps()}')
-    restored = self._restore_step(step, abstract_state, with_data=False)
+    restored = self._restore_step(step, abstract_state, with_data=False, partial=partial)
     return restored.state, restored.extra
 
-  def restore_newest(self, abstract_state: Any, with_data: bool = False,
-                     log=print) -> Restored | None:
+  def restore_newest(self, abstract_state: Any, with_data: bool = False, log=print,
+                     partial: bool = False) -> Restored | None:
     """Restores the newest step that restores; None when there is no checkpoint at all.
 
     A damaged step (`CheckpointDamagedError`) is moved aside to `<directory>.damaged/` (on a
     single process; with several processes the error is raised, as they could disagree) and the
     next older step is tried; `log` gets one line per skipped step. with_data: also restore this
-    process's data-iterator state.
+    process's data-iterator state; partial: see `restore`.
 
     Raises:
       CheckpointDamagedError: every checkpoint is damaged (all moved aside), or one is damaged in a
@@ -230,7 +232,7 @@ class Checkpointer:
     skipped = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        restored = self._restore_step(step, abstract_state, with_data)
+        restored = self._restore_step(step, abstract_state, with_data, partial)
       except CheckpointDamagedError as error:
         if jax.process_count() > 1:
           raise
@@ -249,18 +251,28 @@ class Checkpointer:
           step=-1, cause='all damaged')
     return None
 
-  def _restore_step(self, step: int, abstract_state: Any, with_data: bool) -> Restored:
+  def _restore_step(self, step: int, abstract_state: Any, with_data: bool,
+                    partial: bool = False) -> Restored:
     step_dir = epath.Path(self.directory) / str(step)
     try:
       metadata = self._manager.item_metadata(step)
       if metadata is None or metadata.get('state') is None:
         raise FileNotFoundError(f'{step_dir}/state/_METADATA is missing')
-      self._check_matches(step, abstract_state, metadata)
-      items = dict(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore())
+      self._check_matches(step, abstract_state, metadata, partial)
       has_data = with_data and 'data' in metadata and metadata.get('data') is not False
+      if partial:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+          state = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+              abstract_state, ocp.checkpoint_utils.construct_restore_args(abstract_state),
+              partial_restore=True))
+        items = dict(extra=ocp.args.JsonRestore())
+      else:
+        items = dict(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore())
       if has_data:
         items['data'] = ProcessJsonRestore()
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      if not partial:
+        state = restored.state
     except CheckpointMismatchError:
       raise
     except Exception as error:  # pylint: disable=broad-except (orbax/TensorStore raise many kinds)
@@ -269,8 +281,7 @@ class Checkpointer:
           f'checkpoint {step_dir} cannot be restored: {cause}. Restore the files, or move the '
           f'directory away to resume from an older step (saved steps: {self.all_steps()})',
           step=step, cause=cause) from error
-    return Restored(step, restored.state, restored.extra,
-                    restored.data if has_data else None, skipped=[])
+    return Restored(step, state, restored.extra, restored.data if has_data else None, skipped=[])
 
   def set_aside_newer(self, step: int) -> list[str]:
     """Moves the checkpoints newer than `step` to `<directory>.superseded/` (kept, so a run can
@@ -315,8 +326,10 @@ class Checkpointer:
     with self._save_errors('finishing the last save'):
       self._manager.close()
 
-  def _check_matches(self, step: int, abstract_state: Any, metadata) -> None:
+  def _check_matches(self, step: int, abstract_state: Any, metadata, partial: bool = False) -> None:
     saved = _shapes_by_path(metadata['state'])
+    if partial:
+      saved = {path: shape for path, shape in saved.items() if path.split('/')[0] in abstract_state}
     expected = _shapes_by_path(abstract_state)
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())

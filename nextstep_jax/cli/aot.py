@@ -35,7 +35,7 @@ def _main(argv) -> int:
     parser.error(f'unrecognised arguments {bad}; config overrides look like --config.train.batch_size=256')
   config = configlib.load_config(args.config, rest)
   configlib.validate(config)
-  from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel (after flag errors)
+  from nextstep_jax.planning import aot  # pylint: disable=import-outside-toplevel (after flag errors)
   hbm = None if args.hbm_gib is None else int(args.hbm_gib * aot.GIB)
   try:
     result = aot.plan(config, args.topology, args.task, hbm_bytes=hbm, calibrate=not args.no_calibrate)

@@ -31,6 +31,7 @@ from etils import epath
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax import errors
+from nextstep_jax import runs
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data import training_data
 from nextstep_jax.parallel import mesh as mesh_lib
@@ -186,9 +187,7 @@ def _train_locked(config, workdir: epath.Path, stop_at, from_step, mesh, tok, da
                   is_writer: bool) -> TrainResult:
   tx = state_lib.make_optimizer(config.train)
   graphdef, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
-  ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, shardings)
+  ckpt = checkpoints.Checkpointer(workdir / runs.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
   if from_step is not None:
     if from_step not in ckpt.all_steps():
       raise checkpoints.CheckpointNotFoundError(
@@ -196,18 +195,25 @@ def _train_locked(config, workdir: epath.Path, stop_at, from_step, mesh, tok, da
           f'{ckpt.all_steps()}')
     for line in ckpt.set_aside_newer(from_step):
       print(line, flush=True)
-  restored = ckpt.restore_newest(target, with_data=True,
-                                 log=lambda line: print(f'warning: {line}', flush=True))
-  if restored is None:
+  if not ckpt.all_steps():
     state = jax.jit(lambda: state_lib.init_state(config, tx), out_shardings=shardings)()
     start = 0
-  else:
+  else:  # The newest checkpoint that restores; damaged newer ones are moved aside.
+    restored = runs.restore_run(workdir, None, params_only=False, mesh=mesh, config=config,
+                                abstract_state=abstract_state, checkpointer=ckpt)
     start, state = restored.step, restored.state
-    if restored.data_state is None:
+    try:
+      data_state = ckpt.restore_data_state(start)
+    except Exception as error:  # pylint: disable=broad-except (orbax raises many kinds)
+      raise checkpoints.CheckpointDamagedError(
+          f'checkpoint {start} in {workdir}: its data-iterator state cannot be read '
+          f'({checkpoints.diagnose(epath.Path(ckpt.directory) / str(start), error)}); move the step directory '
+          'away to resume from an older one', step=start, cause='data state') from error
+    if data_state is None:
       raise checkpoints.CheckpointDamagedError(
           f'checkpoint {start} in {workdir} has no data-iterator state; it was written by an '
           'older version, start a new --workdir', step=start, cause='no data state')
-    data.set_state(restored.data_state)
+    data.set_state(data_state)
     print(f'resumed from step {start} in {workdir}', flush=True)
 
   total = config.train.steps
@@ -285,10 +291,10 @@ def _train_locked(config, workdir: epath.Path, stop_at, from_step, mesh, tok, da
 
 def _write_run_files(config, workdir: epath.Path, tok) -> None:
   """config.json and tokenizer.model: everything `nextstep-sample --workdir` needs besides weights."""
-  config_path = workdir / pipeline.CONFIG_FILE
+  config_path = workdir / runs.CONFIG_FILE
   text = configlib.config_to_json(config)
   if config_path.exists() and configlib.config_from_json(config_path.read_text()).model != config.model:
     raise configlib.ConfigError(f'{workdir} holds a run with a different model config; use a new '
                                 '--workdir or the same config to resume')
   config_path.write_text(text)
-  (workdir / pipeline.TOKENIZER_FILE).write_bytes(pathlib.Path(tok.path).read_bytes())
+  (workdir / runs.TOKENIZER_FILE).write_bytes(pathlib.Path(tok.path).read_bytes())
