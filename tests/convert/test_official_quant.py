@@ -1,19 +1,18 @@
 """nextstep-convert --quantize: tensor-by-tensor quantization of a tiny official-layout release
 equals quantizing the float conversion at load time, and restores sharded onto another mesh."""
+import hf_testing
 import jax
 import ml_collections
 import numpy as np
 import pytest
+import torch_reference as tr
 from flax import nnx
 
-import hf_testing
-import torch_reference as tr
 from nextstep_jax.cli import convert as convert_cli
 from nextstep_jax.convert import official
 from nextstep_jax.model import quant
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.sampling import pipeline
-
 
 RELEASE = dict(tr.TINY_RELEASE, latent_channels=3)  # Pixel tokens: sampling needs no VAE weights.
 PIXELS = {'image_tokenizer': 'pixels', 'image_size': 8, 'max_caption_tokens': 16}
