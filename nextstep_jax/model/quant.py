@@ -158,12 +158,13 @@ def quantized_paths(model: nnx.Module) -> dict[tuple, int]:
 
 
 def quantize_params(float_params: Any, quantized_model: nnx.Module, qcfg: QuantConfig,
-                    shardings: Any = None) -> nnx.State:
+                    shardings: Any = None, delete_float: bool = True) -> nnx.State:
   """Float params (nnx.State of the unquantized model, e.g. a bf16 conversion restored onto a
   mesh) -> the params of `quantized_model` (abstract is fine), one variable at a time: each
   kernel is quantized by a jit whose outputs land on `shardings` (an nnx.State of NamedShardings
-  of the quantized params; None = where jit puts them) and the float kernel is then deleted, so
-  device memory peaks at the float params plus one quantized kernel, falling as it goes."""
+  of the quantized params; None = where jit puts them) and the float kernel is then deleted
+  (unless delete_float=False), so device memory peaks at the float params plus one quantized
+  kernel, falling as it goes. Norm weights and biases are passed through as they are."""
   contract = quantized_paths(quantized_model)
   scale_dtypes = _scale_dtypes(quantized_model)
   flat_float = dict(nnx.to_flat_state(float_params))
@@ -183,7 +184,7 @@ def quantize_params(float_params: Any, quantized_model: nnx.Module, qcfg: QuantC
       values = jax.jit(quantize, out_shardings=placed)(source)
       for part, value in zip(parts, values):
         out[part] = flat_target[part].replace(value)
-      if isinstance(source, jax.Array):
+      if delete_float and isinstance(source, jax.Array):
         source.delete()
     else:
       out[path] = var.replace(_take(flat_float, path))
