@@ -52,12 +52,12 @@ import numpy as np  # pylint: disable=wrong-import-position
 from flax import nnx  # pylint: disable=wrong-import-position
 
 from nextstep_jax import configlib  # pylint: disable=wrong-import-position
+from nextstep_jax import runs  # pylint: disable=wrong-import-position
 from nextstep_jax.evaluate import run_eval  # pylint: disable=wrong-import-position
 from nextstep_jax.evaluate import shapes_eval  # pylint: disable=wrong-import-position
 from nextstep_jax.model import nextstep  # pylint: disable=wrong-import-position
 from nextstep_jax.model import quant  # pylint: disable=wrong-import-position
 from nextstep_jax.sampling import pipeline  # pylint: disable=wrong-import-position
-from nextstep_jax.training import state as state_lib  # pylint: disable=wrong-import-position
 
 RESULTS = ROOT / 'benchmarks' / 'results' / 'quantized_sampling.json'
 
@@ -73,7 +73,7 @@ def quantized_config(config, mode: str, group_size: int, head: bool = True):
 def quantized_sampler(sampler: pipeline.TextToImage, mode: str, group_size: int) -> pipeline.TextToImage:
   """The same sampler with its params quantized (float params kept for the unquantized runs)."""
   config = quantized_config(sampler.config, mode, group_size)
-  model = state_lib.abstract_model(config)
+  model = nextstep.abstract_model(config)
   params = quant.quantize_params(sampler.params, model, quant.QuantConfig.from_config(config.model),
                                  delete_float=False)
   graphdef = nnx.split(model, nnx.Param)[0]
@@ -110,7 +110,7 @@ def part_runs(args) -> dict:
   for dataset, run in (('shapes', args.shapes_run), ('digits', args.digits_run)):
     if not run:
       continue
-    step = args.step or pipeline.checkpoint_steps(run)[-1]
+    step = args.step or runs.checkpoint_steps(run)[-1]
     sampler = pipeline.TextToImage.from_workdir(run, step)
     size = sampler.config.image.size
     t0 = time.time()
@@ -143,7 +143,7 @@ def hidden_and_velocity(model, ids, x_t, t):
 
 def errors_by_mode(config, float_params, inputs, modes, group_size) -> dict:
   """{mode: {'hidden': rel. error, 'velocity': rel. error}} of `config`'s model with float params."""
-  float_model = state_lib.abstract_model(config, quantized=False)
+  float_model = nextstep.abstract_model(config, quantized=False)
   run = lambda graphdef, params: jax.jit(lambda p: hidden_and_velocity(nnx.merge(graphdef, p), *inputs))(params)
   reference = run(nnx.split(float_model, nnx.Param)[0], float_params)
   out = {}
@@ -151,7 +151,7 @@ def errors_by_mode(config, float_params, inputs, modes, group_size) -> dict:
     for head in (True, False):
       name = mode if head else f'{mode}_float_head'
       qconfig = quantized_config(config, mode, group_size, head)
-      model = state_lib.abstract_model(qconfig)
+      model = nextstep.abstract_model(qconfig)
       params = quant.quantize_params(float_params, model, quant.QuantConfig.from_config(qconfig.model),
                                      delete_float=False)
       hidden, velocity = run(nnx.split(model, nnx.Param)[0], params)
@@ -212,7 +212,7 @@ def part_large_shape(args) -> dict:
   config = configlib.load_config('configs/nextstep1_large.py', [
       f'model.num_layers={args.large_layers}', 'model.vocab_size=1024', 'text.vocab_size=1000',
       'model.dtype=float32', 'model.param_dtype=float32', 'model.remat_policy=none'])
-  model = nextstep.NextStep(state_lib.model_config(config), rngs=nnx.Rngs(0))
+  model = nextstep.NextStep(nextstep.model_config(config), rngs=nnx.Rngs(0))
   model_testing.randomize(model, seed=0, std=0.02)
   params = nnx.state(model, nnx.Param)
   del model
@@ -264,7 +264,7 @@ def part_convert_rss(args) -> dict:
     out = work / f'out_{name}'
     rss, seconds = child('--hf-dir', str(work / 'hf'), '--out', str(out), '--dtype', 'bfloat16', *flags)
     config = json.loads((out / 'config.json').read_text())
-    abstract = nnx.state(state_lib.abstract_model(configlib.with_base_defaults(configlib.config_from_json(
+    abstract = nnx.state(nextstep.abstract_model(configlib.with_base_defaults(configlib.config_from_json(
         json.dumps(config)))), nnx.Param)
     stored = quant.quantized_bytes(abstract)
     host = sum(np.prod(x.shape) * (jnp.dtype(x.dtype).itemsize) for x in jax.tree.leaves(abstract))

@@ -20,7 +20,10 @@ from nextstep_jax.parallel import rules as rules_lib
 
 Initializer = Callable[..., jax.Array]
 
-REMAT_POLICIES = {
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}  # model.*dtype
+QUANT_TYPES = {'int8': jnp.int8, 'int4': jnp.int4}  # model.quant.mode (besides 'none'): model/quant.py.
+
+REMAT_POLICIES = {  # model.remat_policy
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
