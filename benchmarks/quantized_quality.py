@@ -229,11 +229,13 @@ def part_large_shape(args) -> dict:
 
 
 CONVERT_CHILD = '''
-import resource, sys, time
+import sys, time
 t0 = time.time()
 from nextstep_jax.cli import convert
 code = convert.main(sys.argv[1:]) if len(sys.argv) > 1 else 0
-print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'SECONDS', time.time() - t0)
+# VmHWM: this process image's peak RSS (ru_maxrss would carry the forking parent's over exec).
+peak = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))
+print('PEAK_RSS_KB', peak, 'SECONDS', time.time() - t0)
 sys.exit(code)
 '''
 
