@@ -46,6 +46,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (Pallas TPU kernel; interpret mode off TPU). Decode steps always use XLA.
   m.attention = 'xla'
   m.scan_unroll = False  # Unroll layer and integration-step scans: exact compiler cost analysis (AOT calibration only).
+  # Weight-only quantization for sampling (nextstep_jax/model/quant.py, qwix): linear-layer kernels
+  # stored as int8/int4 with scales in model.dtype; activations stay in model.dtype. Not for training.
+  m.quant = ml_collections.ConfigDict()
+  m.quant.mode = 'none'  # none | int8 (per output channel) | int4 (per group of the contracted axis).
+  m.quant.group_size = 128  # int4 group along the contracted axis (axes it does not divide: per channel).
+  m.quant.head = True  # Also quantize the flow head's linear layers (else they keep param_dtype).
+  m.quant.embedding = False  # Also quantize embed_tokens (per row) and lm_head (the vocab tables).
 
   # Image tokenizer: images (B, S, S, 3) in [-1, 1] <-> latents (B, S/f, S/f, latent_channels).
   c.image = ml_collections.ConfigDict()
@@ -69,7 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   v.shift_factor = 0.0
   v.deterministic = True  # Encode to the posterior mean.
   v.encoder_norm = True  # LayerNorm each psz x psz patch of the mean (official true).
-  v.psz = 2  # Patch side of encoder_norm (unverified official value; see nextstep1.md).
+  v.psz = 2  # Patch side of encoder_norm (unverified official value; see docs/model.md §2).
   v.batch_chunk = 8  # Images per device per encode/decode pass (bounds memory, e.g. 1024px).
   # Spatial tiling (image/vae_tiling.py): encode/decode overlapping tiles of tile_size latent
   # pixels blended with linear ramps when a latent side exceeds tile_size (official: 1024px images

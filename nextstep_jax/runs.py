@@ -7,7 +7,8 @@ Two kinds of directory hold a model:
     params/0/ holding the params alone, and vae/ with the image tokenizer's weights.
 
 `restore_run` reads either onto any mesh: params only (the optimizer moments stay on disk; the
-params can be cast to another dtype while they load) or, for a training run, the full train state.
+params can be cast to another dtype while they load, or quantized: a `config` whose `model.quant`
+asks for int8/int4 weights of a float run) or, for a training run, the full train state.
 """
 import pathlib
 import tempfile
@@ -23,6 +24,7 @@ from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax import errors
 from nextstep_jax.model import nextstep
+from nextstep_jax.model import quant
 from nextstep_jax.parallel import rules as rules_lib
 
 CONFIG_FILE = 'config.json'
@@ -117,7 +119,9 @@ def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
     mesh: the mesh to shard onto under `rules`; None: every array on the first device.
     rules: logical-axis rules; default the config's `mesh.rules`.
     dtype: cast floating params to this dtype while loading (params_only); None keeps the config's.
-    config: the run's config; default its config.json.
+    config: the run's config; default its config.json. Its `model.quant` may ask for weight-only
+      quantization of a float run (params_only): the float params are read onto the mesh and
+      quantized there one kernel at a time (model/quant.py). Quantized runs restore as stored.
     abstract_state: the abstract full train state (required for a full restore; the optimizer
       that shapes it belongs to training), sharded here like the params.
     checkpointer: an open Checkpointer on the run's checkpoints to use (and leave open).
@@ -125,13 +129,24 @@ def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
   Returns:
     RestoredRun(config, graphdef, state, step, extra).
   """
+  stored_quant = quant.QuantConfig.from_config(load_config(workdir).model) if config is not None else None
   config = config or load_config(workdir)
+  wanted_quant = quant.QuantConfig.from_config(config.model)
+  if stored_quant is not None and stored_quant.enabled and stored_quant != wanted_quant:
+    raise ValueError(f'{workdir} holds {stored_quant.mode} weights ({stored_quant}); it cannot be loaded as '
+                     f'{wanted_quant}: convert the release again with the --quantize setting you want.')
+  quantize_now = stored_quant is not None and wanted_quant.enabled and not stored_quant.enabled
+  if quantize_now and not params_only:
+    raise ValueError(f'model.quant.mode={wanted_quant.mode!r}: a quantized restore is params_only.')
   converted = is_converted(workdir)
   if converted and not params_only:
     raise ValueError(f'{workdir} is a converted release: it holds params only; use params_only=True.')
   if not params_only and abstract_state is None:
     raise ValueError('a full restore needs abstract_state (training.state.abstract_train_state).')
-  graphdef, abstract_params = nnx.split(nextstep.abstract_model(config), nnx.Param)
+  quantized_model = nextstep.abstract_model(config)
+  graphdef, abstract_params = nnx.split(quantized_model, nnx.Param)
+  if quantize_now:  # Read the float params; quantized below.
+    abstract_params = nnx.state(nextstep.abstract_model(config, quantized=False), nnx.Param)
   if params_only:
     if dtype is not None:
       abstract_params = jax.tree.map(
@@ -162,4 +177,10 @@ def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
       ckpt.close()
   if params_only and not converted:
     state = state['params']
+  if quantize_now:
+    shardings = None
+    if mesh is not None:
+      shardings = rules_lib.state_shardings(nnx.state(quantized_model, nnx.Param), mesh,
+                                            config.mesh.rules if rules is None else rules)
+    state = quant.quantize_params(state, quantized_model, wanted_quant, shardings)
   return RestoredRun(config, graphdef, state, step, extra)

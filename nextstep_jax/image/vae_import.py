@@ -13,7 +13,7 @@ can therefore neither crash the process nor read memory outside its storages.
 `*.safetensors` files are read and written through the `safetensors` library; a damaged one is a
 `CheckpointFormatError` naming the file.
 
-Name mapping (official Flux names, §8 of nextstep1.md): `a.b.3.c.weight` -> path (a, b, 3, c,
+Name mapping (official Flux names, docs/model.md §8): `a.b.3.c.weight` -> path (a, b, 3, c,
 kernel) for 4-D conv weights, transposed OIHW -> HWIO; GroupNorm `weight`/`bias` and conv `bias`
 keep their names. The key set must match exactly: missing, unexpected and mis-shaped tensors are
 listed in one `CheckpointLayoutError`.
@@ -300,7 +300,8 @@ def read_release_tensors(directory: str | pathlib.Path) -> dict[str, np.ndarray]
 def load_release(directory: str | pathlib.Path, **overrides) -> vae.AutoEncoder:
   """The official tokenizer in `directory` (config.json + checkpoint.pt | *.safetensors).
 
-  overrides: AutoEncoderConfig fields not stored in config.json (dtype, param_dtype) or to replace the release's (e.g. psz, whose release value is unverified).
+  overrides: AutoEncoderConfig fields not stored in config.json (dtype, param_dtype) or to replace
+    the release's (e.g. psz, whose release value is unverified).
   """
   root = pathlib.Path(directory)
   if not (root / CONFIG_FILE).exists():
