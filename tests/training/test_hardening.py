@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from etils import epath
 
 import multiprocess_testing
@@ -31,6 +32,7 @@ def train_cli(*args, timeout=600):
   return result.returncode, result.stdout, result.stderr
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoints_fall_back_to_the_previous_one(tmp_path, capsys):
   config = tiny_config(tmp_path, 'train.steps=6', 'train.checkpoint_every=2', 'train.keep_checkpoints=3')
   run = tmp_path / 'run'
@@ -56,6 +58,7 @@ def test_damaged_newest_checkpoints_fall_back_to_the_previous_one(tmp_path, caps
   assert steps == sorted(set(steps)), 'metrics.jsonl repeats re-run steps'
 
 
+@pytest.mark.slow
 def test_step_flag_resumes_an_older_checkpoint(tmp_path, capsys):
   config = tiny_config(tmp_path, 'train.steps=4', 'train.checkpoint_every=2', 'train.log_every=1')
   run = tmp_path / 'run'
@@ -70,6 +73,7 @@ def test_step_flag_resumes_an_older_checkpoint(tmp_path, capsys):
   assert steps == [1, 2, 3, 4]  # Rows 3 and 4 of the first run were dropped, then rewritten.
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_locked_workdir_exits_1_naming_the_holder(tmp_path):
   run = tmp_path / 'run'
   run.mkdir()
@@ -91,6 +95,7 @@ def test_stale_lock_is_detected_and_replaced(tmp_path, capsys):
   assert not (tmp_path / 'train.lock').exists()
 
 
+@pytest.mark.slow
 def test_indivisible_batch_fails_before_the_workdir_is_created(tmp_path):
   run = tmp_path / 'run'
   code, _, err = train_cli('--config', 'configs/tiny.py', '--workdir', str(run),
