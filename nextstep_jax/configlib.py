@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from nextstep_jax import config_defaults
+from nextstep_jax import errors
 from nextstep_jax import nn
 from nextstep_jax.image import aspect
 from nextstep_jax.parallel.mesh import MESH_AXES
@@ -31,7 +32,7 @@ AUGMENT_OPS = ('hflip', 'random_crop')
 HEAD_OBJECTIVES = ('flow', 'shortcut')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UsageError, ValueError):
   """A config field is unknown, mistyped or inconsistent; the message names the field and fix."""
 
 
@@ -143,6 +144,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(require, 'model.dtype', m.dtype, tuple(nn.DTYPES))
   _require_choice(require, 'model.param_dtype', m.param_dtype, tuple(nn.DTYPES))
   _require_choice(require, 'model.attention', m.attention, choices['model.attention'])
+  _validate_quant(require, m.quant)
 
   if image.tokenizer == 'pixels':
     require(m.latent_channels == 3,
@@ -367,6 +369,16 @@ def _validate_vae(require, config: ml_collections.ConfigDict) -> None:
   for field in ('warmup_steps', 'l1_weight', 'l2_weight', 'kl_weight', 'noise_max', 'disc_weight',
                 'disc_start', 'grid_every'):
     require(t[field] >= 0, f'vae_train.{field}={t[field]} must be >= 0.')
+
+
+def _validate_quant(require, quant: ml_collections.ConfigDict) -> None:
+  """model.quant: weight-only quantization settings (model/quant.py)."""
+  _require_choice(require, 'model.quant.mode', quant.mode, ('none', *nn.QUANT_TYPES))
+  require(isinstance(quant.group_size, int) and quant.group_size > 0,
+          f'model.quant.group_size={quant.group_size!r} must be a positive integer (int4 group along '
+          'the contracted axis, e.g. 128).')
+  for field in ('head', 'embedding'):
+    require(isinstance(quant[field], bool), f'model.quant.{field}={quant[field]!r} must be True or False.')
 
 
 def _implemented_choices() -> dict[str, tuple[str, ...]]:

@@ -7,7 +7,8 @@ Two kinds of directory hold a model:
     params/0/ holding the params alone, and vae/ with the image tokenizer's weights.
 
 `restore_run` reads either onto any mesh: params only (the optimizer moments stay on disk; the
-params can be cast to another dtype while they load) or, for a training run, the full train state.
+params can be cast to another dtype while they load, or quantized: a `config` whose `model.quant`
+asks for int8/int4 weights of a float run) or, for a training run, the full train state.
 """
 import pathlib
 import tempfile
@@ -21,7 +22,9 @@ from flax import nnx
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import errors
 from nextstep_jax.model import nextstep
+from nextstep_jax.model import quant
 from nextstep_jax.parallel import rules as rules_lib
 
 CONFIG_FILE = 'config.json'
@@ -30,6 +33,10 @@ CHECKPOINT_DIR = 'checkpoints'  # A training run's checkpoints, one sub-director
 CONVERTED_TOKENIZER_FILE = 'tokenizer.json'  # A converted release's Hugging Face tokenizer.
 CONVERTED_PARAMS_DIR = 'params'  # A converted release's params (one checkpoint, step 0).
 CONVERTED_VAE_DIR = 'vae'  # A converted release's image tokenizer weights.
+
+
+class RunFilesError(errors.UserError, FileNotFoundError):
+  """A training run or converted release lacks a file it needs."""
 
 
 class RestoredRun(NamedTuple):
@@ -52,12 +59,23 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   image tokenizer path made absolute)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f'{workdir} is not a run: {CONFIG_FILE} is missing (train one with '
-                            'nextstep-train --workdir DIR, or convert a release with nextstep-convert).')
+    raise RunFilesError(f'{workdir} is not a training run: {CONFIG_FILE} is missing (train one with '
+                        'nextstep-train --workdir DIR, or convert a release with nextstep-convert).')
   config = configlib.config_from_json(path.read_text())
   if is_converted(workdir) and config.image.vae.checkpoint == CONVERTED_VAE_DIR:
     config.image.vae.checkpoint = str(_absolute(workdir) / CONVERTED_VAE_DIR)  # Stored relative.
   return config
+
+
+def check_files(workdir: str, *names: str) -> None:
+  """RunFilesError naming the first of `names` (and config.json) missing from `workdir`."""
+  for name in (CONFIG_FILE, *names):
+    if not (epath.Path(workdir) / name).exists():
+      raise RunFilesError(
+          f'{workdir} is not a training run: {name} is missing (train one with nextstep-train '
+          '--workdir DIR)' if name == CONFIG_FILE else
+          f'{epath.Path(workdir) / name} is missing: {workdir} is incomplete; copy the file back '
+          'from where the run was made, or recreate the run (nextstep-train / nextstep-convert)')
 
 
 def _absolute(workdir: str) -> epath.Path:
@@ -95,12 +113,15 @@ def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
 
   Args:
     workdir: the run directory (local path or gs:// URL).
-    step: the checkpoint step; None: the latest.
+    step: the checkpoint step; None: the newest that restores (damaged newer ones are moved
+      aside, see `checkpoints.Checkpointer.restore_newest`).
     params_only: read only the params (a training run's optimizer moments are not read).
     mesh: the mesh to shard onto under `rules`; None: every array on the first device.
     rules: logical-axis rules; default the config's `mesh.rules`.
     dtype: cast floating params to this dtype while loading (params_only); None keeps the config's.
-    config: the run's config; default its config.json.
+    config: the run's config; default its config.json. Its `model.quant` may ask for weight-only
+      quantization of a float run (params_only): the float params are read onto the mesh and
+      quantized there one kernel at a time (model/quant.py). Quantized runs restore as stored.
     abstract_state: the abstract full train state (required for a full restore; the optimizer
       that shapes it belongs to training), sharded here like the params.
     checkpointer: an open Checkpointer on the run's checkpoints to use (and leave open).
@@ -108,13 +129,24 @@ def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
   Returns:
     RestoredRun(config, graphdef, state, step, extra).
   """
+  stored_quant = quant.QuantConfig.from_config(load_config(workdir).model) if config is not None else None
   config = config or load_config(workdir)
+  wanted_quant = quant.QuantConfig.from_config(config.model)
+  if stored_quant is not None and stored_quant.enabled and stored_quant != wanted_quant:
+    raise ValueError(f'{workdir} holds {stored_quant.mode} weights ({stored_quant}); it cannot be loaded as '
+                     f'{wanted_quant}: convert the release again with the --quantize setting you want.')
+  quantize_now = stored_quant is not None and wanted_quant.enabled and not stored_quant.enabled
+  if quantize_now and not params_only:
+    raise ValueError(f'model.quant.mode={wanted_quant.mode!r}: a quantized restore is params_only.')
   converted = is_converted(workdir)
   if converted and not params_only:
     raise ValueError(f'{workdir} is a converted release: it holds params only; use params_only=True.')
   if not params_only and abstract_state is None:
     raise ValueError('a full restore needs abstract_state (training.state.abstract_train_state).')
-  graphdef, abstract_params = nnx.split(nextstep.abstract_model(config), nnx.Param)
+  quantized_model = nextstep.abstract_model(config)
+  graphdef, abstract_params = nnx.split(quantized_model, nnx.Param)
+  if quantize_now:  # Read the float params; quantized below.
+    abstract_params = nnx.state(nextstep.abstract_model(config, quantized=False), nnx.Param)
   if params_only:
     if dtype is not None:
       abstract_params = jax.tree.map(
@@ -128,14 +160,27 @@ def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
     target = rules_lib.abstract_with_shardings(abstract_state, mesh, config.mesh.rules if rules is None else rules)
   ckpt = checkpointer or checkpoints.Checkpointer(checkpoint_dir(workdir), keep=1_000_000)
   try:
+    partial = params_only and not converted
     if converted:
       step = 0 if step is None else step
-    elif step is None:
-      step = ckpt.latest_step()
-    state, extra = ckpt.restore(step, target, partial=params_only and not converted)
+    if step is None:
+      restored = ckpt.restore_newest(target, partial=partial,
+                                     log=lambda line: print(f'warning: {line}', flush=True))
+      if restored is None:
+        raise checkpoints.CheckpointNotFoundError(
+            f'No checkpoint in {ckpt.directory}; train first (nextstep-train --workdir {workdir})')
+      state, extra, step = restored.state, restored.extra, restored.step
+    else:
+      state, extra = ckpt.restore(step, target, partial=partial)
   finally:
     if checkpointer is None:
       ckpt.close()
   if params_only and not converted:
     state = state['params']
+  if quantize_now:
+    shardings = None
+    if mesh is not None:
+      shardings = rules_lib.state_shardings(nnx.state(quantized_model, nnx.Param), mesh,
+                                            config.mesh.rules if rules is None else rules)
+    state = quant.quantize_params(state, quantized_model, wanted_quant, shardings)
   return RestoredRun(config, graphdef, state, step, extra)

@@ -164,3 +164,65 @@ def test_data_state_of_another_process_count(tmp_path):
   assert handler.restore(epath.Path(same)) == {'step': 4}  # A global state: any process count.
   with pytest.raises(ValueError, match='process count that saved them'):
     handler.restore(epath.Path(different))
+
+
+def _damage(step_dir, how):
+  """Deletes or truncates one file of a committed checkpoint directory."""
+  if how == 'missing_manifest':
+    (step_dir / 'state' / 'manifest.ocdbt').unlink()
+  elif how == 'missing_metadata':
+    (step_dir / 'state' / '_METADATA').unlink()
+  else:
+    data_files = sorted((step_dir / 'state' / 'd').iterdir(), key=lambda p: -p.stat().st_size)
+    target = data_files[0]
+    if how == 'missing_data':
+      target.unlink()
+    else:  # Truncated data file.
+      target.write_bytes(target.read_bytes()[:target.stat().st_size // 2])
+
+
+@pytest.mark.parametrize('how', ['missing_manifest', 'missing_metadata', 'missing_data', 'truncated_data'])
+def test_damaged_newest_falls_back_and_is_kept_aside(tmp_workdir, how):
+  mesh = make_mesh(8, 1, 1)
+  root = tmp_workdir / 'checkpoints'
+  ckpt = checkpoints.Checkpointer(root, keep=3, async_save=False)
+  ckpt.save(1, sharded_state(1, mesh), {'position': 1}, data_state={'step': 1})
+  ckpt.save(2, sharded_state(2, mesh), {'position': 2}, data_state={'step': 2})
+  ckpt.close()
+  _damage(root / '2', how)
+  logged = []
+  ckpt = checkpoints.Checkpointer(root, keep=3, async_save=False)
+  restored = ckpt.restore_newest(restore_target(mesh), with_data=True, log=logged.append)
+  assert restored.step == 1 and restored.extra == {'position': 1} and restored.data_state == {'step': 1}
+  np.testing.assert_array_equal(np.asarray(restored.state['w'][...]),
+                                np.asarray(sharded_state(1, mesh)['w'][...]))
+  assert len(logged) == 1 and 'checkpoint step 2 is damaged' in logged[0]
+  assert 'moved it aside' in logged[0] and 'not deleted' in logged[0]
+  kept = list((tmp_workdir / 'checkpoints.damaged').iterdir())
+  assert [p.name.split('-')[0] for p in kept] == ['2'] and str(kept[0]) in logged[0]
+  assert ckpt.all_steps() == [1]
+  ckpt.close()
+
+
+def test_damaged_explicit_step_is_one_clear_error(tmp_workdir):
+  mesh = make_mesh(8, 1, 1)
+  ckpt = checkpoints.Checkpointer(tmp_workdir, keep=3, async_save=False)
+  ckpt.save(1, sharded_state(1, mesh))
+  ckpt.save(2, sharded_state(2, mesh))
+  _damage(tmp_workdir / '2', 'missing_manifest')
+  with pytest.raises(checkpoints.CheckpointDamagedError) as error:
+    ckpt.restore(2, restore_target(mesh))
+  message = str(error.value)
+  assert '\n' not in message and f'{tmp_workdir}/2' in message
+  assert 'state/manifest.ocdbt is missing' in message and 'saved steps: [1, 2]' in message
+  ckpt.close()
+
+
+def test_every_checkpoint_damaged(tmp_workdir):
+  mesh = make_mesh(8, 1, 1)
+  ckpt = checkpoints.Checkpointer(tmp_workdir / 'c', keep=3, async_save=False)
+  ckpt.save(1, sharded_state(1, mesh))
+  _damage(tmp_workdir / 'c' / '1', 'truncated_data')
+  with pytest.raises(checkpoints.CheckpointDamagedError, match='every checkpoint .* is damaged'):
+    ckpt.restore_newest(restore_target(mesh), log=lambda line: None)
+  ckpt.close()

@@ -13,10 +13,15 @@ import json
 import sys
 
 from nextstep_jax import configlib
+from nextstep_jax.cli import entry
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  return entry.run(_main, argv)
+
+
+def _main(argv) -> int:
+  parser = entry.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', required=True, help='config file, e.g. configs/nextstep1_large.py:512')
   parser.add_argument('--topology', required=True, help='TPU slice, e.g. v5p:4x4x4, v4:4x4x4, v5e:2x4')
   parser.add_argument('--task', default='train', choices=('train', 'sample'))
@@ -24,23 +29,19 @@ def main(argv=None) -> int:
   parser.add_argument('--no-calibrate', action='store_true',
                       help='skip the 1-/2-layer compiles (memory only: no step time or MFU)')
   parser.add_argument('--json', default=None, help='write the plan as JSON to this path')
-  args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  args, rest = parser.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]
   if bad:
     parser.error(f'unrecognised arguments {bad}; config overrides look like --config.train.batch_size=256')
-  try:
-    config = configlib.load_config(args.config, rest)
-    configlib.validate(config)
-  except configlib.ConfigError as error:
-    print(f'nextstep-aot: {error}', file=sys.stderr)
-    return 2
+  config = configlib.load_config(args.config, rest)
+  configlib.validate(config)
   from nextstep_jax.planning import aot  # pylint: disable=import-outside-toplevel (after flag errors)
   hbm = None if args.hbm_gib is None else int(args.hbm_gib * aot.GIB)
   try:
     result = aot.plan(config, args.topology, args.task, hbm_bytes=hbm, calibrate=not args.no_calibrate)
     record, code = dataclasses.asdict(result), 0
   except aot.DoesNotFit as error:
-    print(f'nextstep-aot: {error}', file=sys.stderr)
+    print(f'error: {error}', file=sys.stderr)
     record = dataclasses.asdict(error.plan) if error.plan else {
         'task': args.task, 'topology': args.topology, 'fits': False}
     record['error'], code = str(error), 1

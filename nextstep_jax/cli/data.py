@@ -11,9 +11,12 @@ Summaries (records, bytes, skipped / fixed by reason) are printed and written as
 """
 import argparse
 import json
+import os
 import sys
 
 from nextstep_jax import configlib
+from nextstep_jax import errors
+from nextstep_jax.cli import entry
 
 
 def _records_captions(spec: str) -> list[str]:
@@ -55,12 +58,15 @@ def _build(args) -> dict:
   from nextstep_jax.data import builder  # pylint: disable=g-import-not-at-top
   if args.source == 'folder':
     if not (args.images and args.captions):
-      raise SystemExit('--from folder needs --images DIR and --captions FILE')
+      raise errors.UsageError('--from folder needs --images DIR and --captions FILE')
+    for flag, path, kind in (('--images', args.images, 'directory'), ('--captions', args.captions, 'file')):
+      if not os.path.exists(path):
+        raise errors.UsageError(f'{flag} {path}: no such {kind}')
     items, counts = builder.folder_items(args.images, args.captions)
     source = f'folder {args.images} ({args.captions})'
   elif args.source == 'tfds':
     if not args.name:
-      raise SystemExit('--from tfds needs --name (a prepared array_record data set)')
+      raise errors.UsageError('--from tfds needs --name (a prepared array_record data set)')
     items, counts = builder.tfds_items(args.name, args.split, args.data_dir, args.image_key,
                                        args.caption_key), {}
     source = f'tfds {args.name}:{args.split}'
@@ -89,7 +95,7 @@ def _train_spm(args) -> dict:
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = entry.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
   build = commands.add_parser('build', help='write ArrayRecord shards of image records')
   build.add_argument('--from', dest='source', required=True, choices=('folder', 'tfds', 'builtin'))
@@ -120,7 +126,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
+  return entry.run(_main, argv)
+
+
+def _main(argv) -> int:
   args, rest = make_parser().parse_known_args(argv)
   overrides = [a for a in rest if a.startswith('--config.')]
   if len(overrides) != len(rest) or (overrides and args.command != 'cache-latents'):

@@ -15,6 +15,8 @@ import pathlib
 import sys
 import time
 
+from nextstep_jax import errors
+from nextstep_jax.cli import entry
 from nextstep_jax.cli import train as train_cli
 
 DEFAULTS = {'pixels': ('configs/shapes.py:demo', 'runs/demo'), 'vae': ('configs/demo_vae.py', 'runs/demo_vae')}
@@ -28,7 +30,7 @@ def _pop_flag(argv: list, name: str, default: str) -> str:
     return default
   i = argv.index(name)
   if i + 1 >= len(argv):
-    raise SystemExit(f'{name} needs a value')
+    raise errors.UsageError(f'{name} needs a value')
   value = argv[i + 1]
   del argv[i:i + 2]
   return value
@@ -51,11 +53,18 @@ def train_tokenizer(config, workdir: str) -> dict:
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  num_prompts = int(_pop_flag(argv, '--num-prompts', str(DEFAULT_PROMPTS)))
+  return entry.run(_main, argv, stop_signals='train')
+
+
+def _main(argv) -> int:
+  argv = list(argv)
+  num_prompts_text = _pop_flag(argv, '--num-prompts', str(DEFAULT_PROMPTS))
+  if not num_prompts_text.isdigit() or int(num_prompts_text) < 1:
+    raise errors.UsageError(f'--num-prompts {num_prompts_text!r} must be a positive integer')
+  num_prompts = int(num_prompts_text)
   tokenizer = _pop_flag(argv, '--tokenizer', 'pixels')
   if tokenizer not in DEFAULTS:
-    raise SystemExit(f'--tokenizer {tokenizer!r}: use one of {", ".join(DEFAULTS)}')
+    raise errors.UsageError(f'--tokenizer {tokenizer!r}: use one of {", ".join(DEFAULTS)}')
   default_config, default_workdir = DEFAULTS[tokenizer]
   if not any(a == '--config' or a.startswith('--config=') for a in argv):
     argv = ['--config', default_config] + argv

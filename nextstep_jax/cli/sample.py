@@ -11,15 +11,23 @@ Editing: --edit-image IMG applies every prompt (an instruction, "<image>" prepen
 to IMG, resized to cover the target size and centre-cropped, with 3-way guidance (--cfg text,
 --cfg-img image; official edit example: cfg 7.5, cfg-img 2, timestep shift 3.2, negative prompt
 "Copy original image.").
+
+Everything checkable is checked before the model loads: flag ranges, the prompt file (UTF-8),
+and --out (created and write-tested first, so no sampled image is lost to an unwritable path).
+User errors print one line (`--debug` or NEXTSTEP_DEBUG=1 for the traceback).
 """
 import argparse
 import json
 import pathlib
 import sys
+import tempfile
+
+from nextstep_jax import errors
+from nextstep_jax.cli import entry
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = entry.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--workdir', help='a training run directory (nextstep-train --workdir)')
   source.add_argument('--converted', help='a converted official checkpoint (nextstep-convert --out)')
@@ -47,9 +55,18 @@ def parse_args(argv):
   parser.add_argument('--edit-image', default=None, help='edit this image with each prompt')
   parser.add_argument('--grid', action='store_true', help='also write grid.png of all images')
   parser.add_argument('--progress', action='store_true', help='a progress bar over image tokens')
+  parser.add_argument('--max-caption-tokens', type=int, default=None,
+                      help="prompt token budget (default: the model's text.max_caption_tokens)")
   args = parser.parse_args(argv)
-  if args.num_images_per_caption < 1:
-    parser.error('--num-images-per-caption must be >= 1')
+  for flag, value, low, strict in (
+      ('--num-images-per-caption', args.num_images_per_caption, 1, False),
+      ('--height', args.height, 0, True), ('--width', args.width, 0, True),
+      ('--batch-size', args.batch_size, 1, False), ('--num-steps', args.num_steps, 1, False),
+      ('--cfg', args.cfg, 0, False), ('--cfg-img', args.cfg_img, 0, False),
+      ('--temperature', args.temperature, 0, True), ('--timestep-shift', args.timestep_shift, 0, True),
+      ('--max-caption-tokens', args.max_caption_tokens, 1, False), ('--step', args.step, 0, False)):
+    if value is not None and (value <= low if strict else value < low):
+      parser.error(f'{flag} {value} must be {">" if strict else ">="} {low}')
   if args.aspect_ratio and (args.height or args.width):
     parser.error('give either --aspect-ratio or --height/--width')
   if args.edit_image and not pathlib.Path(args.edit_image).exists():
@@ -58,14 +75,38 @@ def parse_args(argv):
     path = pathlib.Path(args.prompts)
     if not path.exists():
       parser.error(f'--prompts {path} does not exist')
-    args.prompt = [line.strip() for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+    data = path.read_bytes()
+    try:
+      text = data.decode('utf-8')
+    except UnicodeDecodeError as error:
+      line = data[:error.start].count(b'\n') + 1
+      parser.error(f'--prompts {path} is not UTF-8 text (byte {error.start}, line {line}); save it '
+                   'as UTF-8')
+    args.prompt = [line.strip() for line in text.splitlines() if line.strip()]
     if not args.prompt:
       parser.error(f'--prompts {path} holds no prompts')
   return args
 
 
+def prepare_out(out: pathlib.Path) -> None:
+  """Creates --out and checks a file can be written there, before any sampling."""
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix='.write-test-'):
+      pass
+  except OSError as error:
+    raise errors.UsageError(f'--out {out} is not writable ({error.strerror or error}); choose a '
+                            'directory you can write to') from error
+
+
 def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  return entry.run(_main, argv)
+
+
+def _main(argv) -> int:
+  args = parse_args(argv)
+  out = pathlib.Path(args.out)
+  prepare_out(out)
   overrides = {name: value for name, value in (
       ('cfg', args.cfg), ('num_steps', args.num_steps), ('solver', args.solver),
       ('temperature', args.temperature), ('batch_size', args.batch_size),
@@ -74,11 +115,16 @@ def main(argv=None) -> int:
 
   # pylint: disable=import-outside-toplevel (after flag errors)
   import numpy as np
+  from nextstep_jax.data import sequences
   from nextstep_jax.image import aspect
   from nextstep_jax.sampling import pipeline
   from nextstep_jax.utils import images as image_utils
   progress_every = 1 if args.progress else 0
+  if args.max_caption_tokens is not None:
+    overrides['max_caption_tokens'] = args.max_caption_tokens
   if args.converted:
+    if args.step is not None:
+      raise errors.UsageError('--step applies to --workdir runs; a --converted checkpoint has one step')
     sampler = pipeline.TextToImage.from_converted(args.converted, progress_every=progress_every, **overrides)
   else:
     sampler = pipeline.TextToImage.from_workdir(args.workdir, args.step, progress_every=progress_every,
@@ -87,8 +133,20 @@ def main(argv=None) -> int:
   if args.aspect_ratio:
     height, width = aspect.size_for_ratio(aspect.parse_ratio(args.aspect_ratio), size)
   else:
-    height, width = args.height or size, args.width or size
-  grid = sampler.grid_for_size(height, width)
+    height = size if args.height is None else args.height
+    width = size if args.width is None else args.width
+  try:
+    grid = sampler.grid_for_size(height, width)
+  except ValueError as error:
+    raise errors.UsageError(f'--height/--width: {error}') from error
+  try:
+    for prompt in args.prompt:  # Every prompt fits before any image is sampled.
+      sampler.prompts([prompt], grid)
+  except sequences.PromptTooLongError as error:
+    raise errors.UsageError(
+        f'prompt {error.caption[:60]!r} has {error.num_tokens} tokens, more than the '
+        f'{error.max_caption_tokens} allowed; pass --max-caption-tokens {error.num_tokens} (or more) '
+        'or shorten the prompt') from error
   k = args.num_images_per_caption
   prompts = [prompt for prompt in args.prompt for _ in range(k)]
   first_seed = sampler.settings['seed'] if args.seed is None else args.seed
@@ -98,8 +156,6 @@ def main(argv=None) -> int:
     images = sampler.edit(np.stack([source] * len(prompts)), prompts, seeds, cfg_img=args.cfg_img, grid=grid)
   else:
     images = sampler(prompts, seeds, grid=grid)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   settings = dict(sampler.settings, height=height, width=width,
                   **({'edit_image': args.edit_image, 'cfg_img': args.cfg_img} if args.edit_image else {}))
   with open(out / 'samples.jsonl', 'w', encoding='utf-8') as f:

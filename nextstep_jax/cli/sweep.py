@@ -23,9 +23,15 @@ isoFLOP runs are collected); --collect-only reads finished workdirs (local or gs
 import argparse
 import sys
 
+from nextstep_jax.cli import entry
+
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  return entry.run(_main, argv)
+
+
+def _main(argv) -> int:
+  parser = entry.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--base', required=True, help='base config file[:variant], e.g. configs/shapes.py')
   parser.add_argument('--grid', action='append', default=[],
                       help='field=v1,v2,... or field1,field2=a1:b1,a2:b2 (repeatable; Cartesian product)')
@@ -50,7 +56,7 @@ def main(argv=None) -> int:
   parser.add_argument('--launcher', default='python -m nextstep_jax.cli.train',
                       help='command prefix of --launch-cmd-only lines (takes --config/--workdir/--config.x=v; '
                       '{name} becomes the run name)')
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(argv)
 
   if bool(args.grid) == bool(args.budgets):
     parser.error('give either --grid specs (a grid sweep) or --budgets (a compute-optimal study)')

@@ -5,11 +5,20 @@ image.vae.checkpoint=DIR points the AR model at.
 """
 import sys
 
+from nextstep_jax import errors
+from nextstep_jax.cli import entry
 from nextstep_jax.cli import train as train_cli
 
 
 def main(argv=None) -> int:
-  args, config = train_cli.parse_config(sys.argv[1:] if argv is None else argv, __doc__)
+  return entry.run(_main, argv)
+
+
+def _main(argv) -> int:
+  args, config = train_cli.parse_config(argv, __doc__)
+  if args.step is not None:
+    raise errors.UsageError('--step is not supported by nextstep-train-tokenizer (it resumes from '
+                            'its newest checkpoint)')
   from nextstep_jax.parallel import distributed  # pylint: disable=g-import-not-at-top (after flag errors)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   from nextstep_jax.training import tokenizer_train  # pylint: disable=g-import-not-at-top

@@ -21,6 +21,7 @@ memory holds the output params once (plus one tensor). Every missing, unexpected
 tensor, and every disagreement between config.json, the tensors and the tokenizer, is a
 `ConversionError` listing all of them before anything is written.
 """
+import functools
 import json
 import math
 import pathlib
@@ -28,19 +29,23 @@ import re
 import shutil
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors import safe_open
 
 from nextstep_jax import checkpoints
 from nextstep_jax import config_defaults
+from nextstep_jax import errors
 from nextstep_jax import configlib
 from nextstep_jax import nn
 from nextstep_jax import runs
 from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.image import vae_import
 from nextstep_jax.model import nextstep
+from nextstep_jax.model import quant
 from nextstep_jax.utils import logging as logging_lib
 
 CONFIG_FILE = runs.CONFIG_FILE  # In a model release and the converted directory.
@@ -56,7 +61,7 @@ GEN_POS_EMBED_ATOL = 1e-4  # The buffer is float32 sin/cos; a bf16 release round
 _MAX_LISTED = 30
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """The release does not match the expected layout; the message lists every problem."""
 
 
@@ -117,24 +122,46 @@ def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
   """{official tensor name: shard file} from the index json (or the single safetensors file)."""
   root = pathlib.Path(hf_dir)
   if (root / INDEX_FILE).exists():
-    weight_map = json.loads((root / INDEX_FILE).read_text())['weight_map']
+    weight_map = read_json(root / INDEX_FILE).get('weight_map')
+    if not isinstance(weight_map, dict):
+      raise ConversionError(f'{root / INDEX_FILE} has no "weight_map" object; download it again')
     files = {name: root / shard for name, shard in weight_map.items()}
     absent = sorted({str(path) for path in files.values() if not path.exists()})
     if absent:
       raise ConversionError(f'{INDEX_FILE} names shards that are missing: {absent}')
     return files
   if (root / SINGLE_FILE).exists():
-    with safe_open(root / SINGLE_FILE, 'numpy') as f:
+    with _open_safetensors(root / SINGLE_FILE) as f:
       return {name: root / SINGLE_FILE for name in f.keys()}
   raise ConversionError(f'{root} holds neither {INDEX_FILE} nor {SINGLE_FILE}; pass the directory of a '
                         'NextStep-1 release (e.g. a download of stepfun-ai/NextStep-1-Large).')
+
+
+def _open_safetensors(path: pathlib.Path):
+  """safe_open(path) with a damaged file reported as a ConversionError naming it."""
+  try:
+    return safe_open(path, 'numpy')
+  except (SafetensorError, OSError, ValueError) as error:
+    raise ConversionError(f'{path} is not a readable safetensors file ({error}); the download is '
+                          'probably incomplete: download it again') from error
+
+
+def read_json(path: pathlib.Path) -> dict:
+  """A JSON object file; ConversionError naming the file when it is not one."""
+  try:
+    value = json.loads(path.read_text(encoding='utf-8'))
+  except (ValueError, UnicodeDecodeError) as error:
+    raise ConversionError(f'{path} is not valid JSON ({error}); download it again') from error
+  if not isinstance(value, dict):
+    raise ConversionError(f'{path} holds {type(value).__name__}, expected a JSON object')
+  return value
 
 
 def tensor_shapes(files: dict[str, pathlib.Path]) -> dict[str, tuple[int, ...]]:
   """Shapes from the safetensors headers (no tensor data read)."""
   shapes = {}
   for shard in sorted(set(files.values())):
-    with safe_open(shard, 'numpy') as f:
+    with _open_safetensors(shard) as f:
       for name in f.keys():
         if files.get(name) == shard:
           shapes[name] = tuple(f.get_slice(name).get_shape())
@@ -235,7 +262,7 @@ def converted_config(fields: dict, hf: dict, tok_vocab_size: int, param_dtype: s
 def plan(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, ...]]):
   """Matches release tensors to our params. Returns (abstract params, {official name: (our path,
   layer or None, transform)}); raises ConversionError listing missing/unexpected/mis-shaped."""
-  abstract = nnx.state(nextstep.abstract_model(config), nnx.Param)
+  abstract = nnx.state(nextstep.abstract_model(config, quantized=False), nnx.Param)
   targets = {'.'.join(str(k) for k in path): var.get_value()
              for path, var in nnx.to_flat_state(abstract)}
   m = config.model
@@ -275,27 +302,56 @@ def plan(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, ...]]):
   return abstract, expected
 
 
-def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_dtype, log_every: int = 50):
+def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_dtype, log_every: int = 50,
+                quantized_model=None, qcfg: quant.QuantConfig | None = None):
   """Fills numpy arrays of the params' shapes (in `param_dtype`) tensor by tensor; returns the
-  params as an nnx.State of numpy arrays."""
-  flat = nnx.to_flat_state(abstract)
-  buffers = {'.'.join(str(k) for k in path): np.empty(var.get_value().shape, param_dtype) for path, var in flat}
+  params as an nnx.State of numpy arrays.
+
+  With `quantized_model` (abstract, `quant.quantize_model` of the model under `qcfg`) its kernels
+  are filled instead: each release tensor (one layer's slice of a stacked kernel) is converted to
+  `param_dtype` and quantized on its own, so host memory holds the quantized params plus one
+  float tensor (numpy stores int4 in one byte). Per-layer scales make this equal to quantizing
+  the whole float params (quant.quantize_params)."""
+  flat = nnx.to_flat_state(abstract if quantized_model is None else nnx.state(quantized_model, nnx.Param))
+  buffers = {'.'.join(str(k) for k in path): np.empty(var.get_value().shape, var.get_value().dtype
+                                                        if quantized_model is not None else param_dtype)
+             for path, var in flat}
+  contract = {} if quantized_model is None else quant.quantized_paths(quantized_model)
+  contract = {'.'.join(str(k) for k in path): axis for path, axis in contract.items()}
+  quantizers = {}
   by_shard: dict[pathlib.Path, list[str]] = {}
   for name in mapping:
     by_shard.setdefault(files[name], []).append(name)
   progress = logging_lib.ProgressLogger(len(mapping), every=log_every, items_per_step=1)
   done = 0
   for shard in sorted(by_shard):
-    with safe_open(shard, 'numpy') as f:
+    with _open_safetensors(shard) as f:
       for name in sorted(by_shard[shard]):
         path, layer, transform = mapping[name]
-        target = buffers[path]
-        slot = target if layer is None else target[layer]
-        slot[...] = _apply(transform, f.get_tensor(name), slot.shape).astype(param_dtype)
+        if path in contract:
+          qvalue, scale = buffers[path + '.qvalue'], buffers[path + '.scale']
+          slots = (qvalue, scale) if layer is None else (qvalue[layer], scale[layer])
+          axis = contract[path] - (layer is not None)
+          key = (slots[0].shape, axis, scale.dtype)
+          if key not in quantizers:
+            quantizers[key] = jax.jit(functools.partial(_quantized_slice, contract_axis=axis, qcfg=qcfg,
+                                                        scale_dtype=scale.dtype))
+          tensor = _apply(transform, f.get_tensor(name), slots[0].shape).astype(param_dtype)
+          for slot, value in zip(slots, quantizers[key](tensor)):
+            slot[...] = np.asarray(value)
+        else:
+          target = buffers[path]
+          slot = target if layer is None else target[layer]
+          slot[...] = _apply(transform, f.get_tensor(name), slot.shape).astype(param_dtype)
         done += 1
         progress.update(done)
   return nnx.from_flat_state([(path, var.replace(buffers['.'.join(str(k) for k in path)]))
                               for path, var in flat])
+
+
+def _quantized_slice(tensor, *, contract_axis, qcfg, scale_dtype):
+  q = quant.quantize_tensor(tensor, contract_axis, qcfg, scale_dtype)
+  return q.qvalue, q.scale
 
 
 def _check_gen_pos_embed(files, shapes, config) -> list[str]:
@@ -304,7 +360,7 @@ def _check_gen_pos_embed(files, shapes, config) -> list[str]:
     return []
   m = config.model
   ours = nextstep.sincos_pos_embed_2d(m.hidden_size, m.base_image_grid_size)
-  with safe_open(files['gen_pos_embed'], 'numpy') as f:
+  with _open_safetensors(files['gen_pos_embed']) as f:
     theirs = f.get_tensor('gen_pos_embed').astype(np.float32).reshape(-1, m.hidden_size)
   if theirs.shape != ours.shape or not np.allclose(theirs, ours, atol=GEN_POS_EMBED_ATOL):
     return [f'gen_pos_embed {shapes["gen_pos_embed"]} differs from the 2-D sin-cos table of grid '
@@ -326,7 +382,22 @@ def vae_source(hf_dir: pathlib.Path, vae_dir: str | pathlib.Path | None) -> path
   return root if (root / vae_import.CONFIG_FILE).exists() else None
 
 
-def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path) -> None:
+def hf_use_norm(config: ml_collections.ConfigDict, cfg, source: pathlib.Path, stated) -> bool:
+  """Whether sampled tokens are LayerNormed (official `use_norm`): what the release says
+  (`stated`: `use_norm` of the model's config.json, None when absent), else whether its VAE
+  normalises latents per token patch (encoder_norm with psz == latent_patch_size)."""
+  matches = bool(cfg.encoder_norm) and cfg.psz == config.model.latent_patch_size
+  if stated is None:
+    return matches
+  if stated and not matches:
+    raise ConversionError(
+        f'the release sets use_norm=true but its image tokenizer {source} has encoder_norm='
+        f'{cfg.encoder_norm}, psz={cfg.psz} (latent_patch_size {config.model.latent_patch_size}); '
+        'this combination is not supported')
+  return bool(stated)
+
+
+def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path, stated_use_norm=None) -> None:
   """Imports the VAE release in `source` (every tensor name and shape checked) and sets the
   config's image.vae architecture from it; the checkpoint path is set when the files are copied."""
   try:
@@ -337,6 +408,7 @@ def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path) -> None
   v.in_channels, v.out_ch, v.ch, v.ch_mult = cfg.in_channels, cfg.out_ch, cfg.ch, tuple(cfg.ch_mult)
   v.num_res_blocks, v.z_channels, v.norm_groups = cfg.num_res_blocks, cfg.z_channels, cfg.norm_groups
   v.scaling_factor, v.shift_factor, v.encoder_norm, v.psz = cfg.scaling_factor, cfg.shift_factor, cfg.encoder_norm, cfg.psz
+  config.image.use_norm = hf_use_norm(config, cfg, source, stated_use_norm)
   if cfg.z_channels != config.model.latent_channels:
     raise ConversionError(f'image tokenizer {source} has z_channels={cfg.z_channels} but the model reads '
                           f'{config.model.latent_channels}-channel latents; pass the tokenizer of this model.')
@@ -344,8 +416,12 @@ def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path) -> None
 
 def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype: str = 'float32',
             compute_dtype: str = 'bfloat16', image_tokenizer: str = 'vae', image_size: int = 512,
-            max_caption_tokens: int = 256, vae_dir: str | pathlib.Path | None = None) -> ml_collections.ConfigDict:
+            max_caption_tokens: int = 256, vae_dir: str | pathlib.Path | None = None,
+            quantize: str | None = None, group_size: int | None = None) -> ml_collections.ConfigDict:
   """Converts the release in `hf_dir` into `out_dir` (see the module docstring); returns the config.
+
+  quantize='int8' | 'int4' stores weight-only quantized kernels (model.quant, model/quant.py;
+  `group_size` sets model.quant.group_size), quantized tensor by tensor as they are read.
 
   With image_tokenizer='vae' the VAE comes from `vae_dir` or the release's `vae/`; when neither
   exists the config's image.vae.checkpoint stays '' and `TextToImage.from_converted` asks for one."""
@@ -354,7 +430,10 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
     raise ConversionError(f'{hf_dir / CONFIG_FILE} is missing; pass the directory of a NextStep-1 release.')
   if (out_dir / PARAMS_DIR).exists():
     raise FileExistsError(f'{out_dir / PARAMS_DIR} exists; choose an empty --out directory.')
-  hf = json.loads((hf_dir / CONFIG_FILE).read_text())
+  hf = read_json(hf_dir / CONFIG_FILE)
+  if not (hf_dir / TOKENIZER_FILE).exists():
+    raise ConversionError(f'{hf_dir / TOKENIZER_FILE} is missing; the release download is incomplete '
+                          '(it holds the text tokenizer): download it again')
   tok = hf_tokenizer.HFTokenizer.load(str(hf_dir / TOKENIZER_FILE))
   files = tensor_files(hf_dir)
   shapes = tensor_shapes(files)
@@ -366,13 +445,19 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
                             image_size, max_caption_tokens)
   vae_release = vae_source(hf_dir, vae_dir) if image_tokenizer == 'vae' else None
   if vae_release is not None:
-    _attach_vae(config, vae_release)
+    _attach_vae(config, vae_release, hf.get('use_norm'))
+  if quantize is not None:
+    config.model.quant.mode = quantize
+  if group_size is not None:
+    config.model.quant.group_size = group_size
   configlib.validate(config)
   abstract, mapping = plan(config, shapes)
   problems = _check_gen_pos_embed(files, shapes, config)
   if problems:
     raise ConversionError('\n'.join(problems))
-  params = read_params(files, abstract, mapping, nn.DTYPES[param_dtype])
+  qcfg = quant.QuantConfig.from_config(config.model)
+  params = read_params(files, abstract, mapping, nn.DTYPES[param_dtype],
+                       quantized_model=nextstep.abstract_model(config) if qcfg.enabled else None, qcfg=qcfg)
   out_dir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoints.Checkpointer(out_dir / PARAMS_DIR, keep=1, async_save=False)
   try:
@@ -393,7 +478,8 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
 
 def load_params(converted_dir: str | pathlib.Path, mesh, config=None) -> tuple[Any, Any]:
   """(graphdef, params) of a converted checkpoint, params restored straight onto their
-  shardings under `mesh` and `config.mesh.rules` (only the params: no optimizer memory)."""
+  shardings under `mesh` and `config.mesh.rules` (only the params: no optimizer memory); a
+  `config` asking for `model.quant` quantizes a float conversion as it loads (runs.restore_run)."""
   root = pathlib.Path(converted_dir).absolute()
   restored = runs.restore_run(str(root), params_only=True, mesh=mesh, config=config)
   return restored.graphdef, restored.state

@@ -23,11 +23,14 @@ UNREADABLE_FILE = 'unreadable_file'  # Missing file, permission denied, a direct
 EMPTY_CAPTION = 'empty_caption'  # Caption empty or whitespace only.
 CAPTION_TOO_LONG = 'caption_too_long'  # Over the token budget with data.overlong_captions='skip'.
 MALFORMED_RECORD = 'malformed_record'  # Record bytes that are not in the records.py layout.
+CORRUPT_IMAGE = 'corrupt_image'  # Decodes, but its compressed data is garbled (jpeg_check.py).
+MISSING_CAPTION = 'missing_caption'  # Caption null / not text in the captions file.
+PATH_COLLISION = 'path_collision'  # Same image path (normalised: ./x.png = x.png) and caption again.
 
 FIXED = (GRAYSCALE_CONVERTED, ALPHA_DROPPED, HIGH_BIT_DEPTH_CONVERTED, OTHER_MODE_CONVERTED,
          CAPTION_NOT_UTF8, CAPTION_TRUNCATED)
 SKIPPED = (UNDECODABLE_IMAGE, TRUNCATED_IMAGE, UNREADABLE_FILE, EMPTY_CAPTION, CAPTION_TOO_LONG,
-           MALFORMED_RECORD)
+           MALFORMED_RECORD, CORRUPT_IMAGE, MISSING_CAPTION, PATH_COLLISION)
 REASONS = FIXED + SKIPPED
 
 logger = logging.getLogger('nextstep_jax.data')

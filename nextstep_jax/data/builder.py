@@ -8,8 +8,11 @@ rename) and then gets a `<shard>.summary.json`; a rerun skips shards whose summa
 item range and rewrites the rest, so an interrupted build resumes. The build summary (records,
 bytes, skipped and fixed counts by reason) is printed and written to `<out>.summary.json`.
 
-Images are stored as given (file bytes) after checking they decode; arrays (built-in, TFDS) are
-stored as PNG. Image conversions (grayscale, alpha, 16-bit, palette) are counted here and applied
+Images are stored as given (file bytes) after checking they decode fully (JPEG entropy data
+walked too: `jpeg_check.py`, garbled middles decode without an error otherwise); arrays (built-in,
+TFDS) are stored as PNG. A null caption, and an image path listed again with the same caption (paths
+normalised, so `./x.png` is `x.png`; each record's source is its path relative to the image
+folder, so `sub/x.png` and `x.png` stay apart), are skipped and counted. Image conversions (grayscale, alpha, 16-bit, palette) are counted here and applied
 when the pipeline reads the record; non-UTF-8 captions are stored repaired (U+FFFD), empty ones
 and undecodable / truncated / unreadable images are skipped.
 """
@@ -26,24 +29,32 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from nextstep_jax import errors
 from nextstep_jax.data import bad_records
 from nextstep_jax.data import captions as captions_lib
 from nextstep_jax.data import image_preprocess
+from nextstep_jax.data import jpeg_check
 from nextstep_jax.data import records
 
 RECORDS_PER_SHARD = 1000  # Default shard size when --num-shards is not given.
 
 
+class DatasetInputError(errors.UsageError, ValueError):
+  """The captions file or build arguments are unusable as a whole (not one bad record)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FileItem:
-  """An image file and its raw caption bytes (from the captions file, possibly not UTF-8)."""
+  """An image file and its raw caption bytes (from the captions file, possibly not UTF-8);
+  source: its path relative to the image folder (recorded in the metadata)."""
   path: str
   caption: bytes
+  source: str = ''
 
   def load(self) -> tuple[bytes, bytes, str]:
     try:
       with open(self.path, 'rb') as f:
-        return f.read(), self.caption, os.path.basename(self.path)
+        return f.read(), self.caption, self.source or os.path.basename(self.path)
     except OSError as error:
       raise bad_records.BadRecordError(bad_records.UNREADABLE_FILE, str(error)) from error
 
@@ -98,7 +109,7 @@ def folder_items(images_dir: str, captions_path: str) -> tuple[list[FileItem], d
   if captions_path.endswith('.csv'):
     rows = list(csv.DictReader(io.StringIO(text)))
     if rows and not {'image', 'caption'} <= set(rows[0]):
-      raise ValueError(f'{captions_path}: CSV header must have columns image,caption; got '
+      raise DatasetInputError(f'{captions_path}: CSV header must have columns image,caption; got '
                        f'{list(rows[0])}')
   elif captions_path.endswith(('.jsonl', '.json')):
     rows = []
@@ -113,9 +124,20 @@ def folder_items(images_dir: str, captions_path: str) -> tuple[list[FileItem], d
       except ValueError:
         bad_records.add(counts, {bad_records.MALFORMED_RECORD: 1})
   else:
-    raise ValueError(f'captions file {captions_path!r} must end in .jsonl or .csv')
-  items = [FileItem(os.path.join(images_dir, str(row['image'])),
-                    str(row['caption']).encode('utf-8', errors='surrogateescape')) for row in rows]
+    raise DatasetInputError(f'captions file {captions_path!r} must end in .jsonl or .csv')
+  items, seen = [], set()
+  for row in rows:
+    caption = row['caption']
+    if caption is None or not isinstance(caption, (str, int, float)) or isinstance(caption, bool):
+      bad_records.add(counts, {bad_records.MISSING_CAPTION: 1})
+      continue
+    relative = os.path.normpath(str(row['image']))
+    if (relative, str(caption)) in seen:
+      bad_records.add(counts, {bad_records.PATH_COLLISION: 1})
+      continue
+    seen.add((relative, str(caption)))
+    items.append(FileItem(os.path.join(images_dir, relative),
+                          str(caption).encode('utf-8', errors='surrogateescape'), relative))
   return items, counts
 
 
@@ -144,6 +166,10 @@ def image_record(item) -> tuple[bytes, list[str]]:
   caption, caption_fixes = captions_lib.decode_caption(caption_raw)
   with Image.open(io.BytesIO(data)) as header:
     mode, image_format = header.mode, header.format
+  if image_format == 'JPEG':
+    problem = jpeg_check.check_jpeg(data)
+    if problem:
+      raise bad_records.BadRecordError(bad_records.CORRUPT_IMAGE, f'{source}: {problem}')
   metadata = {'kind': 'image', 'height': int(image.shape[0]), 'width': int(image.shape[1]),
               'mode': mode, 'format': image_format, 'source': source}
   return records.encode_record(data, caption, metadata), fixes + caption_fixes
@@ -256,11 +282,11 @@ def build(items: Sequence, out_prefix: str, num_shards: int = 0, workers: int = 
   """Writes `items` as image-record shards `<out_prefix>-SSSSS-of-NNNNN.array_record`; returns
   (and writes to `<out_prefix>.summary.json`) the build summary."""
   if not items:
-    raise ValueError(f'nothing to build for {source}: no items')
+    raise DatasetInputError(f'nothing to build for {source}: no items')
   out_prefix = os.path.abspath(out_prefix)
   num_shards = num_shards or max(1, math.ceil(len(items) / RECORDS_PER_SHARD))
   if num_shards > len(items):
-    raise ValueError(f'--num-shards={num_shards} is more than the {len(items)} items')
+    raise DatasetInputError(f'--num-shards={num_shards} is more than the {len(items)} items')
   start = time.monotonic()
   jobs = shard_jobs(out_prefix, len(items), num_shards)
   summaries, reused = run_jobs(jobs, _image_shard, lambda job: (job, items[job.start:job.end]),

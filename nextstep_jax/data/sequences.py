@@ -10,13 +10,14 @@ from typing import Sequence
 
 import numpy as np
 
+from nextstep_jax import errors
 from nextstep_jax.data.text_tokenizer import Tokenizer
 
 # Label of positions without an LM target (the HF / torch cross-entropy convention).
 IGNORE_ID = -100
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(errors.UsageError, ValueError):
   """A caption has more tokens than `text.max_caption_tokens` allows."""
 
   def __init__(self, caption: str, num_tokens: int, max_caption_tokens: int):

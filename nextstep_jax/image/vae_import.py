@@ -5,6 +5,13 @@ name -> tensor dict) plus raw little-endian storages `<root>/data/<key>`. `read_
 unpickles it with an allow-list of exactly the tensor-rebuild records
 (`torch._utils._rebuild_tensor_v2`, torch storage classes, `collections.OrderedDict`); any other
 global (e.g. `os.system` in a malicious file) raises `UnsafeCheckpointError` before it is called.
+The record's numbers get the same care: every tensor record is checked before any view is made
+(integer, non-negative offset, sizes and strides; its last element inside its storage; no more
+elements than the storage holds; storage byte length matching its dtype and declared element
+count), and a bad one is an `UnsafeCheckpointError` naming the tensor. A file from the internet
+can therefore neither crash the process nor read memory outside its storages.
+`*.safetensors` files are read and written through the `safetensors` library; a damaged one is a
+`CheckpointFormatError` naming the file.
 
 Name mapping (official Flux names, docs/model.md §8): `a.b.3.c.weight` -> path (a, b, 3, c,
 kernel) for 4-D conv weights, transposed OIHW -> HWIO; GroupNorm `weight`/`bias` and conv `bias`
@@ -12,6 +19,7 @@ keep their names. The key set must match exactly: missing, unexpected and mis-sh
 listed in one `CheckpointLayoutError`.
 """
 import collections
+import dataclasses
 import json
 import pathlib
 import pickle
@@ -22,8 +30,11 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
+from nextstep_jax import errors
 from nextstep_jax.image import vae
 
 CONFIG_FILE = 'config.json'
@@ -35,37 +46,97 @@ _STORAGE_DTYPES = {
     'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
     'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
 }
-_SAFETENSORS_DTYPES = {
-    'F32': np.float32, 'F64': np.float64, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
-}
 # Official config.json fields -> AutoEncoderConfig fields (missing ones keep our defaults).
 _CONFIG_FIELDS = ('in_channels', 'out_ch', 'ch', 'ch_mult', 'num_res_blocks', 'z_channels',
                   'scaling_factor', 'shift_factor', 'deterministic', 'encoder_norm', 'psz',
                   'norm_groups')
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-  """The pickle references something other than tensor-rebuild records."""
+class UnsafeCheckpointError(errors.UserError, pickle.UnpicklingError):
+  """The pickle references something other than tensor-rebuild records, or a record's numbers
+  point outside its storage."""
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointFormatError(errors.UserError, ValueError):
+  """A weights file is truncated or not in its format."""
+
+
+class CheckpointLayoutError(errors.UserError, ValueError):
   """Tensor names or shapes do not match the model built from the release's config."""
 
 
-class _StorageRef:
-  """A persistent-id storage reference: raw bytes of `<root>/data/<key>` read as `dtype`."""
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+  """A persistent-id storage: raw bytes of `<root>/data/<key>`, its dtype and declared numel."""
+  key: str
+  data: bytes
+  dtype: Any
+  numel: Any  # None when the record does not declare it.
 
-  def __init__(self, dtype, key: str):
-    self.dtype, self.key = dtype, key
+
+@dataclasses.dataclass(frozen=True)
+class _TensorRecord:
+  """torch._utils._rebuild_tensor_v2's arguments, kept unchecked until the tensor's name is known."""
+  storage: Any
+  offset: Any
+  size: Any
+  stride: Any
 
 
-def _rebuild_tensor(storage: Any, offset: int, size: tuple, stride: tuple, *unused) -> np.ndarray:
-  """torch._utils._rebuild_tensor_v2: a strided view of `storage` (a flat numpy array), copied."""
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *unused) -> _TensorRecord:
+  """torch._utils._rebuild_tensor_v2, deferred: `_materialize` checks and builds it by name."""
   del unused  # requires_grad, backward hooks, metadata.
+  return _TensorRecord(storage, offset, size, stride)
+
+
+def _is_index(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _materialize(name: str, record: _TensorRecord) -> np.ndarray:
+  """The tensor `name` of `record`, after checking every number against its storage.
+
+  Raises:
+    UnsafeCheckpointError: naming the tensor and the bad number.
+  """
+  def refuse(problem: str):
+    raise UnsafeCheckpointError(f'tensor {name!r}: {problem}; refusing to load this checkpoint '
+                                '(the file is damaged or crafted).')
+
+  if not isinstance(record.storage, _Storage):
+    refuse('its storage is not a storage record')
+  key, data, dtype = record.storage.key, record.storage.data, np.dtype(record.storage.dtype)
+  if len(data) % dtype.itemsize:
+    refuse(f'storage {key!r} holds {len(data)} bytes, not a whole number of {dtype.name} elements '
+           '(its dtype does not match)')
+  declared = record.storage.numel
+  if declared is not None and not (_is_index(declared) and declared == len(data) // dtype.itemsize):
+    refuse(f'storage {key!r} declares {declared!r:.40} elements but holds '
+           f'{len(data) // dtype.itemsize} of {dtype.name}')
+  storage = np.frombuffer(data, dtype=dtype)
+  size, stride, offset = record.size, record.stride, record.offset
+  if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
+    refuse(f'size {size!r} and stride {stride!r} must be tuples')
+  if len(size) != len(stride) or len(size) > 32:
+    refuse(f'size {tuple(size)} and stride {tuple(stride)} differ in rank')
+  if not all(_is_index(v) for v in (offset, *size, *stride)):
+    refuse(f'offset {offset!r}, size {tuple(size)} and stride {tuple(stride)} must be non-negative '
+           'integers')
+  numel = 1
+  for extent in size:
+    numel *= extent
+  if numel:
+    last = offset + sum((extent - 1) * step for extent, step in zip(size, stride))
+    if last >= storage.size:
+      refuse(f'its last element (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) is '
+             f'element {last}, outside its storage of {storage.size}')
+    if numel > storage.size:
+      refuse(f'it has {numel} elements, more than its storage of {storage.size}')
+  elif offset > storage.size:
+    refuse(f'offset {offset} is outside its storage of {storage.size}')
   itemsize = storage.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                         strides=tuple(s * itemsize for s in stride))
+                                         strides=tuple(step * itemsize for step in stride))
   return np.array(view)
 
 
@@ -90,13 +161,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == 'storage'):
-      raise UnsafeCheckpointError(f'unexpected persistent id {pid!r} in checkpoint pickle.')
+      raise UnsafeCheckpointError(f'unexpected persistent id {pid!r:.200} in checkpoint pickle.')
     dtype, key = pid[1], str(pid[2])
-    if dtype not in _STORAGE_DTYPES.values():
-      raise UnsafeCheckpointError(f'storage type {dtype!r} is not a torch storage class.')
+    if not isinstance(dtype, type) or dtype not in _STORAGE_DTYPES.values():
+      raise UnsafeCheckpointError(f'storage type {dtype!r:.100} is not a torch storage class.')
     if key not in self._storages:
-      raise UnsafeCheckpointError(f'storage {key!r} is missing from the archive.')
-    return np.frombuffer(self._storages[key], dtype=dtype)
+      raise UnsafeCheckpointError(f'storage {key!r:.100} is missing from the archive.')
+    return _Storage(key, self._storages[key], dtype, pid[4] if len(pid) >= 5 else None)
 
 
 def read_torch_checkpoint(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -115,32 +186,57 @@ def read_torch_checkpoint(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     storages = {n[len(root) + len('data/'):]: archive.read(n) for n in names
                 if n.startswith(root + 'data/')}
     with archive.open(pickles[0]) as file:
-      state = _RestrictedUnpickler(file, storages).load()
-  if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
-    raise ValueError(f'{path} does not hold a plain name -> tensor dict.')
-  return dict(state)
+      try:
+        state = _RestrictedUnpickler(file, storages).load()
+      except UnsafeCheckpointError:
+        raise
+      except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+              AttributeError, RecursionError, MemoryError, UnicodeDecodeError, struct.error) as error:
+        raise UnsafeCheckpointError(f'{path}: the pickle is malformed ({type(error).__name__}: '
+                                    f'{str(error)[:200]}); refusing to load it.') from error
+  if not isinstance(state, dict) or not all(
+      isinstance(k, str) and isinstance(v, _TensorRecord) for k, v in state.items()):
+    raise UnsafeCheckpointError(f'{path} does not hold a plain name -> tensor dict.')
+  return {name: _materialize(name, record) for name, record in state.items()}
 
 
 def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """A safetensors file -> {name: numpy array} (header: u64 length + JSON, then raw bytes)."""
-  data = pathlib.Path(path).read_bytes()
-  (length,) = struct.unpack('<Q', data[:8])
-  header = json.loads(data[8:8 + length])
-  body = memoryview(data)[8 + length:]
-  out = {}
-  for name, info in header.items():
-    if name == '__metadata__':
-      continue
-    start, end = info['data_offsets']
-    dtype = _SAFETENSORS_DTYPES[info['dtype']]
-    out[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(info['shape']).copy()
-  return out
+  """A safetensors file -> {name: numpy array}, through the `safetensors` library.
+
+  Raises:
+    CheckpointFormatError: naming the file, when it is truncated or not safetensors.
+  """
+  try:
+    return safetensors.numpy.load_file(str(path))
+  except (safetensors.SafetensorError, ValueError, TypeError) as error:
+    raise CheckpointFormatError(f'{path} is not a readable safetensors file ({error}); download it '
+                                'again') from error
 
 
 def config_from_release(official: Mapping[str, Any], **overrides) -> vae.AutoEncoderConfig:
-  """AutoEncoderConfig from an official `config.json` dict (its fields win over our defaults)."""
+  """AutoEncoderConfig from an official `config.json` dict (its fields win over our defaults).
+
+  `psz: null` is accepted only with `encoder_norm: false` (the patch size is then unused; an
+  omitted encoder_norm means true, the official code's default). Fields of the wrong type raise
+  CheckpointFormatError naming the field."""
   kwargs = {k: official[k] for k in _CONFIG_FIELDS if k in official}
+  if kwargs.get('psz', 0) is None:
+    if kwargs.get('encoder_norm', vae.AutoEncoderConfig.encoder_norm):
+      raise CheckpointFormatError('config.json has encoder_norm=true but psz=null: the patch size of '
+                                  'the latent normalisation is unknown; set psz (NextStep-1: 1)')
+    del kwargs['psz']
+  for key in ('in_channels', 'out_ch', 'ch', 'num_res_blocks', 'z_channels', 'psz', 'norm_groups'):
+    if key in kwargs and not (isinstance(kwargs[key], int) and not isinstance(kwargs[key], bool)
+                              and kwargs[key] > 0):
+      raise CheckpointFormatError(f'config.json {key}={kwargs[key]!r} must be a positive integer')
+  for key in ('scaling_factor', 'shift_factor'):
+    if key in kwargs and not isinstance(kwargs[key], (int, float)):
+      raise CheckpointFormatError(f'config.json {key}={kwargs[key]!r} must be a number')
   if 'ch_mult' in kwargs:
+    if not isinstance(kwargs['ch_mult'], (list, tuple)) or not all(
+        isinstance(x, int) and x > 0 for x in kwargs['ch_mult']):
+      raise CheckpointFormatError(f'config.json ch_mult={kwargs["ch_mult"]!r} must be a list of positive '
+                                  'integers')
     kwargs['ch_mult'] = tuple(kwargs['ch_mult'])
   kwargs.update(overrides)
   return vae.AutoEncoderConfig(**kwargs)
@@ -211,7 +307,16 @@ def load_release(directory: str | pathlib.Path, **overrides) -> vae.AutoEncoder:
   if not (root / CONFIG_FILE).exists():
     raise FileNotFoundError(f'{root / CONFIG_FILE} is missing; a release directory holds '
                             f'{CONFIG_FILE} and {TORCH_FILE} (or a .safetensors copy).')
-  cfg = config_from_release(json.loads((root / CONFIG_FILE).read_text()), **overrides)
+  try:
+    release = json.loads((root / CONFIG_FILE).read_text(encoding='utf-8'))
+  except (ValueError, UnicodeDecodeError) as error:
+    raise CheckpointFormatError(f'{root / CONFIG_FILE} is not valid JSON ({error})') from error
+  if not isinstance(release, dict):
+    raise CheckpointFormatError(f'{root / CONFIG_FILE} holds {type(release).__name__}, expected an object')
+  try:
+    cfg = config_from_release(release, **overrides)
+  except CheckpointFormatError as error:
+    raise CheckpointFormatError(f'{root / CONFIG_FILE}: {error}') from error
   model = nnx.eval_shape(lambda: vae.AutoEncoder(cfg, nnx.Rngs(0)))  # Every param is overwritten.
   load_params(model, read_release_tensors(root))
   return model
@@ -219,16 +324,5 @@ def load_release(directory: str | pathlib.Path, **overrides) -> vae.AutoEncoder:
 
 def write_safetensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
   """Writes {name: numpy array} as safetensors (e.g. a torch-free copy of checkpoint.pt)."""
-  names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-  header, offset, blobs = {}, 0, []
-  for name in sorted(tensors):
-    array = np.ascontiguousarray(tensors[name])
-    blob = array.tobytes()
-    header[name] = {'dtype': names[array.dtype.type], 'shape': list(array.shape),
-                    'data_offsets': [offset, offset + len(blob)]}
-    offset += len(blob)
-    blobs.append(blob)
-  text = json.dumps(header).encode()
-  text += b' ' * (-len(text) % 8)
-  with open(path, 'wb') as file:
-    file.write(struct.pack('<Q', len(text)) + text + b''.join(blobs))
+  safetensors.numpy.save_file({name: np.ascontiguousarray(tensors[name]) for name in sorted(tensors)},
+                              str(path))

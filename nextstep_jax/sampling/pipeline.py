@@ -33,10 +33,18 @@ class TextToImage:
   """A text-to-image sampler bound to one model's params and one config's sample settings."""
 
   def __init__(self, config, graphdef, params, tok: text_tokenizer.Tokenizer, image_tokenizer=None,
-               progress_every: int = 0, **overrides):
+               progress_every: int = 0, max_caption_tokens: int | None = None, **overrides):
     """overrides: sample.* fields for this sampler (e.g. cfg=2.0, num_steps=20).
     image_tokenizer: default `tokenizers.get_tokenizer(config)`. progress_every > 0: a console
-    bar over image tokens, advanced every that many tokens (sampling/progress.py)."""
+    bar over image tokens, advanced every that many tokens (sampling/progress.py).
+    max_caption_tokens: the prompt token budget (default the config's text.max_caption_tokens);
+    longer prompts than the model trained with are allowed within model.max_seq_len."""
+    if max_caption_tokens is not None:
+      if max_caption_tokens < 1:
+        raise configlib.ConfigError(f'max_caption_tokens={max_caption_tokens} must be >= 1')
+      config = config.copy_and_resolve_references()
+      with config.unlocked():
+        config.text.max_caption_tokens = int(max_caption_tokens)
     self.config = config
     sample_cfg = config.sample.to_dict()
     unknown = set(overrides) - set(sample_cfg)
@@ -56,6 +64,7 @@ class TextToImage:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **overrides) -> 'TextToImage':
     """Loads a training run: its config.json, tokenizer.model and checkpoint `step` (latest)."""
+    runs.check_files(workdir, runs.TOKENIZER_FILE)
     config = configlib.with_base_defaults(runs.load_config(workdir))
     tok = text_tokenizer.TextTokenizer.load(runs.local_copy(epath.Path(workdir) / runs.TOKENIZER_FILE))
     restored = runs.restore_run(workdir, step, params_only=True, config=config)
@@ -63,11 +72,17 @@ class TextToImage:
 
   @classmethod
   def from_converted(cls, directory: str, mesh: jax.sharding.Mesh | None = None, image_tokenizer=None,
-                     progress_every: int = 0, **overrides) -> 'TextToImage':
+                     progress_every: int = 0, quantize: str | None = None, **overrides) -> 'TextToImage':
     """Loads a checkpoint written by `nextstep-convert`: params only (no optimizer memory),
     restored straight onto their shardings under `mesh` (default: `sharded.sampling_mesh`, every
-    device, tensor-parallel within a host, the rest FSDP)."""
-    config = runs.load_config(directory)
+    device, tensor-parallel within a host, the rest FSDP). quantize='int8' | 'int4' quantizes the
+    weights of a float conversion as they load (model.quant; a `--quantize` conversion loads as
+    stored, no argument needed)."""
+    runs.check_files(directory, runs.CONVERTED_TOKENIZER_FILE)
+    config = configlib.with_base_defaults(runs.load_config(directory))
+    if quantize is not None:
+      config.model.quant.mode = quantize
+      configlib.validate(config)
     if config.image.tokenizer == 'vae' and not config.image.vae.checkpoint and image_tokenizer is None:
       raise ValueError(f'{directory} was converted without image tokenizer weights (the release had no vae/ '
                        'folder): convert again with nextstep-convert --vae DIR (a NextStep-1-f8ch16-Tokenizer '

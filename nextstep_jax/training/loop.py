@@ -8,8 +8,14 @@ per logged step with the wall time, for accuracy-vs-minutes curves).
 Resume is exact: each checkpoint holds the model, the optimizer and every process's data-iterator
 state (`nextstep_jax.data.training_data`), and the step's noise is a pure function of (seed, step),
 so restarting from checkpoint s reproduces the run that never stopped. SIGTERM (a preemption
-notice) makes every process stop at one agreed step boundary, checkpoint it and return normally
-(`training/preemption.py`). Metrics are fetched one step late so the host never waits for the
+notice) or Ctrl-C makes every process stop at one agreed step boundary, checkpoint it and return
+normally (`training/preemption.py`); a second Ctrl-C exits at once.
+
+Hardening: everything checkable is checked before the workdir is created (config, batch versus
+device divisibility); one trainer per workdir (`training/workdir_lock.py`); the newest checkpoint
+that restores is resumed, damaged newer ones moved aside (`checkpoints.Checkpointer.restore_newest`);
+`metrics.jsonl` rows past the restored step (written after it by a run that stopped uncleanly) are
+dropped; a failed save stops the run at once with one `CheckpointSaveError`. Metrics are fetched one step late so the host never waits for the
 device; a NaN/Inf loss or gradient stops the run with `TrainingDivergedError` before any
 checkpoint of the bad step is written.
 """
@@ -24,6 +30,7 @@ from etils import epath
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import errors
 from nextstep_jax import runs
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data import training_data
@@ -32,12 +39,13 @@ from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import preemption
 from nextstep_jax.training import state as state_lib
+from nextstep_jax.training import workdir_lock
 from nextstep_jax.training import step as step_lib
 from nextstep_jax.utils import images as image_utils
 from nextstep_jax.utils import logging as log_utils
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(errors.UserError, RuntimeError):
   """The loss or gradient norm became NaN/Inf."""
 
 
@@ -58,13 +66,21 @@ class MetricsLog:
   """metrics.jsonl: appended in place locally; object stores (gs://) cannot append, so there the
   file is rewritten from the records kept in memory (read back first when resuming)."""
 
-  def __init__(self, path: epath.Path, enabled: bool, appendable: bool | None = None):
-    """enabled: False on processes other than 0; appendable: None decides from the path (URL or not)."""
+  def __init__(self, path: epath.Path, enabled: bool, appendable: bool | None = None,
+               resumed_step: int | None = None):
+    """enabled: False on processes other than 0; appendable: None decides from the path (URL or
+    not); resumed_step: rows of later steps (written after that checkpoint by a run that then
+    stopped uncleanly; the resumed run writes them again) are dropped."""
     self.path, self.enabled = path, enabled
     self._appendable = '://' not in str(path) if appendable is None else appendable
     self._lines = []
-    if enabled and not self._appendable and path.exists():
-      self._lines = path.read_text().splitlines(keepends=True)
+    if enabled and path.exists():
+      lines = path.read_text().splitlines(keepends=True)
+      kept = [line for line in lines if resumed_step is None or _row_step(line) <= resumed_step]
+      if len(kept) != len(lines):
+        path.write_text(''.join(kept))
+      if not self._appendable:
+        self._lines = kept
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -76,6 +92,36 @@ class MetricsLog:
     else:
       self._lines.append(line)
       self.path.write_text(''.join(self._lines))
+
+
+def _row_step(line: str) -> int:
+  """The step of a metrics.jsonl line (a torn last line counts as past any step)."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return 1 << 62
+
+
+class BatchNotDivisibleError(configlib.ConfigError):
+  """train.batch_size does not split evenly over the devices or processes."""
+
+
+def check_batch_divides(config, mesh) -> None:
+  """train.batch_size must divide over the mesh axes of the batch and over the processes."""
+  spec = rules_lib.activation_spec(mesh, config.mesh.rules, 'batch').spec
+  axes = spec[0] if spec else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = math.prod(mesh.shape[axis] for axis in axes)
+  batch = config.train.batch_size
+  if batch % shards:
+    raise BatchNotDivisibleError(
+        f'train.batch_size={batch} does not divide over the {shards} devices of the batch mesh axes '
+        f'{"x".join(axes)} (mesh {dict(mesh.shape)}); use a multiple of {shards}, e.g. '
+        f'--config.train.batch_size={max(shards, batch - batch % shards)}, or change config.mesh')
+  if batch % jax.process_count():
+    raise BatchNotDivisibleError(
+        f'train.batch_size={batch} does not divide over {jax.process_count()} processes; use a '
+        f'multiple of {jax.process_count()}')
 
 
 def grid_prompts(config, num: int) -> list[str]:
@@ -112,37 +158,61 @@ def save_sample_grid(config, graphdef, params, tok, workdir: epath.Path, step: i
   return str(path)
 
 
-def train(config, workdir: str | None = None, stop_at: int | None = None) -> TrainResult:
-  """Trains `config` in `workdir` (local path or gs:// URL), resuming from its latest checkpoint.
+def train(config, workdir: str | None = None, stop_at: int | None = None,
+          from_step: int | None = None) -> TrainResult:
+  """Trains `config` in `workdir` (local path or gs:// URL), resuming from its newest checkpoint
+  that restores.
 
   stop_at: end this invocation after that step (with a checkpoint), as a preempted job would;
-  running again continues exactly where it stopped. A SIGTERM does the same at the next step
-  boundary all processes agree on (see module docstring).
+  running again continues exactly where it stopped. A SIGTERM or Ctrl-C does the same at the next
+  step boundary all processes agree on (see module docstring). from_step: resume from this saved
+  step instead; newer checkpoints are moved aside to `checkpoints.superseded/` (kept).
   """
   configlib.validate(config)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  check_batch_divides(config, mesh)
   workdir = epath.Path(workdir or default_workdir(config))
   is_writer = jax.process_index() == 0  # Host files (not checkpoints) are written by process 0.
-  tok = builtin_source.load_text_tokenizer(config)
-  data = training_data.make_training_data(config, tok, jax.process_index(), jax.process_count())
   if is_writer:
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_run_files(config, workdir, tok)
+  with workdir_lock.WorkdirLock(workdir, enabled=is_writer):
+    tok = builtin_source.load_text_tokenizer(config)
+    data = training_data.make_training_data(config, tok, jax.process_index(), jax.process_count())
+    if is_writer:
+      _write_run_files(config, workdir, tok)
+    return _train_locked(config, workdir, stop_at, from_step, mesh, tok, data, is_writer)
 
-  mesh = mesh_lib.make_mesh(config.mesh)
+
+def _train_locked(config, workdir: epath.Path, stop_at, from_step, mesh, tok, data,
+                  is_writer: bool) -> TrainResult:
   tx = state_lib.make_optimizer(config.train)
   graphdef, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
   ckpt = checkpoints.Checkpointer(workdir / runs.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is None:
+  if from_step is not None:
+    if from_step not in ckpt.all_steps():
+      raise checkpoints.CheckpointNotFoundError(
+          f'--step {from_step}: no checkpoint for that step in {ckpt.directory}; saved steps: '
+          f'{ckpt.all_steps()}')
+    for line in ckpt.set_aside_newer(from_step):
+      print(line, flush=True)
+  if not ckpt.all_steps():
     state = jax.jit(lambda: state_lib.init_state(config, tx), out_shardings=shardings)()
     start = 0
-  else:
-    state = runs.restore_run(workdir, start, params_only=False, mesh=mesh, config=config,
-                             abstract_state=abstract_state, checkpointer=ckpt).state
-    data_state = ckpt.restore_data_state(start)
+  else:  # The newest checkpoint that restores; damaged newer ones are moved aside.
+    restored = runs.restore_run(workdir, None, params_only=False, mesh=mesh, config=config,
+                                abstract_state=abstract_state, checkpointer=ckpt)
+    start, state = restored.step, restored.state
+    try:
+      data_state = ckpt.restore_data_state(start)
+    except Exception as error:  # pylint: disable=broad-except (orbax raises many kinds)
+      raise checkpoints.CheckpointDamagedError(
+          f'checkpoint {start} in {workdir}: its data-iterator state cannot be read '
+          f'({checkpoints.diagnose(epath.Path(ckpt.directory) / str(start), error)}); move the step directory '
+          'away to resume from an older one', step=start, cause='data state') from error
     if data_state is None:
-      raise ValueError(f'checkpoint {start} in {workdir} has no data-iterator state; it was written by an '
-                       'older version, start a new --workdir')
+      raise checkpoints.CheckpointDamagedError(
+          f'checkpoint {start} in {workdir} has no data-iterator state; it was written by an '
+          'older version, start a new --workdir', step=start, cause='no data state')
     data.set_state(data_state)
     print(f'resumed from step {start} in {workdir}', flush=True)
 
@@ -150,7 +220,7 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
   writer = log_utils.MetricWriter(str(workdir / 'tb'))
   progress = log_utils.ProgressLogger(total, config.train.log_every, start_step=start,
                                       items_per_step=config.train.batch_size)
-  metrics_log = MetricsLog(workdir / 'metrics.jsonl', enabled=is_writer)
+  metrics_log = MetricsLog(workdir / 'metrics.jsonl', enabled=is_writer, resumed_step=start)
   if jax.process_count() > 1:
     print(f'process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local devices '
           f'of {jax.device_count()}', flush=True)
@@ -176,6 +246,12 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
     return host
 
   with preemption.PreemptionWatch(ckpt) as watch:
+    if jax.process_count() == 1 and watch.requested() and step < total:
+      print(f'stop requested before step {step + 1} started: nothing new to save; rerun to continue',
+            flush=True)
+      ckpt.close()
+      writer.close()
+      return TrainResult(str(workdir), step, {}, (time.monotonic() - t_start) / 60, preempted=True)
     while step < total:
       local_rows = data.next_batch()  # This process's share of the global batch.
       if train_step is None:
@@ -184,6 +260,7 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
       batch = rules_lib.shard_batch(local_rows, mesh, config.mesh.rules)
       state, device_metrics = train_step(state, batch)
       step += 1
+      ckpt.check_for_errors()  # A failed background save stops the run at once.
       if pending is not None:
         metrics_host = finish(*pending)
       pending = (step, device_metrics)
@@ -217,7 +294,7 @@ def _write_run_files(config, workdir: epath.Path, tok) -> None:
   config_path = workdir / runs.CONFIG_FILE
   text = configlib.config_to_json(config)
   if config_path.exists() and configlib.config_from_json(config_path.read_text()).model != config.model:
-    raise ValueError(f'{workdir} holds a run with a different model config; use a new --workdir '
-                     'or the same config to resume')
+    raise configlib.ConfigError(f'{workdir} holds a run with a different model config; use a new '
+                                '--workdir or the same config to resume')
   config_path.write_text(text)
   (workdir / runs.TOKENIZER_FILE).write_bytes(pathlib.Path(tok.path).read_bytes())

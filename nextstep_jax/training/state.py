@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from nextstep_jax.model import nextstep
+from nextstep_jax.model import quant
 from nextstep_jax.parallel import rules as rules_lib
 
 DECAYED_PARAM_NAMES = ('kernel', 'embedding')  # Weight decay skips biases and norm weights.
@@ -48,6 +49,9 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 
 def init_state(config, tx: optax.GradientTransformation) -> dict:
   """Fresh train state (unsharded; jit it with out_shardings to create it sharded)."""
+  if quant.QuantConfig.from_config(config.model).enabled:
+    raise ValueError(f'model.quant.mode={config.model.quant.mode!r} quantizes weights for sampling; '
+                     "train with model.quant.mode='none' and quantize the trained params.")
   model = nextstep.NextStep(nextstep.model_config(config), rngs=nnx.Rngs(config.seed))
   params = nnx.state(model, nnx.Param)
   return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}

@@ -31,6 +31,7 @@ from flax import nnx
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import errors
 from nextstep_jax.data import builtin_source
 from nextstep_jax.image import discriminator
 from nextstep_jax.image import tokenizers
@@ -47,7 +48,7 @@ NUM_GRID = 8  # Held-out images in each reconstruction grid.
 HELDOUT_SEED = 7919  # Shapes held-out scenes: default_rng(HELDOUT_SEED + seed), 'heldout' split.
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(errors.UserError, RuntimeError):
   """A loss became NaN/Inf."""
 
 
@@ -185,11 +186,12 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
   program = _program(configlib.config_to_json(config))
   mesh, graphdef = program.mesh, program.graphdef
   ckpt = checkpoints.Checkpointer(root / 'checkpoints', keep=t.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is None:
+  restored = ckpt.restore_newest(program.abstract,  # Damaged newer steps are moved aside.
+                                 log=lambda line: print(f'warning: {line}', flush=True))
+  if restored is None:
     state, start = program.init(), 0
   else:
-    state, _ = ckpt.restore(start, program.abstract)
+    state, start = restored.state, restored.step
     print(f'resumed from step {start} in {root}', flush=True)
   step_fn = program.step
   writer = log_utils.MetricWriter(root / 'tb')

@@ -39,6 +39,9 @@ def test_train_spm_from_a_captions_file(tmp_path):
   assert text_tokenizer.TextTokenizer.load(str(tmp_path / 'm.model')).vocab_size <= 300
 
 
-def test_bad_arguments_name_the_fix(tmp_path):
-  with pytest.raises(SystemExit, match='--images DIR and --captions FILE'):
-    data_cli.main(['build', '--from', 'folder', '--out', str(tmp_path / 'x')])
+def test_bad_arguments_name_the_fix(tmp_path, capsys):
+  assert data_cli.main(['build', '--from', 'folder', '--out', str(tmp_path / 'x')]) == 2
+  assert capsys.readouterr().err == 'error: --from folder needs --images DIR and --captions FILE\n'
+  assert data_cli.main(['build', '--from', 'folder', '--images', str(tmp_path), '--captions',
+                        str(tmp_path / 'none.jsonl'), '--out', str(tmp_path / 'x')]) == 2
+  assert capsys.readouterr().err.count('\n') == 1

@@ -10,6 +10,14 @@ from nextstep_jax.data import builder
 from nextstep_jax.data import records
 
 
+def _garbled_jpeg(image):
+  """A JPEG whose middle 16 bytes are random: Pillow decodes it without an error."""
+  data = bytearray(data_testing.image_bytes(image, fmt='JPEG'))
+  middle = len(data) // 2
+  data[middle:middle + 16] = np.random.default_rng(0).integers(0, 256, 16, dtype=np.uint8).tobytes()
+  return bytes(data)
+
+
 def _folder(tmp_path):
   """Images of every kind plus a JSONL captions file with bad lines; returns (dir, captions)."""
   images = tmp_path / 'images'
@@ -21,10 +29,13 @@ def _folder(tmp_path):
       'gray.png': data_testing.image_bytes(rgb[..., 0]),
       'corrupt.png': b'\x89PNG\r\n\x1a\n but then nothing',
       'truncated.png': data_testing.image_bytes(rgb)[:200],
+      'garbled.jpg': _garbled_jpeg(data_testing.random_rgb(2, 48, 48)),
   }
   for name, data in files.items():
     (images / name).write_bytes(data)
   (images / 'a_directory.png').mkdir()
+  (images / 'sub').mkdir()
+  (images / 'sub' / 'rgb.png').write_bytes(files['rgb.png'])
   lines = [json.dumps({'image': name, 'caption': f'caption of {name}'}).encode() for name in files]
   lines += [
       json.dumps({'image': 'missing.png', 'caption': 'no such file'}).encode(),
@@ -33,6 +44,9 @@ def _folder(tmp_path):
       json.dumps({'image': 'rgb.png', 'caption': '  '}).encode(),  # empty
       b'{"image": "rgb.png", "caption": ',  # malformed line
       json.dumps({'picture': 'rgb.png'}).encode(),  # wrong keys
+      json.dumps({'image': 'rgb.png', 'caption': None}).encode(),  # null caption
+      json.dumps({'image': 'sub/rgb.png', 'caption': 'caption of rgb.png'}).encode(),  # another file
+      json.dumps({'image': './sub/rgb.png', 'caption': 'caption of rgb.png'}).encode(),  # collides
   ]
   captions = tmp_path / 'captions.jsonl'
   captions.write_bytes(b'\n'.join(lines) + b'\n')
@@ -44,16 +58,19 @@ def test_folder_build_keeps_bytes_and_counts_every_bad_input(tmp_path):
   items, counts = builder.folder_items(images, captions)
   summary = builder.build(items, str(tmp_path / 'out' / 'folder'), num_shards=2, workers=1,
                           source='test', extra_counts=counts)
-  assert summary['records'] == 4
+  assert summary['records'] == 5
   assert summary['skipped'] == {bad_records.UNDECODABLE_IMAGE: 1, bad_records.TRUNCATED_IMAGE: 1,
                                 bad_records.UNREADABLE_FILE: 2, bad_records.EMPTY_CAPTION: 1,
-                                bad_records.MALFORMED_RECORD: 2}
+                                bad_records.MALFORMED_RECORD: 2, bad_records.CORRUPT_IMAGE: 1,
+                                bad_records.MISSING_CAPTION: 1, bad_records.PATH_COLLISION: 1}
   assert summary['fixed'] == {bad_records.GRAYSCALE_CONVERTED: 1, bad_records.CAPTION_NOT_UTF8: 1}
   on_disk = json.loads((tmp_path / 'out' / 'folder.summary.json').read_text())
   assert on_disk == summary
   stored = [records.decode_record(r) for r in records.read_all(summary['shards'])]
   assert [r.payload for r in stored] == [files['rgb.png'], files['photo.jpg'], files['gray.png'],
-                                         files['rgb.png']]
+                                         files['rgb.png'], files['rgb.png']]
+  assert [r.metadata['source'] for r in stored] == ['rgb.png', 'photo.jpg', 'gray.png', 'rgb.png',
+                                                    os.path.join('sub', 'rgb.png')]
   assert stored[0].caption == b'caption of rgb.png'
   assert stored[3].caption.decode('utf-8') == 'bytes \ufffd\ufffd here'
   assert stored[1].metadata['format'] == 'JPEG' and stored[2].metadata['mode'] == 'L'

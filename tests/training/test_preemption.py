@@ -1,5 +1,5 @@
-"""Single-process preemption: SIGTERM mid-training checkpoints the next step boundary and returns;
-rerunning ends exactly where an uninterrupted run does."""
+"""Single-process preemption: SIGTERM or Ctrl-C (SIGINT) mid-training checkpoints the next step
+boundary and returns; rerunning ends exactly where an uninterrupted run does."""
 import os
 import signal
 import threading
@@ -7,6 +7,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
@@ -37,12 +38,12 @@ def final_state(workdir):
     ckpt.close()
 
 
-def sigterm_when_logged(metrics_path, records: int) -> threading.Thread:
+def signal_when_logged(metrics_path, records: int, signum=signal.SIGTERM) -> threading.Thread:
   def watch():
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
       if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= records:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
         return
       time.sleep(0.005)
   thread = threading.Thread(target=watch, daemon=True)
@@ -50,21 +51,24 @@ def sigterm_when_logged(metrics_path, records: int) -> threading.Thread:
   return thread
 
 
-def test_sigterm_checkpoints_the_next_step_and_rerun_continues_exactly(tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['sigterm', 'sigint'])
+def test_stop_signal_checkpoints_the_next_step_and_rerun_continues_exactly(tmp_path, signum, capsys):
   config = config_for(tmp_path)
   loop.train(config, str(tmp_path / 'straight'))
-  late_signals = []  # A SIGTERM arriving after training returned must not kill pytest.
-  previous = signal.signal(signal.SIGTERM, lambda *_: late_signals.append(1))
+  late_signals = []  # A signal arriving after training returned must not kill pytest.
+  previous = signal.signal(signum, lambda *_: late_signals.append(1))
   try:
-    watcher = sigterm_when_logged(tmp_path / 'run' / 'metrics.jsonl', SIGNAL_AFTER_RECORDS)
+    watcher = signal_when_logged(tmp_path / 'run' / 'metrics.jsonl', SIGNAL_AFTER_RECORDS, signum)
     stopped = loop.train(config, str(tmp_path / 'run'))
     watcher.join()
-    assert not late_signals, 'the run ended before the SIGTERM arrived'
+    assert not late_signals, 'the run ended before the signal arrived'
     assert stopped.preempted and SIGNAL_AFTER_RECORDS <= stopped.step < STEPS
-    assert signal.getsignal(signal.SIGTERM) is not None and not isinstance(
-        getattr(signal.getsignal(signal.SIGTERM), '__self__', None), preemption.PreemptionWatch)
+    assert signal.getsignal(signum) is not None and not isinstance(
+        getattr(signal.getsignal(signum), '__self__', None), preemption.PreemptionWatch)
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signum, previous)
+  if signum == signal.SIGINT:
+    assert 'Ctrl-C: saving a checkpoint' in capsys.readouterr().err
   _, steps = final_state(tmp_path / 'run')
   assert steps == [stopped.step]
 
