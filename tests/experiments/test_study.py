@@ -139,9 +139,9 @@ def test_cli_compute_optimal_launch_lines(capsys, tmp_path):
                          'train.batch_size=8', '--out', str(tmp_path), '--launch-cmd-only', '--launcher', 'go']) == 0
   lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('go ')]
   assert len(lines) >= 9 and all(f'--workdir {tmp_path}/runs/c' in l for l in lines)
-  with pytest.raises(SystemExit):
-    sweep_cli.main(['--base', 'configs/shapes.py', '--budgets', '1e12', '--grid', 'model.num_layers=1,2',
-                    '--out', str(tmp_path)])
+  assert sweep_cli.main(['--base', 'configs/shapes.py', '--budgets', '1e12', '--grid', 'model.num_layers=1,2',
+                         '--out', str(tmp_path)]) == 2  # Usage error: one mode at a time.
+  assert 'either --grid' in capsys.readouterr().err
 
 
 def test_a_preempted_run_stops_the_study_with_a_resume_hint(tmp_path, monkeypatch):
