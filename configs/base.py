@@ -185,6 +185,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.sample_every = 1000  # Sample-grid PNG period in steps (0 = only at the end).
   c.train.num_grid_samples = 16  # Images in a sample grid.
   c.train.max_minutes = 0.0  # Stop (with a checkpoint) after this wall time; 0 = no limit.
+  # Fine-tuning (training/init_from.py): start from the params of a converted release
+  # (nextstep-convert --out DIR) or of another run (WORKDIR or WORKDIR@STEP), restored onto the
+  # training shardings and cast to model.param_dtype, with a fresh optimizer at step 0. A run with
+  # checkpoints of its own resumes from them instead. '' = random init.
+  c.train.init_from = ''
+  # fnmatch patterns over dotted param names kept at their random init (and not required in the
+  # source), e.g. ('image_head.*',) for a new flow head or ('lm_head.kernel',).
+  c.train.init_from_skip = ()
 
   # Distillation of a trained head into a few-step head (nextstep_jax/training/distill.py).
   c.distill = ml_collections.ConfigDict()
