@@ -102,6 +102,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.text.vocab_size = 384  # Sentencepiece pieces requested (specials + 256 byte pieces included).
   c.text.max_caption_tokens = 24  # Longest caption in tokens; longer prompts are an error.
   c.text.spm_path = ''  # Explicit model path; '' = train/load <data cache>/<dataset>_spm.model.
+  # spm (the sentencepiece stand-in above) | hf (the official Qwen2.5 tokenizer.json with the
+  # NextStep special tokens; text.vocab_size is then unused and model.vocab_size must cover its ids).
+  c.text.tokenizer = 'spm'
+  c.text.tokenizer_json = ''  # hf: tokenizer.json path ('' = the one in train.init_from's directory).
 
   # Built-in data.
   c.data = ml_collections.ConfigDict()

@@ -218,11 +218,13 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
 
 
 def _write_run_files(config, workdir: epath.Path, tok) -> None:
-  """config.json and tokenizer.model: everything `nextstep-sample --workdir` needs besides weights."""
+  """config.json and the text tokenizer (tokenizer.model, or tokenizer.json with text.tokenizer='hf'):
+  everything `nextstep-sample --workdir` needs besides weights."""
   config_path = workdir / pipeline.CONFIG_FILE
   text = configlib.config_to_json(config)
   if config_path.exists() and configlib.config_from_json(config_path.read_text()).model != config.model:
     raise ValueError(f'{workdir} holds a run with a different model config; use a new --workdir '
                      'or the same config to resume')
   config_path.write_text(text)
-  (workdir / pipeline.TOKENIZER_FILE).write_bytes(pathlib.Path(tok.path).read_bytes())
+  name = pipeline.HF_TOKENIZER_FILE if config.text.tokenizer == 'hf' else pipeline.TOKENIZER_FILE
+  (workdir / name).write_bytes(epath.Path(tok.path).read_bytes())

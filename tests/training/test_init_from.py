@@ -127,6 +127,7 @@ def test_bad_init_from_is_one_clear_error(tmp_path):
   assert "init_from_skip patterns matching no param:\n    nothing.*" in message
 
 
+@pytest.mark.slow
 def test_resume_uses_the_runs_own_checkpoint(tmp_path, capsys):
   """A fine-tune stopped at step 3 continues from its own checkpoint (not init_from again) and
   ends where an uninterrupted fine-tune ends."""
