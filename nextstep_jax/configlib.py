@@ -174,6 +174,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(text.get('tokenizer', 'spm') != 'hf' or text.tokenizer_json or config.train.get('init_from'),
           "text.tokenizer='hf' needs text.tokenizer_json (a tokenizer.json) or train.init_from (a converted "
           'release or a run holding one).')
+  require(image.tokenizer != 'vae' or not config.train.get('init_from') or image.vae.checkpoint,
+          'train.init_from fine-tunes trained weights but image.vae.checkpoint is empty (a random VAE): set '
+          "it to the release's VAE (a converted release's DIR/vae) or to the run's tokenizer.")
   require(text.get('tokenizer', 'spm') == 'hf' or m.vocab_size >= text.vocab_size + SPARE_EMBEDDING_ROWS,
           f'model.vocab_size={m.vocab_size} must be >= text.vocab_size + {SPARE_EMBEDDING_ROWS} = '
           f'{text.vocab_size + SPARE_EMBEDDING_ROWS}: every text id needs an embedding row (up to '

@@ -1,4 +1,5 @@
 """nextstep-convert --hf-dir RELEASE --out DIR [--dtype float32|bfloat16] [--vae TOKENIZER_DIR]
+nextstep-convert --export-run WORKDIR[@STEP] --out DIR
 
 Converts an official NextStep-1 release (a download of e.g. stepfun-ai/NextStep-1-Large:
 config.json, model.safetensors.index.json + shards, tokenizer.json, vae/) into DIR: config.json
@@ -6,6 +7,10 @@ config.json, model.safetensors.index.json + shards, tokenizer.json, vae/) into D
 and params/ (orbax; `TextToImage.from_converted(DIR)` or `nextstep-sample --converted DIR` restore
 it sharded onto any mesh). Host memory: the params once in --dtype (14B: 60 GB float32, 30 GB
 bfloat16) plus one tensor.
+
+--export-run writes a fine-tuned run (trained with text.tokenizer='hf', e.g. from train.init_from
+a converted release) back into the same layout: params only (no optimizer state), its
+tokenizer.json, its VAE as vae/ and its config, so `nextstep-sample --converted DIR` samples it.
 """
 import argparse
 import sys
@@ -13,7 +18,9 @@ import sys
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--hf-dir', required=True, help='directory of the official release')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--hf-dir', help='directory of the official release')
+  source.add_argument('--export-run', help='a training workdir (WORKDIR or WORKDIR@STEP) to export')
   parser.add_argument('--out', required=True, help='output directory (must not hold params/ yet)')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='stored parameter dtype (model.param_dtype)')
@@ -28,6 +35,17 @@ def main(argv=None) -> int:
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
   from nextstep_jax.convert import official  # pylint: disable=import-outside-toplevel (after flag errors)
+  if args.export_run:
+    from nextstep_jax.convert import export  # pylint: disable=import-outside-toplevel
+    from nextstep_jax.training import init_from  # pylint: disable=import-outside-toplevel
+    try:
+      config = export.export_run(args.export_run, args.out)
+    except (export.ExportError, init_from.InitFromError, FileExistsError) as error:
+      print(f'nextstep-convert: {error}', file=sys.stderr)
+      return 1
+    print(f'exported {args.export_run} -> {args.out} (params {config.model.param_dtype}); sample it with '
+          f'nextstep-sample --converted {args.out}')
+    return 0
   try:
     config = official.convert(args.hf_dir, args.out, param_dtype=args.dtype, compute_dtype=args.compute_dtype,
                               image_tokenizer=args.image_tokenizer, image_size=args.image_size,

@@ -1,0 +1,81 @@
+"""A training run's params -> the converted layout, so `nextstep-sample --converted` samples it.
+
+`export_run('WORKDIR[@STEP]', out_dir)` writes what `convert/official.py` writes for a release:
+
+  out_dir/config.json     the run's config (image.vae.checkpoint = 'vae' when its VAE is copied)
+  out_dir/tokenizer.json  the run's tokenizer.json (runs trained with text.tokenizer='hf')
+  out_dir/params/0/       orbax params only (no optimizer state), in the run's param_dtype
+  out_dir/vae/            the run's image tokenizer in the release layout (config.json +
+                          checkpoint.pt or *.safetensors), when it has one
+
+Params are read straight onto their shardings under a mesh of every device (as `train.init_from`
+reads them) and written sharded, so no device holds the whole model.
+"""
+import pathlib
+import shutil
+
+import jax
+from flax import nnx
+
+from nextstep_jax import checkpoints
+from nextstep_jax import configlib
+from nextstep_jax.convert import official
+from nextstep_jax.image import vae_import
+from nextstep_jax.image import vae_tokenizer
+from nextstep_jax.parallel import mesh as mesh_lib
+from nextstep_jax.parallel import rules as rules_lib
+from nextstep_jax.training import init_from
+from nextstep_jax.training import state as state_lib
+
+
+class ExportError(ValueError):
+  """The run cannot be exported to the converted layout; the message says why and what to do."""
+
+
+def _vae_release(checkpoint: str) -> pathlib.Path | None:
+  """The release-layout folder of image.vae.checkpoint (a release dir or a tokenizer workdir)."""
+  if not checkpoint:
+    return None
+  root = pathlib.Path(checkpoint)
+  if (root / vae_tokenizer.RELEASE_DIR / vae_import.CONFIG_FILE).exists():
+    root = root / vae_tokenizer.RELEASE_DIR
+  return root if (root / vae_import.CONFIG_FILE).exists() else None
+
+
+def export_run(spec: str, out_dir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None):
+  """Exports run `spec` (WORKDIR or WORKDIR@STEP, default its latest checkpoint) into `out_dir`;
+  returns the written config."""
+  source = init_from.resolve(spec)
+  if source.kind != 'run':
+    raise ExportError(f'{spec} is already a converted release; pass a training workdir.')
+  out_dir = pathlib.Path(out_dir).absolute()
+  if (out_dir / official.PARAMS_DIR).exists():
+    raise FileExistsError(f'{out_dir / official.PARAMS_DIR} exists; choose an empty --out directory.')
+  root = pathlib.Path(str(source.root))
+  tokenizer = root / official.TOKENIZER_FILE
+  if not tokenizer.exists():
+    raise ExportError(f'{root} was trained with the sentencepiece stand-in (no {official.TOKENIZER_FILE}); '
+                      'the converted layout needs the official tokenizer. Sample it with nextstep-sample '
+                      "--workdir, or fine-tune with text.tokenizer='hf'.")
+  config = configlib.with_base_defaults(configlib.config_from_json((root / official.CONFIG_FILE).read_text()))
+  mesh = mesh or mesh_lib.make_mesh(config.mesh)
+  _, abstract = nnx.split(state_lib.abstract_model(config), nnx.Param)
+  target = rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules)
+  params = init_from.initial_params(spec, target, fresh_params_fn=None)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ckpt = checkpoints.Checkpointer(out_dir / official.PARAMS_DIR, keep=1, async_save=False)
+  try:
+    ckpt.save(0, params, extra={'source': str(root), 'step': source.step})
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  shutil.copyfile(tokenizer, out_dir / official.TOKENIZER_FILE)
+  vae_release = _vae_release(config.image.vae.checkpoint) if config.image.tokenizer == 'vae' else None
+  if vae_release is not None:
+    (out_dir / official.VAE_DIR).mkdir(exist_ok=True)
+    for path in vae_release.iterdir():
+      if path.name in (vae_import.CONFIG_FILE, vae_import.TORCH_FILE) or path.suffix == '.safetensors':
+        shutil.copyfile(path, out_dir / official.VAE_DIR / path.name)
+    config.image.vae.checkpoint = official.VAE_DIR
+  (out_dir / official.CONFIG_FILE).write_text(configlib.config_to_json(config))
+  return config
