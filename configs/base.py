@@ -188,6 +188,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # Checkpoints kept.
   c.train.sample_every = 1000  # Sample-grid PNG period in steps (0 = only at the end).
   c.train.num_grid_samples = 16  # Images in a sample grid.
+  # Prompts of the sample grid (cycled to num_grid_samples); () = the built-in data set's fixed
+  # prompts, and no grid for other data (data.source arrayrecord / tfds) unless prompts are given.
+  c.train.grid_prompts = ()
   c.train.max_minutes = 0.0  # Stop (with a checkpoint) after this wall time; 0 = no limit.
   # Fine-tuning (training/init_from.py): start from the params of a converted release
   # (nextstep-convert --out DIR) or of another run (WORKDIR or WORKDIR@STEP), restored onto the

@@ -98,5 +98,6 @@ def tiny_release():
   c.train.steps, c.train.batch_size, c.train.lr, c.train.warmup_steps = 30, 8, 3e-3, 2
   c.train.log_every, c.train.checkpoint_every, c.train.sample_every = 5, 15, 0
   c.train.num_grid_samples = 4
+  c.train.grid_prompts = ('a red square', 'a blue square')
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
   return c

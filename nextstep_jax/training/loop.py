@@ -78,8 +78,17 @@ class MetricsLog:
       self.path.write_text(''.join(self._lines))
 
 
+def has_grid(config) -> bool:
+  """Whether the run writes sample grids: built-in data, or explicit train.grid_prompts."""
+  return bool(config.train.get('grid_prompts')) or config.data.source == 'builtin'
+
+
 def grid_prompts(config, num: int) -> list[str]:
-  """Fixed prompts for the periodic sample grid (seen and held-out for shapes)."""
+  """Fixed prompts for the periodic sample grid: train.grid_prompts cycled to `num`, else the
+  built-in data set's (seen and held-out for shapes)."""
+  if config.train.get('grid_prompts'):
+    prompts = list(config.train.grid_prompts)
+    return [prompts[i % len(prompts)] for i in range(num)]
   if config.data.dataset == 'shapes':
     from nextstep_jax.data.builtin import shapes  # pylint: disable=g-import-not-at-top
     half = num // 2
@@ -204,7 +213,7 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
         if periodic_save or stopping or step == total:
           ckpt.save(step, state, extra={'step': step}, data_state=data.get_state(), force=True)
           last_saved = step
-        if periodic_grid or step == total:
+        if (periodic_grid or step == total) and has_grid(config):
           ckpt.wait()
           save_sample_grid(config, graphdef, state['params'], tok, workdir, step, writer)
         if stopping:
