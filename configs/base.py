@@ -114,7 +114,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.drop_text_prob = 0.1  # Caption moved after the image block (trains the uncond branch).
   c.data.cache_dir = ''  # Where generated data and the spm model live ('' = ~/.cache/nextstep_jax).
   # Grain input pipeline (nextstep_jax/data/grain_pipeline.py; shards from `nextstep-data build`).
-  c.data.source = 'builtin'  # builtin (data.dataset in memory) | arrayrecord (data.paths) | tfds.
+  c.data.source = 'builtin'  # builtin (data.dataset in memory) | arrayrecord (data.paths) | tfds | edit.
   c.data.grain_builtin = False  # Serve data.source=builtin through the Grain pipeline too.
   c.data.paths = ''  # arrayrecord: comma-separated shard files or globs (name-*.array_record).
   c.data.tfds_name = ''  # tfds: a prepared array_record data set (nothing is downloaded).
@@ -136,6 +136,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # area string (e.g. ('16*16', '12*21', '21*12') at 256 px); each record goes to the nearest
   # aspect, every global batch is one bucket (one compiled step shape each). () = square image.size.
   c.data.aspect_buckets = ()
+  # Edit triplets (data.source='edit': data.paths from `nextstep-data build --from edit-folder`;
+  # data/edit_data.py). Shares of rows trained as the unconditional branches of 3-way guidance:
+  # empty instruction with the source image, instruction without it, neither (the rest full).
+  c.data.edit_drop_text_prob = 0.1
+  c.data.edit_drop_image_prob = 0.05
+  c.data.edit_drop_both_prob = 0.05
 
   # Objective.
   c.loss = ml_collections.ConfigDict()

@@ -27,7 +27,7 @@ REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_save
 LR_SCHEDULES = ('cosine', 'constant')
 DTYPES = ('float32', 'bfloat16', 'float16')
 DATASETS = ('shapes', 'digits')
-DATA_SOURCES = ('builtin', 'arrayrecord', 'tfds')
+DATA_SOURCES = ('builtin', 'arrayrecord', 'tfds', 'edit')
 OVERLONG_CAPTIONS = ('truncate', 'skip')
 AUGMENT_OPS = ('hflip', 'random_crop')
 HEAD_OBJECTIVES = ('flow', 'shortcut')
@@ -224,6 +224,10 @@ def _validate_data_pipeline(require, data: ml_collections.ConfigDict) -> None:
   if data.source == 'arrayrecord' and not data.use_latent_cache:
     require(bool(data.paths), 'data.source=arrayrecord needs data.paths (shard files or globs '
             'written by `nextstep-data build`).')
+  if data.source == 'edit':
+    require(bool(data.paths) and not data.use_latent_cache and not data.get('aspect_buckets'),
+            "data.source=edit needs data.paths (shards of nextstep-data build --from edit-folder) and reads "
+            'raw images at image.size: unset data.use_latent_cache and data.aspect_buckets.')
   if data.source == 'tfds':
     require(bool(data.tfds_name), 'data.source=tfds needs data.tfds_name (a prepared data set).')
   if data.use_latent_cache:
