@@ -5,7 +5,9 @@ through orbax): config.json, tokenizer.model, checkpoints/ (orbax, keep N, atomi
 (TensorBoard scalars and sample grids), samples/step_<step, 7 digits>.png, metrics.jsonl (one line
 per logged step with the wall time, for accuracy-vs-minutes curves).
 
-Resume is exact: each checkpoint holds the model, the optimizer and every process's data-iterator
+A fresh run starts from random init, or from the params of `train.init_from` (a converted
+release or another run, `training/init_from.py`) with a fresh optimizer; a run with checkpoints
+always resumes from its own. Resume is exact: each checkpoint holds the model, the optimizer and every process's data-iterator
 state (`nextstep_jax.data.training_data`), and the step's noise is a pure function of (seed, step),
 so restarting from checkpoint s reproduces the run that never stopped. SIGTERM (a preemption
 notice) makes every process stop at one agreed step boundary, checkpoint it and return normally
