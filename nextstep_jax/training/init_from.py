@@ -185,9 +185,3 @@ def initial_state(config, tx, abstract_state: Any, shardings: Any) -> dict:
   step = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), shardings['step'])
   return {'params': params, 'opt_state': opt_state, 'step': step}
 
-
-def is_converted(spec: str) -> bool:
-  """Whether `train.init_from` names a converted release (whose tokenizer.json and vae/ the
-  fine-tune can use)."""
-  return bool(spec) and resolve(spec).kind == 'converted'
-

@@ -174,3 +174,12 @@ def test_convert_finetune_export_sample(release, tmp_path):
   images = sampler(['a red square', 'a blue square'], [0, 1])
   assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
   np.testing.assert_array_equal(images, run(['a red square', 'a blue square'], [0, 1]))
+
+
+def test_export_cli_reports_bad_runs(tmp_path, capsys):
+  from nextstep_jax.cli import convert as convert_cli  # pylint: disable=import-outside-toplevel
+  assert convert_cli.main(['--export-run', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'out')]) == 1
+  assert 'does not exist' in capsys.readouterr().err
+  (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
+  assert convert_cli.main(['--export-run', f'{tmp_path / "run"}@5', '--out', str(tmp_path / 'out')]) == 1
+  assert 'no checkpoint 5' in capsys.readouterr().err
