@@ -21,9 +21,11 @@ lr 1e-5, warm-up 1000, cosine) with fewer steps; the objective is the release's 
 """
 import pathlib
 
-from configs import base
-from configs import nextstep1_large
+from nextstep_jax import configlib
 from nextstep_jax.image import aspect
+
+base = configlib.config_module('base.py', __file__)
+nextstep1_large = configlib.config_module('nextstep1_large.py', __file__)
 
 
 def get_config(arg=None):
@@ -53,7 +55,6 @@ def adopt_release(c, converted: str) -> None:
   """Starts from the converted release in `converted`: its model shape, its training objective
   (loss weights and head copies, read from the release's config.json by the converter), its VAE
   architecture and weights and its tokenizer.json."""
-  from nextstep_jax import configlib  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(converted) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'{path} is missing: {converted} is not a converted release '

@@ -37,10 +37,9 @@ def main(argv=None) -> int:
   from nextstep_jax.convert import official  # pylint: disable=import-outside-toplevel (after flag errors)
   if args.export_run:
     from nextstep_jax.convert import export  # pylint: disable=import-outside-toplevel
-    from nextstep_jax.training import init_from  # pylint: disable=import-outside-toplevel
     try:
       config = export.export_run(args.export_run, args.out)
-    except (export.ExportError, init_from.InitFromError, FileExistsError) as error:
+    except (export.ExportError, ValueError, FileNotFoundError, FileExistsError) as error:
       print(f'nextstep-convert: {error}', file=sys.stderr)
       return 1
     print(f'exported {args.export_run} -> {args.out} (params {config.model.param_dtype}); sample it with '

@@ -8,24 +8,20 @@
   out_dir/vae/            the run's image tokenizer in the release layout (config.json +
                           checkpoint.pt or *.safetensors), when it has one
 
-Params are read straight onto their shardings under a mesh of every device (as `train.init_from`
-reads them) and written sharded, so no device holds the whole model.
+Params are read with `runs.restore_run(params_only=True)` straight onto their shardings under a
+mesh of every device and written sharded, so no device holds the whole model.
 """
 import pathlib
 import shutil
 
 import jax
-from flax import nnx
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
-from nextstep_jax.convert import official
+from nextstep_jax import runs
 from nextstep_jax.image import vae_import
 from nextstep_jax.image import vae_tokenizer
 from nextstep_jax.parallel import mesh as mesh_lib
-from nextstep_jax.parallel import rules as rules_lib
-from nextstep_jax.training import init_from
-from nextstep_jax.training import state as state_lib
 
 
 class ExportError(ValueError):
@@ -44,38 +40,37 @@ def _vae_release(checkpoint: str) -> pathlib.Path | None:
 
 def export_run(spec: str, out_dir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None):
   """Exports run `spec` (WORKDIR or WORKDIR@STEP, default its latest checkpoint) into `out_dir`;
-  returns the written config."""
-  source = init_from.resolve(spec)
-  if source.kind != 'run':
-    raise ExportError(f'{spec} is already a converted release; pass a training workdir.')
-  out_dir = pathlib.Path(out_dir).absolute()
-  if (out_dir / official.PARAMS_DIR).exists():
-    raise FileExistsError(f'{out_dir / official.PARAMS_DIR} exists; choose an empty --out directory.')
-  root = pathlib.Path(str(source.root))
-  tokenizer = root / official.TOKENIZER_FILE
+  returns the written config. Raises ExportError, FileNotFoundError (no run / no such step) or
+  FileExistsError (out_dir holds params)."""
+  workdir, step = runs.split_step(spec)
+  if runs.is_converted(workdir):
+    raise ExportError(f'{workdir} is already a converted release; pass a training workdir.')
+  config = configlib.with_base_defaults(runs.load_config(workdir))
+  root = pathlib.Path(workdir)
+  tokenizer = root / runs.HF_TOKENIZER_FILE
   if not tokenizer.exists():
-    raise ExportError(f'{root} was trained with the sentencepiece stand-in (no {official.TOKENIZER_FILE}); '
+    raise ExportError(f'{root} was trained with the sentencepiece stand-in (no {runs.HF_TOKENIZER_FILE}); '
                       'the converted layout needs the official tokenizer. Sample it with nextstep-sample '
                       "--workdir, or fine-tune with text.tokenizer='hf'.")
-  config = configlib.with_base_defaults(configlib.config_from_json((root / official.CONFIG_FILE).read_text()))
-  mesh = mesh or mesh_lib.make_mesh(config.mesh)
-  _, abstract = nnx.split(state_lib.abstract_model(config), nnx.Param)
-  target = rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules)
-  params = init_from.initial_params(spec, target, fresh_params_fn=None)
+  out_dir = pathlib.Path(out_dir).absolute()
+  if (out_dir / runs.CONVERTED_PARAMS_DIR).exists():
+    raise FileExistsError(f'{out_dir / runs.CONVERTED_PARAMS_DIR} exists; choose an empty --out directory.')
+  restored = runs.restore_run(workdir, step, params_only=True, config=config,
+                              mesh=mesh or mesh_lib.make_mesh(config.mesh))
   out_dir.mkdir(parents=True, exist_ok=True)
-  ckpt = checkpoints.Checkpointer(out_dir / official.PARAMS_DIR, keep=1, async_save=False)
+  ckpt = checkpoints.Checkpointer(out_dir / runs.CONVERTED_PARAMS_DIR, keep=1, async_save=False)
   try:
-    ckpt.save(0, params, extra={'source': str(root), 'step': source.step})
+    ckpt.save(0, restored.state, extra={'source': str(root.absolute()), 'step': restored.step})
     ckpt.wait()
   finally:
     ckpt.close()
-  shutil.copyfile(tokenizer, out_dir / official.TOKENIZER_FILE)
+  shutil.copyfile(tokenizer, out_dir / runs.CONVERTED_TOKENIZER_FILE)
   vae_release = _vae_release(config.image.vae.checkpoint) if config.image.tokenizer == 'vae' else None
   if vae_release is not None:
-    (out_dir / official.VAE_DIR).mkdir(exist_ok=True)
+    (out_dir / runs.CONVERTED_VAE_DIR).mkdir(exist_ok=True)
     for path in vae_release.iterdir():
       if path.name in (vae_import.CONFIG_FILE, vae_import.TORCH_FILE) or path.suffix == '.safetensors':
-        shutil.copyfile(path, out_dir / official.VAE_DIR / path.name)
-    config.image.vae.checkpoint = official.VAE_DIR
-  (out_dir / official.CONFIG_FILE).write_text(configlib.config_to_json(config))
+        shutil.copyfile(path, out_dir / runs.CONVERTED_VAE_DIR / path.name)
+    config.image.vae.checkpoint = runs.CONVERTED_VAE_DIR
+  (out_dir / runs.CONFIG_FILE).write_text(configlib.config_to_json(config))
   return config

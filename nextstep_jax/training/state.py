@@ -46,26 +46,16 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
                   weight_decay=train_cfg.weight_decay, mask=decay_mask))
 
 
-def model_config(config) -> nextstep.ModelConfig:
-  return nextstep.ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
-
-
-def abstract_model(config) -> nnx.Module:
-  """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half."""
-  cfg = model_config(config)
-  return nnx.eval_shape(lambda: nextstep.NextStep(cfg, rngs=nnx.Rngs(0)))
-
-
 def init_state(config, tx: optax.GradientTransformation) -> dict:
   """Fresh train state (unsharded; jit it with out_shardings to create it sharded)."""
-  model = nextstep.NextStep(model_config(config), rngs=nnx.Rngs(config.seed))
+  model = nextstep.NextStep(nextstep.model_config(config), rngs=nnx.Rngs(config.seed))
   params = nnx.state(model, nnx.Param)
   return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
 
 
 def abstract_train_state(config, tx) -> tuple[nnx.GraphDef, Any]:
   """(graphdef, train state of ShapeDtypeStructs) without allocating anything."""
-  graphdef, _ = nnx.split(abstract_model(config), nnx.Param)
+  graphdef, _ = nnx.split(nextstep.abstract_model(config), nnx.Param)
   return graphdef, jax.eval_shape(lambda: init_state(config, tx))
 
 

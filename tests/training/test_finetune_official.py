@@ -179,7 +179,11 @@ def test_convert_finetune_export_sample(release, tmp_path):
 def test_export_cli_reports_bad_runs(tmp_path, capsys):
   from nextstep_jax.cli import convert as convert_cli  # pylint: disable=import-outside-toplevel
   assert convert_cli.main(['--export-run', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'out')]) == 1
-  assert 'does not exist' in capsys.readouterr().err
+  assert 'is not a run' in capsys.readouterr().err
   (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
+  (tmp_path / 'run' / 'config.json').write_text(configlib.config_to_json(configlib.load_config('configs/tiny.py')))
   assert convert_cli.main(['--export-run', f'{tmp_path / "run"}@5', '--out', str(tmp_path / 'out')]) == 1
-  assert 'no checkpoint 5' in capsys.readouterr().err
+  assert 'sentencepiece' in capsys.readouterr().err
+  (tmp_path / 'run' / 'tokenizer.json').write_text('{}')
+  assert convert_cli.main(['--export-run', f'{tmp_path / "run"}@5', '--out', str(tmp_path / 'out')]) == 1
+  assert 'No checkpoint for step 5' in capsys.readouterr().err
