@@ -1,6 +1,7 @@
 """Edit triplets: folder + JSONL -> edit-record shards (bad records skipped and counted) -> training
 rows in the official edit layout, deterministic per step, and a fine-tune step on them."""
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def edits(tmp_path_factory):
 
 def test_build_keeps_good_edits_and_counts_bad_ones(edits):
   shards, _, images, kept = edits
-  summary = json.loads(open(shards.replace('-*.array_record', '.summary.json')).read())
+  summary = json.loads(pathlib.Path(shards.replace('-*.array_record', '.summary.json')).read_text())
   assert summary['records'] == 6
   assert summary['skipped'] == {bad_records.UNREADABLE_FILE: 1, bad_records.TRUNCATED_IMAGE: 1,
                                 bad_records.EMPTY_CAPTION: 1, bad_records.MALFORMED_RECORD: 1}
