@@ -1,4 +1,9 @@
-"""nextstep-jax: NextStep-1 in JAX/Flax NNX. `pip install -e '.[test]'` (see the Makefile)."""
+"""nextstep-jax: NextStep-1 in JAX/Flax NNX.
+
+`pip install -e .` is the runtime (what `make demo` installs: no torch, transformers,
+tensorflow-datasets or libtpu); `pip install -e '.[test,parity,tfds,tpu-aot]'` is what `make test`
+installs. See the Makefile and CONTRIBUTING.md.
+"""
 import re
 
 import setuptools
@@ -35,14 +40,20 @@ setuptools.setup(
         'tokenizers>=0.20',
         'array-record~=0.8.6',  # Data shards (nextstep-data, the Grain pipeline).
         'etils[epath]',  # Workdir files on local disks and gs:// alike.
+        'absl-py>=1.4',  # absl.flags: Grain's worker flags.
+        'ml_dtypes>=0.5',  # bfloat16 numpy arrays (checkpoint import).
+        'threadpoolctl>=3',  # Pins BLAS threads in the digit evaluator.
+        'qwix~=0.1.8',  # Quantization and LoRA.
     ],
     extras_require={
-        # torch/transformers: only the PyTorch references of the parity tests and benchmarks.
-        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'transformers~=5.24',
-                 'tensorflow-datasets~=4.9', 'matplotlib',
-                 'libtpu==0.0.42.*'],  # TPU topologies for the AOT planner's tests.
-        'tpu-aot': ['libtpu==0.0.42.*'],  # nextstep-aot: TPU topologies and compiles without TPUs.
+        # Development: the test runner, plots the tests draw, the lint and import-layer checks.
+        'test': ['pytest', 'pytest-xdist', 'matplotlib', 'import-linter~=2.1', 'ruff==0.17.6',
+                 'pre-commit'],
+        # PyTorch references of the parity tests and benchmarks (tests marked `torch`).
+        'parity': ['torch==2.13.0', 'transformers~=5.24'],
         'tfds': ['tensorflow-datasets~=4.9'],  # data.source=tfds, build --from tfds.
+        # nextstep-aot: TPU topologies and compiles without TPUs (tests marked `tpu_aot`).
+        'tpu-aot': ['libtpu==0.0.42.*'],
         # Pod runs: TPU wheels of the pinned jax; gs:// workdirs (etils.epath, TensorBoard events).
         'tpu': ['jax[tpu]~=0.10.2'],
         'gcs': ['gcsfs', 'google-cloud-storage'],

@@ -44,7 +44,7 @@ RESULTS = pathlib.Path(__file__).parent / 'results'
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import sampling_speed  # pylint: disable=wrong-import-position (its corpus tokenizer)
 
-# Official NextStep-1-Large parameter counts (design doc §1) and the measured H100 bandwidth.
+# Official NextStep-1-Large parameter counts (docs/model.md §1) and the measured H100 bandwidth.
 LAYERS_14B = 13_212_893_184
 PROJECTORS_14B = 332_800 + 26_219_520  # image_in_projector + image_out_projector.
 HEAD_14B = 157_228_096

@@ -4,7 +4,7 @@
       [--cfg 7.5] [--hidden 256] [--layers 4] [--repeats 3] [--skip-compile]
 
 One random model in the official layout (tests/torch_reference.py: transformers' Qwen2Model +
-the head and projectors of nextstep1.md) is saved as a release, converted with our converter and
+the head and projectors of docs/model.md) is saved as a release, converted with our converter and
 sampled by both sides with the same steps, guidance (2-way CFG), token grid and batch (1 image):
   jax            generate.generate_tokens: one jitted call (prefill, lax.scan over tokens, each a
                  lax.scan over SDE steps with both CFG branches in one head call)

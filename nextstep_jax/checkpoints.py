@@ -1,12 +1,13 @@
 """Orbax checkpoints: a state pytree, a JSON `extra` and each process's data-iterator state.
 
 Layout: `<directory>/<step>/{state,extra,data}`; `data/process_<i>-of-<n>.json` holds process i's
-training-data state (`nextstep_jax.data.training_data`), written by that process. Saves are asynchronous (`wait()` blocks until the last
-one is committed) and atomic: orbax writes into `<step>.orbax-checkpoint-tmp-<timestamp>` and
-renames it to `<step>` once every array is written (on object stores, which cannot rename, it
-writes `commit_success.txt` last instead). A checkpoint interrupted mid-write therefore never
-counts as a step: `latest_step` ignores it, and a `Checkpointer` opened on the directory deletes it
-in the background (finished before its first save). Only the newest `keep` checkpoints are kept.
+training-data state (`nextstep_jax.data.training_data`), written by that process. Saves are
+asynchronous (`wait()` blocks until the last one is committed) and atomic: orbax writes into
+`<step>.orbax-checkpoint-tmp-<timestamp>` and renames it to `<step>` once every array is written (on
+object stores, which cannot rename, it writes `commit_success.txt` last instead). A checkpoint
+interrupted mid-write therefore never counts as a step: `latest_step` ignores it, and a
+`Checkpointer` opened on the directory deletes it in the background (finished before its first
+save). Only the newest `keep` checkpoints are kept.
 
 Restores read arrays straight onto the shardings of the abstract target, so a run can resume on
 another mesh; see `nextstep_jax.parallel.rules.abstract_with_shardings`.

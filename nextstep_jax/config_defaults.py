@@ -69,7 +69,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   v.shift_factor = 0.0
   v.deterministic = True  # Encode to the posterior mean.
   v.encoder_norm = True  # LayerNorm each psz x psz patch of the mean (official true).
-  v.psz = 2  # Patch side of encoder_norm (unverified official value; see nextstep1.md).
+  v.psz = 2  # Patch side of encoder_norm (unverified official value; see docs/model.md §2).
   v.batch_chunk = 8  # Images per device per encode/decode pass (bounds memory, e.g. 1024px).
   # Spatial tiling (image/vae_tiling.py): encode/decode overlapping tiles of tile_size latent
   # pixels blended with linear ramps when a latent side exceeds tile_size (official: 1024px images

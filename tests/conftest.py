@@ -1,4 +1,12 @@
-"""Test setup: 8 virtual CPU devices, fixed before JAX is imported; a fewer count fails the run.
+"""Test setup: the process-wide JAX settings every test runs under, made here and nowhere else.
+
+- 8 virtual CPU devices (XLA_FLAGS, JAX_PLATFORMS=cpu), fixed before JAX is imported; a fewer count
+  fails the run.
+- float32 matmuls at full precision (`jax_default_matmul_precision='highest'`): the parity tests
+  compare against float64 numpy / float32 PyTorch references with tight tolerances.
+- Flax variables are not sharded eagerly (`flax_always_shard_variable=False`), as in the package.
+
+Test modules must not change these at import (that would leak into every test of the run).
 
 Tests mirror the package layout in folders without `__init__.py` (pytest --import-mode=importlib),
 so every test file basename must be unique.
@@ -16,8 +24,12 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 
 sys.path.insert(0, os.path.dirname(__file__))  # Shared test helpers (model_testing.py).
 
-import jax  # pylint: disable=wrong-import-position
-import pytest  # pylint: disable=wrong-import-position
+import flax  # noqa: E402
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+flax.config.update('flax_always_shard_variable', False)
 
 
 def pytest_configure(config):
@@ -36,3 +48,11 @@ def tmp_workdir(tmp_path):
   workdir = tmp_path / 'workdir'
   workdir.mkdir()
   return workdir
+
+
+@pytest.fixture
+def tfds_testing():
+  """The tests/tfds_testing.py helpers; skips the test without the tfds extra."""
+  pytest.importorskip('tensorflow_datasets', reason='TFDS sources need the tfds extra')
+  import tfds_testing as helpers  # Imports tensorflow_datasets.
+  return helpers

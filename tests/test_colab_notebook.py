@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from nextstep_jax import configlib
@@ -13,6 +14,7 @@ from nextstep_jax.training import loop
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / 'notebooks' / 'sample_colab.ipynb'
 
 
+@pytest.mark.slow
 def test_notebook_samples_a_grid_sharded_over_all_devices(tmp_path, monkeypatch):
   run = tmp_path / 'run'
   loop.train(configlib.load_config('configs/tiny.py', [f'data.cache_dir={tmp_path / "cache"}', 'train.steps=2',

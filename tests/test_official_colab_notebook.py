@@ -1,5 +1,10 @@
 """notebooks/sample_official_colab.ipynb: its convert / load / sample / edit cells run on a tiny
 release in the official layout (PyTorch-built, with a vae/ folder) on the 8 CPU devices."""
+import pytest
+
+pytest.importorskip('torch', reason='the PyTorch references need the parity extra')
+pytest.importorskip('transformers', reason='the PyTorch references need the parity extra')
+
 import json
 import pathlib
 import re
@@ -8,6 +13,8 @@ import numpy as np
 
 import hf_testing
 import torch_reference as tr
+
+pytestmark = pytest.mark.torch
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / 'notebooks' / 'sample_official_colab.ipynb'
 

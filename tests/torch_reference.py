@@ -1,6 +1,6 @@
 """PyTorch reference of the official NextStep-1 model and sampler, and a writer of tiny releases.
 
-Written from the design doc (../shared/design/nextstep1.md), independent of our JAX code: the
+Written from the model document (docs/model.md), independent of our JAX code: the
 backbone is transformers' Qwen2Model (eager attention), the flow head / projectors are rebuilt
 from §5, the sampler is §7's loop (KV-cache decoding, per-token Euler–Maruyama on grid A with
 CFG in the head). `write_release` saves a model as a release does (sharded safetensors + index,

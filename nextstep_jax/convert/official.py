@@ -1,7 +1,7 @@
 """Official NextStep-1 release (HF safetensors) -> our orbax params checkpoint + config + tokenizer.
 
 A release directory holds `config.json`, `model.safetensors.index.json` + shards (or one
-`model.safetensors`) and `tokenizer.json` (design doc §8). `convert(hf_dir, out_dir)` writes
+`model.safetensors`) and `tokenizer.json` (docs/model.md §8). `convert(hf_dir, out_dir)` writes
 
   out_dir/config.json     our ml_collections config (model fields from the release's config.json)
   out_dir/tokenizer.json  the release's tokenizer, copied
@@ -154,7 +154,7 @@ def _first(hf: dict, *names, default=None):
 def model_fields(hf: dict, names: set[str]) -> tuple[dict, list[str]]:
   """Our `config.model` fields from a release's config.json and its tensor names.
 
-  Returns (fields, problems). Biases are decided by the tensors (design doc §9: a config without
+  Returns (fields, problems). Biases are decided by the tensors (docs/model.md §9: a config without
   `o_attention_bias` falls back to `attention_bias` upstream); an explicit config value that
   contradicts the tensors is a problem.
   """

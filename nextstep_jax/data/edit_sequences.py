@@ -1,4 +1,4 @@
-"""Image-editing prompt rows (design doc §4, "Editing inference"), host side.
+"""Image-editing prompt rows (docs/model.md §4, "Editing inference"), host side.
 
 An edit caption holds one literal `<image>`; it is replaced by the source image's block
 `<|image_area|>` "hs*ws" boi placeholder x (hs*ws) eoi, the source tokens go into the

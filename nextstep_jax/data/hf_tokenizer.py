@@ -2,7 +2,7 @@
 
 `HFTokenizer.load(path)` satisfies the `text_tokenizer.Tokenizer` protocol, so the sequence
 builders and samplers use it exactly like the sentencepiece stand-in: `encode` adds no BOS/EOS
-(Qwen2.5 has no BOS), the special tokens of design doc §4 are single added tokens, and ids come
+(Qwen2.5 has no BOS), the special tokens of docs/model.md §4 are single added tokens, and ids come
 from the file itself (checked against the model's config.json by the converter).
 """
 import os

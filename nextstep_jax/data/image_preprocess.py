@@ -3,7 +3,7 @@
 decode_image: PNG/JPEG/... bytes or a decoded array (TFDS) -> (H, W, 3) uint8 plus the fixes made
 (grayscale, alpha, 16-bit, palette/CMYK), or BadRecordError for undecodable / truncated data.
 resize_to_cover + center_crop: scale (LANCZOS) so the image covers the target, then crop the
-centre (design doc §4); an image already at the target size passes through bit-exactly.
+centre (docs/model.md §4); an image already at the target size passes through bit-exactly.
 """
 import io
 import warnings

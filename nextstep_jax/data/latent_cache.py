@@ -1,12 +1,13 @@
 """`nextstep-data cache-latents`: encode a data set once with the image tokenizer.
 
-Reads the raw source the config names (data.source: arrayrecord / tfds / builtin) in index order
-and writes latent records (records.py) with the same indices, so a pipeline reading the cache
+Reads the raw source the config names (data.source: arrayrecord / tfds / builtin) in index order and
+writes latent records (records.py) with the same indices, so a pipeline reading the cache
 (data.use_latent_cache) shuffles, shards and skips exactly as the raw one: record i holds
 data.cache_variants latents (V, h, w, C) float32 of source record i (at image.size, or at its
-nearest data.aspect_buckets bucket's size), variant 0 the resized, centre-cropped image and variant k >= 1 `image_preprocess.augment` with
-default_rng([shuffle seed, i, k]) (data.augment); records that must be skipped are stored as
-{'kind': 'skipped', 'reason'} markers. Captions are stored as read; the pipeline cleans them.
+nearest data.aspect_buckets bucket's size), variant 0 the resized, centre-cropped image and variant
+k >= 1 `image_preprocess.augment` with default_rng([shuffle seed, i, k]) (data.augment); records
+that must be skipped are stored as {'kind': 'skipped', 'reason'} markers. Captions are stored as
+read; the pipeline cleans them.
 Shards are resumable like `nextstep-data build` (builder.run_jobs); encoding runs in this process
 (the tokenizer may use the accelerator), `batch_size` images per encode call.
 """

@@ -1,4 +1,4 @@
-"""Token layouts of training and sampling sequences (design doc §4); pure numpy, host side.
+"""Token layouts of training and sampling sequences (docs/model.md §4); pure numpy, host side.
 
 An image is an h x w grid of continuous tokens in raster order, N = h * w. Its block is
 `<|image_area|>` "h*w" `<|begin_of_image|>` `<|image_placeholder|>` x N `<|end_of_image|>`;

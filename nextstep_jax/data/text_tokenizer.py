@@ -1,6 +1,6 @@
 """Text tokenizer: a sentencepiece model trained deterministically from captions.
 
-The official model uses the Qwen2.5 tokenizer plus added special tokens (design doc §4). This
+The official model uses the Qwen2.5 tokenizer plus added special tokens (docs/model.md §4). This
 stand-in keeps the same contract: the special tokens are single pieces, digits are one token
 each, no BOS/EOS is added by `encode`, and any text encodes (byte fallback). `Tokenizer` is
 the minimal interface the sequence builders need, so a tokenizer.json loader can replace it.

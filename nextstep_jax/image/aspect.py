@@ -1,4 +1,4 @@
-"""Official aspect-ratio buckets (design doc §4): image sizes whose "h*w" area string the model saw.
+"""Official aspect-ratio buckets (docs/model.md §4): image sizes whose "h*w" area string the model saw.
 
 At 256 px the buckets hold ~256 tokens of 16x16 pixels: (8,32), (9,28), (10,25), (11,23), (12,21),
 (13,19), (14,18), (15,17), (16,16) and transposes, as (rows, cols) of 16-pixel units; for another

@@ -6,7 +6,7 @@ unpickles it with an allow-list of exactly the tensor-rebuild records
 (`torch._utils._rebuild_tensor_v2`, torch storage classes, `collections.OrderedDict`); any other
 global (e.g. `os.system` in a malicious file) raises `UnsafeCheckpointError` before it is called.
 
-Name mapping (official Flux names, §8 of nextstep1.md): `a.b.3.c.weight` -> path (a, b, 3, c,
+Name mapping (official Flux names, docs/model.md §8): `a.b.3.c.weight` -> path (a, b, 3, c,
 kernel) for 4-D conv weights, transposed OIHW -> HWIO; GroupNorm `weight`/`bias` and conv `bias`
 keep their names. The key set must match exactly: missing, unexpected and mis-shaped tensors are
 listed in one `CheckpointLayoutError`.
@@ -204,7 +204,8 @@ def read_release_tensors(directory: str | pathlib.Path) -> dict[str, np.ndarray]
 def load_release(directory: str | pathlib.Path, **overrides) -> vae.AutoEncoder:
   """The official tokenizer in `directory` (config.json + checkpoint.pt | *.safetensors).
 
-  overrides: AutoEncoderConfig fields not stored in config.json (dtype, param_dtype) or to replace the release's (e.g. psz, whose release value is unverified).
+  overrides: AutoEncoderConfig fields not stored in config.json (dtype, param_dtype) or to replace
+    the release's (e.g. psz, whose release value is unverified).
   """
   root = pathlib.Path(directory)
   if not (root / CONFIG_FILE).exists():

@@ -2,11 +2,14 @@
 then the AR model on its latents, samples, scores; a finished tokenizer is reused."""
 import json
 
+import pytest
+
 from nextstep_jax import configlib
 from nextstep_jax.cli import demo
 from nextstep_jax.training import tokenizer_train
 
 
+@pytest.mark.slow
 def test_vae_demo_trains_tokenizer_then_ar_model(tmp_path, monkeypatch):
   workdir = tmp_path / 'demo_vae'
   args = ['--tokenizer', 'vae', '--config', 'configs/demo_vae.py:tiny', '--workdir', str(workdir),

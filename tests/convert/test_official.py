@@ -1,17 +1,21 @@
 """Conversion of an official-layout release and parity with the PyTorch reference (float32).
 
 A tiny random release is built in PyTorch (tests/torch_reference.py: transformers' Qwen2Model +
-the head and projectors rebuilt from nextstep1.md), saved as a release is (3 safetensors shards +
+the head and projectors rebuilt from docs/model.md), saved as a release is (3 safetensors shards +
 index, config.json, tokenizer.json), converted, restored, and compared piece by piece and over a
 whole generation with identical noise on both sides.
 """
+import pytest
+
+pytest.importorskip('torch', reason='the PyTorch references need the parity extra')
+pytest.importorskip('transformers', reason='the PyTorch references need the parity extra')
+
 import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 from flax import nnx
 
@@ -27,6 +31,8 @@ from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import guidance
 from nextstep_jax.sampling import integrators
+
+pytestmark = pytest.mark.torch
 
 # float32 on both sides; differences are summation order in matmuls/softmax (~1e-6 relative) grown
 # through 2 layers and the RMSNorm/LayerNorm rescaling.

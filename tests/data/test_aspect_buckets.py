@@ -175,6 +175,7 @@ def test_bucket_configs_are_checked(tmp_path):
     configlib.validate(bad)
 
 
+@pytest.mark.slow
 def test_non_square_training_runs(tmp_path):
   """configs/tiny.py (4-px tokens) on square and 4:1 (portrait) buckets: the loop compiles one step shape per
   bucket and trains (exact resume of the bucketed stream is tested above on the pipeline)."""

@@ -5,7 +5,6 @@ import os
 import numpy as np
 
 import data_testing
-import tfds_testing
 from nextstep_jax.data import bad_records
 from nextstep_jax.data import builder
 from nextstep_jax.data import records
@@ -100,7 +99,7 @@ def test_builtin_records_hold_the_generated_images(tmp_path):
     assert record.caption.decode() == item.caption
 
 
-def test_tfds_build(tmp_path):
+def test_tfds_build(tmp_path, tfds_testing):
   data_dir = tfds_testing.prepare_tiny_captions(tmp_path / 'tfds')
   items = builder.tfds_items('tiny_captions', 'train', str(data_dir))
   summary = builder.build(items, str(tmp_path / 'from_tfds'), num_shards=2, source='tfds')

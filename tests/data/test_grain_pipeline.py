@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import data_testing
-import tfds_testing
 from nextstep_jax.data import bad_records
 from nextstep_jax.data import captions
 from nextstep_jax.data import grain_pipeline
@@ -139,7 +138,7 @@ def test_overlong_captions_can_be_skipped_instead(tmp_path, tok):
   assert data.bad_record_counts == expected
 
 
-def test_tfds_source_is_read_without_tensorflow(tmp_path, tok):
+def test_tfds_source_is_read_without_tensorflow(tmp_path, tok, tfds_testing):
   data_dir = tfds_testing.prepare_tiny_captions(tmp_path / 'tfds')
   config = data_testing.tiny_config(tmp_path, source='tfds', tfds_name='tiny_captions',
                                     tfds_data_dir=str(data_dir))

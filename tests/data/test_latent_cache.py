@@ -67,6 +67,7 @@ def test_cache_variants_are_the_plain_and_augmented_encodings(tmp_path, tok):
   assert batch['latents'].shape == (4, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_vae_config_trains_from_the_cache_by_one_config_change(tmp_path, tok):
   """configs/shapes_vae.py:cached (here with the tiny random VAE) differs from the plain config
   only in reading the cache; the cache of the built-in data gives the on-the-fly VAE batches."""

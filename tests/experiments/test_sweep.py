@@ -108,6 +108,7 @@ def test_launch_cmd_only_prints_one_command_per_run(capsys, tmp_path):
       f'--config.train.steps=5 --config.model.num_layers={n}' for n in (1, 2)]
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_on_tiny_runs(tmp_path):
   out = tmp_path / 'sweep'
   assert sweep_cli.main([

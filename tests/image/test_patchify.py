@@ -1,4 +1,4 @@
-"""Patchify / unpatchify in the official (c, py, px) channel-major order (design doc §3)."""
+"""Patchify / unpatchify in the official (c, py, px) channel-major order (docs/model.md §3)."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

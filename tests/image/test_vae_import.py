@@ -1,6 +1,10 @@
-"""Official-layout PyTorch autoencoder (written here from nextstep1.md §2/§8) vs our import of its
+"""Official-layout PyTorch autoencoder (written here from docs/model.md §2/§8) vs our import of its
 torch.save'd state_dict: posterior mean/logvar, normalised latents, decoded images; and the
 restricted unpickler rejecting anything but tensor records."""
+import pytest
+
+pytest.importorskip('torch', reason='the PyTorch references need the parity extra')
+
 import json
 import math
 import os
@@ -8,13 +12,14 @@ import pickle
 import zipfile
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from nextstep_jax.image import vae
 from nextstep_jax.image import vae_import
+
+pytestmark = pytest.mark.torch
 
 # float32 on both sides; differences come from conv/attention summation order through ~20 layers.
 ATOL = 2e-4
@@ -255,7 +260,7 @@ def test_malicious_pickle_is_rejected(tmp_path):
 
 
 def test_official_size_layout_matches_the_release_names():
-  """nextstep1.md §8: the f8ch16 key set, by shape evaluation only."""
+  """docs/model.md §8: the f8ch16 key set, by shape evaluation only."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   model = nnx.eval_shape(lambda: vae.AutoEncoder(vae.AutoEncoderConfig(), nnx.Rngs(0)))
   shapes = {vae_import.official_name(path): vae_import.torch_shape(var.get_value().shape)

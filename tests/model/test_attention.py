@@ -2,10 +2,6 @@
 causal, GQA, right-padded training rows, left-padded prompts, gradients, and sharded over a mesh."""
 import dataclasses
 
-import flax
-
-flax.config.update('flax_always_shard_variable', False)
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +12,6 @@ from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.model import attention
 from nextstep_jax.model import nextstep as ns
 from model_testing import tiny_model
-
-jax.config.update('jax_default_matmul_precision', 'highest')
 
 KERNEL_ATOL = 2e-5  # float32 kernel (online softmax over 128-blocks) vs float64 numpy; |out| ~ 1.
 DECODER_ATOL = 2e-5  # Splash vs XLA decoder (2 layers, float32): only the softmax's blocking differs.

@@ -1,9 +1,5 @@
-"""The Qwen2-style decoder (design doc §1): RoPE, GQA attention, RMSNorm, KV cache, padding, remat."""
+"""The Qwen2-style decoder (docs/model.md §1): RoPE, GQA attention, RMSNorm, KV cache, padding, remat."""
 import dataclasses
-
-import flax
-
-flax.config.update('flax_always_shard_variable', False)
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +11,6 @@ from flax import nnx
 from nextstep_jax import nn as L
 from nextstep_jax.model import backbone as BB
 from model_testing import randomize
-
-jax.config.update('jax_default_matmul_precision', 'highest')
 
 ROPE_ATOL = 1e-5  # float32 cos/sin of angles up to ~40 rad (positions < 40) vs float64.
 REF_RTOL = 1e-4  # float32 attention / decoder vs float64 numpy: softmax + 2 layers of rounding.

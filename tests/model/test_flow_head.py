@@ -1,9 +1,5 @@
-"""The flow-matching head against a numpy reference of design doc §5."""
+"""The flow-matching head against a numpy reference of docs/model.md §5."""
 import math
-
-import flax
-
-flax.config.update('flax_always_shard_variable', False)
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +9,6 @@ from flax import nnx
 
 from nextstep_jax.model import flow_head as FH
 from model_testing import randomize
-
-jax.config.update('jax_default_matmul_precision', 'highest')
 
 EMBED_ATOL = 2e-6  # float32 cos/sin of arguments <= 1 vs float64: a few ulps.
 HEAD_RTOL = 2e-5  # float32 head (2 blocks, width 32) vs float64 numpy: accumulated rounding.

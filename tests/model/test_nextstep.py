@@ -1,13 +1,8 @@
-"""The NextStep model: parameter counts and layout (§1, §8), sharding metadata, embeddings,
-tied embeddings and gen_pos_embed (§7)."""
+"""The NextStep model: parameter counts and layout (docs/model.md §1, §8), sharding metadata,
+embeddings, tied embeddings and gen_pos_embed (§7)."""
 import importlib.util
 import os
 
-import flax
-
-flax.config.update('flax_always_shard_variable', False)
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,8 +10,6 @@ from flax import nnx
 
 from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.model import nextstep as ns
-
-jax.config.update('jax_default_matmul_precision', 'highest')
 
 PROJ_RTOL = 1e-5  # float32 Dense (12 -> 64) vs float64 numpy.
 PROJ_ATOL = 1e-6  # Same, entries near 0.
@@ -232,7 +225,7 @@ def test_every_param_has_logical_axes(small):
     assert axes is not None, path
     assert len(axes) == len(shape), (path, axes, shape)
     assert all(a in rules for a in axes), (path, axes)
-    stacked = path.startswith('decoder.layers.') or path.startswith('image_head.res_blocks.')
+    stacked = path.startswith(('decoder.layers.', 'image_head.res_blocks.'))
     assert (axes[0] == 'layers') == stacked, (path, axes)
 
 

@@ -1,6 +1,7 @@
 """Two local processes x 4 CPU devices (gloo collectives) train like one process x 8 devices."""
 import jax
 import numpy as np
+import pytest
 
 import multiprocess_testing
 from nextstep_jax import configlib
@@ -13,6 +14,7 @@ RTOL, ATOL = 1e-5, 4e-6
 OVERRIDES = ['train.steps=4', 'train.checkpoint_every=2']
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path):
   cache = tmp_path / 'cache'
   single = loop.train(configlib.load_config('configs/tiny.py', [f'data.cache_dir={cache}', *OVERRIDES]),

@@ -8,8 +8,11 @@ import subprocess
 
 import jax
 import numpy as np
+import pytest
 
 import multiprocess_testing
+
+pytestmark = pytest.mark.multiprocess
 
 STEPS = 24
 OVERRIDES = [f'train.steps={STEPS}', f'train.checkpoint_every={STEPS}', 'train.log_every=1']

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
@@ -21,6 +22,7 @@ def config_for(tmp_path, data, fsdp, tensor):
                                                    f'mesh.tensor={tensor}'])
 
 
+@pytest.mark.slow
 def test_fsdp8_checkpoint_restores_on_2x2x2_and_resumes(tmp_path):
   workdir = tmp_path / 'run'
   fsdp8 = config_for(tmp_path, 1, 8, 1)

@@ -12,8 +12,6 @@ from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import step as step_lib
 
-jax.config.update('jax_default_matmul_precision', 'highest')
-
 # Sharding only reorders f32 reductions (psum / reduce-scatter vs. one local sum); seen: 4e-7 rel.
 RTOL = 1e-5
 # Params: AdamW's m/sqrt(v) amplifies the reordering noise of near-zero gradients (seen: 4e-7 abs

@@ -11,6 +11,8 @@ from nextstep_jax.cli import aot as aot_cli
 from nextstep_jax.planning import aot
 from nextstep_jax.planning import costs
 
+pytestmark = pytest.mark.tpu_aot
+
 TOPOLOGY = 'v5e:2x2'
 TRAIN = ['model.num_layers=3', 'model.attention=splash', 'model.remat_policy=dots_saveable',
          'mesh.data=2', 'mesh.fsdp=-1']

@@ -1,9 +1,5 @@
-"""The scanned, KV-cached sampler against a step-by-step no-cache reference (design doc §7)."""
+"""The scanned, KV-cached sampler against a step-by-step no-cache reference (docs/model.md §7)."""
 import dataclasses
-
-import flax
-
-flax.config.update('flax_always_shard_variable', False)
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +12,6 @@ from nextstep_jax.model import nextstep as ns
 from nextstep_jax.sampling import generate as G
 from nextstep_jax.sampling import integrators as I
 from model_testing import TINY_MODEL, randomize, tiny_model
-
-jax.config.update('jax_default_matmul_precision', 'highest')
 
 # Scanned + KV-cached float32 sampler vs the float64 no-cache reference (|tokens| ~ 5):
 FIRST_TOKEN_ATOL = 3e-5  # Token 0: float32 rounding only (observed <= 1e-5).

@@ -1,4 +1,4 @@
-"""Per-token integrators, time grids and guidance (design doc §7)."""
+"""Per-token integrators, time grids and guidance (docs/model.md §7)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +6,6 @@ import pytest
 
 from nextstep_jax.sampling import guidance
 from nextstep_jax.sampling import integrators as I
-
-jax.config.update('jax_default_matmul_precision', 'highest')
 
 GRID_RTOL = 1e-6  # float32 grid vs float64 reference: a few ulps of values <= 1.
 EXACT_FLOW_ATOL = 2e-5  # Euler/Heun are exact on straight paths; float32 rounding over <= 50 steps.

@@ -3,6 +3,11 @@
 The release (3 latent channels, so the pixels tokenizer decodes it) is random; the tests check
 structure and the documented reductions of the 3-way guidance, not image quality.
 """
+import pytest
+
+pytest.importorskip('torch', reason='the PyTorch references need the parity extra')
+pytest.importorskip('transformers', reason='the PyTorch references need the parity extra')
+
 import dataclasses
 import io
 import json
@@ -10,7 +15,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
 
 import hf_testing
@@ -24,6 +28,8 @@ from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import pipeline
 from nextstep_jax.sampling import progress
+
+pytestmark = pytest.mark.torch
 
 # Same float32 computation batched differently (3 vs 1 or 2 branches): rounding only, but each
 # sampled token is fed back, so it grows over the 6 tokens (observed 2e-4 on tokens of size ~7).

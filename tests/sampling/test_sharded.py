@@ -1,9 +1,5 @@
 """Sampling entry points with explicit shardings (sampling/sharded.py) on a (2, 2, 2) mesh: the same
 tokens as the unsharded generator; prefill + token steps reproduce the whole generation."""
-import flax
-
-flax.config.update('flax_always_shard_variable', False)
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +15,6 @@ from nextstep_jax.sampling import generate as G
 from nextstep_jax.sampling import integrators as I
 from nextstep_jax.sampling import sharded
 from model_testing import TINY_MODEL, tiny_model
-
-jax.config.update('jax_default_matmul_precision', 'highest')
 
 FIRST_TOKEN_ATOL = 3e-5  # Token 0: sharded reductions only reorder float32 sums.
 # Later tokens feed back through CFG 3, which amplifies float32 reordering noise ~2-3x per token

@@ -1,9 +1,4 @@
 """Per-token distillation into a few-step head: teacher data, the student loss, frozen backbone."""
-import flax
-
-flax.config.update('flax_always_shard_variable', False)
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,8 +8,6 @@ from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.sampling import guidance
 from nextstep_jax.training import distill as D
 from model_testing import TINY_MODEL, tiny_model
-
-jax.config.update('jax_default_matmul_precision', 'highest')
 
 COND_ATOL = 1e-5  # Same float32 forward at a different sequence length: reduction order only.
 TRAJ_ATOL = 1e-5  # Scanned Euler vs a Python loop of the same float32 calls.

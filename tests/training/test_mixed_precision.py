@@ -1,9 +1,5 @@
 """Mixed precision: float32 master params and optimizer state, bfloat16 compute (decoder, flow
 head), float32 logits / velocities / loss; a bf16-compute train step stays close to float32."""
-import flax
-
-flax.config.update('flax_always_shard_variable', False)
-
 import jax
 import jax.numpy as jnp
 import numpy as np

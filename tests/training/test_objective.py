@@ -1,8 +1,5 @@
-"""The training objective against a hand-computed numpy reference on a real tiny batch (§4, §6)."""
-import flax
-
-flax.config.update('flax_always_shard_variable', False)
-
+"""The training objective against a hand-computed numpy reference on a real tiny batch
+(docs/model.md §4, §6)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +13,6 @@ from nextstep_jax.data.text_tokenizer import TextTokenizer, train_sentencepiece
 from nextstep_jax.model import nextstep as ns
 from nextstep_jax.training import objective as O
 from model_testing import TINY_MODEL, tiny_model
-
-jax.config.update('jax_default_matmul_precision', 'highest')
 
 LOSS_RTOL = 2e-5  # float32 losses (logsumexp over 512, masked means) vs float64 numpy.
 INVARIANCE_RTOL = 1e-6  # The same float32 computation on unchanged inputs; only reduction order.

@@ -14,8 +14,6 @@ from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import step as step_lib
 
-jax.config.update('jax_default_matmul_precision', 'highest')
-
 # Microbatching only reorders float32 sums (4 partial sums of the loss and of every gradient
 # entry instead of one); seen on CPU: 2.4e-7 relative on the metrics.
 RTOL = 1e-5
