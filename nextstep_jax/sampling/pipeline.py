@@ -63,10 +63,11 @@ class TextToImage:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **overrides) -> 'TextToImage':
-    """Loads a training run: its config.json, tokenizer.model and checkpoint `step` (latest)."""
-    runs.check_files(workdir, runs.TOKENIZER_FILE)
+    """Loads a training run: its config.json, text tokenizer (`runs.load_text_tokenizer`) and
+    checkpoint `step` (latest)."""
+    runs.check_files(workdir)
     config = configlib.with_base_defaults(runs.load_config(workdir))
-    tok = text_tokenizer.TextTokenizer.load(runs.local_copy(epath.Path(workdir) / runs.TOKENIZER_FILE))
+    tok = runs.load_text_tokenizer(workdir)
     restored = runs.restore_run(workdir, step, params_only=True, config=config)
     return cls(config, restored.graphdef, restored.state, tok, **overrides)
 
