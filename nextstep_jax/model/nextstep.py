@@ -105,9 +105,9 @@ class NextStep(nnx.Module):
     """tokens (B, L, T) -> (B, L, D) input embeddings (sampling feeds tokens this way)."""
     return self.image_in_projector(tokens).astype(self.cfg.backbone.dtype)
 
-  def __call__(self, x, positions, token_valid, cache=None):
+  def __call__(self, x, positions, token_valid, cache=None, read_slots=None):
     """Decoder on embeddings: see `backbone.Decoder.__call__`. Returns (hidden (B, L, D), cache)."""
-    return self.decoder(x, positions, token_valid, cache)
+    return self.decoder(x, positions, token_valid, cache, read_slots)
 
   def lm_logits(self, hidden: jax.Array) -> jax.Array:
     """hidden (..., D) -> logits (..., V) float32."""
@@ -129,3 +129,14 @@ class NextStep(nnx.Module):
 def count_params(state) -> int:
   """Number of scalars in an nnx.State or a pytree of (abstract) arrays."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def model_config(config) -> ModelConfig:
+  """The ModelConfig of a full config (`config.model` under `config.mesh.rules`)."""
+  return ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
+
+
+def abstract_model(config) -> NextStep:
+  """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half."""
+  cfg = model_config(config)
+  return nnx.eval_shape(lambda: NextStep(cfg, rngs=nnx.Rngs(0)))

@@ -28,7 +28,6 @@ from nextstep_jax.image import patchify
 from nextstep_jax.image import tokenizers
 from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import progress
-from nextstep_jax.sampling import sharded
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.utils import images as image_utils
 
@@ -62,7 +61,9 @@ class TextToImage:
                progress_every: int = 0, **overrides):
     """overrides: sample.* fields for this sampler (e.g. cfg=2.0, num_steps=20).
     image_tokenizer: default `tokenizers.get_tokenizer(config)`. progress_every > 0: a console
-    bar over image tokens, advanced every that many tokens (sampling/progress.py)."""
+    bar over image tokens, advanced every that many tokens (sampling/progress.py).
+    Sampling runs `generate.SamplingProgram` on the placement `params` have (their mesh and
+    shardings; prompt rows over the logical `batch` axis); the LM head is left out of it."""
     self.config = config
     sample_cfg = config.sample.to_dict()
     unknown = set(overrides) - set(sample_cfg)
@@ -70,7 +71,9 @@ class TextToImage:
       raise ValueError(f'unknown sample settings {sorted(unknown)}; known: {sorted(sample_cfg)}')
     sample_cfg.update(overrides)
     self.settings = sample_cfg
-    self.graphdef, self.params, self.tok = graphdef, params, tok
+    self.graphdef, self.params = generate.for_sampling(graphdef, params)
+    self.tok = tok
+    self.program = generate.SamplingProgram.for_state(self.graphdef, self.params, config.mesh.rules)
     self.grid_h, self.grid_w = configlib.image_grid(config)
     self.image_tokenizer = image_tokenizer or tokenizers.get_tokenizer(config)
     wrapped = config.copy_and_resolve_references()
@@ -98,21 +101,22 @@ class TextToImage:
       state, _ = ckpt.restore(step, target)
     finally:
       ckpt.close()
-    return cls(config, graphdef, state['params'], tok, **overrides)
+    graphdef, params = generate.for_sampling(graphdef, state['params'], config.model.dtype)
+    return cls(config, graphdef, params, tok, **overrides)
 
   @classmethod
   def from_converted(cls, directory: str, mesh: jax.sharding.Mesh | None = None, image_tokenizer=None,
                      progress_every: int = 0, **overrides) -> 'TextToImage':
     """Loads a checkpoint written by `nextstep-convert`: params only (no optimizer memory),
-    restored straight onto their shardings under `mesh` (default: `sharded.sampling_mesh`, every
-    device, tensor-parallel within a host, the rest FSDP)."""
+    restored straight onto their shardings under `mesh` (default: `generate.sampling_mesh`, every
+    device, tensor-parallel within a host, the rest FSDP) and cast to the compute dtype."""
     config = official.load_config(directory)
     if config.image.tokenizer == 'vae' and not config.image.vae.checkpoint and image_tokenizer is None:
       raise ValueError(f'{directory} was converted without image tokenizer weights (the release had no vae/ '
                        'folder): convert again with nextstep-convert --vae DIR (a NextStep-1-f8ch16-Tokenizer '
                        'download), or pass image_tokenizer=.')
-    mesh = mesh or sharded.sampling_mesh(config)
-    graphdef, params = official.load_params(directory, mesh, config)
+    mesh = mesh or generate.sampling_mesh(config)
+    graphdef, params = generate.for_sampling(*official.load_params(directory, mesh, config), config.model.dtype)
     tok = hf_tokenizer.HFTokenizer.load(str(pathlib.Path(directory) / official.TOKENIZER_FILE))
     return cls(config, graphdef, params, tok, image_tokenizer=image_tokenizer,
                progress_every=progress_every, **overrides)
@@ -157,11 +161,10 @@ class TextToImage:
       prompt = {k: jax.numpy.asarray(v) for k, v in prompt_rows(indices).items()}
       keys = generate.image_keys_from_seeds([seeds[i] for i in indices])
       if bar is None:
-        toks = generate.generate_tokens(self.graphdef, self.params, prompt, keys, sampler_cfg)
+        toks = self.program(self.params, prompt, keys, sampler_cfg)
       else:
         with progress.reporting(bar):
-          toks = jax.block_until_ready(
-              generate.generate_tokens(self.graphdef, self.params, prompt, keys, sampler_cfg))
+          toks = jax.block_until_ready(self.program(self.params, prompt, keys, sampler_cfg))
         bar.next_call(sampler_cfg.num_tokens)
       out.append(np.asarray(toks)[:real])
     return np.concatenate(out, axis=0)
