@@ -1,10 +1,12 @@
 """nextstep-aot --config configs/nextstep1_large.py --topology v5p:4x4x4 [--task train|sample]
-[--hbm-gib 95] [--no-calibrate] [--json out.json] [--config.field=value ...]
+[--quantize int8|int4] [--hbm-gib 95] [--no-calibrate] [--json out.json] [--config.field=value ...]
 
 Compiles the real train step (or the sampling prefill + token step) for a TPU slice without TPUs
 (needs the libtpu package: pip install -e '.[tpu-aot]') and prints per-device memory against HBM,
 the calibrated compiler cost, model FLOPs, estimated step time and MFU (none when the calibration
-is invalid). Exits 1 when it does not fit, naming the knobs to turn. Run with JAX_PLATFORMS=cpu on
+is invalid); for sampling also the bytes accessed per image token against their floor. --quantize
+plans the sampler with weight-only int8 / int4 weights (model.quant.mode). Exits 1 when it does
+not fit, naming the knobs to turn. Run with JAX_PLATFORMS=cpu on
 a machine without TPUs.
 """
 import argparse
@@ -20,6 +22,8 @@ def main(argv=None) -> int:
   parser.add_argument('--config', required=True, help='config file, e.g. configs/nextstep1_large.py:512')
   parser.add_argument('--topology', required=True, help='TPU slice, e.g. v5p:4x4x4, v4:4x4x4, v5e:2x4')
   parser.add_argument('--task', default='train', choices=('train', 'sample'))
+  parser.add_argument('--quantize', choices=('int8', 'int4'), default=None,
+                      help='weight-only quantized weights (sets model.quant.mode)')
   parser.add_argument('--hbm-gib', type=float, default=None, help='override the chip HBM per device (GiB)')
   parser.add_argument('--no-calibrate', action='store_true',
                       help='skip the 1-/2-layer compiles (memory only: no step time or MFU)')
@@ -29,6 +33,8 @@ def main(argv=None) -> int:
   if bad:
     parser.error(f'unrecognised arguments {bad}; config overrides look like --config.train.batch_size=256')
   try:
+    if args.quantize:
+      rest = [f'--config.model.quant.mode={args.quantize}'] + rest
     config = configlib.load_config(args.config, rest)
     configlib.validate(config)
   except configlib.ConfigError as error:

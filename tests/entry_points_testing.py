@@ -1,6 +1,6 @@
-"""Fixed inputs of the entry-point regression test (test_entry_points.py) and the function that
-computed its stored expectations (testdata/entry_points.npz) with the sampler as it was before
-the single sharded sampling program: `python tests/sampling/entry_points_testing.py` rewrites
+"""Fixed inputs of the entry-point regression test (sampling/test_entry_points.py) and the function that
+computed its stored expectations (sampling/testdata/entry_points.npz) with the sampler as it was before
+the single sharded sampling program: `PYTHONPATH=.:tests python tests/entry_points_testing.py` rewrites
 them (run it only from a commit whose outputs are the reference)."""
 import pathlib
 
@@ -9,7 +9,7 @@ import numpy as np
 import hf_testing
 import torch_reference as tr
 
-EXPECTATIONS = pathlib.Path(__file__).parent / 'testdata' / 'entry_points.npz'
+EXPECTATIONS = pathlib.Path(__file__).parent / 'sampling' / 'testdata' / 'entry_points.npz'
 CAPTIONS = ['a red circle', 'a cat on a sofa', 'make the sky green']
 SEEDS = [0, 1, 2]
 GRID = (2, 3)
