@@ -6,7 +6,7 @@
 The issue's setting: the 14B shape (configs/nextstep1_large.py), random bf16 weights (speed does not
 depend on their values), 512x512 images (32x32 = 1024 image tokens), 2-way CFG, 50 head steps.
 Each side runs in its own subprocess (one framework holds the GPU at a time):
-  jax          generate.generate_tokens: one jitted call per batch of images (prefill, lax.scan over
+  jax          generate.SamplingProgram (the one sampling program): one jitted call per batch of images (prefill, lax.scan over
                the 1024 tokens, each a lax.scan over the 50 SDE steps, both CFG rows in one head
                call); whole images timed, compile separately; --batches images per call.
   torch_eager  tests/torch_reference.generate, the official loop: transformers' Qwen2Model (sdpa
@@ -92,15 +92,17 @@ def run_jax(args, save) -> dict:
                   positions=jnp.broadcast_to(jnp.arange(PROMPT_TOKENS, dtype=jnp.int32), (rows, PROMPT_TOKENS)))
     keys = generate.image_keys_from_seeds(np.arange(batch))
     t0 = time.perf_counter()
-    compiled = generate.generate_tokens.lower(graphdef, params, prompt, keys, sampler_cfg).compile()
+    program = generate.SamplingProgram.for_state(graphdef, params, config.mesh.rules)
+    compiled = program.generate_program(prompt['input_ids'].shape[0], len(keys)).lower(
+        params, prompt, keys, sampler_cfg).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tokens = jax.block_until_ready(compiled(params, prompt, keys))
+    tokens = jax.block_until_ready(compiled(params, prompt, keys, sampler_cfg))
     first_run_s = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
       t0 = time.perf_counter()
-      jax.block_until_ready(compiled(params, prompt, keys))
+      jax.block_until_ready(compiled(params, prompt, keys, sampler_cfg))
       times.append(time.perf_counter() - t0)
     seconds = min(times)
     run = dict(batch_images=batch, compile_s=round(compile_s, 2), first_image_s=round(compile_s + first_run_s, 2),
