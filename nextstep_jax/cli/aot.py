@@ -27,6 +27,8 @@ def main(argv=None) -> int:
   parser.add_argument('--hbm-gib', type=float, default=None, help='override the chip HBM per device (GiB)')
   parser.add_argument('--no-calibrate', action='store_true',
                       help='skip the 1-/2-layer compiles (memory only: no step time or MFU)')
+  parser.add_argument('--cost-if-unfit', action='store_true',
+                      help='calibrate the cost even when it does not fit (per-token comparisons)')
   parser.add_argument('--json', default=None, help='write the plan as JSON to this path')
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   bad = [a for a in rest if not a.startswith('--config.')]
@@ -43,7 +45,8 @@ def main(argv=None) -> int:
   from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel (after flag errors)
   hbm = None if args.hbm_gib is None else int(args.hbm_gib * aot.GIB)
   try:
-    result = aot.plan(config, args.topology, args.task, hbm_bytes=hbm, calibrate=not args.no_calibrate)
+    result = aot.plan(config, args.topology, args.task, hbm_bytes=hbm, calibrate=not args.no_calibrate,
+                      cost_if_unfit=args.cost_if_unfit)
     record, code = dataclasses.asdict(result), 0
   except aot.DoesNotFit as error:
     print(f'nextstep-aot: {error}', file=sys.stderr)

@@ -495,8 +495,10 @@ def step_estimate(chip: Chip, devices: int, model_flops: float, flops: float, by
 
 
 def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = None,
-         calibrate: bool = True, log: Callable[[str], None] = print) -> Plan:
+         calibrate: bool = True, log: Callable[[str], None] = print, cost_if_unfit: bool = False) -> Plan:
   """Compiles `task` for `topology` and returns its Plan (see the module docstring).
+  cost_if_unfit: calibrate the cost even when it does not fit (a per-token comparison with a
+  layout that fits; the calibration compiles hold 1-2 layers).
 
   Raises DoesNotFit (after logging the plan) when the per-device total exceeds the HBM."""
   if task not in TASKS:
@@ -523,7 +525,7 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
                                    f'"{str(error).splitlines()[0]}"')) from error
   compile_s = time.monotonic() - started
   log(f'[aot] compiled in {compile_s:.1f} s; per-device total {mem["total_bytes"] / GIB:.2f} GiB')
-  if mem['total_bytes'] > hbm:
+  if mem['total_bytes'] > hbm and not cost_if_unfit:
     calibrate = False  # It does not fit: report the memory without the calibration compiles.
 
   m = config.model
