@@ -348,9 +348,12 @@ class SamplingProgram:
     return self._jit('token_step', rows, images)
 
   def __call__(self, state, prompt: dict, image_keys: jax.Array, cfg: SamplerConfig) -> jax.Array:
-    """Tokens (B, N, T) float32 of one generation (see `generate_tokens_fn`)."""
-    run = self.generate_program(prompt['input_ids'].shape[0], image_keys.shape[0])
-    return run(state, prompt, image_keys, cfg)
+    """Tokens (B, N, T) float32 of one generation (see `generate_tokens_fn`). Prompt and keys are
+    put on the program's row shardings first (a no-op when they are there already)."""
+    rows, images = prompt['input_ids'].shape[0], image_keys.shape[0]
+    prompt = jax.device_put(prompt, self._spec(rows, 'batch'))
+    image_keys = jax.device_put(image_keys, self._spec(images, 'batch'))
+    return self.generate_program(rows, images)(state, prompt, image_keys, cfg)
 
 
 def generate_tokens(graphdef, state, prompt: dict, image_keys: jax.Array, cfg: SamplerConfig,
