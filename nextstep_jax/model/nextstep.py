@@ -16,6 +16,7 @@ from flax import nnx
 from nextstep_jax.model import backbone
 from nextstep_jax.model import flow_head
 from nextstep_jax.model import layers as L
+from nextstep_jax.model import quant
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -93,7 +94,7 @@ class NextStep(nnx.Module):
             image_token_mask: jax.Array | None) -> jax.Array:
     """input_ids (B, L) int; image_tokens (B, N, T) float; image_token_mask (B, L) bool marks
     placeholders, each row holding exactly N, filled in order. Returns (B, L, D) embeddings."""
-    x = self.embed_tokens(input_ids)
+    x = L.embed_lookup(self.embed_tokens, input_ids)
     if image_tokens is None:
       return x
     projected = self.image_in_projector(image_tokens)  # (B, N, D)
@@ -112,7 +113,7 @@ class NextStep(nnx.Module):
   def lm_logits(self, hidden: jax.Array) -> jax.Array:
     """hidden (..., D) -> logits (..., V) float32."""
     if self.lm_head is None:
-      logits = self.embed_tokens.attend(hidden).astype(jnp.float32)
+      logits = L.embed_attend(self.embed_tokens, hidden).astype(jnp.float32)
     else:
       logits = self.lm_head(hidden).astype(jnp.float32)
     return L.constrain(logits, self.cfg.backbone.mesh_rules, *(['batch'] + [None] * (logits.ndim - 2)), 'vocab')
@@ -136,7 +137,10 @@ def model_config(config) -> ModelConfig:
   return ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
 
 
-def abstract_model(config) -> NextStep:
-  """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half."""
+def abstract_model(config, quantized: bool = True) -> NextStep:
+  """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half. With
+  `config.model.quant.mode` set (and `quantized`) its linear layers hold quantized kernels
+  (model/quant.py); quantized=False gives the float model the quantized one is made from."""
   cfg = model_config(config)
-  return nnx.eval_shape(lambda: NextStep(cfg, rngs=nnx.Rngs(0)))
+  qcfg = quant.QuantConfig.from_config(config.model) if quantized else quant.QuantConfig()
+  return nnx.eval_shape(lambda: quant.quantize_model(NextStep(cfg, rngs=nnx.Rngs(0)), qcfg))
