@@ -515,8 +515,7 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
       compiled = compile_train(config, mesh)
       mem = memory(compiled)
     else:
-      sample_pieces = compile_sample(config, mesh)
-      mem = memory(sample_pieces['generate'])
+      mem = memory(compile_sample(config, mesh, pieces=('generate',))['generate'])
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
@@ -554,7 +553,8 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
     batch, seq_len = images, width + cfg.num_tokens
     model_flops = sample_model_flops(config)
     n = cfg.num_tokens
-    prefill_cost, token_cost = cost(sample_pieces['prefill']), cost(sample_pieces['token_step'])
+    uncalibrated_costs = lambda: tuple(cost(c) for c in compile_sample(
+        config, mesh, pieces=('prefill', 'token_step')).values())
     if calibrate:
       log('[aot] calibrating the cost analysis (1-/2-layer and '
           f'{TABLE_STEPS_BASE}-/{TABLE_STEPS_BASE + 1}-step unrolled compiles)')
@@ -569,7 +569,8 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
             bases={'sample__num_steps': TABLE_STEPS_BASE})
       except CalibrationError as error:
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
-        prefill_cost, token_cost = cost(sample_pieces['prefill']), cost(sample_pieces['token_step'])
+    if not calibrate:
+      prefill_cost, token_cost = uncalibrated_costs()
     flops, bytes_ = prefill_cost + n * token_cost
     sample_extra = {'bytes_per_token': float(token_cost[1]),
                     'floor_bytes_per_token': float(token_floor_bytes(config, mesh)['total']),
