@@ -453,17 +453,27 @@ def _device_bytes(leaf, sharding) -> float:
   return math.prod(sharding.shard_shape(leaf.shape)) * _bits(leaf.dtype) / 8
 
 
+# Flow-head weights used by every velocity evaluation (the x path); the rest of the head (time /
+# step / condition embeddings, every adaLN modulation) depends only on (t, d, c) and is evaluated
+# once per token for all of its evaluation points (FlowHead.step_modulations).
+HEAD_PER_EVALUATION = ("'input_proj'", "'mlp_0'", "'mlp_2'", "'in_ln'", "'linear'", "'norm_final'")
+
+
 def token_floor_bytes(config, mesh) -> dict:
   """The least HBM traffic of one image token step per device: every weight a token uses read
-  once (decoder layers, final norm, image projectors; the embedding table is not read by a
-  decode step), the flow head's weights once per head evaluation (`velocity_calls`), and the
-  filled part of the KV cache (prompt + half the image tokens on average). Sizes are the
-  sampler's (compute dtype or quantized) shards on `mesh`. Returns the parts and 'total'."""
+  once (decoder layers, final norm, image projectors, the head's condition path; the embedding
+  table is not read by a decode step), the head's x-path weights (HEAD_PER_EVALUATION) once per
+  head evaluation (`velocity_calls`), and the filled part of the KV cache (prompt + half the
+  image tokens on average). Sizes are the sampler's (compute dtype or quantized) shards on
+  `mesh`. Returns the parts and 'total'."""
   program, params = sampling_program(config, mesh)
   flat = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-  head = sum(_device_bytes(x, x.sharding) for k, x in flat.items() if "'image_head'" in k)
-  body = sum(_device_bytes(x, x.sharding) for k, x in flat.items()
-             if "'image_head'" not in k and "'embed_tokens'" not in k)
+  in_head = lambda k: "'image_head'" in k
+  per_eval = lambda k: in_head(k) and "'time_embed'" not in k and "'step_embed'" not in k and any(
+      name in k for name in HEAD_PER_EVALUATION)
+  head_eval = sum(_device_bytes(x, x.sharding) for k, x in flat.items() if per_eval(k))
+  once = sum(_device_bytes(x, x.sharding) for k, x in flat.items()
+             if not per_eval(k) and "'embed_tokens'" not in k)
   images, rows, width, cfg = sample_shapes(config)
   m = config.model
   slots = width + cfg.num_tokens - 1
@@ -471,8 +481,8 @@ def token_floor_bytes(config, mesh) -> dict:
   filled = (width + (cfg.num_tokens - 1) / 2) / slots
   kv_read = 2 * _device_bytes(kv, program.cache_shardings(rows).k) * filled
   calls = velocity_calls(config)
-  return {'weights': body, 'head_weights': head, 'head_calls': calls, 'kv_read': kv_read,
-          'total': body + head * calls + kv_read}
+  return {'weights_once': once, 'head_per_evaluation': head_eval, 'head_calls': calls, 'kv_read': kv_read,
+          'total': once + head_eval * calls + kv_read}
 
 
 def step_estimate(chip: Chip, devices: int, model_flops: float, flops: float, bytes_: float,
