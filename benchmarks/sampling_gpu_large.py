@@ -176,7 +176,8 @@ def run_precisions(args, save) -> dict:
   """One 512x512 image (2 CFG rows) per call with the sampling program in each of --precisions
   (bf16, int8, int4 weight-only: model.quant), weights random and quantized on the GPU; ms per
   image token against the weight-streaming floor of that precision (the program's per-token
-  weights at their stored width over the measured copy bandwidth; head weights per evaluation)."""
+  weights at their stored width over the measured copy bandwidth; the head's x path per evaluation,
+  planning/aot.token_floor_bytes without the KV cache)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -184,7 +185,7 @@ def run_precisions(args, save) -> dict:
   from nextstep_jax import configlib  # pylint: disable=import-outside-toplevel
   from nextstep_jax.model import nextstep  # pylint: disable=import-outside-toplevel
   from nextstep_jax.model import quant  # pylint: disable=import-outside-toplevel
-  from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.planning import aot  # pylint: disable=import-outside-toplevel
   from nextstep_jax.sampling import generate  # pylint: disable=import-outside-toplevel
 
   config = large_config(args)
@@ -222,9 +223,11 @@ def run_precisions(args, save) -> dict:
     if copy_bytes_per_s:
       flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
       size = lambda x: x.size * aot._bits(x.dtype) / 8  # pylint: disable=protected-access
-      head = sum(size(x) for k, x in flat.items() if "'image_head'" in k)
-      body = sum(size(x) for k, x in flat.items() if "'image_head'" not in k and "'embed_tokens'" not in k)
-      floor_ms = 1000 * (body + head * aot.velocity_calls(config)) / copy_bytes_per_s
+      per_eval = lambda k: "'image_head'" in k and any(n in k for n in aot.HEAD_PER_EVALUATION) and not any(
+          n in k for n in ("'time_embed'", "'step_embed'"))
+      head = sum(size(x) for k, x in flat.items() if per_eval(k))
+      body = sum(size(x) for k, x in flat.items() if not per_eval(k) and "'embed_tokens'" not in k)
+      floor_ms = 1000 * (body + head * sampler_cfg.integrator.velocity_calls) / copy_bytes_per_s
       row.update(floor_ms_per_image_token=round(floor_ms, 3), fraction_of_floor=round(floor_ms / ms, 3))
     out['rows'][precision] = row
     print(f'[precisions] {precision}: {row}', flush=True)
@@ -313,10 +316,10 @@ def weight_floor_ms(config, copy_bytes_per_s: float) -> dict:
   """Milliseconds per image token to stream the bf16 weights once per use at batch 1 (every step
   is weight-bandwidth bound): the decoder layers + projectors once, the head once per velocity
   evaluation."""
-  from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel
-  p = aot.decoder_matmul_params(config)
+  from nextstep_jax.planning import costs  # pylint: disable=import-outside-toplevel
+  p = costs.decoder_matmul_params(config)
   decoder = 2 * (p['decoder'] + p['image_in'] + p['image_out'])
-  head = 2 * p['head'] * aot.velocity_calls(config)
+  head = 2 * p['head'] * costs.sample_shapes(config)[3].integrator.velocity_calls
   return dict(decoder_step=1000 * decoder / copy_bytes_per_s, head_token=1000 * head / copy_bytes_per_s,
               token=1000 * (decoder + head) / copy_bytes_per_s)
 

@@ -56,7 +56,7 @@ if __name__ == '__main__':
   from nextstep_jax.sampling import pipeline
   with tempfile.TemporaryDirectory() as tmp:
     converted = build_release(pathlib.Path(tmp))
-    mesh = mesh_lib.make_mesh(official.load_config(converted).mesh, jax.devices()[:1])
+    mesh = mesh_lib.make_mesh(runs.load_config(converted).mesh, jax.devices()[:1])
     result = outputs(pipeline.TextToImage.from_converted(str(converted), mesh=mesh, **SETTINGS))
   EXPECTATIONS.parent.mkdir(exist_ok=True)
   np.savez_compressed(EXPECTATIONS, **result)

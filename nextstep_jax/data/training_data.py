@@ -16,12 +16,13 @@ from typing import Protocol
 
 import numpy as np
 
+from nextstep_jax.data import builtin
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data import grain_pipeline
 from nextstep_jax.data import text_tokenizer
 from nextstep_jax.parallel import distributed
 
-BUILTIN_DATASETS = ('shapes', 'digits')
+BUILTIN_DATASETS = builtin.DATASETS
 HELDOUT_SEED_OFFSET = 1_000_003  # Held-out examples are generated from seed + this offset.
 
 

@@ -13,12 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nextstep_jax import nn as L
 from nextstep_jax.model import backbone
 from nextstep_jax.model import flow_head
-from nextstep_jax.model import layers as L
 from nextstep_jax.model import quant
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,7 @@ class ModelConfig:
   def from_config(cls, m, mesh_rules=()) -> 'ModelConfig':
     """Builds from an ml_collections `config.model`; mesh_rules (config.mesh.rules) shard the
     splash attention kernel (needed with model.attention=splash under a multi-device mesh)."""
-    dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+    dtype, param_dtype = L.DTYPES[m.dtype], L.DTYPES[m.param_dtype]
     rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_rules)
     bb = backbone.BackboneConfig(
         hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,

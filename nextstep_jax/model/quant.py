@@ -38,7 +38,7 @@ import numpy as np
 import qwix
 from flax import nnx
 
-from nextstep_jax.model import layers as L
+from nextstep_jax import nn as L
 
 QTYPES = {'int8': jnp.int8, 'int4': jnp.int4}
 

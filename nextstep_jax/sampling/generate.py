@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from nextstep_jax import nn as L
 from nextstep_jax.model import backbone
-from nextstep_jax.model import layers as L
 from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib

@@ -24,6 +24,7 @@ from etils import epath
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import runs
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data import training_data
 from nextstep_jax.parallel import mesh as mesh_lib
@@ -130,15 +131,14 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = state_lib.make_optimizer(config.train)
   graphdef, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
-  ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
+  ckpt = checkpoints.Checkpointer(workdir / runs.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
   start = ckpt.latest_step()
   if start is None:
     state = jax.jit(lambda: state_lib.init_state(config, tx), out_shardings=shardings)()
     start = 0
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
-    state, _ = ckpt.restore(start, target)
+    state = runs.restore_run(workdir, start, params_only=False, mesh=mesh, config=config,
+                             abstract_state=abstract_state, checkpointer=ckpt).state
     data_state = ckpt.restore_data_state(start)
     if data_state is None:
       raise ValueError(f'checkpoint {start} in {workdir} has no data-iterator state; it was written by an '
@@ -214,10 +214,10 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
 
 def _write_run_files(config, workdir: epath.Path, tok) -> None:
   """config.json and tokenizer.model: everything `nextstep-sample --workdir` needs besides weights."""
-  config_path = workdir / pipeline.CONFIG_FILE
+  config_path = workdir / runs.CONFIG_FILE
   text = configlib.config_to_json(config)
   if config_path.exists() and configlib.config_from_json(config_path.read_text()).model != config.model:
     raise ValueError(f'{workdir} holds a run with a different model config; use a new --workdir '
                      'or the same config to resume')
   config_path.write_text(text)
-  (workdir / pipeline.TOKENIZER_FILE).write_bytes(pathlib.Path(tok.path).read_bytes())
+  (workdir / runs.TOKENIZER_FILE).write_bytes(pathlib.Path(tok.path).read_bytes())

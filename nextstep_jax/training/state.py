@@ -47,32 +47,19 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
                   weight_decay=train_cfg.weight_decay, mask=decay_mask))
 
 
-def model_config(config) -> nextstep.ModelConfig:
-  return nextstep.ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
-
-
-def abstract_model(config, quantized: bool = True) -> nnx.Module:
-  """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half. With
-  `config.model.quant.mode` set (and `quantized`) its linear layers hold quantized kernels
-  (model/quant.py); quantized=False gives the float model the quantized one is made from."""
-  cfg = model_config(config)
-  qcfg = quant.QuantConfig.from_config(config.model) if quantized else quant.QuantConfig()
-  return nnx.eval_shape(lambda: quant.quantize_model(nextstep.NextStep(cfg, rngs=nnx.Rngs(0)), qcfg))
-
-
 def init_state(config, tx: optax.GradientTransformation) -> dict:
   """Fresh train state (unsharded; jit it with out_shardings to create it sharded)."""
   if quant.QuantConfig.from_config(config.model).enabled:
     raise ValueError(f'model.quant.mode={config.model.quant.mode!r} quantizes weights for sampling; '
                      "train with model.quant.mode='none' and quantize the trained params.")
-  model = nextstep.NextStep(model_config(config), rngs=nnx.Rngs(config.seed))
+  model = nextstep.NextStep(nextstep.model_config(config), rngs=nnx.Rngs(config.seed))
   params = nnx.state(model, nnx.Param)
   return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
 
 
 def abstract_train_state(config, tx) -> tuple[nnx.GraphDef, Any]:
   """(graphdef, train state of ShapeDtypeStructs) without allocating anything."""
-  graphdef, _ = nnx.split(abstract_model(config), nnx.Param)
+  graphdef, _ = nnx.split(nextstep.abstract_model(config), nnx.Param)
   return graphdef, jax.eval_shape(lambda: init_state(config, tx))
 
 

@@ -46,11 +46,11 @@ def test_convert_quantize_equals_load_time_quantization(release, mode):
   assert convert_cli.main([*common, '--out', str(float_dir)]) == 0
   assert convert_cli.main([*common, '--out', str(quant_dir), '--quantize', mode, '--group-size', '32']) == 0
 
-  stored = official.load_config(quant_dir)
+  stored = runs.load_config(quant_dir)
   assert (stored.model.quant.mode, stored.model.quant.group_size) == (mode, 32)
   mesh = one_device_mesh(stored)
   graphdef_q, converted = official.load_params(quant_dir, mesh)
-  graphdef_l, loaded = official.load_params(float_dir, mesh, stored_with(official.load_config(float_dir), mode))
+  graphdef_l, loaded = official.load_params(float_dir, mesh, stored_with(runs.load_config(float_dir), mode))
   assert graphdef_q == graphdef_l
   leaves_equal(converted, loaded)
   gate = converted['decoder']['layers']['mlp']['gate_proj']['kernel']
@@ -77,7 +77,7 @@ def test_quantized_conversion_cannot_be_requantized_and_samples_near_float(relea
   float_dir, int8_dir = root / 'float_sampler', root / 'int8_sampler'
   official.convert(hf_dir, float_dir, compute_dtype='float32', **PIXELS)
   official.convert(hf_dir, int8_dir, compute_dtype='float32', quantize='int8', **PIXELS)
-  config = stored_with(official.load_config(int8_dir), 'int4')
+  config = stored_with(runs.load_config(int8_dir), 'int4')
   with pytest.raises(ValueError, match='convert the release again'):
     official.load_params(int8_dir, one_device_mesh(config), config)
 

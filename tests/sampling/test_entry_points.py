@@ -58,7 +58,7 @@ def check(got: dict, expected: dict):
 
 @pytest.mark.parametrize('devices', [1, 8])
 def test_text_to_image_and_edit_reproduce_the_earlier_images(converted, expected, program_calls, devices):
-  mesh = (mesh_lib.make_mesh(official.load_config(converted).mesh, jax.devices()[:1]) if devices == 1 else None)
+  mesh = (mesh_lib.make_mesh(runs.load_config(converted).mesh, jax.devices()[:1]) if devices == 1 else None)
   sampler = pipeline.TextToImage.from_converted(str(converted), mesh=mesh, **ep.SETTINGS)
   assert 'lm_head' not in sampler.params  # Image-only sampling never places the LM head.
   kernel = sampler.params['decoder']['layers']['mlp']['gate_proj']['kernel'][...]
