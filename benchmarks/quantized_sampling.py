@@ -48,14 +48,15 @@ ROWS = {
     'v5e1_bf16': ('v5e:1x1', BASE + ['--cost-if-unfit']),
     'v5e8_bf16': ('v5e:2x4', BASE + TENSOR_8),
     'v5e8_int8_4step': ('v5e:2x4', BASE + TENSOR_8 + FOUR_STEP + ['--quantize', 'int8']),
+    'v5e1_int4': ('v5e:1x1', BASE + ['--quantize', 'int4', '--no-calibrate']),  # Memory only.
     'v5e1_int8_4step': ('v5e:1x1', BASE + FOUR_STEP + INT8_V5E1),
-    'v5e1_int4': ('v5e:1x1', BASE + ['--quantize', 'int4']),
+    # Like the earlier AOT table's v5e-8 tensor-parallel row (8 images, bf16): the decode step
+    # before (sampling/sharded.py, cache through the layer scan) and after (in-place cache).
+    'v5e8_bf16_batch8': ('v5e:2x4', BASE + TENSOR_8 + ['--config.sample.batch_size=8']),
     'v5e1_int4_4step': ('v5e:1x1', BASE + FOUR_STEP + ['--quantize', 'int4']),
     'v5e8_int8': ('v5e:2x4', BASE + TENSOR_8 + ['--quantize', 'int8']),
     'v5p1_int8': ('v5p:1x1x1', BASE + ['--quantize', 'int8']),
     'v6e1_int8': ('v6e:1x1', BASE + ['--quantize', 'int8']),
-    # Like the earlier table's one-chip row (8 images, bf16): the decode step before / after.
-    'v5p1_bf16_batch8': ('v5p:1x1x1', BASE + ['--config.sample.batch_size=8']),
 }
 GIB = 2**30
 
