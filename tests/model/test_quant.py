@@ -24,6 +24,7 @@ from nextstep_jax import checkpoints, configlib
 from nextstep_jax.model import nextstep, quant
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
+from nextstep_jax.training import state as state_lib
 
 INT8 = quant.QuantConfig(mode='int8', head=True, embedding=True)
 INT4 = quant.QuantConfig(mode='int4', group_size=32, head=True, embedding=True)
