@@ -51,6 +51,7 @@ if __name__ == '__main__':
   os.environ['JAX_PLATFORMS'] = 'cpu'
   import jax
   jax.config.update('jax_default_matmul_precision', 'highest')
+  from nextstep_jax import runs
   from nextstep_jax.convert import official
   from nextstep_jax.parallel import mesh as mesh_lib
   from nextstep_jax.sampling import pipeline

@@ -8,6 +8,7 @@ import pytest
 import torch_reference as tr
 from flax import nnx
 
+from nextstep_jax import runs
 from nextstep_jax.cli import convert as convert_cli
 from nextstep_jax.convert import official
 from nextstep_jax.model import quant

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import entry_points_testing as ep
+from nextstep_jax import runs
 from nextstep_jax.cli import sample as sample_cli
 from nextstep_jax.convert import official
 from nextstep_jax.parallel import mesh as mesh_lib
