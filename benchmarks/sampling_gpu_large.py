@@ -6,7 +6,7 @@
 The issue's setting: the 14B shape (configs/nextstep1_large.py), random bf16 weights (speed does not
 depend on their values), 512x512 images (32x32 = 1024 image tokens), 2-way CFG, 50 head steps.
 Each side runs in its own subprocess (one framework holds the GPU at a time):
-  jax          generate.generate_tokens: one jitted call per batch of images (prefill, lax.scan over
+  jax          generate.SamplingProgram (the one sampling program): one jitted call per batch of images (prefill, lax.scan over
                the 1024 tokens, each a lax.scan over the 50 SDE steps, both CFG rows in one head
                call); whole images timed, compile separately; --batches images per call.
   torch_eager  tests/torch_reference.generate, the official loop: transformers' Qwen2Model (sdpa
@@ -20,6 +20,10 @@ Each side runs in its own subprocess (one framework holds the GPU at a time):
   warm-up, more than this benchmark's whole device budget.
 Also measured once: the GPU's bf16 matmul rate and copy bandwidth (the two ceilings), and the
 weight-streaming floor per image token (decoder + head bytes per token over the copy bandwidth).
+  precisions   (--sides precisions) the sampling program with bf16, int8 and int4 weights
+               (model.quant), one image per call each, ms per image token against each precision's
+               weight-streaming floor; about 8 minutes on an H100 (the issue's 15-minute budget:
+               `--sides precisions --repeats 1 --timeout 840`).
 --smoke runs both sides on a tiny shape on whatever device exists (a check of the script itself).
 """
 import argparse
@@ -92,15 +96,17 @@ def run_jax(args, save) -> dict:
                   positions=jnp.broadcast_to(jnp.arange(PROMPT_TOKENS, dtype=jnp.int32), (rows, PROMPT_TOKENS)))
     keys = generate.image_keys_from_seeds(np.arange(batch))
     t0 = time.perf_counter()
-    compiled = generate.generate_tokens.lower(graphdef, params, prompt, keys, sampler_cfg).compile()
+    program = generate.SamplingProgram.for_state(graphdef, params, config.mesh.rules)
+    compiled = program.generate_program(prompt['input_ids'].shape[0], len(keys)).lower(
+        params, prompt, keys, sampler_cfg).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tokens = jax.block_until_ready(compiled(params, prompt, keys))
+    tokens = jax.block_until_ready(compiled(params, prompt, keys, sampler_cfg))
     first_run_s = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
       t0 = time.perf_counter()
-      jax.block_until_ready(compiled(params, prompt, keys))
+      jax.block_until_ready(compiled(params, prompt, keys, sampler_cfg))
       times.append(time.perf_counter() - t0)
     seconds = min(times)
     run = dict(batch_images=batch, compile_s=round(compile_s, 2), first_image_s=round(compile_s + first_run_s, 2),
@@ -163,6 +169,70 @@ def run_phases(args, save) -> dict:
   out['head_token_ms'] = median_ms(lambda: head_token(params, last_hidden))
   print(f'[phases] {out}', flush=True)
   save(out)
+  return out
+
+
+def run_precisions(args, save) -> dict:
+  """One 512x512 image (2 CFG rows) per call with the sampling program in each of --precisions
+  (bf16, int8, int4 weight-only: model.quant), weights random and quantized on the GPU; ms per
+  image token against the weight-streaming floor of that precision (the program's per-token
+  weights at their stored width over the measured copy bandwidth; the head's x path per evaluation,
+  planning/aot.token_floor_bytes without the KV cache)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from nextstep_jax import configlib  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.model import nextstep  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.model import quant  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.planning import aot  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.sampling import generate  # pylint: disable=import-outside-toplevel
+
+  config = large_config(args)
+  grid_h, grid_w = configlib.image_grid(config)
+  sampler_cfg = generate.SamplerConfig.from_config(config, grid_h, grid_w, num_branches=2)
+  copy_bytes_per_s = ceilings().get('copy_bytes_per_s')
+  out = dict(device=str(jax.devices()[0].device_kind), copy_bytes_per_s=copy_bytes_per_s, rows={})
+  rows = 2
+  rng = np.random.default_rng(0)
+  prompt = dict(input_ids=jnp.asarray(rng.integers(0, config.model.vocab_size, (rows, PROMPT_TOKENS)), jnp.int32),
+                attention_mask=jnp.ones((rows, PROMPT_TOKENS), bool),
+                positions=jnp.broadcast_to(jnp.arange(PROMPT_TOKENS, dtype=jnp.int32), (rows, PROMPT_TOKENS)))
+  keys = generate.image_keys_from_seeds(np.arange(1))
+  for precision in args.precisions:
+    with config.unlocked():
+      config.model.quant.mode = 'none' if precision == 'bf16' else precision
+    qcfg = quant.QuantConfig.from_config(config.model)
+    model_cfg = nextstep.ModelConfig.from_config(config.model)
+    graphdef, _ = generate.for_sampling(*nnx.split(nextstep.abstract_model(config), nnx.Param))
+    t0 = time.perf_counter()
+    params = jax.jit(lambda: generate.for_sampling(*nnx.split(
+        quant.quantize_model(nextstep.NextStep(model_cfg, rngs=nnx.Rngs(0)), qcfg), nnx.Param))[1])()
+    jax.block_until_ready(params)
+    program = generate.SamplingProgram.for_state(graphdef, params, config.mesh.rules)
+    compiled = program.generate_program(rows, 1).lower(params, prompt, keys, sampler_cfg).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      tokens = jax.block_until_ready(compiled(params, prompt, keys, sampler_cfg))
+      times.append(time.perf_counter() - t0)
+    ms = 1000 * min(times) / sampler_cfg.num_tokens
+    row = dict(init_and_compile_s=round(compile_s, 2), seconds_per_image=round(min(times), 3),
+               ms_per_image_token=round(ms, 3), finite=bool(np.isfinite(np.asarray(tokens, np.float32)).all()))
+    if copy_bytes_per_s:
+      flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+      size = lambda x: x.size * aot._bits(x.dtype) / 8  # pylint: disable=protected-access
+      per_eval = lambda k: "'image_head'" in k and any(n in k for n in aot.HEAD_PER_EVALUATION) and not any(
+          n in k for n in ("'time_embed'", "'step_embed'"))
+      head = sum(size(x) for k, x in flat.items() if per_eval(k))
+      body = sum(size(x) for k, x in flat.items() if not per_eval(k) and "'embed_tokens'" not in k)
+      floor_ms = 1000 * (body + head * sampler_cfg.integrator.velocity_calls) / copy_bytes_per_s
+      row.update(floor_ms_per_image_token=round(floor_ms, 3), fraction_of_floor=round(floor_ms / ms, 3))
+    out['rows'][precision] = row
+    print(f'[precisions] {precision}: {row}', flush=True)
+    save(out)
+    del params, compiled, program
   return out
 
 
@@ -258,6 +328,8 @@ def child(args) -> int:
   save = lambda result: pathlib.Path(args.child_out).write_text(json.dumps(result, indent=2))
   if args.child == 'phases':
     return 0 if run_phases(args, save) else 1
+  if args.child == 'precisions':
+    return 0 if run_precisions(args, save) else 1
   result = run_jax(args, save) if args.child == 'jax' else run_torch(args)
   if args.child == 'torch' and not args.smoke:
     result['ceilings'] = ceilings()
@@ -275,13 +347,16 @@ def main() -> int:
   parser.add_argument('--num-steps', type=int, default=50)
   parser.add_argument('--cfg', type=float, default=7.5)
   parser.add_argument('--image-size', type=int, default=512)
-  parser.add_argument('--sides', nargs='*', default=['jax', 'torch', 'phases'], choices=['jax', 'torch', 'phases'],
+  parser.add_argument('--precisions', nargs='+', default=['bf16', 'int8', 'int4'], choices=['bf16', 'int8', 'int4'],
+                      help='weight precisions of the precisions side (one image per call each)')
+  parser.add_argument('--sides', nargs='*', default=['jax', 'torch', 'phases'],
+                      choices=['jax', 'torch', 'phases', 'precisions'],
                       help='sides to measure (none with --update: recompute the summary only)')
   parser.add_argument('--timeout', type=float, default=400, help='seconds per side')
   parser.add_argument('--update', action='store_true',
                       help='keep the other sides of an existing --out file (sides measured in separate runs)')
   parser.add_argument('--smoke', action='store_true', help='tiny shapes: check the script on any machine')
-  parser.add_argument('--child', choices=['jax', 'torch', 'phases'], help=argparse.SUPPRESS)
+  parser.add_argument('--child', choices=['jax', 'torch', 'phases', 'precisions'], help=argparse.SUPPRESS)
   parser.add_argument('--child-out', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -297,7 +372,7 @@ def main() -> int:
                            prompt_tokens=PROMPT_TOKENS, weights='random bfloat16', smoke=args.smoke))
   if not args.sides:  # Summary only: keep where and how the sides were measured.
     result.update({k: previous[k] for k in ('command', 'date', 'machine', 'setup') if k in previous})
-  result.update({side: previous[side] for side in ('jax', 'torch', 'phases')
+  result.update({side: previous[side] for side in ('jax', 'torch', 'phases', 'precisions')
                  if side in previous and side not in args.sides})
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
              XLA_PYTHON_CLIENT_MEM_FRACTION='0.9', PYTHONUNBUFFERED='1')

@@ -51,12 +51,14 @@ def bench_config(config_path: str, batch_size: int, repeats: int, num_steps: int
       num_branches=sampler_cfg.num_branches).items()}
   keys = generate.image_keys_from_seeds(np.arange(batch_size))
   t0 = time.perf_counter()
-  compiled = generate.generate_tokens.lower(graphdef, params, prompt, keys, sampler_cfg).compile()
+  program = generate.SamplingProgram.for_state(graphdef, params, config.mesh.rules)
+  compiled = program.generate_program(prompt['input_ids'].shape[0], len(keys)).lower(
+      params, prompt, keys, sampler_cfg).compile()
   compile_s = time.perf_counter() - t0
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, prompt, keys))
+    jax.block_until_ready(compiled(params, prompt, keys, sampler_cfg))
     times.append(time.perf_counter() - t0)
   run_s = statistics.median(times)
   n_tokens = grid_h * grid_w

@@ -111,6 +111,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.text.vocab_size = 384  # Sentencepiece pieces requested (specials + 256 byte pieces included).
   c.text.max_caption_tokens = 24  # Longest caption in tokens; longer prompts are an error.
   c.text.spm_path = ''  # Explicit model path; '' = train/load <data cache>/<dataset>_spm.model.
+  # spm (the sentencepiece stand-in above) | hf (the official Qwen2.5 tokenizer.json with the
+  # NextStep special tokens; text.vocab_size is then unused and model.vocab_size must cover its ids).
+  c.text.tokenizer = 'spm'
+  c.text.tokenizer_json = ''  # hf: tokenizer.json path ('' = the one in train.init_from's directory).
 
   # Built-in data.
   c.data = ml_collections.ConfigDict()
@@ -119,7 +123,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.drop_text_prob = 0.1  # Caption moved after the image block (trains the uncond branch).
   c.data.cache_dir = ''  # Where generated data and the spm model live ('' = ~/.cache/nextstep_jax).
   # Grain input pipeline (nextstep_jax/data/grain_pipeline.py; shards from `nextstep-data build`).
-  c.data.source = 'builtin'  # builtin (data.dataset in memory) | arrayrecord (data.paths) | tfds.
+  c.data.source = 'builtin'  # builtin (data.dataset in memory) | arrayrecord (data.paths) | tfds | edit.
   c.data.grain_builtin = False  # Serve data.source=builtin through the Grain pipeline too.
   c.data.paths = ''  # arrayrecord: comma-separated shard files or globs (name-*.array_record).
   c.data.tfds_name = ''  # tfds: a prepared array_record data set (nothing is downloaded).
@@ -141,6 +145,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # area string (e.g. ('16*16', '12*21', '21*12') at 256 px); each record goes to the nearest
   # aspect, every global batch is one bucket (one compiled step shape each). () = square image.size.
   c.data.aspect_buckets = ()
+  # Edit triplets (data.source='edit': data.paths from `nextstep-data build --from edit-folder`;
+  # data/edit_data.py). Shares of rows trained as the unconditional branches of 3-way guidance:
+  # empty instruction with the source image, instruction without it, neither (the rest full).
+  c.data.edit_drop_text_prob = 0.1
+  c.data.edit_drop_image_prob = 0.05
+  c.data.edit_drop_both_prob = 0.05
 
   # Objective.
   c.loss = ml_collections.ConfigDict()
@@ -193,7 +203,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # Checkpoints kept.
   c.train.sample_every = 1000  # Sample-grid PNG period in steps (0 = only at the end).
   c.train.num_grid_samples = 16  # Images in a sample grid.
+  # Prompts of the sample grid (cycled to num_grid_samples); () = the built-in data set's fixed
+  # prompts, and no grid for other data (data.source arrayrecord / tfds / edit) unless given.
+  c.train.grid_prompts = ()
   c.train.max_minutes = 0.0  # Stop (with a checkpoint) after this wall time; 0 = no limit.
+  # Fine-tuning (training/init_from.py): start from the params of a converted release
+  # (nextstep-convert --out DIR) or of another run (WORKDIR or WORKDIR@STEP), restored onto the
+  # training shardings and cast to model.param_dtype, with a fresh optimizer at step 0. A run with
+  # checkpoints of its own resumes from them instead. '' = random init.
+  c.train.init_from = ''
+  # fnmatch patterns over dotted param names kept at their random init (and not required in the
+  # source), e.g. ('image_head.*',) for a new flow head or ('lm_head.kernel',).
+  c.train.init_from_skip = ()
 
   # Device mesh: axis sizes, -1 absorbs the remaining devices.
   c.mesh = ml_collections.ConfigDict()

@@ -23,10 +23,11 @@ from nextstep_jax.parallel.mesh import MESH_AXES
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # Holds configs/ in a source checkout.
 TOKENIZERS = ('pixels', 'vae')
+TEXT_TOKENIZERS = ('spm', 'hf')
 SPARE_EMBEDDING_ROWS = 16  # Embedding rows past text.vocab_size, for special tokens added later.
 CFG_SCHEDULES = ('constant', 'linear')
 LR_SCHEDULES = ('cosine', 'constant')
-DATA_SOURCES = ('builtin', 'arrayrecord', 'tfds')
+DATA_SOURCES = ('builtin', 'arrayrecord', 'tfds', 'edit')
 OVERLONG_CAPTIONS = ('truncate', 'skip')
 AUGMENT_OPS = ('hflip', 'random_crop')
 HEAD_OBJECTIVES = ('flow', 'shortcut')
@@ -171,7 +172,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f'needs {needed} = {_seq_len_breakdown(config)}; set model.max_seq_len >= {needed} '
               'or lower text.max_caption_tokens / image.size.')
 
-  require(m.vocab_size >= text.vocab_size + SPARE_EMBEDDING_ROWS,
+  _require_choice(require, 'text.tokenizer', text.get('tokenizer', 'spm'), TEXT_TOKENIZERS)
+  require(text.get('tokenizer', 'spm') != 'hf' or text.tokenizer_json or config.train.get('init_from'),
+          "text.tokenizer='hf' needs text.tokenizer_json (a tokenizer.json) or train.init_from (a converted "
+          'release or a run holding one).')
+  require(image.tokenizer != 'vae' or not config.train.get('init_from') or image.vae.checkpoint,
+          'train.init_from fine-tunes trained weights but image.vae.checkpoint is empty (a random VAE): set '
+          "it to the release's VAE (a converted release's DIR/vae) or to the run's tokenizer.")
+  require(text.get('tokenizer', 'spm') == 'hf' or m.vocab_size >= text.vocab_size + SPARE_EMBEDDING_ROWS,
           f'model.vocab_size={m.vocab_size} must be >= text.vocab_size + {SPARE_EMBEDDING_ROWS} = '
           f'{text.vocab_size + SPARE_EMBEDDING_ROWS}: every text id needs an embedding row (up to '
           f'{text.vocab_size} sentencepiece pieces, which include the 256 byte-fallback pieces and '
@@ -218,6 +226,10 @@ def _validate_data_pipeline(require, data: ml_collections.ConfigDict) -> None:
   if data.source == 'arrayrecord' and not data.use_latent_cache:
     require(bool(data.paths), 'data.source=arrayrecord needs data.paths (shard files or globs '
             'written by `nextstep-data build`).')
+  if data.source == 'edit':
+    require(bool(data.paths) and not data.use_latent_cache and not data.get('aspect_buckets'),
+            "data.source=edit needs data.paths (shards of nextstep-data build --from edit-folder) and reads "
+            'raw images at image.size: unset data.use_latent_cache and data.aspect_buckets.')
   if data.source == 'tfds':
     require(bool(data.tfds_name), 'data.source=tfds needs data.tfds_name (a prepared data set).')
   if data.use_latent_cache:

@@ -66,8 +66,16 @@ class Dense(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if isinstance(self.kernel, qwix.QArray):
-      kernel = unbox_quantized(self.kernel).astype(self.dtype)
+    quantized = unbox_quantized(self.kernel) if isinstance(self.kernel, qwix.QArray) else None
+    if quantized is not None and quantized.scale.shape[0] == 1:
+      # One scale per output channel: it factors out of the contraction, y = (x @ q) * s, so the
+      # matmul reads the int8 kernel itself (its convert fuses into the dot) and no dequantized
+      # copy of the weights is written (qwix's float path materialises q * s first).
+      kernel = quantized
+      y = jnp.tensordot(x.astype(self.dtype), kernel.qvalue.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
+      y = y * kernel.scale[0].astype(self.dtype)
+    elif quantized is not None:  # Sub-channel groups along the contraction (int4).
+      kernel = quantized.astype(self.dtype)
       y = qwix.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
     else:
       kernel = self.kernel[...].astype(self.dtype)

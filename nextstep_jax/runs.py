@@ -1,8 +1,8 @@
 """A run directory's layout, and `restore_run`: the one place that restores a run.
 
 Two kinds of directory hold a model:
-  training run (`nextstep-train --workdir DIR`): config.json, tokenizer.model (sentencepiece) and
-    checkpoints/<step>/ holding the train state {'params', 'opt_state', 'step'};
+  training run (`nextstep-train --workdir DIR`): config.json, tokenizer.model (sentencepiece; or
+    tokenizer.json when trained with text.tokenizer='hf') and checkpoints/<step>/ holding the train state {'params', 'opt_state', 'step'};
   converted release (`nextstep-convert --out DIR`): config.json, tokenizer.json (Hugging Face),
     params/0/ holding the params alone, and vae/ with the image tokenizer's weights.
 
@@ -23,6 +23,8 @@ from flax import nnx
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax import errors
+from nextstep_jax.data import hf_tokenizer
+from nextstep_jax.data import text_tokenizer
 from nextstep_jax.model import nextstep
 from nextstep_jax.model import quant
 from nextstep_jax.parallel import rules as rules_lib
@@ -31,6 +33,7 @@ CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'  # A training run's sentencepiece model.
 CHECKPOINT_DIR = 'checkpoints'  # A training run's checkpoints, one sub-directory per step.
 CONVERTED_TOKENIZER_FILE = 'tokenizer.json'  # A converted release's Hugging Face tokenizer.
+HF_TOKENIZER_FILE = CONVERTED_TOKENIZER_FILE  # A training run's, with text.tokenizer='hf'.
 CONVERTED_PARAMS_DIR = 'params'  # A converted release's params (one checkpoint, step 0).
 CONVERTED_VAE_DIR = 'vae'  # A converted release's image tokenizer weights.
 
@@ -47,6 +50,16 @@ class RestoredRun(NamedTuple):
   state: Any
   step: int
   extra: dict
+
+
+def split_step(spec: str) -> tuple[str, int | None]:
+  """'DIR' -> (DIR, None); 'DIR@STEP' -> (DIR, STEP) (an '@' in the last path component only)."""
+  if '@' not in spec.rsplit('/', 1)[-1]:
+    return spec, None
+  workdir, _, step = spec.rpartition('@')
+  if not step.isdigit():
+    raise ValueError(f'{spec!r}: the step after "@" must be an integer (WORKDIR@STEP).')
+  return workdir, int(step)
 
 
 def is_converted(workdir: str) -> bool:
@@ -103,6 +116,16 @@ def local_copy(path: epath.Path) -> str:
   with tempfile.NamedTemporaryFile(suffix=path.suffix, delete=False) as f:
     f.write(path.read_bytes())
   return f.name
+
+
+def load_text_tokenizer(workdir: str):
+  """The text tokenizer a training run was trained with: tokenizer.json (the official Hugging Face
+  tokenizer, text.tokenizer='hf') when present, else its sentencepiece tokenizer.model."""
+  root = epath.Path(workdir)
+  if (root / HF_TOKENIZER_FILE).exists():
+    return hf_tokenizer.HFTokenizer.load(local_copy(root / HF_TOKENIZER_FILE))
+  check_files(workdir, TOKENIZER_FILE)
+  return text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
 
 
 def restore_run(workdir: str, step: int | None = None, *, params_only: bool,

@@ -198,6 +198,13 @@ def model_fields(hf: dict, names: set[str]) -> tuple[dict, list[str]]:
   scaling = hf.get('rope_scaling')
   if scaling and scaling.get('rope_type', scaling.get('type')) not in (None, 'default'):
     problems.append(f'rope_scaling={scaling} is not supported (NextStep-1 uses plain RoPE)')
+  # Training fields of the official training release: supported values only, refused otherwise.
+  if float(hf.get('noise_strength') or 0.0) != 0.0:
+    problems.append(f'noise_strength={hf["noise_strength"]} is not supported: training here uses clean '
+                    'latents (the released value is 0)')
+  if hf.get('use_token_length_weight'):
+    problems.append('use_token_length_weight=true is not supported: the loss here is a plain mean over '
+                    'text targets and over image tokens')
   if hf.get('mlp_bias'):
     problems.append('mlp_bias=true is not supported (NextStep-1 MLPs have no biases)')
   heads = hf['num_attention_heads']

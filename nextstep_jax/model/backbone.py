@@ -140,24 +140,37 @@ class DecoderLayer(nnx.Module):
                                               param_dtype=cfg.param_dtype, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, query_slots, k_cache, v_cache, key_valid, write_index, token_valid):
-    """One layer on x (B, L, D); writes this call's K/V into the caches (B, S, K, E) at
-    `write_index` (a scalar: every row writes the same slots) and returns (out, k_cache, v_cache).
+  def __call__(self, x, cos, sin, query_slots, kv, layer_index, key_valid, write_index, token_valid,
+               read_slots=None):
+    """One layer on x (B, L, D). kv: None (no cache) or the stacked caches (k, v), each (layers,
+    B, S, K, E): this call's K/V are written in place at [layer_index, :, write_index] (a scalar:
+    every row writes the same slots) and attention reads this layer's first `read_slots` slots
+    (None: all S; they must cover every slot written so far). Returns (out, kv).
     With attention='splash' a multi-token call attends only its own keys (token_valid (B, L)):
-    without caches (training) or as the first call on an empty cache (prefill); caches may be None."""
+    without caches (training) or as the first call on an empty cache (prefill)."""
     normed = self.input_layernorm(x)
     k_new, v_new = self.self_attn.project_kv(normed, cos, sin)
-    if k_cache is not None:
-      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new.astype(k_cache.dtype), write_index, axis=1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new.astype(v_cache.dtype), write_index, axis=1)
+    if kv is not None:
+      k_all, v_all = kv
+      at = (layer_index, 0, write_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k_new[None].astype(k_all.dtype), at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v_new[None].astype(v_all.dtype), at)
+      kv = (k_all, v_all)
     if self.self_attn.cfg.attention == 'splash' and x.shape[1] > 1:
       attended = self.self_attn.attend_sequence(normed, cos, sin, k_new, v_new, token_valid)
     else:
-      attended = self.self_attn(normed, cos, sin, query_slots, (k_cache, v_cache, key_valid))
+      if kv is None:  # A full pass without a cache: this call's keys are all there is.
+        layer_kv = (k_new, v_new, key_valid)
+      else:
+        read = k_all.shape[2] if read_slots is None else read_slots
+        window = (1,) + k_all.shape[1:2] + (read,) + k_all.shape[3:]
+        layer_kv = (jax.lax.dynamic_slice(k_all, (layer_index, 0, 0, 0, 0), window)[0],
+                    jax.lax.dynamic_slice(v_all, (layer_index, 0, 0, 0, 0), window)[0], key_valid[:, :read])
+      attended = self.self_attn(normed, cos, sin, query_slots, layer_kv)
     rules = self.self_attn.cfg.mesh_rules
     h = L.constrain(x + attended, rules, 'batch', 'length', 'embed')
     out = L.constrain(h + self.mlp(self.post_attention_layernorm(h)), rules, 'batch', 'length', 'embed')
-    return out, k_cache, v_cache
+    return out, kv
 
 
 class Decoder(nnx.Module):
@@ -177,38 +190,35 @@ class Decoder(nnx.Module):
                    jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
   def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, read_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
     """x (B, L, D) embeddings; positions (B, L) RoPE positions; token_valid (B, L) bool (False
     for padding). Without a cache: full causal pass. With a cache: the L tokens occupy slots
-    [index, index + L) and attend to every valid earlier slot. With cfg.attention='splash' a
-    multi-token call runs the splash kernel over its own tokens, so with a cache it must be the
-    first call on an empty cache (the sampler's prefill); single-token decode steps use XLA.
+    [index, index + L) and attend to every valid earlier slot; the stacked cache rides in the
+    layer scan's carry and each layer writes only its new slots (no copy of the cache).
+    read_slots (static): attend only the cache's first slots (a decoder step that knows the
+    filled part statically: index + L <= read_slots). With cfg.attention='splash' a multi-token
+    call runs the splash kernel over its own tokens, so with a cache it must be the first call on
+    an empty cache (the sampler's prefill); single-token decode steps use XLA.
     Returns (RMSNorm(h) (B, L, D), cache)."""
     cfg = self.cfg
     b, l, _ = x.shape
-    if cache is None and cfg.attention == 'splash':
-      work = None  # The splash pass reads no cache.
-    elif cache is None:
-      work = self.init_cache(b, l)
-    else:
-      work = cache
-    write_index = jnp.zeros((), jnp.int32) if work is None else work.index
-    key_valid = (token_valid if work is None else
-                 jax.lax.dynamic_update_slice_in_dim(work.key_valid, token_valid, write_index, axis=1))
+    write_index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    key_valid = (token_valid if cache is None else
+                 jax.lax.dynamic_update_slice_in_dim(cache.key_valid, token_valid, write_index, axis=1))
     query_slots = jnp.broadcast_to(write_index + jnp.arange(l, dtype=jnp.int32), (b, l))
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
 
-    def body(layer, h, layer_kv):
-      k_cache, v_cache = layer_kv if layer_kv is not None else (None, None)
-      h, k_cache, v_cache = layer(h, cos, sin, query_slots, k_cache, v_cache, key_valid, write_index,
-                                  token_valid)
-      return h, (None if k_cache is None else (k_cache, v_cache))
+    def body(layer, carry, layer_index):
+      h, kv = carry
+      h, kv = layer(h, cos, sin, query_slots, kv, layer_index, key_valid, write_index, token_valid,
+                    read_slots)
+      return (h, kv), None
 
-    kv = None if work is None else (work.k, work.v)
-    h, new_kv = L.scan_stack(self.layers, body, x.astype(cfg.dtype), kv, cfg.remat_policy,
-                             unroll=cfg.scan_unroll)
+    kv = None if cache is None else (cache.k, cache.v)
+    (h, kv), _ = L.scan_stack(self.layers, body, (x.astype(cfg.dtype), kv),
+                              jnp.arange(cfg.num_layers, dtype=jnp.int32), cfg.remat_policy,
+                              unroll=cfg.scan_unroll)
     out = self.norm(h)
     if cache is None:
       return out, None
-    k, v = new_kv
-    return out, KVCache(k, v, key_valid, write_index + l)
+    return out, KVCache(kv[0], kv[1], key_valid, write_index + l)

@@ -105,9 +105,9 @@ class NextStep(nnx.Module):
     """tokens (B, L, T) -> (B, L, D) input embeddings (sampling feeds tokens this way)."""
     return self.image_in_projector(tokens).astype(self.cfg.backbone.dtype)
 
-  def __call__(self, x, positions, token_valid, cache=None):
+  def __call__(self, x, positions, token_valid, cache=None, read_slots=None):
     """Decoder on embeddings: see `backbone.Decoder.__call__`. Returns (hidden (B, L, D), cache)."""
-    return self.decoder(x, positions, token_valid, cache)
+    return self.decoder(x, positions, token_valid, cache, read_slots)
 
   def lm_logits(self, hidden: jax.Array) -> jax.Array:
     """hidden (..., D) -> logits (..., V) float32."""

@@ -42,7 +42,7 @@ from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.planning import costs
-from nextstep_jax.sampling import sharded as sharded_sampling
+from nextstep_jax.sampling import generate
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import step as step_lib
 
@@ -110,6 +110,11 @@ class Plan:
   mfu_estimate: float | None
   compile_s: float
   notes: str = ''
+  # Sampling only: per image token (one decoder step for all rows + the head's evaluations), per
+  # device, the calibrated compiler bytes accessed and the floor (`token_floor_bytes`).
+  bytes_per_token: float | None = None
+  floor_bytes_per_token: float | None = None
+  token_step_s: float | None = None  # max(FLOPs / peak, bytes / HBM bandwidth) of one token step.
 
   def table(self) -> str:
     """Human-readable summary lines."""
@@ -130,7 +135,10 @@ class Plan:
             f'{100 * self.mfu_estimate:.1f}%' if self.mfu_estimate is not None else
             'no step time or MFU estimate'),
         f'  compile time {self.compile_s:.1f} s' + (f'; {self.notes}' if self.notes else ''),
-    ])
+    ] + ([f'  per image token: {self.bytes_per_token / 1e9:.3f} GB accessed per device, floor '
+          f'{self.floor_bytes_per_token / 1e9:.3f} GB ({self.bytes_per_token / self.floor_bytes_per_token:.3f}x); '
+          f'token step {1e3 * self.token_step_s:.2f} ms; margin {(self.hbm_bytes - self.total_bytes) / GIB:.2f} GiB '
+          'of HBM per chip'] if self.bytes_per_token else []))
 
 
 def chip_for(topology: str) -> Chip:
@@ -207,13 +215,29 @@ def compile_train(config, mesh, compiler_options: dict | None = None):
   return step.lower(state, batch).compile(compiler_options=compiler_options)
 
 
-def compile_sample(config, mesh, compiler_options: dict | None = None) -> tuple[Any, Any]:
-  """(prefill, token step) of sampling/sharded.py compiled for `mesh` from abstract values."""
+def sampling_state(config) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, abstract params) as the sampler holds them: no LM head, floating params in the
+  compute dtype (quantized kernels when `model.quant` is set)."""
   graphdef, abstract_params = nnx.split(nextstep.abstract_model(config), nnx.Param)
+  return generate.for_sampling(graphdef, abstract_params, config.model.dtype)
+
+
+def sampling_program(config, mesh) -> tuple[generate.SamplingProgram, Any]:
+  """(the sampling program every entry point runs, its abstract params with shardings) on `mesh`."""
+  graphdef, abstract_params = sampling_state(config)
   rules = config.mesh.rules
-  param_shardings = rules_lib.state_shardings(abstract_params, mesh, rules)
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_params, param_shardings)
+  shardings = rules_lib.state_shardings(abstract_params, mesh, rules)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+  return generate.SamplingProgram(graphdef, shardings, mesh, rules), params
+
+
+def compile_sample(config, mesh, compiler_options: dict | None = None, pieces: tuple[str, ...] = (
+    'generate', 'prefill', 'token_step')) -> dict:
+  """The sampling program (generate.SamplingProgram) compiled for `mesh` from abstract values:
+  {'generate': the whole generation (its memory is the sampler's), 'prefill', 'token_step': the
+  two pieces it is made of (costed separately)} for the names in `pieces`."""
+  program, params = sampling_program(config, mesh)
+  rules = config.mesh.rules
   images, rows, width, cfg = costs.sample_shapes(config)
   batch_axes = rules_lib.logical_to_spec(('batch',), rules)[0]
   split = math.prod(mesh.shape[axis] for axis in
@@ -222,31 +246,31 @@ def compile_sample(config, mesh, compiler_options: dict | None = None) -> tuple[
     raise ValueError(f'sample.batch_size={images} images must be divisible by the {split} devices '
                      'that shard the logical batch axis; change sample.batch_size or the mesh.')
   m = config.model
-  prompt_sh = sharded_sampling.prompt_shardings(mesh, rules)
-  prompt = {'input_ids': jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=prompt_sh['input_ids']),
-            'attention_mask': jax.ShapeDtypeStruct((rows, width), jnp.bool_, sharding=prompt_sh['attention_mask']),
-            'positions': jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=prompt_sh['positions'])}
-  prefill = sharded_sampling.build_prefill(graphdef, param_shardings, mesh, rules, cfg)
-  prefill_compiled = prefill.lower(params, prompt).compile(compiler_options=compiler_options)
-
-  slots = width + cfg.num_tokens - 1
-  cache_sh = sharded_sampling.cache_shardings(mesh, rules)
-  kv_shape = (m.num_layers, rows, slots, m.num_kv_heads, m.head_dim)
-  dtype = nn.DTYPES[m.dtype]
-  cache = type(cache_sh)(jax.ShapeDtypeStruct(kv_shape, dtype, sharding=cache_sh.k),
-                         jax.ShapeDtypeStruct(kv_shape, dtype, sharding=cache_sh.v),
-                         jax.ShapeDtypeStruct((rows, slots), jnp.bool_, sharding=cache_sh.key_valid),
-                         jax.ShapeDtypeStruct((), jnp.int32, sharding=cache_sh.index))
-  row_sh = rules_lib.activation_spec(mesh, rules, 'batch', None)
-  key_sh = rules_lib.activation_spec(mesh, rules, 'batch')
-  token_step = sharded_sampling.build_token_step(graphdef, param_shardings, mesh, rules, cfg)
-  token_compiled = token_step.lower(
-      params, cache, jax.ShapeDtypeStruct((rows, m.hidden_size), dtype, sharding=row_sh),
-      jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=row_sh),
-      jax.ShapeDtypeStruct((), jnp.int32, sharding=rules_lib.activation_spec(mesh, rules)),
-      jax.ShapeDtypeStruct((images,), jax.random.key(0).dtype, sharding=key_sh)).compile(
-          compiler_options=compiler_options)
-  return prefill_compiled, token_compiled
+  sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  row_sh = program._spec(rows, 'batch', None)  # pylint: disable=protected-access
+  prompt = {'input_ids': sds((rows, width), jnp.int32, row_sh),
+            'attention_mask': sds((rows, width), jnp.bool_, row_sh),
+            'positions': sds((rows, width), jnp.int32, row_sh)}
+  keys = sds((images,), jax.random.key(0).dtype, program._spec(images, 'batch'))  # pylint: disable=protected-access
+  compiled = {}
+  if 'generate' in pieces:
+    compiled['generate'] = program.generate_program(rows, images).lower(params, prompt, keys, cfg).compile(
+        compiler_options=compiler_options)
+  if 'prefill' in pieces:
+    compiled['prefill'] = program.prefill_program(rows).lower(params, prompt, cfg).compile(
+        compiler_options=compiler_options)
+  if 'token_step' in pieces:
+    slots = width + cfg.num_tokens - 1
+    cache_sh = program.cache_shardings(rows)
+    kv_shape = (m.num_layers, rows, slots, m.num_kv_heads, m.head_dim)
+    dtype = nn.DTYPES[m.dtype]
+    cache = type(cache_sh)(sds(kv_shape, dtype, cache_sh.k), sds(kv_shape, dtype, cache_sh.v),
+                           sds((rows, slots), jnp.bool_, cache_sh.key_valid), sds((), jnp.int32, cache_sh.index))
+    replicated = rules_lib.activation_spec(mesh, rules)
+    compiled['token_step'] = program.token_step_program(rows, images).lower(
+        params, cache, sds((rows, m.hidden_size), dtype, row_sh), sds((rows, 1), jnp.int32, row_sh),
+        sds((), jnp.int32, replicated), keys, cfg).compile(compiler_options=compiler_options)
+  return compiled
 
 
 def memory(compiled) -> dict:
@@ -329,6 +353,50 @@ def calibrated_cost(config, compile_fn: Callable, axes: dict, bases: dict | None
   return total
 
 
+def _bits(dtype) -> int:
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bool_:
+    return 8
+  return (jnp.iinfo(dtype) if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype)).bits
+
+
+def _device_bytes(leaf, sharding) -> float:
+  """Bytes of one device's shard of `leaf` (a ShapeDtypeStruct) under `sharding`."""
+  return math.prod(sharding.shard_shape(leaf.shape)) * _bits(leaf.dtype) / 8
+
+
+# Flow-head weights used by every velocity evaluation (the x path); the rest of the head (time /
+# step / condition embeddings, every adaLN modulation) depends only on (t, d, c) and is evaluated
+# once per token for all of its evaluation points (FlowHead.step_modulations).
+HEAD_PER_EVALUATION = ("'input_proj'", "'mlp_0'", "'mlp_2'", "'in_ln'", "'linear'", "'norm_final'")
+
+
+def token_floor_bytes(config, mesh) -> dict:
+  """The least HBM traffic of one image token step per device: every weight a token uses read
+  once (decoder layers, final norm, image projectors, the head's condition path; the embedding
+  table is not read by a decode step), the head's x-path weights (HEAD_PER_EVALUATION) once per
+  head evaluation (`velocity_calls`), and the filled part of the KV cache (prompt + half the
+  image tokens on average). Sizes are the sampler's (compute dtype or quantized) shards on
+  `mesh`. Returns the parts and 'total'."""
+  program, params = sampling_program(config, mesh)
+  flat = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  in_head = lambda k: "'image_head'" in k
+  per_eval = lambda k: in_head(k) and "'time_embed'" not in k and "'step_embed'" not in k and any(
+      name in k for name in HEAD_PER_EVALUATION)
+  head_eval = sum(_device_bytes(x, x.sharding) for k, x in flat.items() if per_eval(k))
+  once = sum(_device_bytes(x, x.sharding) for k, x in flat.items()
+             if not per_eval(k) and "'embed_tokens'" not in k)
+  images, rows, width, cfg = costs.sample_shapes(config)
+  m = config.model
+  slots = width + cfg.num_tokens - 1
+  kv = jax.ShapeDtypeStruct((m.num_layers, rows, slots, m.num_kv_heads, m.head_dim), nn.DTYPES[m.dtype])
+  filled = (width + (cfg.num_tokens - 1) / 2) / slots
+  kv_read = 2 * _device_bytes(kv, program.cache_shardings(rows).k) * filled
+  calls = cfg.integrator.velocity_calls
+  return {'weights_once': once, 'head_per_evaluation': head_eval, 'head_calls': calls, 'kv_read': kv_read,
+          'total': once + head_eval * calls + kv_read}
+
+
 def step_estimate(chip: Chip, devices: int, model_flops: float, flops: float, bytes_: float,
                   comm_s: float, calibrated: bool) -> tuple[float | None, str | None, float | None, str]:
   """(step seconds, bound, MFU, note) from per-device compiler FLOPs / bytes and collective seconds.
@@ -349,8 +417,10 @@ def step_estimate(chip: Chip, devices: int, model_flops: float, flops: float, by
 
 
 def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = None,
-         calibrate: bool = True, log: Callable[[str], None] = print) -> Plan:
+         calibrate: bool = True, log: Callable[[str], None] = print, cost_if_unfit: bool = False) -> Plan:
   """Compiles `task` for `topology` and returns its Plan (see the module docstring).
+  cost_if_unfit: calibrate the cost even when it does not fit (a per-token comparison with a
+  layout that fits; the calibration compiles hold 1-2 layers).
 
   Raises DoesNotFit (after logging the plan) when the per-device total exceeds the HBM."""
   if task not in TASKS:
@@ -367,8 +437,7 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
       compiled = compile_train(config, mesh)
       mem = memory(compiled)
     else:
-      prefill, token_step = compile_sample(config, mesh)
-      mem = max([memory(prefill), memory(token_step)], key=lambda x: x['total_bytes'])
+      mem = memory(compile_sample(config, mesh, pieces=('generate',))['generate'])
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
@@ -377,7 +446,7 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
                                    f'"{str(error).splitlines()[0]}"')) from error
   compile_s = time.monotonic() - started
   log(f'[aot] compiled in {compile_s:.1f} s; per-device total {mem["total_bytes"] / GIB:.2f} GiB')
-  if mem['total_bytes'] > hbm:
+  if mem['total_bytes'] > hbm and not cost_if_unfit:
     calibrate = False  # It does not fit: report the memory without the calibration compiles.
 
   m = config.model
@@ -406,22 +475,28 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
     batch, seq_len = images, width + cfg.num_tokens
     model_flops = costs.sample_model_flops(config)
     n = cfg.num_tokens
-    prefill_cost, token_cost = cost(prefill), cost(token_step)
+    uncalibrated_costs = lambda: tuple(cost(c) for c in compile_sample(
+        config, mesh, pieces=('prefill', 'token_step')).values())
     if calibrate:
       log('[aot] calibrating the cost analysis (1-/2-layer and '
           f'{TABLE_STEPS_BASE}-/{TABLE_STEPS_BASE + 1}-step unrolled compiles)')
       try:
-        prefill_cost = calibrated_cost(config, lambda c, options: compile_sample(c, mesh, options)[0],
-                                       {'model__num_layers': m.num_layers})
+        prefill_cost = calibrated_cost(
+            config, lambda c, options: compile_sample(c, mesh, options, ('prefill',))['prefill'],
+            {'model__num_layers': m.num_layers})
         token_cost = calibrated_cost(
             with_overrides(config, sample__time_grid='A', sample__solver='euler'),
-            lambda c, options: compile_sample(c, mesh, options)[1],
+            lambda c, options: compile_sample(c, mesh, options, ('token_step',))['token_step'],
             {'model__num_layers': m.num_layers, 'sample__num_steps': costs.sample_shapes(config)[3].integrator.velocity_calls},
             bases={'sample__num_steps': TABLE_STEPS_BASE})
       except CalibrationError as error:
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
-        prefill_cost, token_cost = cost(prefill), cost(token_step)
+    if not calibrate:
+      prefill_cost, token_cost = uncalibrated_costs()
     flops, bytes_ = prefill_cost + n * token_cost
+    sample_extra = {'bytes_per_token': float(token_cost[1]),
+                    'floor_bytes_per_token': float(token_floor_bytes(config, mesh)['total']),
+                    'token_step_s': float(max(token_cost[0] / chip.peak_flops, token_cost[1] / chip.hbm_bandwidth))}
     if m.attention == 'splash':  # The prefill's kernels, per device.
       rows_split = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['tensor']
       flops += costs.attention_flops(config, rows / rows_split, width, width, causal=True)
@@ -439,7 +514,7 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
       compiler_flops_per_device=float(flops), compiler_bytes_per_device=float(bytes_),
       flops_per_step=float(model_flops), compiler_to_model_flops=flops_ratio,
       estimated_step_s=estimated, bound=bound, mfu_estimate=mfu, compile_s=compile_s,
-      notes='; '.join(notes))
+      notes='; '.join(notes), **(sample_extra if task == 'sample' and calibrate else {}))
   log(result.table())
   if not result.fits:
     over = (result.total_bytes - result.hbm_bytes) / GIB
@@ -472,6 +547,10 @@ def knobs_message(config, mesh: dict, task: str, headline: str) -> str:
     if m.remat_policy != 'full':
       knobs.append(f'rematerialise more: --config.model.remat_policy=full (now {m.remat_policy})')
   else:
+    mode = config.model.quant.mode if 'quant' in config.model else 'none'
+    if mode in ('none', 'int8'):
+      knobs.insert(0, f'quantized weights: --quantize {"int4" if mode == "int8" else "int8"} (or int4; '
+                      f'config model.quant.mode, now {mode}): int8 halves the bf16 weights, int4 quarters them')
     knobs.append(f'fewer images per call: --config.sample.batch_size (now {config.sample.batch_size})')
     if m.param_dtype != 'bfloat16':
       knobs.append(f'bfloat16 weights for inference: --config.model.param_dtype=bfloat16 (now {m.param_dtype})')

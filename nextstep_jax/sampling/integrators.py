@@ -24,6 +24,7 @@ all of the token's evaluation points, as one batched call, before the step loop,
 only slices its row of that table. A plain `VelocityFn` is the special case whose table is (t, d).
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -51,8 +52,13 @@ class ConditionedVelocity:
     return cls(condition=lambda t, d: (t, d), apply=lambda x, td: velocity(x, *td))
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=('timestep_shift', 'temperature'),
+                   meta_fields=('num_steps', 'solver', 'time_grid', 'last_step_size', 'times', 'unroll'))
 @dataclasses.dataclass(frozen=True)
 class IntegratorConfig:
+  """The per-token integrator. A pytree: `timestep_shift` and `temperature` are its leaves (traced
+  under jit, so new values reuse the compiled program); every other field is static structure."""
   num_steps: int = 50
   solver: str = 'sde'
   time_grid: str = 'A'

@@ -13,11 +13,13 @@ import dataclasses
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from nextstep_jax import configlib
 from nextstep_jax import runs
+from nextstep_jax.convert import official
 from nextstep_jax.data import edit_sequences
 from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.data import sequences
@@ -26,7 +28,6 @@ from nextstep_jax.image import patchify
 from nextstep_jax.image import tokenizers
 from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import progress
-from nextstep_jax.sampling import sharded
 from nextstep_jax.utils import images as image_utils
 
 class TextToImage:
@@ -38,7 +39,9 @@ class TextToImage:
     image_tokenizer: default `tokenizers.get_tokenizer(config)`. progress_every > 0: a console
     bar over image tokens, advanced every that many tokens (sampling/progress.py).
     max_caption_tokens: the prompt token budget (default the config's text.max_caption_tokens);
-    longer prompts than the model trained with are allowed within model.max_seq_len."""
+    longer prompts than the model trained with are allowed within model.max_seq_len.
+    Sampling runs `generate.SamplingProgram` on the placement `params` have (their mesh and
+    shardings; prompt rows over the logical `batch` axis); the LM head is left out of it."""
     if max_caption_tokens is not None:
       if max_caption_tokens < 1:
         raise configlib.ConfigError(f'max_caption_tokens={max_caption_tokens} must be >= 1')
@@ -52,7 +55,9 @@ class TextToImage:
       raise ValueError(f'unknown sample settings {sorted(unknown)}; known: {sorted(sample_cfg)}')
     sample_cfg.update(overrides)
     self.settings = sample_cfg
-    self.graphdef, self.params, self.tok = graphdef, params, tok
+    self.graphdef, self.params = generate.for_sampling(graphdef, params)
+    self.tok = tok
+    self.program = generate.SamplingProgram.for_state(self.graphdef, self.params, config.mesh.rules)
     self.grid_h, self.grid_w = configlib.image_grid(config)
     self.image_tokenizer = image_tokenizer or tokenizers.get_tokenizer(config)
     wrapped = config.copy_and_resolve_references()
@@ -63,21 +68,25 @@ class TextToImage:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **overrides) -> 'TextToImage':
-    """Loads a training run: its config.json, tokenizer.model and checkpoint `step` (latest)."""
-    runs.check_files(workdir, runs.TOKENIZER_FILE)
+    """Loads a training run: its config.json, text tokenizer (`runs.load_text_tokenizer`) and the
+    params of checkpoint `step` (latest; no optimizer moments), onto `generate.sampling_mesh`, cast
+    to the compute dtype."""
+    runs.check_files(workdir)
     config = configlib.with_base_defaults(runs.load_config(workdir))
-    tok = text_tokenizer.TextTokenizer.load(runs.local_copy(epath.Path(workdir) / runs.TOKENIZER_FILE))
-    restored = runs.restore_run(workdir, step, params_only=True, config=config)
-    return cls(config, restored.graphdef, restored.state, tok, **overrides)
+    tok = runs.load_text_tokenizer(workdir)
+    restored = runs.restore_run(workdir, step, params_only=True, mesh=generate.sampling_mesh(config),
+                                dtype=jnp.dtype(config.model.dtype), config=config)
+    graphdef, params = generate.for_sampling(restored.graphdef, restored.state)
+    return cls(config, graphdef, params, tok, **overrides)
 
   @classmethod
   def from_converted(cls, directory: str, mesh: jax.sharding.Mesh | None = None, image_tokenizer=None,
                      progress_every: int = 0, quantize: str | None = None, **overrides) -> 'TextToImage':
     """Loads a checkpoint written by `nextstep-convert`: params only (no optimizer memory),
-    restored straight onto their shardings under `mesh` (default: `sharded.sampling_mesh`, every
-    device, tensor-parallel within a host, the rest FSDP). quantize='int8' | 'int4' quantizes the
-    weights of a float conversion as they load (model.quant; a `--quantize` conversion loads as
-    stored, no argument needed)."""
+    restored straight onto their shardings under `mesh` (default: `generate.sampling_mesh`, every
+    device, tensor-parallel within a host, the rest FSDP) and cast to the compute dtype.
+    quantize='int8' | 'int4' quantizes the weights of a float conversion as they load
+    (model.quant; a `--quantize` conversion loads as stored, no argument needed)."""
     runs.check_files(directory, runs.CONVERTED_TOKENIZER_FILE)
     config = configlib.with_base_defaults(runs.load_config(directory))
     if quantize is not None:
@@ -87,9 +96,8 @@ class TextToImage:
       raise ValueError(f'{directory} was converted without image tokenizer weights (the release had no vae/ '
                        'folder): convert again with nextstep-convert --vae DIR (a NextStep-1-f8ch16-Tokenizer '
                        'download), or pass image_tokenizer=.')
-    mesh = mesh or sharded.sampling_mesh(config)
-    restored = runs.restore_run(directory, params_only=True, mesh=mesh, config=config)
-    graphdef, params = restored.graphdef, restored.state
+    mesh = mesh or generate.sampling_mesh(config)
+    graphdef, params = generate.for_sampling(*official.load_params(directory, mesh, config), config.model.dtype)
     tok = hf_tokenizer.HFTokenizer.load(str(pathlib.Path(directory) / runs.CONVERTED_TOKENIZER_FILE))
     return cls(config, graphdef, params, tok, image_tokenizer=image_tokenizer,
                progress_every=progress_every, **overrides)
@@ -134,11 +142,10 @@ class TextToImage:
       prompt = {k: jax.numpy.asarray(v) for k, v in prompt_rows(indices).items()}
       keys = generate.image_keys_from_seeds([seeds[i] for i in indices])
       if bar is None:
-        toks = generate.generate_tokens(self.graphdef, self.params, prompt, keys, sampler_cfg)
+        toks = self.program(self.params, prompt, keys, sampler_cfg)
       else:
         with progress.reporting(bar):
-          toks = jax.block_until_ready(
-              generate.generate_tokens(self.graphdef, self.params, prompt, keys, sampler_cfg))
+          toks = jax.block_until_ready(self.program(self.params, prompt, keys, sampler_cfg))
         bar.next_call(sampler_cfg.num_tokens)
       out.append(np.asarray(toks)[:real])
     return np.concatenate(out, axis=0)

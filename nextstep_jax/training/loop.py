@@ -5,7 +5,9 @@ through orbax): config.json, tokenizer.model, checkpoints/ (orbax, keep N, atomi
 (TensorBoard scalars and sample grids), samples/step_<step, 7 digits>.png, metrics.jsonl (one line
 per logged step with the wall time, for accuracy-vs-minutes curves).
 
-Resume is exact: each checkpoint holds the model, the optimizer and every process's data-iterator
+A fresh run starts from random init, or from the params of `train.init_from` (a converted
+release or another run, `training/init_from.py`) with a fresh optimizer; a run with checkpoints
+always resumes from its own. Resume is exact: each checkpoint holds the model, the optimizer and every process's data-iterator
 state (`nextstep_jax.data.training_data`), and the step's noise is a pure function of (seed, step),
 so restarting from checkpoint s reproduces the run that never stopped. SIGTERM (a preemption
 notice) or Ctrl-C makes every process stop at one agreed step boundary, checkpoint it and return
@@ -37,6 +39,7 @@ from nextstep_jax.data import training_data
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import pipeline
+from nextstep_jax.training import init_from
 from nextstep_jax.training import preemption
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import workdir_lock
@@ -124,8 +127,17 @@ def check_batch_divides(config, mesh) -> None:
         f'multiple of {jax.process_count()}')
 
 
+def has_grid(config) -> bool:
+  """Whether the run writes sample grids: built-in data, or explicit train.grid_prompts."""
+  return bool(config.train.get('grid_prompts')) or config.data.source == 'builtin'
+
+
 def grid_prompts(config, num: int) -> list[str]:
-  """Fixed prompts for the periodic sample grid (seen and held-out for shapes)."""
+  """Fixed prompts for the periodic sample grid: train.grid_prompts cycled to `num`, else the
+  built-in data set's (seen and held-out for shapes)."""
+  if config.train.get('grid_prompts'):
+    prompts = list(config.train.grid_prompts)
+    return [prompts[i % len(prompts)] for i in range(num)]
   if config.data.dataset == 'shapes':
     from nextstep_jax.data.builtin import shapes  # pylint: disable=g-import-not-at-top
     half = num // 2
@@ -195,7 +207,11 @@ def _train_locked(config, workdir: epath.Path, stop_at, from_step, mesh, tok, da
           f'{ckpt.all_steps()}')
     for line in ckpt.set_aside_newer(from_step):
       print(line, flush=True)
-  if not ckpt.all_steps():
+  if not ckpt.all_steps() and config.train.init_from:
+    state = init_from.initial_state(config, tx, abstract_state, shardings)
+    start = 0
+    print(f'initialised from {config.train.init_from} (params only, fresh optimizer)', flush=True)
+  elif not ckpt.all_steps():
     state = jax.jit(lambda: state_lib.init_state(config, tx), out_shardings=shardings)()
     start = 0
   else:  # The newest checkpoint that restores; damaged newer ones are moved aside.
@@ -276,7 +292,7 @@ def _train_locked(config, workdir: epath.Path, stop_at, from_step, mesh, tok, da
         if periodic_save or stopping or step == total:
           ckpt.save(step, state, extra={'step': step}, data_state=data.get_state(), force=True)
           last_saved = step
-        if periodic_grid or step == total:
+        if (periodic_grid or step == total) and has_grid(config):
           ckpt.wait()
           save_sample_grid(config, graphdef, state['params'], tok, workdir, step, writer)
         if stopping:
@@ -290,11 +306,13 @@ def _train_locked(config, workdir: epath.Path, stop_at, from_step, mesh, tok, da
 
 
 def _write_run_files(config, workdir: epath.Path, tok) -> None:
-  """config.json and tokenizer.model: everything `nextstep-sample --workdir` needs besides weights."""
+  """config.json and the text tokenizer (tokenizer.model, or tokenizer.json with text.tokenizer='hf'):
+  everything `nextstep-sample --workdir` needs besides weights."""
   config_path = workdir / runs.CONFIG_FILE
   text = configlib.config_to_json(config)
   if config_path.exists() and configlib.config_from_json(config_path.read_text()).model != config.model:
     raise configlib.ConfigError(f'{workdir} holds a run with a different model config; use a new '
                                 '--workdir or the same config to resume')
   config_path.write_text(text)
-  (workdir / runs.TOKENIZER_FILE).write_bytes(pathlib.Path(tok.path).read_bytes())
+  name = runs.HF_TOKENIZER_FILE if config.text.tokenizer == 'hf' else runs.TOKENIZER_FILE
+  (workdir / name).write_bytes(epath.Path(tok.path).read_bytes())

@@ -85,7 +85,7 @@ def test_step_calibration_from_base_two_matches_an_unrolled_compile(devices):
   config = tiny('model.num_layers=3', 'sample.num_steps=6', 'sample.solver=euler', 'sample.batch_size=4',
                 'mesh.data=-1')
   mesh = aot.make_mesh(config, devices)
-  compile_token = lambda c, options: aot.compile_sample(c, mesh, options)[1]
+  compile_token = lambda c, options: aot.compile_sample(c, mesh, options, ('token_step',))['token_step']
   calibrated = aot.calibrated_cost(config, compile_token, {'model__num_layers': 3, 'sample__num_steps': 6},
                                    bases={'sample__num_steps': aot.TABLE_STEPS_BASE})
   unrolled_compiled = compile_token(aot.with_overrides(config, model__scan_unroll=True),
