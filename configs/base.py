@@ -185,6 +185,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.sample_every = 1000  # Sample-grid PNG period in steps (0 = only at the end).
   c.train.num_grid_samples = 16  # Images in a sample grid.
   c.train.max_minutes = 0.0  # Stop (with a checkpoint) after this wall time; 0 = no limit.
+  # LoRA fine-tuning (nextstep_jax/model/lora.py, qwix adapters on the decoder's linear layers):
+  # only the adapters (and the flow head with train_head) are trained and have optimizer state.
+  c.train.lora = ml_collections.ConfigDict()
+  c.train.lora.rank = 0  # Adapter rank r (0 = LoRA off: every param trains).
+  c.train.lora.alpha = 16.0  # Update scale alpha / r.
+  # Regexes (full match) over a decoder layer's Dense paths: self_attn/{q,k,v,o}_proj, mlp/{gate,up,down}_proj.
+  c.train.lora.targets = ('self_attn/.*', 'mlp/.*')
+  c.train.lora.train_head = False  # Also train the flow head (image_head) fully.
 
   # Distillation of a trained head into a few-step head (nextstep_jax/training/distill.py).
   c.distill = ml_collections.ConfigDict()

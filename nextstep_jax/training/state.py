@@ -2,7 +2,9 @@
 
 The state is a plain dict pytree {'params': nnx.State, 'opt_state': optax state, 'step': () int32}
 so that jit shardings, donation and orbax checkpoints treat it uniformly. The graphdef of the
-model is static and rebuilt from the config.
+model is static and rebuilt from the config. With LoRA (`train.lora.rank` > 0, model/lora.py)
+the params include the adapters and the optimizer state covers only the trained params
+(`lora.split_trainable`).
 """
 from typing import Any
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nextstep_jax.model import lora
 from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import rules as rules_lib
 
@@ -50,17 +53,25 @@ def model_config(config) -> nextstep.ModelConfig:
   return nextstep.ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
 
 
+def build_model(config, seed: int) -> nnx.Module:
+  """The model of `config` initialised from `seed`, with LoRA adapters when train.lora is on."""
+  model = nextstep.NextStep(model_config(config), rngs=nnx.Rngs(seed))
+  lora_cfg = lora.LoraConfig.from_config(config)
+  if lora_cfg is not None:
+    lora.add_adapters(model, lora_cfg, nnx.Rngs(seed + 1))
+  return model
+
+
 def abstract_model(config) -> nnx.Module:
   """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half."""
-  cfg = model_config(config)
-  return nnx.eval_shape(lambda: nextstep.NextStep(cfg, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: build_model(config, 0))
 
 
 def init_state(config, tx: optax.GradientTransformation) -> dict:
   """Fresh train state (unsharded; jit it with out_shardings to create it sharded)."""
-  model = nextstep.NextStep(model_config(config), rngs=nnx.Rngs(config.seed))
-  params = nnx.state(model, nnx.Param)
-  return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+  params = nnx.state(build_model(config, config.seed), nnx.Param)
+  trained, _ = lora.split_trainable(params, lora.LoraConfig.from_config(config))
+  return {'params': params, 'opt_state': tx.init(trained), 'step': jnp.zeros((), jnp.int32)}
 
 
 def abstract_train_state(config, tx) -> tuple[nnx.GraphDef, Any]:
