@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nextstep_jax.model import lora
-from nextstep_jax.model import nextstep
+from nextstep_jax.model import lora, nextstep
 from nextstep_jax.parallel import rules as rules_lib
 
 DECAYED_PARAM_NAMES = ('kernel', 'embedding')  # Weight decay skips biases and norm weights.

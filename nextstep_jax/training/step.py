@@ -27,8 +27,7 @@ import optax
 from flax import nnx
 
 from nextstep_jax import configlib
-from nextstep_jax.model import layers
-from nextstep_jax.model import lora
+from nextstep_jax.model import layers, lora
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import objective

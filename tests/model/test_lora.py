@@ -3,11 +3,11 @@ adapters equal the adapter model, the adapter term is W + (alpha / r) a @ b per 
 reference, and LoRA training updates only the adapters (plus the flow head with train_head)."""
 import jax
 import jax.numpy as jnp
+import model_testing
 import numpy as np
 import pytest
 from flax import nnx
 
-import model_testing
 from nextstep_jax import configlib
 from nextstep_jax.data import builtin_source
 from nextstep_jax.model import lora
