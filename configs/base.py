@@ -102,6 +102,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.text.vocab_size = 384  # Sentencepiece pieces requested (specials + 256 byte pieces included).
   c.text.max_caption_tokens = 24  # Longest caption in tokens; longer prompts are an error.
   c.text.spm_path = ''  # Explicit model path; '' = train/load <data cache>/<dataset>_spm.model.
+  # spm (the sentencepiece stand-in above) | hf (the official Qwen2.5 tokenizer.json with the
+  # NextStep special tokens; text.vocab_size is then unused and model.vocab_size must cover its ids).
+  c.text.tokenizer = 'spm'
+  c.text.tokenizer_json = ''  # hf: tokenizer.json path ('' = the one in train.init_from's directory).
 
   # Built-in data.
   c.data = ml_collections.ConfigDict()
@@ -193,6 +197,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Regexes (full match) over a decoder layer's Dense paths: self_attn/{q,k,v,o}_proj, mlp/{gate,up,down}_proj.
   c.train.lora.targets = ('self_attn/.*', 'mlp/.*')
   c.train.lora.train_head = False  # Also train the flow head (image_head) fully.
+  # Fine-tuning (training/init_from.py): start from the params of a converted release
+  # (nextstep-convert --out DIR) or of another run (WORKDIR or WORKDIR@STEP), restored onto the
+  # training shardings and cast to model.param_dtype, with a fresh optimizer at step 0. A run with
+  # checkpoints of its own resumes from them instead. '' = random init.
+  c.train.init_from = ''
+  # fnmatch patterns over dotted param names kept at their random init (and not required in the
+  # source), e.g. ('image_head.*',) for a new flow head or ('lm_head.kernel',).
+  c.train.init_from_skip = ()
 
   # Distillation of a trained head into a few-step head (nextstep_jax/training/distill.py).
   c.distill = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ from nextstep_jax.image import aspect
 from nextstep_jax.parallel.mesh import MESH_AXES
 
 TOKENIZERS = ('pixels', 'vae')
+TEXT_TOKENIZERS = ('spm', 'hf')
 SPARE_EMBEDDING_ROWS = 16  # Embedding rows past text.vocab_size, for special tokens added later.
 SOLVERS = ('sde', 'euler', 'heun')
 TIME_GRIDS = ('A', 'B')
@@ -175,7 +176,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f'needs {needed} = {_seq_len_breakdown(config)}; set model.max_seq_len >= {needed} '
               'or lower text.max_caption_tokens / image.size.')
 
-  require(m.vocab_size >= text.vocab_size + SPARE_EMBEDDING_ROWS,
+  _require_choice(require, 'text.tokenizer', text.get('tokenizer', 'spm'), TEXT_TOKENIZERS)
+  require(text.get('tokenizer', 'spm') != 'hf' or text.tokenizer_json or config.train.get('init_from'),
+          "text.tokenizer='hf' needs text.tokenizer_json (a tokenizer.json) or train.init_from (a converted "
+          'release or a run holding one).')
+  require(text.get('tokenizer', 'spm') == 'hf' or m.vocab_size >= text.vocab_size + SPARE_EMBEDDING_ROWS,
           f'model.vocab_size={m.vocab_size} must be >= text.vocab_size + {SPARE_EMBEDDING_ROWS} = '
           f'{text.vocab_size + SPARE_EMBEDDING_ROWS}: every text id needs an embedding row (up to '
           f'{text.vocab_size} sentencepiece pieces, which include the 256 byte-fallback pieces and '

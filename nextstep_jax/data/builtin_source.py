@@ -14,6 +14,7 @@ import pathlib
 import numpy as np
 
 from nextstep_jax import configlib
+from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.data import sequences
 from nextstep_jax.data import text_tokenizer
 from nextstep_jax.data.builtin import shapes
@@ -52,8 +53,23 @@ def tokenizer_corpus(config) -> list[str]:
   raise ValueError(f'data.dataset={name!r} is unknown; use "shapes" or "digits"')
 
 
-def load_text_tokenizer(config) -> text_tokenizer.TextTokenizer:
-  """Loads `text.spm_path`, or trains (first use, deterministic) the dataset's model in the cache."""
+HF_TOKENIZER_FILE = 'tokenizer.json'  # In converted releases and in runs trained with it.
+
+
+def hf_tokenizer_path(config) -> str:
+  """text.tokenizer_json, else the tokenizer.json of train.init_from's directory."""
+  if config.text.tokenizer_json:
+    return config.text.tokenizer_json
+  source = config.train.init_from
+  directory = source.rpartition('@')[0] if '@' in source.rsplit('/', 1)[-1] else source
+  return str(pathlib.Path(directory) / HF_TOKENIZER_FILE)
+
+
+def load_text_tokenizer(config) -> text_tokenizer.Tokenizer:
+  """text.tokenizer='hf': the official tokenizer.json (`hf_tokenizer_path`). Otherwise loads
+  `text.spm_path`, or trains (first use, deterministic) the dataset's model in the cache."""
+  if config.text.get('tokenizer', 'spm') == 'hf':
+    return hf_tokenizer.HFTokenizer.load(hf_tokenizer_path(config))
   if config.text.spm_path:
     return text_tokenizer.TextTokenizer.load(config.text.spm_path)
   path = cache_dir(config) / f'{config.data.dataset}_v{config.text.vocab_size}_spm.model'

@@ -7,6 +7,14 @@ placeholders, and the target's prefix `<|image_area|>` "h*w" boi follows (offici
   [full: "<image>" + instruction (+ " " + positive); source image: "<image>" + negative;
    negative text only: negative],
 the first two carrying the source tokens (the official pipeline duplicates the image list for them).
+
+Training rows (`build_edit_training_batch`, right-padded like T2I rows): the edit caption with the
+source block at `<image>`, then the target block and EOS; labels by the T2I rule (boi, placeholders
+and the EOS after the target's eoi ignored), so the instruction text is an LM target and only the
+target image's tokens get the flow-matching loss. Drop modes train the unconditional branches of
+3-way guidance: DROP_TEXT keeps the source image with an empty instruction (the "source image +
+negative text" branch), DROP_BOTH keeps neither (the "negative text only" branch), DROP_IMAGE keeps
+the instruction without the source.
 """
 from typing import Sequence
 
@@ -69,3 +77,65 @@ def edit_source_tokens(source_tokens: np.ndarray) -> np.ndarray:
   branch 2 (text only, no placeholders) zeros."""
   source_tokens = np.asarray(source_tokens, np.float32)
   return np.concatenate([source_tokens, source_tokens, np.zeros_like(source_tokens)], axis=0)
+
+
+FULL, DROP_TEXT, DROP_IMAGE, DROP_BOTH = 0, 1, 2, 3  # Edit training row modes.
+
+
+def edit_training_length(tok: Tokenizer, source_h: int, source_w: int, h: int, w: int,
+                         max_caption_tokens: int) -> int:
+  """Static length L of an edit training row: caption budget + source block + target block + EOS."""
+  return (max_caption_tokens + len(sequences.image_block_ids(tok, source_h, source_w))
+          + len(sequences.image_block_ids(tok, h, w)) + 1)
+
+
+def edit_drop_modes(rng, count: int, drop_text_prob: float, drop_image_prob: float,
+                    drop_both_prob: float) -> np.ndarray:
+  """(count,) int modes drawn with the given probabilities (the rest FULL)."""
+  probs = np.array([drop_text_prob, drop_image_prob, drop_both_prob], np.float64)
+  if probs.min() < 0 or probs.sum() > 1:
+    raise ValueError(f'edit drop probabilities {probs.tolist()} must be >= 0 and sum to <= 1.')
+  return rng.choice(4, size=count, p=[1 - probs.sum(), *probs]).astype(np.int32)
+
+
+def build_edit_training_batch(tok: Tokenizer, instructions: Sequence[str], source_h: int, source_w: int,
+                              h: int, w: int, max_caption_tokens: int, modes: np.ndarray,
+                              source_tokens: np.ndarray, target_tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """Edit training rows for B (source, instruction, target) triplets (see module docstring).
+
+  Args:
+    instructions: B edit captions (`with_image_tag` adds "<image>" in front when absent).
+    modes: (B,) int, FULL / DROP_TEXT / DROP_IMAGE / DROP_BOTH.
+    source_tokens: (B, Ns, T), Ns = source_h * source_w; target_tokens: (B, Nt, T), Nt = h * w.
+
+  Returns:
+    The T2I batch keys (input_ids, labels, attention_mask, positions (B, L); image_tokens
+    (B, Ns + Nt, T) in placeholder order; image_valid (B,)) plus image_token_loss (B, Ns + Nt)
+    bool, True on the target's tokens. Rows without the source hold the target tokens first and
+    Ns unused zero tokens after them.
+  """
+  modes = np.asarray(modes)
+  source_tokens, target_tokens = np.asarray(source_tokens, np.float32), np.asarray(target_tokens, np.float32)
+  ns, nt = source_h * source_w, h * w
+  if source_tokens.shape[:2] != (len(instructions), ns) or target_tokens.shape[:2] != (len(instructions), nt):
+    raise ValueError(f'source tokens {source_tokens.shape} / target tokens {target_tokens.shape} do not match '
+                     f'{len(instructions)} rows of {source_h}x{source_w} and {h}x{w} grids.')
+  source_block = sequences.image_block_ids(tok, source_h, source_w)
+  target_block = sequences.image_block_ids(tok, h, w)
+  rows, tokens, loss = [], [], []
+  for instruction, mode, src, tgt in zip(instructions, modes, source_tokens, target_tokens):
+    text = with_image_tag(instruction) if mode == FULL or mode == DROP_IMAGE else IMAGE_TAG
+    if mode == DROP_BOTH:
+      ids = []
+    elif mode == DROP_IMAGE:
+      ids = sequences._caption_ids(tok, text.replace(IMAGE_TAG, '', 1), max_caption_tokens)  # pylint: disable=protected-access
+    else:
+      ids = _edit_text_ids(tok, text, source_block, max_caption_tokens)
+    rows.append(ids + target_block + [tok.eos_id])
+    with_source = mode in (FULL, DROP_TEXT)
+    tokens.append(np.concatenate([src, tgt]) if with_source else np.concatenate([tgt, np.zeros_like(src)]))
+    loss.append(np.r_[np.zeros(ns, bool), np.ones(nt, bool)] if with_source
+                else np.r_[np.ones(nt, bool), np.zeros(ns, bool)])
+  batch = sequences.training_rows(tok, rows, edit_training_length(tok, source_h, source_w, h, w, max_caption_tokens))
+  batch.update(image_tokens=np.stack(tokens), image_valid=np.ones(len(rows), bool), image_token_loss=np.stack(loss))
+  return batch

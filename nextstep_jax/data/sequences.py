@@ -63,6 +63,15 @@ def _caption_ids(tok: Tokenizer, caption: str, max_caption_tokens: int) -> list[
   return ids
 
 
+def conditioned_prefix_ids(tok: Tokenizer, caption: str, h: int, w: int, max_caption_tokens: int) -> list[int]:
+  """caption + `<|image_area|>` "h*w" boi: the conditional prompt of an h x w image.
+
+  The one builder of both layouts: a sampling prompt is exactly this (left-padded), and a
+  caption-first training row starts with exactly this, followed by the placeholders, eoi and EOS.
+  """
+  return _caption_ids(tok, caption, max_caption_tokens) + prompt_prefix_ids(tok, h, w)
+
+
 def build_training_batch(tok: Tokenizer, captions: Sequence[str], h: int, w: int,
                          max_caption_tokens: int, drop_text: np.ndarray) -> dict[str, np.ndarray]:
   """Right-padded training rows for one image of h x w tokens per caption.
@@ -84,12 +93,25 @@ def build_training_batch(tok: Tokenizer, captions: Sequence[str], h: int, w: int
   if drop_text.shape != (len(captions),):
     raise ValueError(f'drop_text has shape {drop_text.shape}, expected ({len(captions)},).')
   block = image_block_ids(tok, h, w)
+  image_rest = [tok.image_placeholder_id] * (h * w) + [tok.eoi_id]
   length = max_caption_tokens + len(block) + 1
-  input_ids = np.full((len(captions), length), tok.pad_id, np.int32)
-  attention_mask = np.zeros((len(captions), length), bool)
-  for row, (caption, caption_after_image) in enumerate(zip(captions, drop_text)):
-    caption_ids = _caption_ids(tok, caption, max_caption_tokens)
-    ids = (block + caption_ids if caption_after_image else caption_ids + block) + [tok.eos_id]
+  rows = []
+  for caption, caption_after_image in zip(captions, drop_text):
+    if caption_after_image:
+      rows.append(block + _caption_ids(tok, caption, max_caption_tokens) + [tok.eos_id])
+    else:
+      rows.append(conditioned_prefix_ids(tok, caption, h, w, max_caption_tokens) + image_rest + [tok.eos_id])
+  return training_rows(tok, rows, length)
+
+
+def training_rows(tok: Tokenizer, rows: Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
+  """Right-pads id rows to `length` and labels them by the official rule (see
+  `build_training_batch`): IGNORE_ID at padding, boi, placeholders and the EOS right after eoi."""
+  input_ids = np.full((len(rows), length), tok.pad_id, np.int32)
+  attention_mask = np.zeros((len(rows), length), bool)
+  for row, ids in enumerate(rows):
+    if len(ids) > length:
+      raise ValueError(f'training row of {len(ids)} tokens exceeds the row length {length}.')
     input_ids[row, :len(ids)] = ids
     attention_mask[row, :len(ids)] = True
 
@@ -128,7 +150,7 @@ def build_prompt_batch(tok: Tokenizer, captions: Sequence[str], h: int, w: int,
   input_ids = np.full((len(texts), width), tok.pad_id, np.int32)
   attention_mask = np.zeros((len(texts), width), bool)
   for row, text in enumerate(texts):
-    ids = _caption_ids(tok, text, max_caption_tokens) + prefix
+    ids = conditioned_prefix_ids(tok, text, h, w, max_caption_tokens)
     input_ids[row, width - len(ids):] = ids
     attention_mask[row, width - len(ids):] = True
   positions = np.broadcast_to(np.arange(width, dtype=np.int32), input_ids.shape).copy()

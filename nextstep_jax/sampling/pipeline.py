@@ -34,6 +34,7 @@ from nextstep_jax.utils import images as image_utils
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
+HF_TOKENIZER_FILE = 'tokenizer.json'  # Runs trained with text.tokenizer='hf'.
 CHECKPOINT_DIR = 'checkpoints'
 
 
@@ -81,13 +82,16 @@ class TextToImage:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **overrides) -> 'TextToImage':
-    """Loads a training run: its config.json, tokenizer.model and checkpoint `step` (latest)."""
+    """Loads a training run: its config.json, tokenizer.model (or .json) and checkpoint `step` (latest)."""
     root = epath.Path(workdir)
     if not (root / CONFIG_FILE).exists():
       raise FileNotFoundError(f'{root} is not a training run: {CONFIG_FILE} is missing '
                               '(train one with nextstep-train --workdir DIR)')
     config = configlib.with_base_defaults(configlib.config_from_json((root / CONFIG_FILE).read_text()))
-    tok = text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
+    if (root / HF_TOKENIZER_FILE).exists():
+      tok = hf_tokenizer.HFTokenizer.load(local_copy(root / HF_TOKENIZER_FILE))
+    else:
+      tok = text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
     tx = state_lib.make_optimizer(config.train)
     graphdef, abstract_state = state_lib.abstract_train_state(config, tx)
     ckpt = checkpoints.Checkpointer(root / CHECKPOINT_DIR, keep=config.train.keep_checkpoints)

@@ -29,6 +29,7 @@ from nextstep_jax.data import training_data
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import pipeline
+from nextstep_jax.training import init_from
 from nextstep_jax.training import preemption
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import step as step_lib
@@ -132,7 +133,11 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
   graphdef, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
   ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
   start = ckpt.latest_step()
-  if start is None:
+  if start is None and config.train.init_from:
+    state = init_from.initial_state(config, tx, abstract_state, shardings)
+    start = 0
+    print(f'initialised from {config.train.init_from} (params only, fresh optimizer)', flush=True)
+  elif start is None:
     state = jax.jit(lambda: state_lib.init_state(config, tx), out_shardings=shardings)()
     start = 0
   else:
@@ -213,11 +218,13 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
 
 
 def _write_run_files(config, workdir: epath.Path, tok) -> None:
-  """config.json and tokenizer.model: everything `nextstep-sample --workdir` needs besides weights."""
+  """config.json and the text tokenizer (tokenizer.model, or tokenizer.json with text.tokenizer='hf'):
+  everything `nextstep-sample --workdir` needs besides weights."""
   config_path = workdir / pipeline.CONFIG_FILE
   text = configlib.config_to_json(config)
   if config_path.exists() and configlib.config_from_json(config_path.read_text()).model != config.model:
     raise ValueError(f'{workdir} holds a run with a different model config; use a new --workdir '
                      'or the same config to resume')
   config_path.write_text(text)
-  (workdir / pipeline.TOKENIZER_FILE).write_bytes(pathlib.Path(tok.path).read_bytes())
+  name = pipeline.HF_TOKENIZER_FILE if config.text.tokenizer == 'hf' else pipeline.TOKENIZER_FILE
+  (workdir / name).write_bytes(epath.Path(tok.path).read_bytes())

@@ -2,7 +2,9 @@
 
 Batch (all arrays, leading B): input_ids (B, L) int32, labels (B, L) int32 (-100 = ignore; HF
 convention: labels[i] is the target of position i-1), attention_mask (B, L) bool, positions (B, L)
-int32, image_tokens (B, N, T) float32 (the row's placeholders in order), image_valid (B,) bool.
+int32, image_tokens (B, N, T) float32 (the row's placeholders in order), image_valid (B,) bool;
+optional image_token_loss (B, N) bool: which tokens get the FM loss (edit rows: the target image's,
+not the source's; a row with fewer than N placeholders leaves its last tokens unused and False).
 
 Routing (official): position i feeds the flow head iff input_ids[i+1] is a placeholder, else the
 LM head with target labels[i+1]. Flow matching (t = 0 noise, t = 1 data): x_t = t x1 + (1-t) eps,
@@ -56,7 +58,8 @@ class LossConfig:
 
 
 def placeholder_positions(image_token_mask: jax.Array, num_tokens: int) -> jax.Array:
-  """(B, L) bool with exactly N True per row -> (B, N) int32 positions in order."""
+  """(B, L) bool with N (edit rows without a source: fewer) True per row -> (B, N) int32 positions
+  in order, missing ones 0 (their tokens carry no loss)."""
   return jax.vmap(lambda row: jnp.nonzero(row, size=num_tokens, fill_value=0)[0])(image_token_mask)
 
 
@@ -66,19 +69,20 @@ def lm_target_mask(batch: dict, cfg: LossConfig) -> jax.Array:
   return (batch['labels'][:, 1:] != IGNORE_ID) & ~image_mask
 
 
-def head_row_mask(image_valid: jax.Array, num_tokens: int, mul: int) -> jax.Array:
-  """(B,) bool -> (mul B N,) float32 head-row mask, ordered (copy, row, token) like the tiled tokens."""
-  b = image_valid.shape[0]
-  token_mask = jnp.broadcast_to(image_valid[:, None], (b, num_tokens)).reshape(-1)
-  return jnp.tile(token_mask.astype(jnp.float32), (mul,))
+def token_loss_mask(batch: dict) -> jax.Array:
+  """(B, N) bool: image tokens with an FM loss (valid rows, and `image_token_loss` when given)."""
+  b, n = batch['image_tokens'].shape[:2]
+  mask = jnp.broadcast_to(batch['image_valid'][:, None], (b, n))
+  if 'image_token_loss' in batch:
+    mask = mask & batch['image_token_loss']
+  return mask
 
 
 def loss_counts(batch: dict, cfg: LossConfig) -> dict:
   """The loss normalisers of `batch`, from its masks alone: {'lm_count': text targets (int32),
   'im_count': valid head rows (float32)}."""
-  n = batch['image_tokens'].shape[1]
-  return {'lm_count': lm_target_mask(batch, cfg).sum(),
-          'im_count': head_row_mask(batch['image_valid'], n, cfg.fm_head_batch_mul).sum()}
+  rows = jnp.tile(token_loss_mask(batch).reshape(-1).astype(jnp.float32), (cfg.fm_head_batch_mul,))
+  return {'lm_count': lm_target_mask(batch, cfg).sum(), 'im_count': rows.sum()}
 
 
 def lm_loss_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
@@ -166,7 +170,7 @@ def loss_sums(model, batch: dict, draws: dict, cfg: LossConfig) -> dict:
   cond_positions = placeholder_positions(image_mask, n) - 1  # (B, N): predicts token k
   cond_hidden = jnp.take_along_axis(hidden, cond_positions[..., None], axis=1)
   cond = model.head_condition(cond_hidden, jnp.broadcast_to(jnp.arange(n), (b, n)))
-  token_mask = jnp.broadcast_to(batch['image_valid'][:, None], (b, n)).reshape(-1)
+  token_mask = token_loss_mask(batch).reshape(-1)
   head_loss = shortcut_loss_sum if cfg.head_objective == 'shortcut' else flow_matching_loss_sum
   im = head_loss(model.image_head, tokens.reshape(b * n, -1), cond.reshape(b * n, -1), token_mask, draws, cfg)
   return {'lm_sum': lm, 'im_sum': im}
