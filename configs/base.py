@@ -102,6 +102,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.text.vocab_size = 384  # Sentencepiece pieces requested (specials + 256 byte pieces included).
   c.text.max_caption_tokens = 24  # Longest caption in tokens; longer prompts are an error.
   c.text.spm_path = ''  # Explicit model path; '' = train/load <data cache>/<dataset>_spm.model.
+  # Words added to the sentencepiece model as one piece each ('▁word', ids after its vocabulary),
+  # e.g. ('orange', 'diamond') to fine-tune a shapes run on new concepts (see train.init_word_rows).
+  c.text.extra_words = ()
   # spm (the sentencepiece stand-in above) | hf (the official Qwen2.5 tokenizer.json with the
   # NextStep special tokens; text.vocab_size is then unused and model.vocab_size must cover its ids).
   c.text.tokenizer = 'spm'
@@ -109,7 +112,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Built-in data.
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'shapes'  # shapes | digits.
+  c.data.dataset = 'shapes'  # shapes | digits | shapes_new (fine-tuning set with new concepts).
+  c.data.new_concept_fraction = 0.5  # shapes_new: share of one-object new-concept scenes (rest: base replay).
   c.data.num_train = 20000  # Training examples generated (shapes) / drawn with augmentation.
   c.data.drop_text_prob = 0.1  # Caption moved after the image block (trains the uncond branch).
   c.data.cache_dir = ''  # Where generated data and the spm model live ('' = ~/.cache/nextstep_jax).
@@ -205,6 +209,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # fnmatch patterns over dotted param names kept at their random init (and not required in the
   # source), e.g. ('image_head.*',) for a new flow head or ('lm_head.kernel',).
   c.train.init_from_skip = ()
+  # After init_from: 'new=old1+old2' sets the embedding and lm_head rows of the word `new` (e.g. a
+  # text.extra_words word) to the mean of the rows of the old words, e.g. 'orange=red+green+blue'.
+  c.train.init_word_rows = ()
 
   # Distillation of a trained head into a few-step head (nextstep_jax/training/distill.py).
   c.distill = ml_collections.ConfigDict()

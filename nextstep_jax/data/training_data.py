@@ -21,7 +21,7 @@ from nextstep_jax.data import grain_pipeline
 from nextstep_jax.data import text_tokenizer
 from nextstep_jax.parallel import distributed
 
-BUILTIN_DATASETS = ('shapes', 'digits')
+BUILTIN_DATASETS = ('shapes', 'digits', 'shapes_new')
 HELDOUT_SEED_OFFSET = 1_000_003  # Held-out examples are generated from seed + this offset.
 
 

@@ -35,6 +35,7 @@ ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
 DENSE_PATHS = ('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj', 'self_attn/o_proj',
                'mlp/gate_proj', 'mlp/up_proj', 'mlp/down_proj')  # Every linear layer of a decoder layer.
 HEAD_PATH = 'image_head'  # The flow head (fully trained with `train_head`).
+INIT_FROM_SKIP = ('*_lora_a', '*_lora_b')  # train.init_from: adapters start fresh (sources have none).
 
 
 @dataclasses.dataclass(frozen=True)

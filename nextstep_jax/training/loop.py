@@ -22,15 +22,12 @@ import time
 import jax
 from etils import epath
 
-from nextstep_jax import checkpoints
-from nextstep_jax import configlib
-from nextstep_jax.data import builtin_source
-from nextstep_jax.data import training_data
+from nextstep_jax import checkpoints, configlib
+from nextstep_jax.data import builtin_source, training_data
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import pipeline
-from nextstep_jax.training import init_from
-from nextstep_jax.training import preemption
+from nextstep_jax.training import init_from, new_words, preemption
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import step as step_lib
 from nextstep_jax.utils import images as image_utils
@@ -80,7 +77,7 @@ class MetricsLog:
 
 def grid_prompts(config, num: int) -> list[str]:
   """Fixed prompts for the periodic sample grid (seen and held-out for shapes)."""
-  if config.data.dataset == 'shapes':
+  if config.data.dataset in ('shapes', 'shapes_new'):
     from nextstep_jax.data.builtin import shapes  # pylint: disable=g-import-not-at-top
     half = num // 2
     return (shapes.eval_prompts(half // 2, 1, 'seen', 0) + shapes.eval_prompts(half - half // 2, 2, 'seen', 0)
@@ -135,6 +132,8 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
   start = ckpt.latest_step()
   if start is None and config.train.init_from:
     state = init_from.initial_state(config, tx, abstract_state, shardings)
+    if config.train.get('init_word_rows'):
+      state['params'] = new_words.init_word_rows(state['params'], tok, config.train.init_word_rows)
     start = 0
     print(f'initialised from {config.train.init_from} (params only, fresh optimizer)', flush=True)
   elif start is None:
