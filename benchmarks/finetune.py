@@ -76,7 +76,7 @@ def suites(num: int) -> dict[str, list[str]]:
           'seen_two': shapes.eval_prompts(num, 2, 'seen', 1)}
 
 
-def evaluate(sampler, num: int, tag: str) -> dict:
+def evaluate(sampler, num: int, tag: str, results: pathlib.Path) -> dict:
   """{suite: extended-evaluator scores} and grids of the first 64 images per suite."""
   out = {}
   for suite, prompts in suites(num).items():
@@ -84,7 +84,7 @@ def evaluate(sampler, num: int, tag: str) -> dict:
     images = sampler(prompts, list(range(len(prompts))))
     out[suite] = shapes_eval.score(images, prompts, 'extended')
     out[suite]['sample_seconds'] = round(time.monotonic() - t0, 1)
-    image_utils.save_png(RESULTS / f'finetune_{tag}_{suite}.png', image_utils.make_grid(images[:64], 8))
+    image_utils.save_png(results / f'finetune_{tag}_{suite}.png', image_utils.make_grid(images[:64], 8))
     print(tag, suite, json.dumps(run_eval.json_safe(out[suite])), flush=True)
   return out
 
@@ -133,12 +133,14 @@ def main() -> int:
   parser.add_argument('--rank', type=int, default=8)
   parser.add_argument('--prompts', type=int, default=100)
   parser.add_argument('--sample-batch', type=int, default=50)
+  parser.add_argument('--results', default=str(RESULTS), help='where finetune.json and the grids go')
   parser.add_argument('--skip-before', action='store_true', help='reuse the before scores in finetune.json')
   args = parser.parse_args()
   t_start = time.monotonic()
-  RESULTS.mkdir(parents=True, exist_ok=True)
+  results = pathlib.Path(args.results)
+  results.mkdir(parents=True, exist_ok=True)
   command = ' '.join(['python'] + [shlex.quote(a) for a in sys.argv])
-  out_path = RESULTS / 'finetune.json'
+  out_path = results / 'finetune.json'
   previous = json.loads(out_path.read_text()) if out_path.exists() else {}
   root = pathlib.Path(args.workdir)
 
@@ -148,10 +150,10 @@ def main() -> int:
   if args.skip_before and 'scores' in previous:
     before = previous['scores']['before']
   else:
-    before = evaluate(start_sampler(full_config, tok), args.prompts, 'before')
+    before = evaluate(start_sampler(full_config, tok), args.prompts, 'before', results)
 
   full = loop.train(full_config, str(root / 'full'))
-  after_full = evaluate(pipeline.TextToImage.from_workdir(str(root / 'full')), args.prompts, 'full')
+  after_full = evaluate(pipeline.TextToImage.from_workdir(str(root / 'full')), args.prompts, 'full', results)
 
   lora_extra = [f'train.steps={args.lora_steps}', f'train.lr={args.lora_lr}',
                 f'train.checkpoint_every={args.lora_steps}', f'train.lora.rank={args.rank}',
@@ -162,7 +164,7 @@ def main() -> int:
   check = suites(args.sample_batch)['new']
   merged_images, adapter_images = merged(check, list(range(len(check)))), adapter(check, list(range(len(check))))
   merge_max_diff = int(np.abs(merged_images.astype(int) - adapter_images.astype(int)).max())
-  after_lora = evaluate(merged, args.prompts, 'lora')
+  after_lora = evaluate(merged, args.prompts, 'lora', results)
   trained, total = lora.count_trainable(adapter.params, lora.LoraConfig.from_config(adapter.config))
   adapters_only, _ = lora.count_trainable(
       adapter.params, lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, train_head=False))
