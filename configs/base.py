@@ -44,6 +44,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (Pallas TPU kernel; interpret mode off TPU). Decode steps always use XLA.
   m.attention = 'xla'
   m.scan_unroll = False  # Unroll layer and integration-step scans: exact compiler cost analysis (AOT calibration only).
+  # Weight-only quantization for sampling (nextstep_jax/model/quant.py, qwix): linear-layer kernels
+  # stored as int8/int4 with scales in model.dtype; activations stay in model.dtype. Not for training.
+  m.quant = ml_collections.ConfigDict()
+  m.quant.mode = 'none'  # none | int8 (per output channel) | int4 (per group of the contracted axis).
+  m.quant.group_size = 128  # int4 group along the contracted axis (axes it does not divide: per channel).
+  m.quant.head = True  # Also quantize the flow head's linear layers (else they keep param_dtype).
+  m.quant.embedding = False  # Also quantize embed_tokens (per row) and lm_head (the vocab tables).
 
   # Image tokenizer: images (B, S, S, 3) in [-1, 1] <-> latents (B, S/f, S/f, latent_channels).
   c.image = ml_collections.ConfigDict()

@@ -32,6 +32,7 @@ OVERLONG_CAPTIONS = ('truncate', 'skip')
 AUGMENT_OPS = ('hflip', 'random_crop')
 HEAD_OBJECTIVES = ('flow', 'shortcut')
 ATTENTIONS = ('xla', 'splash')
+QUANT_MODES = ('none', 'int8', 'int4')  # model/quant.py QTYPES (+ 'none').
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(lora.alpha > 0, f'train.lora.alpha={lora.alpha} must be > 0.')
     require(bool(lora.targets), 'train.lora.targets is empty: give regexes over a decoder layer\'s '
             'Dense paths, e.g. ("self_attn/.*", "mlp/.*").')
+    quant_cfg = m.get('quant')
+    require(not (lora.train_head and quant_cfg is not None and quant_cfg.mode != 'none' and quant_cfg.head),
+            'train.lora.train_head trains the flow head fully, which model.quant.head would quantize: '
+            'set model.quant.head=False for QLoRA with a trained head.')
   require(0 < sample.last_step_size < 1,
           f'sample.last_step_size={sample.last_step_size} must be in (0, 1).')
   if m.num_heads > 0 and m.num_kv_heads > 0:
@@ -150,6 +155,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(require, 'model.dtype', m.dtype, DTYPES)
   _require_choice(require, 'model.param_dtype', m.param_dtype, DTYPES)
   _require_choice(require, 'model.attention', m.attention, ATTENTIONS)
+  _validate_quant(require, m.quant)
 
   if image.tokenizer == 'pixels':
     require(m.latent_channels == 3,
@@ -205,6 +211,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
+
+
+def _validate_quant(require, quant: ml_collections.ConfigDict) -> None:
+  """model.quant: weight-only quantization settings (model/quant.py)."""
+  _require_choice(require, 'model.quant.mode', quant.mode, QUANT_MODES)
+  require(isinstance(quant.group_size, int) and quant.group_size > 0,
+          f'model.quant.group_size={quant.group_size!r} must be a positive integer (int4 group along '
+          'the contracted axis, e.g. 128).')
+  for field in ('head', 'embedding'):
+    require(isinstance(quant[field], bool),
+            f'model.quant.{field}={quant[field]!r} must be True or False.')
 
 
 def _validate_microbatches(require, train: ml_collections.ConfigDict) -> None:

@@ -5,7 +5,10 @@ config.json, model.safetensors.index.json + shards, tokenizer.json, vae/) into D
 (ours), tokenizer.json, vae/ (the image tokenizer, from the release's vae/ or --vae, import-checked)
 and params/ (orbax; `TextToImage.from_converted(DIR)` or `nextstep-sample --converted DIR` restore
 it sharded onto any mesh). Host memory: the params once in --dtype (14B: 60 GB float32, 30 GB
-bfloat16) plus one tensor.
+bfloat16) plus one tensor. --quantize int8|int4 stores weight-only quantized linear layers
+(config model.quant; each release tensor quantized as it is read), so host memory holds the
+quantized params (int4 at one byte per weight on the host, half a byte on device) plus one
+float tensor.
 """
 import argparse
 import sys
@@ -25,19 +28,26 @@ def main(argv=None) -> int:
                       help="image tokenizer folder (config.json + checkpoint.pt): default the release's vae/")
   parser.add_argument('--image-size', type=int, default=512, help='default square image side in pixels')
   parser.add_argument('--max-caption-tokens', type=int, default=256, help='prompt token budget per caption')
+  parser.add_argument('--quantize', default=None, choices=('int8', 'int4'),
+                      help='weight-only quantization of the linear layers (model.quant.mode)')
+  parser.add_argument('--group-size', type=int, default=None,
+                      help='int4 group along the contracted axis (model.quant.group_size, default 128)')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-  from nextstep_jax.convert import official  # pylint: disable=import-outside-toplevel (after flag errors)
+  from nextstep_jax import configlib  # pylint: disable=import-outside-toplevel (after flag errors)
+  from nextstep_jax.convert import official  # pylint: disable=import-outside-toplevel
   try:
     config = official.convert(args.hf_dir, args.out, param_dtype=args.dtype, compute_dtype=args.compute_dtype,
                               image_tokenizer=args.image_tokenizer, image_size=args.image_size,
-                              max_caption_tokens=args.max_caption_tokens, vae_dir=args.vae)
-  except (official.ConversionError, FileExistsError) as error:
+                              max_caption_tokens=args.max_caption_tokens, vae_dir=args.vae,
+                              quantize=args.quantize, group_size=args.group_size)
+  except (official.ConversionError, FileExistsError, configlib.ConfigError) as error:
     print(f'nextstep-convert: {error}', file=sys.stderr)
     return 1
   m = config.model
   print(f'converted {args.hf_dir} -> {args.out}: {m.num_layers} layers, hidden {m.hidden_size}, '
-        f'head {m.fm_head_dim}x{m.fm_head_layers}, params {m.param_dtype}')
+        f'head {m.fm_head_dim}x{m.fm_head_layers}, params {m.param_dtype}'
+        + (f', {m.quant.mode} linear layers' if m.quant.mode != 'none' else ''))
   if config.image.tokenizer == 'vae':
     print(f'image tokenizer: {config.image.vae.checkpoint or "none found: add --vae DIR before sampling"}')
   return 0

@@ -21,6 +21,7 @@ memory holds the output params once (plus one tensor). Every missing, unexpected
 tensor, and every disagreement between config.json, the tensors and the tokenizer, is a
 `ConversionError` listing all of them before anything is written.
 """
+import functools
 import json
 import math
 import pathlib
@@ -28,6 +29,7 @@ import re
 import shutil
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -39,6 +41,7 @@ from nextstep_jax import configlib
 from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.image import vae_import
 from nextstep_jax.model import nextstep
+from nextstep_jax.model import quant
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.utils import logging as logging_lib
@@ -235,7 +238,7 @@ def converted_config(fields: dict, hf: dict, tok_vocab_size: int, param_dtype: s
 def plan(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, ...]]):
   """Matches release tensors to our params. Returns (abstract params, {official name: (our path,
   layer or None, transform)}); raises ConversionError listing missing/unexpected/mis-shaped."""
-  abstract = nnx.state(state_lib.abstract_model(config), nnx.Param)
+  abstract = nnx.state(state_lib.abstract_model(config, quantized=False), nnx.Param)
   targets = {'.'.join(str(k) for k in path): var.get_value()
              for path, var in nnx.to_flat_state(abstract)}
   m = config.model
@@ -275,11 +278,23 @@ def plan(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, ...]]):
   return abstract, expected
 
 
-def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_dtype, log_every: int = 50):
+def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_dtype, log_every: int = 50,
+                quantized_model=None, qcfg: quant.QuantConfig | None = None):
   """Fills numpy arrays of the params' shapes (in `param_dtype`) tensor by tensor; returns the
-  params as an nnx.State of numpy arrays."""
-  flat = nnx.to_flat_state(abstract)
-  buffers = {'.'.join(str(k) for k in path): np.empty(var.get_value().shape, param_dtype) for path, var in flat}
+  params as an nnx.State of numpy arrays.
+
+  With `quantized_model` (abstract, `quant.quantize_model` of the model under `qcfg`) its kernels
+  are filled instead: each release tensor (one layer's slice of a stacked kernel) is converted to
+  `param_dtype` and quantized on its own, so host memory holds the quantized params plus one
+  float tensor (numpy stores int4 in one byte). Per-layer scales make this equal to quantizing
+  the whole float params (quant.quantize_params)."""
+  flat = nnx.to_flat_state(abstract if quantized_model is None else nnx.state(quantized_model, nnx.Param))
+  buffers = {'.'.join(str(k) for k in path): np.empty(var.get_value().shape, var.get_value().dtype
+                                                        if quantized_model is not None else param_dtype)
+             for path, var in flat}
+  contract = {} if quantized_model is None else quant.quantized_paths(quantized_model)
+  contract = {'.'.join(str(k) for k in path): axis for path, axis in contract.items()}
+  quantizers = {}
   by_shard: dict[pathlib.Path, list[str]] = {}
   for name in mapping:
     by_shard.setdefault(files[name], []).append(name)
@@ -289,13 +304,30 @@ def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_d
     with safe_open(shard, 'numpy') as f:
       for name in sorted(by_shard[shard]):
         path, layer, transform = mapping[name]
-        target = buffers[path]
-        slot = target if layer is None else target[layer]
-        slot[...] = _apply(transform, f.get_tensor(name), slot.shape).astype(param_dtype)
+        if path in contract:
+          qvalue, scale = buffers[path + '.qvalue'], buffers[path + '.scale']
+          slots = (qvalue, scale) if layer is None else (qvalue[layer], scale[layer])
+          axis = contract[path] - (layer is not None)
+          key = (slots[0].shape, axis, scale.dtype)
+          if key not in quantizers:
+            quantizers[key] = jax.jit(functools.partial(_quantized_slice, contract_axis=axis, qcfg=qcfg,
+                                                        scale_dtype=scale.dtype))
+          tensor = _apply(transform, f.get_tensor(name), slots[0].shape).astype(param_dtype)
+          for slot, value in zip(slots, quantizers[key](tensor)):
+            slot[...] = np.asarray(value)
+        else:
+          target = buffers[path]
+          slot = target if layer is None else target[layer]
+          slot[...] = _apply(transform, f.get_tensor(name), slot.shape).astype(param_dtype)
         done += 1
         progress.update(done)
   return nnx.from_flat_state([(path, var.replace(buffers['.'.join(str(k) for k in path)]))
                               for path, var in flat])
+
+
+def _quantized_slice(tensor, *, contract_axis, qcfg, scale_dtype):
+  q = quant.quantize_tensor(tensor, contract_axis, qcfg, scale_dtype)
+  return q.qvalue, q.scale
 
 
 def _check_gen_pos_embed(files, shapes, config) -> list[str]:
@@ -344,8 +376,12 @@ def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path) -> None
 
 def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype: str = 'float32',
             compute_dtype: str = 'bfloat16', image_tokenizer: str = 'vae', image_size: int = 512,
-            max_caption_tokens: int = 256, vae_dir: str | pathlib.Path | None = None) -> ml_collections.ConfigDict:
+            max_caption_tokens: int = 256, vae_dir: str | pathlib.Path | None = None,
+            quantize: str | None = None, group_size: int | None = None) -> ml_collections.ConfigDict:
   """Converts the release in `hf_dir` into `out_dir` (see the module docstring); returns the config.
+
+  quantize='int8' | 'int4' stores weight-only quantized kernels (model.quant, model/quant.py;
+  `group_size` sets model.quant.group_size), quantized tensor by tensor as they are read.
 
   With image_tokenizer='vae' the VAE comes from `vae_dir` or the release's `vae/`; when neither
   exists the config's image.vae.checkpoint stays '' and `TextToImage.from_converted` asks for one."""
@@ -367,12 +403,18 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
   vae_release = vae_source(hf_dir, vae_dir) if image_tokenizer == 'vae' else None
   if vae_release is not None:
     _attach_vae(config, vae_release)
+  if quantize is not None:
+    config.model.quant.mode = quantize
+  if group_size is not None:
+    config.model.quant.group_size = group_size
   configlib.validate(config)
   abstract, mapping = plan(config, shapes)
   problems = _check_gen_pos_embed(files, shapes, config)
   if problems:
     raise ConversionError('\n'.join(problems))
-  params = read_params(files, abstract, mapping, nextstep.DTYPES[param_dtype])
+  qcfg = quant.QuantConfig.from_config(config.model)
+  params = read_params(files, abstract, mapping, nextstep.DTYPES[param_dtype],
+                       quantized_model=state_lib.abstract_model(config) if qcfg.enabled else None, qcfg=qcfg)
   out_dir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoints.Checkpointer(out_dir / PARAMS_DIR, keep=1, async_save=False)
   try:
@@ -393,16 +435,30 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
 
 def load_params(converted_dir: str | pathlib.Path, mesh, config=None) -> tuple[Any, Any]:
   """(graphdef, params) of a converted checkpoint, params restored straight onto their
-  shardings under `mesh` and `config.mesh.rules` (only the params: no optimizer memory)."""
+  shardings under `mesh` and `config.mesh.rules` (only the params: no optimizer memory).
+
+  `config` (default: the stored one) may ask for weight-only quantization (`model.quant`) of a
+  float conversion: the float params are restored onto the mesh and quantized there one kernel
+  at a time (model/quant.py), each float kernel freed once quantized. A conversion made with
+  `--quantize` restores as stored; it cannot be re-quantized to another setting."""
   root = pathlib.Path(converted_dir).absolute()
-  config = config or load_config(root)
-  graphdef, abstract = nnx.split(state_lib.abstract_model(config), nnx.Param)
-  target = rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules)
+  stored = load_config(root)
+  config = config or stored
+  wanted = quant.QuantConfig.from_config(config.model)
+  have = quant.QuantConfig.from_config(stored.model)
+  if have.enabled and have != wanted:
+    raise ValueError(f'{root} holds {have.mode} weights ({have}); it cannot be loaded as {wanted}: '
+                     'convert the release again with the --quantize setting you want.')
+  model = state_lib.abstract_model(config)
+  graphdef, abstract = nnx.split(model, nnx.Param)
+  source = abstract if have.enabled else nnx.state(state_lib.abstract_model(config, quantized=False), nnx.Param)
   ckpt = checkpoints.Checkpointer(root / PARAMS_DIR, keep=1)
   try:
-    params, _ = ckpt.restore(0, target)
+    params, _ = ckpt.restore(0, rules_lib.abstract_with_shardings(source, mesh, config.mesh.rules))
   finally:
     ckpt.close()
+  if wanted.enabled and not have.enabled:
+    params = quant.quantize_params(params, model, wanted, rules_lib.state_shardings(abstract, mesh, config.mesh.rules))
   return graphdef, params
 
 
@@ -411,7 +467,7 @@ def load_config(converted_dir: str | pathlib.Path) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f'{path} is missing: {converted_dir} is not a converted checkpoint '
                             '(make one with nextstep-convert --hf-dir RELEASE --out DIR).')
-  config = configlib.config_from_json(path.read_text())
+  config = configlib.with_base_defaults(configlib.config_from_json(path.read_text()))  # Fields added since.
   if config.image.vae.checkpoint == VAE_DIR:
     config.image.vae.checkpoint = str(pathlib.Path(converted_dir).absolute() / VAE_DIR)
   return config

@@ -5,11 +5,15 @@ config map them to mesh axes (`nextstep_jax.parallel.rules`). Main activations a
 logical axes (`constrain`) under the mesh in context, so FSDP all-gathers weights rather than
 activations. Parameters are stored in
 `param_dtype` and cast to the compute `dtype` at use; norms and softmax run in float32.
+A weight-only quantized kernel or embedding table (model/quant.py) is a `qwix.QArray` whose
+`qvalue` and `scale` are Params; `Dense`, `embed_lookup` and `embed_attend` run it through qwix
+(dequantized to the compute dtype inside the matmul), activations unchanged.
 """
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 
 from nextstep_jax.parallel import rules as rules_lib
@@ -59,12 +63,42 @@ class Dense(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...].astype(self.dtype)
+    if isinstance(self.kernel, qwix.QArray):
+      kernel = unbox_quantized(self.kernel).astype(self.dtype)
+      y = qwix.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+      if hasattr(self, 'kernel_lora_a'):  # QLoRA: qwix's adapters (model/lora.py) on a quantized kernel.
+        low = jnp.tensordot(x.astype(self.dtype), self.kernel_lora_a[...].astype(self.dtype), axes=1)
+        low = jnp.tensordot(low, self.kernel_lora_b[...].astype(self.dtype), axes=1)
+        y = y + (self.lora_scale * low).reshape(y.shape)
+    else:
+      kernel = self.kernel[...].astype(self.dtype)
+      y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
     out_rank = kernel.ndim - 1
-    y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - out_rank) + kernel.shape[1:])
     return y
+
+
+def unbox_quantized(value: qwix.QArray) -> qwix.QArray:
+  """A QArray whose leaves are Variables (as stored in a module) -> the same QArray of arrays."""
+  return jax.tree.map(lambda leaf: leaf[...], value, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def embed_lookup(embed: nnx.Embed, ids: jax.Array) -> jax.Array:
+  """embed(ids): ids (...) int -> (..., D) in the module's dtype; a quantized table (per-row
+  scales) is gathered row-wise and dequantized by qwix."""
+  if not isinstance(embed.embedding, qwix.QArray):
+    return embed(ids)
+  rows = unbox_quantized(embed.embedding)[ids]
+  return qwix.dequantize(rows).astype(embed.dtype)
+
+
+def embed_attend(embed: nnx.Embed, query: jax.Array) -> jax.Array:
+  """embed.attend(query): (..., D) -> (..., V) logits against the (possibly quantized) table."""
+  if not isinstance(embed.embedding, qwix.QArray):
+    return embed.attend(query)
+  table = unbox_quantized(embed.embedding).astype(embed.dtype)
+  return qwix.dot_general(query.astype(embed.dtype), table, (((query.ndim - 1,), (1,)), ((), ())))
 
 
 class RMSNorm(nnx.Module):

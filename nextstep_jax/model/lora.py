@@ -20,6 +20,9 @@ decoder layer, e.g. 'self_attn/q_proj' or 'mlp/.*'. Only adapters (and the flow 
 `train_head`) are trained: `trainable_filter` selects them and the optimizer state covers nothing
 else (training/state.py). `merge_adapters` folds the adapters into the kernels,
 W' = W + (alpha / r) a @ b, giving plain base params that sample with the base model's graph.
+
+QLoRA: with model.quant.mode set the adapters are made on the float model, then the kernels are
+quantized (model/quant.py) and the quantized Dense adds the low-rank term (see `add_adapters`).
 """
 import dataclasses
 import re
@@ -87,9 +90,14 @@ def _layer_call_inputs(bb: backbone.BackboneConfig) -> tuple:
   return x, rope, rope, slots, cache, cache, valid, jnp.zeros((), jnp.int32), valid
 
 
-def add_adapters(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> nnx.Module:
+def add_adapters(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs, for_quantized_base: bool = False
+                 ) -> nnx.Module:
   """Gives `model.decoder.layers` qwix LoRA adapters (see module docstring); returns the model
-  (updated in place). The base params keep their values; b = 0, so outputs are unchanged."""
+  (updated in place). The base params keep their values; b = 0, so outputs are unchanged.
+
+  for_quantized_base (QLoRA, the kernels are quantized next by model/quant.py): the layers drop
+  qwix's interception, whose dot_general hook cannot see a quantized kernel; the quantized
+  `layers.Dense` adds the same term, lora_scale * (x @ a) @ b, itself."""
   decoder = model.decoder
   provider = lora_provider(cfg)
   inputs = _layer_call_inputs(decoder.cfg)
@@ -100,6 +108,11 @@ def add_adapters(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> nnx.Modu
     return qwix.apply_lora_to_model(layer, provider, *inputs, rngs=layer_rngs)
 
   decoder.layers = adapt(decoder.layers, rngs)
+  for _, module in nnx.iter_modules(decoder.layers):
+    if hasattr(module, 'kernel_lora_a'):
+      module.lora_scale = cfg.scale  # Read by a quantized Dense (QLoRA).
+  if for_quantized_base:
+    decoder.layers.__class__ = type(decoder.layers)._unquantized_type  # pylint: disable=protected-access
   return model
 
 

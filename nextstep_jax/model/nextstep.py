@@ -93,7 +93,7 @@ class NextStep(nnx.Module):
             image_token_mask: jax.Array | None) -> jax.Array:
     """input_ids (B, L) int; image_tokens (B, N, T) float; image_token_mask (B, L) bool marks
     placeholders, each row holding exactly N, filled in order. Returns (B, L, D) embeddings."""
-    x = self.embed_tokens(input_ids)
+    x = L.embed_lookup(self.embed_tokens, input_ids)
     if image_tokens is None:
       return x
     projected = self.image_in_projector(image_tokens)  # (B, N, D)
@@ -112,7 +112,7 @@ class NextStep(nnx.Module):
   def lm_logits(self, hidden: jax.Array) -> jax.Array:
     """hidden (..., D) -> logits (..., V) float32."""
     if self.lm_head is None:
-      logits = self.embed_tokens.attend(hidden).astype(jnp.float32)
+      logits = L.embed_attend(self.embed_tokens, hidden).astype(jnp.float32)
     else:
       logits = self.lm_head(hidden).astype(jnp.float32)
     return L.constrain(logits, self.cfg.backbone.mesh_rules, *(['batch'] + [None] * (logits.ndim - 2)), 'vocab')

@@ -106,11 +106,16 @@ class TextToImage:
 
   @classmethod
   def from_converted(cls, directory: str, mesh: jax.sharding.Mesh | None = None, image_tokenizer=None,
-                     progress_every: int = 0, **overrides) -> 'TextToImage':
+                     progress_every: int = 0, quantize: str | None = None, **overrides) -> 'TextToImage':
     """Loads a checkpoint written by `nextstep-convert`: params only (no optimizer memory),
     restored straight onto their shardings under `mesh` (default: `sharded.sampling_mesh`, every
-    device, tensor-parallel within a host, the rest FSDP)."""
+    device, tensor-parallel within a host, the rest FSDP). quantize='int8' | 'int4' quantizes the
+    weights of a float conversion as they load (model.quant; a `--quantize` conversion loads as
+    stored, no argument needed)."""
     config = official.load_config(directory)
+    if quantize is not None:
+      config.model.quant.mode = quantize
+      configlib.validate(config)
     if config.image.tokenizer == 'vae' and not config.image.vae.checkpoint and image_tokenizer is None:
       raise ValueError(f'{directory} was converted without image tokenizer weights (the release had no vae/ '
                        'folder): convert again with nextstep-convert --vae DIR (a NextStep-1-f8ch16-Tokenizer '

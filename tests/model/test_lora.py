@@ -10,7 +10,7 @@ from flax import nnx
 
 from nextstep_jax import configlib
 from nextstep_jax.data import builtin_source
-from nextstep_jax.model import lora
+from nextstep_jax.model import lora, quant
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import state as state_lib
@@ -153,3 +153,30 @@ def test_lora_fraction_counts_only_the_adapters(tmp_path):
   per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))
   assert trained == 2 * per_layer
   assert 0 < trained / total < 0.1
+
+
+INT8 = quant.QuantConfig(mode='int8', head=False)
+
+
+def test_qlora_zero_adapters_equal_the_quantized_base_and_add_the_lora_term():
+  want = forward(quant.quantize_model(model_testing.tiny_model(), INT8))
+  qlora = quant.quantize_model(lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0), True), INT8)
+  for got, ref in zip(forward(qlora), want):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  # Nonzero adapters add the float LoRA model's change up to int8 rounding of the base kernels.
+  adapted = lambda for_q: randomize_adapters(lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0), for_q), 3)
+  qlora_change = forward(quant.quantize_model(adapted(True), INT8))[0] - want[0]
+  float_change = forward(adapted(False))[0] - forward(model_testing.tiny_model())[0]
+  mismatch = float(jnp.abs(qlora_change - float_change).max())
+  assert mismatch < 0.1 * float(jnp.abs(float_change).max()), mismatch
+
+
+def test_qlora_training_updates_only_the_adapters(tmp_path):
+  config = lora_config(tmp_path / 'cache', 'model.quant.mode=int8', 'model.quant.head=False')
+  before, after, opt_state = train_two_steps(config)
+  changed = {path for path in before if not np.array_equal(before[path], after[path])}
+  adapters = {path for path in before if str(path[-1]).endswith(lora.ADAPTER_SUFFIXES)}
+  assert changed == adapters
+  assert before[('decoder', 'layers', 'mlp', 'up_proj', 'kernel', 'qvalue')].dtype == np.int8
+  moments = [leaf for leaf in jax.tree.leaves(opt_state) if getattr(leaf, 'ndim', 0) > 0]
+  assert len(moments) == 2 * len(adapters)
