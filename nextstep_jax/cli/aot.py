@@ -1,4 +1,4 @@
-"""nextstep-aot --config configs/nextstep1_large.py --topology v5p:4x4x4 [--task train|sample]
+"""nextstep-aot --config configs/nextstep1_large.py --topology v5p:4x4x4 [--task train|sample|finetune_full|finetune_lora]
 [--hbm-gib 95] [--no-calibrate] [--json out.json] [--config.field=value ...]
 
 Compiles the real train step (or the sampling prefill + token step) for a TPU slice without TPUs
@@ -19,7 +19,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', required=True, help='config file, e.g. configs/nextstep1_large.py:512')
   parser.add_argument('--topology', required=True, help='TPU slice, e.g. v5p:4x4x4, v4:4x4x4, v5e:2x4')
-  parser.add_argument('--task', default='train', choices=('train', 'sample'))
+  parser.add_argument('--task', default='train', choices=('train', 'sample', 'finetune_full', 'finetune_lora'))
   parser.add_argument('--hbm-gib', type=float, default=None, help='override the chip HBM per device (GiB)')
   parser.add_argument('--no-calibrate', action='store_true',
                       help='skip the 1-/2-layer compiles (memory only: no step time or MFU)')
