@@ -144,6 +144,11 @@ def merge_adapters(params, cfg: LoraConfig):
   """Adapter params (nnx.State) -> base params: every adapted kernel W (layers, I, *out) becomes
   W + scale * (a @ b).reshape(W.shape) in W's dtype (product in float32); adapters dropped."""
   flat = dict(nnx.to_flat_state(params))
+  for path in flat:
+    name = str(path[-1])
+    if name.endswith('_lora_a') and path[:-1] + (name.removesuffix('_lora_a'),) not in flat:
+      raise ValueError(f'{".".join(map(str, path))} adapts a kernel that is not a float param here (a '
+                       'quantized QLoRA base?): merge into the float base params and quantize afterwards.')
   merged = {}
   for path, var in flat.items():
     name = str(path[-1])
