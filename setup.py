@@ -14,9 +14,8 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.10',
-    # `configs` ships as a top-level package so `--config configs/x.py` and `from configs import
-    # base` work outside the repository too.
-    packages=setuptools.find_packages(include=('nextstep_jax', 'nextstep_jax.*', 'configs')),
+    # Config files are data loaded by path (nextstep_jax.configlib), not an installed package.
+    packages=setuptools.find_packages(include=('nextstep_jax', 'nextstep_jax.*')),
     install_requires=[
         'jax~=0.10.2',
         'flax~=0.12.8',

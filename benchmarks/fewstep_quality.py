@@ -29,6 +29,7 @@ import time
 import jax
 import numpy as np
 
+from nextstep_jax import runs
 from nextstep_jax.data.builtin import shapes as shapes_data
 from nextstep_jax.evaluate import run_eval
 from nextstep_jax.sampling import pipeline
@@ -101,7 +102,7 @@ def run_dataset(dataset: str, run: str, out_root: pathlib.Path, args) -> dict:
       table.append({'method': method, 'steps': n, **evaluate(dataset, run, args, size, **overrides)})
   for method in args.students:
     student = out_root / f'{dataset}{STUDENTS[method]}'
-    if not (student / pipeline.CONFIG_FILE).exists() or not args.skip_distill:
+    if not (student / runs.CONFIG_FILE).exists() or not args.skip_distill:
       cfg = dataclasses.replace(distill.DistillConfig(), num_images=args.distill_images, steps=args.distill_steps,
                                 lr=args.distill_lr, fold_guidance=method == 'distilled')
       seeds = list(range(10_000, 10_000 + cfg.num_images))
@@ -178,9 +179,9 @@ def main() -> int:
   out_path = RESULTS / 'fewstep.json'
   summary = json.loads(out_path.read_text()) if out_path.exists() else {}
   results = summary.get('results', {})
-  runs = {'shapes': args.shapes_run, 'digits': args.digits_run}
+  run_dirs = {'shapes': args.shapes_run, 'digits': args.digits_run}
   for dataset in [] if args.headline_only else args.datasets:
-    fresh = run_dataset(dataset, runs[dataset], pathlib.Path(args.out_root), args)
+    fresh = run_dataset(dataset, run_dirs[dataset], pathlib.Path(args.out_root), args)
     if args.only_students and dataset in results:  # Keep stored baseline rows and other students.
       fresh['table'] = [r for r in results[dataset]['table'] if r['method'] not in args.students] + fresh['table']
       fresh['distill'] = {**results[dataset].get('distill', {}), **fresh['distill']}

@@ -37,7 +37,7 @@ from nextstep_jax import configlib
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data.builtin import shapes
 from nextstep_jax.evaluate import run_eval, shapes_eval
-from nextstep_jax.model import lora
+from nextstep_jax.model import lora, nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import init_from, loop, new_words
@@ -109,7 +109,7 @@ def merged_sampler(workdir: str) -> tuple[pipeline.TextToImage, pipeline.TextToI
   merged_config = adapter.config.copy_and_resolve_references()
   with merged_config.unlocked():
     merged_config.train.lora.rank = 0
-  graphdef = nnx.graphdef(state_lib.abstract_model(merged_config))
+  graphdef = nnx.graphdef(nextstep.abstract_model(merged_config))
   merged = lora.merge_adapters(adapter.params, cfg)
   return pipeline.TextToImage(merged_config, graphdef, merged, adapter.tok), adapter
 

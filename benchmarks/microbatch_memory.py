@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 
 from nextstep_jax import configlib  # pylint: disable=wrong-import-position
-from nextstep_jax.parallel import aot  # pylint: disable=wrong-import-position
+from nextstep_jax.planning import aot  # pylint: disable=wrong-import-position
 from nextstep_jax.utils import logging as log_utils  # pylint: disable=wrong-import-position
 
 RESULTS = pathlib.Path(__file__).parent / 'results'

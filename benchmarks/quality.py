@@ -20,6 +20,7 @@ import sys
 import jax
 
 from nextstep_jax import configlib
+from nextstep_jax import runs
 from nextstep_jax.evaluate import run_eval
 from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import loop
@@ -49,7 +50,7 @@ def run(config_path: str, overrides: list[str], minutes: float, prompts: int, cu
                                                *overrides])
   result = loop.train(config, str(workdir))
   minutes_by_step = minutes_at_steps(workdir)
-  steps = pipeline.checkpoint_steps(str(workdir))
+  steps = runs.checkpoint_steps(str(workdir))
   curve = []
   for step in steps:
     sampler = pipeline.TextToImage.from_workdir(str(workdir), step)

@@ -246,10 +246,10 @@ def weight_floor_ms(config, copy_bytes_per_s: float) -> dict:
   """Milliseconds per image token to stream the bf16 weights once per use at batch 1 (every step
   is weight-bandwidth bound): the decoder layers + projectors once, the head once per velocity
   evaluation."""
-  from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel
-  p = aot.decoder_matmul_params(config)
+  from nextstep_jax.planning import costs  # pylint: disable=import-outside-toplevel
+  p = costs.decoder_matmul_params(config)
   decoder = 2 * (p['decoder'] + p['image_in'] + p['image_out'])
-  head = 2 * p['head'] * aot.velocity_calls(config)
+  head = 2 * p['head'] * costs.sample_shapes(config)[3].integrator.velocity_calls
   return dict(decoder_step=1000 * decoder / copy_bytes_per_s, head_token=1000 * head / copy_bytes_per_s,
               token=1000 * (decoder + head) / copy_bytes_per_s)
 

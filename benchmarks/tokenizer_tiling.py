@@ -143,7 +143,7 @@ def main(argv=None) -> int:
   tilings = [None] + [parse_tiles(t) for t in args.tiles]
   targets = {'cpu': jax.devices('cpu')}
   if args.tpu:
-    from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel (libtpu)
+    from nextstep_jax.planning import aot  # pylint: disable=import-outside-toplevel (libtpu)
     targets[args.tpu] = aot.topology_devices(args.tpu)
   setup = (f'official f8ch16 decode (float32) of one {args.image_size}x{args.image_size} image, per '
            'device, compiled.memory_analysis()')

@@ -12,8 +12,10 @@ is configs/shapes_vae.py's on the `make demo` budget (1000 steps).
 
 Variants: '' and 'tiny' (seconds: 16x16 images, tiny models, for tests).
 """
-from configs import shapes_vae
-from configs import tokenizer_shapes
+from nextstep_jax import configlib
+
+shapes_vae = configlib.config_module('shapes_vae.py', __file__)
+tokenizer_shapes = configlib.config_module('tokenizer_shapes.py', __file__)
 
 
 def get_config(arg=None):

@@ -2,7 +2,9 @@
 
   nextstep-train --config configs/digits.py --workdir runs/digits
 """
-from configs import shapes
+from nextstep_jax import configlib
+
+shapes = configlib.config_module('shapes.py', __file__)
 
 
 def get_config(arg=None):

@@ -3,7 +3,9 @@
   nextstep-train --config configs/shapes.py --workdir runs/shapes
   nextstep-train --config configs/shapes.py:demo      # the `make demo` budget
 """
-from configs import base
+from nextstep_jax import configlib
+
+base = configlib.config_module('base.py', __file__)
 
 
 def get_config(arg=None):

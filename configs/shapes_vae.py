@@ -16,8 +16,10 @@ runs/shapes_vae_latents / runs/shapes_vae_noise_latents; rebuild the cache when 
 changes). Point elsewhere with --config.image.vae.checkpoint=DIR and
 --config.data.latent_cache_paths='DIR/latents-*.array_record'.
 """
-from configs import shapes
-from configs import tokenizer_shapes
+from nextstep_jax import configlib
+
+shapes = configlib.config_module('shapes.py', __file__)
+tokenizer_shapes = configlib.config_module('tokenizer_shapes.py', __file__)
 
 VARIANTS = ('', 'noise', 'cached', 'noise_cached')
 

@@ -2,7 +2,9 @@
 
   nextstep-train --config configs/tiny.py --workdir /tmp/tiny
 """
-from configs import base
+from nextstep_jax import configlib
+
+base = configlib.config_module('base.py', __file__)
 
 
 def get_config(arg=None):

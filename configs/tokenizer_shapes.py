@@ -7,7 +7,9 @@
 Variants: '' (no latent noise), 'noise' (noise regularisation gamma = 0.2, the paper's value),
 'tiny' (seconds, for tests).
 """
-from configs import base
+from nextstep_jax import configlib
+
+base = configlib.config_module('base.py', __file__)
 
 
 def set_vae(c, arg=None) -> None:

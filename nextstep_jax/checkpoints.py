@@ -128,7 +128,7 @@ class Checkpointer:
     """Committed steps, oldest first."""
     return list(self._manager.all_steps())
 
-  def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
+  def restore(self, step: int | None, abstract_state: Any, partial: bool = False) -> tuple[Any, dict]:
     """Restores `step` (None: the latest) onto the shardings of `abstract_state`.
 
     Args:
@@ -136,6 +136,8 @@ class Checkpointer:
       abstract_state: the expected pytree, with `jax.ShapeDtypeStruct(shape, dtype,
         sharding=...)` (or jax.Array) leaves; restored arrays get these shapes, dtypes and
         shardings.
+      partial: `abstract_state` is a dict naming only some of the saved top-level entries (e.g.
+        {'params': ...}); only those are read, the rest stay on disk.
 
     Returns:
       (state, extra): state with the structure of `abstract_state`, extra the saved JSON dict.
@@ -150,7 +152,14 @@ class Checkpointer:
       raise FileNotFoundError(
           f'No checkpoint {"" if step is None else f"for step {step} "}in {self.directory} '
           f'(steps: {self.all_steps()}).')
-    self._check_matches(step, abstract_state)
+    self._check_matches(step, abstract_state, partial)
+    if partial:
+      path = epath.Path(self.directory) / str(step) / 'state'
+      with ocp.PyTreeCheckpointer() as checkpointer:
+        state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            abstract_state, ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            partial_restore=True))
+      return state, self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(
@@ -172,8 +181,10 @@ class Checkpointer:
     """Waits for pending saves and releases the manager's resources."""
     self._manager.close()
 
-  def _check_matches(self, step: int, abstract_state: Any) -> None:
+  def _check_matches(self, step: int, abstract_state: Any, partial: bool = False) -> None:
     saved = _shapes_by_path(self._manager.item_metadata(step)['state'])
+    if partial:
+      saved = {path: shape for path, shape in saved.items() if path.split('/')[0] in abstract_state}
     expected = _shapes_by_path(abstract_state)
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())

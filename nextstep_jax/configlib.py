@@ -1,9 +1,10 @@
 """Loading, overriding, validating and storing experiment configs.
 
 A config is a locked `ml_collections.ConfigDict` built by `get_config(arg=None)` in a file under
-`configs/` (fields documented once in `configs/base.py`). `load_config('configs/x.py:variant',
-['train.steps=100'])` loads it and applies command-line overrides; `validate` rejects inconsistent
-configs before any device work with a `ConfigError` naming the field and the fix.
+`configs/`, loaded by path as data (fields documented once in `nextstep_jax/config_defaults.py`).
+`load_config('configs/x.py:variant', ['train.steps=100'])` loads it and applies command-line
+overrides; `validate` rejects inconsistent configs before any device work with a `ConfigError`
+naming the field and the fix.
 """
 import ast
 import difflib
@@ -14,24 +15,21 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from nextstep_jax import config_defaults
+from nextstep_jax import nn
 from nextstep_jax.image import aspect
 from nextstep_jax.parallel.mesh import MESH_AXES
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # Holds configs/ in a source checkout.
 TOKENIZERS = ('pixels', 'vae')
 TEXT_TOKENIZERS = ('spm', 'hf')
 SPARE_EMBEDDING_ROWS = 16  # Embedding rows past text.vocab_size, for special tokens added later.
-SOLVERS = ('sde', 'euler', 'heun')
-TIME_GRIDS = ('A', 'B')
 CFG_SCHEDULES = ('constant', 'linear')
-REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 LR_SCHEDULES = ('cosine', 'constant')
-DTYPES = ('float32', 'bfloat16', 'float16')
-DATASETS = ('shapes', 'digits', 'shapes_new')
-DATA_SOURCES = ('builtin', 'arrayrecord', 'tfds')
+DATA_SOURCES = ('builtin', 'arrayrecord', 'tfds', 'edit')
 OVERLONG_CAPTIONS = ('truncate', 'skip')
 AUGMENT_OPS = ('hflip', 'random_crop')
 HEAD_OBJECTIVES = ('flow', 'shortcut')
-ATTENTIONS = ('xla', 'splash')
 QUANT_MODES = ('none', 'int8', 'int4')  # model/quant.py QTYPES (+ 'none').
 
 
@@ -46,8 +44,9 @@ def load_config(
 
   Args:
     path_with_optional_variant: a config file path, optionally followed by `:variant`, which is
-      passed to the file's `get_config(variant)`. A relative `configs/...` path that does not exist
-      from the working directory is looked up in the installed `configs` package.
+      passed to the file's `get_config(variant)`. The file is loaded by path (configs are data,
+      not an installed package); a relative path that does not exist from the working directory is
+      looked up from the repository root (`configs/x.py` works from any directory).
     overrides: `field.sub=value` strings (a leading `--config.` or `config.` is accepted). Values
       are parsed to the type of the field they replace.
 
@@ -132,12 +131,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads='
             f'{m.num_kv_heads} (grouped-query attention); pick num_kv_heads dividing num_heads.')
 
+  choices = _implemented_choices()
   _require_choice(require, 'image.tokenizer', image.tokenizer, TOKENIZERS)
-  _require_choice(require, 'data.dataset', config.data.dataset, DATASETS)
-  _require_choice(require, 'sample.solver', sample.solver, SOLVERS)
-  _require_choice(require, 'sample.time_grid', sample.time_grid, TIME_GRIDS)
+  _require_choice(require, 'data.dataset', config.data.dataset, choices['data.dataset'])
+  _require_choice(require, 'sample.solver', sample.solver, choices['sample.solver'])
+  _require_choice(require, 'sample.time_grid', sample.time_grid, choices['sample.time_grid'])
   _require_choice(require, 'sample.cfg_schedule', sample.cfg_schedule, CFG_SCHEDULES)
-  _require_choice(require, 'model.remat_policy', m.remat_policy, REMAT_POLICIES)
+  _require_choice(require, 'model.remat_policy', m.remat_policy, tuple(nn.REMAT_POLICIES))
   _require_choice(require, 'loss.head_objective', config.loss.head_objective, HEAD_OBJECTIVES)
   if config.loss.head_objective == 'shortcut':
     require(m.fm_head_step_cond, "loss.head_objective='shortcut' needs the step-conditioned head: "
@@ -152,9 +152,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         and all(b > a for a, b in zip(times, times[1:]))),
           f'sample.times={times} must increase strictly from 0.0 to 1.0 (or be () for the grid).')
   _require_choice(require, 'train.lr_schedule', train.lr_schedule, LR_SCHEDULES)
-  _require_choice(require, 'model.dtype', m.dtype, DTYPES)
-  _require_choice(require, 'model.param_dtype', m.param_dtype, DTYPES)
-  _require_choice(require, 'model.attention', m.attention, ATTENTIONS)
+  _require_choice(require, 'model.dtype', m.dtype, tuple(nn.DTYPES))
+  _require_choice(require, 'model.param_dtype', m.param_dtype, tuple(nn.DTYPES))
+  _require_choice(require, 'model.attention', m.attention, choices['model.attention'])
   _validate_quant(require, m.quant)
 
   if image.tokenizer == 'pixels':
@@ -186,6 +186,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(text.get('tokenizer', 'spm') != 'hf' or text.tokenizer_json or config.train.get('init_from'),
           "text.tokenizer='hf' needs text.tokenizer_json (a tokenizer.json) or train.init_from (a converted "
           'release or a run holding one).')
+  require(image.tokenizer != 'vae' or not config.train.get('init_from') or image.vae.checkpoint,
+          'train.init_from fine-tunes trained weights but image.vae.checkpoint is empty (a random VAE): set '
+          "it to the release's VAE (a converted release's DIR/vae) or to the run's tokenizer.")
   require(text.get('tokenizer', 'spm') == 'hf' or m.vocab_size >= text.vocab_size + SPARE_EMBEDDING_ROWS,
           f'model.vocab_size={m.vocab_size} must be >= text.vocab_size + {SPARE_EMBEDDING_ROWS} = '
           f'{text.vocab_size + SPARE_EMBEDDING_ROWS}: every text id needs an embedding row (up to '
@@ -244,6 +247,10 @@ def _validate_data_pipeline(require, data: ml_collections.ConfigDict) -> None:
   if data.source == 'arrayrecord' and not data.use_latent_cache:
     require(bool(data.paths), 'data.source=arrayrecord needs data.paths (shard files or globs '
             'written by `nextstep-data build`).')
+  if data.source == 'edit':
+    require(bool(data.paths) and not data.use_latent_cache and not data.get('aspect_buckets'),
+            "data.source=edit needs data.paths (shards of nextstep-data build --from edit-folder) and reads "
+            'raw images at image.size: unset data.use_latent_cache and data.aspect_buckets.')
   if data.source == 'tfds':
     require(bool(data.tfds_name), 'data.source=tfds needs data.tfds_name (a prepared data set).')
   if data.use_latent_cache:
@@ -330,10 +337,9 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def with_base_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A stored run config completed (locked) with the fields added to configs/base.py since it was
-  written, at their defaults; stored values win."""
-  from configs import base  # pylint: disable=import-outside-toplevel
-  merged = base.get_base_config()
+  """A stored run config completed (locked) with the fields added to the defaults
+  (`config_defaults`) since it was written; stored values win."""
+  merged = config_defaults.get_base_config()
   merged.update(config.to_dict())
   merged.lock()
   return merged
@@ -398,6 +404,17 @@ def _validate_vae(require, config: ml_collections.ConfigDict) -> None:
     require(t[field] >= 0, f'vae_train.{field}={t[field]} must be >= 0.')
 
 
+def _implemented_choices() -> dict[str, tuple[str, ...]]:
+  """The choice lists owned by the modules above configlib in the import layers that implement
+  them, imported here lazily, at validation time (the layer contract allows exactly these edges).
+  Lists of modules below configlib (`nn.DTYPES`, `nn.REMAT_POLICIES`) are read directly."""
+  from nextstep_jax.data import builtin  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.model import attention  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.sampling import integrators  # pylint: disable=import-outside-toplevel
+  return {'data.dataset': builtin.DATASETS, 'sample.solver': integrators.SOLVERS,
+          'sample.time_grid': integrators.TIME_GRIDS, 'model.attention': attention.IMPLEMENTATIONS}
+
+
 def _require_choice(require, name: str, value: Any, choices: Sequence[str]) -> None:
   require(value in choices, f'{name}={value!r} must be one of {", ".join(choices)}.')
 
@@ -416,17 +433,31 @@ def _validate_rules(require, rules: Any) -> None:
             f'use {", ".join(MESH_AXES)} or None.')
 
 
+def config_module(path: str, relative_to: str | None = None):
+  """The module of the config file at `path`, loaded by path (configs are data, not a package).
+
+  A config builds on another by loading it relative to its own file:
+  `shapes = configlib.config_module('shapes.py', __file__)`.
+
+  Args:
+    path: the config file.
+    relative_to: a file whose directory a relative `path` starts from; None: see `load_config`.
+  """
+  if relative_to is not None and not pathlib.Path(path).is_absolute():
+    path = str(pathlib.Path(relative_to).parent / path)
+  return _load_module(_resolve_config_path(path))
+
+
 def _resolve_config_path(path: str) -> pathlib.Path:
+  """`path` as given (absolute or from the working directory), else from the repository root
+  (where `configs/` lives next to the package in a source checkout or editable install)."""
   candidate = pathlib.Path(path)
   if candidate.is_file():
     return candidate
-  parts = candidate.parts
-  if not candidate.is_absolute() and parts and parts[0] == 'configs':
-    import configs  # pylint: disable=import-outside-toplevel
-    packaged = pathlib.Path(configs.__file__).parent.joinpath(*parts[1:])
-    if packaged.is_file():
-      return packaged
-  raise ConfigError(f'Config file {path!r} not found.')
+  from_repo = REPO_ROOT / candidate
+  if not candidate.is_absolute() and from_repo.is_file():
+    return from_repo
+  raise ConfigError(f'Config file {path!r} not found (looked from the working directory and {REPO_ROOT}).')
 
 
 def _load_module(path: pathlib.Path):

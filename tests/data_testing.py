@@ -4,11 +4,12 @@ import io
 import numpy as np
 from PIL import Image
 
-from configs import shapes
+from nextstep_jax import configlib
 from nextstep_jax.data import records
 from nextstep_jax.data import text_tokenizer
 
 SIZE = 16  # Image side of the tiny configs (pixels tokenizer, 8-px patches -> 2 x 2 tokens).
+shapes = configlib.config_module('configs/shapes.py')
 CAPTIONS = ['a red circle', 'a blue square', 'a green triangle above a cyan circle',
             'a yellow square to the left of a red triangle']
 

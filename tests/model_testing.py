@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs.base import get_base_config
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.model import nextstep
 
 # A tiny NextStep: 2 layers, GQA 4/2 heads, 12-dim tokens (3 channels x 2x2 patch), head width 32.

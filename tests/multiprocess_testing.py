@@ -10,7 +10,7 @@ import numpy as np
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
-from nextstep_jax.sampling import pipeline
+from nextstep_jax import runs
 from nextstep_jax.training import state as state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -42,11 +42,11 @@ def launch_training(workdir: pathlib.Path, overrides, num_processes: int = 2, de
 
 def restore_on_one_device(workdir: pathlib.Path, step: int | None = None):
   """(train state as numpy, extra) of a run's checkpoint `step` (latest), on this process's device 0."""
-  config = configlib.config_from_json((workdir / pipeline.CONFIG_FILE).read_text())
+  config = configlib.config_from_json((workdir / runs.CONFIG_FILE).read_text())
   _, abstract = state_lib.abstract_train_state(config, state_lib.make_optimizer(config.train))
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # Restore across topologies.
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), abstract)
-  ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=100)
+  ckpt = checkpoints.Checkpointer(workdir / runs.CHECKPOINT_DIR, keep=100)
   try:
     state, extra = ckpt.restore(step, abstract)
   finally:
@@ -55,7 +55,7 @@ def restore_on_one_device(workdir: pathlib.Path, step: int | None = None):
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
-  ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=100)
+  ckpt = checkpoints.Checkpointer(workdir / runs.CHECKPOINT_DIR, keep=100)
   try:
     return ckpt.all_steps()
   finally:

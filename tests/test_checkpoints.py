@@ -10,7 +10,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs.base import get_base_config
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax import checkpoints
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib

@@ -1,17 +1,16 @@
 """Config loading, overrides, validation and JSON round trip."""
 import json
-import pathlib
+import sys
 import textwrap
 
 import pytest
 
-import configs
-from configs.base import get_base_config
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax import configlib
 from nextstep_jax.configlib import ConfigError
 
 EXPERIMENT_FILE = textwrap.dedent("""
-    from configs.base import get_base_config
+    from nextstep_jax.config_defaults import get_base_config
 
     def get_config(arg=None):
       config = get_base_config()
@@ -176,15 +175,48 @@ def test_json_round_trip(config_path):
 
 
 @pytest.mark.parametrize('name', sorted(
-    path.name for path in pathlib.Path(configs.__file__).parent.glob('*.py')
-    if path.name not in ('__init__.py', 'base.py')))
+    path.name for path in (configlib.REPO_ROOT / 'configs').glob('*.py')))
 def test_experiment_configs_are_valid(name):
-  configlib.validate(configlib.load_config(f'configs/{name}'))
+  configlib.validate(configlib.load_config(f'configs/{name}', USER_FIELDS.get(name, ())))
+
+
+# Fields a config leaves to its user (paths of their data and weights).
+USER_FIELDS = {'nextstep1_finetune.py': ('text.tokenizer_json=release/tokenizer.json',
+                                         'data.latent_cache_paths=latents-*.array_record')}
 
 
 def test_configs_path_resolves_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert configlib.load_config('configs/tiny.py').name
+  assert configlib.load_config('configs/digits.py').data.dataset == 'digits'  # digits -> shapes -> base
+
+
+def test_a_config_builds_on_another_by_path_relative_to_its_file(tmp_path, monkeypatch):
+  """Configs are data loaded by path: no `configs` package is imported (none is installed)."""
+  (tmp_path / 'parent.py').write_text(textwrap.dedent("""
+      from nextstep_jax import config_defaults
+
+      def get_config(arg=None):
+        c = config_defaults.get_base_config()
+        c.name = 'parent'
+        return c
+  """))
+  (tmp_path / 'sub').mkdir()
+  (tmp_path / 'sub' / 'child.py').write_text(textwrap.dedent("""
+      from nextstep_jax import configlib
+
+      parent = configlib.config_module('../parent.py', __file__)
+
+      def get_config(arg=None):
+        c = parent.get_config()
+        c.name = 'child-' + (arg or 'plain')
+        return c
+  """))
+  monkeypatch.chdir(tmp_path / 'sub')
+  assert configlib.load_config(str(tmp_path / 'sub' / 'child.py') + ':x').name == 'child-x'
+  assert 'configs' not in sys.modules
+  with pytest.raises(ConfigError, match='not found'):
+    configlib.config_module('missing.py', __file__)
 
 
 def test_use_norm_is_refused_with_the_pixels_tokenizer():

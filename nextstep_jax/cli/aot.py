@@ -34,7 +34,7 @@ def main(argv=None) -> int:
   except configlib.ConfigError as error:
     print(f'nextstep-aot: {error}', file=sys.stderr)
     return 2
-  from nextstep_jax.parallel import aot  # pylint: disable=import-outside-toplevel (after flag errors)
+  from nextstep_jax.planning import aot  # pylint: disable=import-outside-toplevel (after flag errors)
   hbm = None if args.hbm_gib is None else int(args.hbm_gib * aot.GIB)
   try:
     result = aot.plan(config, args.topology, args.task, hbm_bytes=hbm, calibrate=not args.no_calibrate)

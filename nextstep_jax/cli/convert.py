@@ -1,4 +1,5 @@
 """nextstep-convert --hf-dir RELEASE --out DIR [--dtype float32|bfloat16] [--vae TOKENIZER_DIR]
+nextstep-convert --export-run WORKDIR[@STEP] --out DIR
 
 Converts an official NextStep-1 release (a download of e.g. stepfun-ai/NextStep-1-Large:
 config.json, model.safetensors.index.json + shards, tokenizer.json, vae/) into DIR: config.json
@@ -9,6 +10,10 @@ bfloat16) plus one tensor. --quantize int8|int4 stores weight-only quantized lin
 (config model.quant; each release tensor quantized as it is read), so host memory holds the
 quantized params (int4 at one byte per weight on the host, half a byte on device) plus one
 float tensor.
+
+--export-run writes a fine-tuned run (trained with text.tokenizer='hf', e.g. from train.init_from
+a converted release) back into the same layout: params only (no optimizer state), its
+tokenizer.json, its VAE as vae/ and its config, so `nextstep-sample --converted DIR` samples it.
 """
 import argparse
 import sys
@@ -16,7 +21,9 @@ import sys
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--hf-dir', required=True, help='directory of the official release')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--hf-dir', help='directory of the official release')
+  source.add_argument('--export-run', help='a training workdir (WORKDIR or WORKDIR@STEP) to export')
   parser.add_argument('--out', required=True, help='output directory (must not hold params/ yet)')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='stored parameter dtype (model.param_dtype)')
@@ -35,7 +42,17 @@ def main(argv=None) -> int:
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
   from nextstep_jax import configlib  # pylint: disable=import-outside-toplevel (after flag errors)
-  from nextstep_jax.convert import official  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.convert import official  # pylint: disable=import-outside-toplevel (after flag errors)
+  if args.export_run:
+    from nextstep_jax.convert import export  # pylint: disable=import-outside-toplevel
+    try:
+      config = export.export_run(args.export_run, args.out)
+    except (export.ExportError, ValueError, FileNotFoundError, FileExistsError) as error:
+      print(f'nextstep-convert: {error}', file=sys.stderr)
+      return 1
+    print(f'exported {args.export_run} -> {args.out} (params {config.model.param_dtype}); sample it with '
+          f'nextstep-sample --converted {args.out}')
+    return 0
   try:
     config = official.convert(args.hf_dir, args.out, param_dtype=args.dtype, compute_dtype=args.compute_dtype,
                               image_tokenizer=args.image_tokenizer, image_size=args.image_size,

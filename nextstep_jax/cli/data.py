@@ -1,6 +1,7 @@
 """nextstep-data: build ArrayRecord data sets, cache latents, train a sentencepiece model.
 
   nextstep-data build --from folder --images DIR --captions captions.jsonl|.csv --out DIR/name
+  nextstep-data build --from edit-folder --images DIR --edits edits.jsonl --out DIR/name   (edit triplets)
   nextstep-data build --from tfds --name N --split S [--data-dir D] --out DIR/name
   nextstep-data build --from builtin --dataset shapes|digits [--num 50000 --size 32] --out DIR/name
       [--num-shards K] [--workers W]       (resumable: rerun the same command after a crash)
@@ -58,6 +59,13 @@ def _build(args) -> dict:
       raise SystemExit('--from folder needs --images DIR and --captions FILE')
     items, counts = builder.folder_items(args.images, args.captions)
     source = f'folder {args.images} ({args.captions})'
+  elif args.source == 'edit-folder':
+    from nextstep_jax.data import edit_builder  # pylint: disable=g-import-not-at-top
+    if not (args.images and args.edits):
+      raise SystemExit('--from edit-folder needs --images DIR and --edits FILE.jsonl')
+    items, counts = edit_builder.edit_folder_items(args.images, args.edits)
+    return edit_builder.build_edits(items, args.out, args.num_shards, args.workers,
+                                    f'edit folder {args.images} ({args.edits})', counts)
   elif args.source == 'tfds':
     if not args.name:
       raise SystemExit('--from tfds needs --name (a prepared array_record data set)')
@@ -92,10 +100,11 @@ def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
   build = commands.add_parser('build', help='write ArrayRecord shards of image records')
-  build.add_argument('--from', dest='source', required=True, choices=('folder', 'tfds', 'builtin'))
+  build.add_argument('--from', dest='source', required=True, choices=('folder', 'edit-folder', 'tfds', 'builtin'))
   build.add_argument('--out', required=True, help='output prefix DIR/name')
   build.add_argument('--images', help='folder: image root the captions file paths are relative to')
   build.add_argument('--captions', help='folder: captions .jsonl ({"image", "caption"}) or .csv')
+  build.add_argument('--edits', help='edit-folder: .jsonl of {"source", "target", "instruction"} (paths under --images)')
   build.add_argument('--name', help='tfds: data set name')
   build.add_argument('--split', default='train', help='tfds: split')
   build.add_argument('--data-dir', default='', help='tfds: data_dir ("" = TFDS default)')

@@ -35,21 +35,22 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from configs import base as base_config
 from nextstep_jax import checkpoints
+from nextstep_jax import config_defaults
 from nextstep_jax import configlib
+from nextstep_jax import nn
+from nextstep_jax import runs
 from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.image import vae_import
 from nextstep_jax.model import nextstep
 from nextstep_jax.model import quant
 from nextstep_jax.parallel import rules as rules_lib
-from nextstep_jax.training import state as state_lib
 from nextstep_jax.utils import logging as logging_lib
 
-CONFIG_FILE = 'config.json'
-TOKENIZER_FILE = 'tokenizer.json'
-PARAMS_DIR = 'params'
-VAE_DIR = 'vae'  # In a model release and in the converted directory.
+CONFIG_FILE = runs.CONFIG_FILE  # In a model release and the converted directory.
+TOKENIZER_FILE = runs.CONVERTED_TOKENIZER_FILE  # In a model release and the converted directory.
+PARAMS_DIR = runs.CONVERTED_PARAMS_DIR
+VAE_DIR = runs.CONVERTED_VAE_DIR  # In a model release and in the converted directory.
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
 # Tensors in releases that are not parameters: gen_pos_embed is a fixed buffer (checked against
@@ -174,6 +175,13 @@ def model_fields(hf: dict, names: set[str]) -> tuple[dict, list[str]]:
   scaling = hf.get('rope_scaling')
   if scaling and scaling.get('rope_type', scaling.get('type')) not in (None, 'default'):
     problems.append(f'rope_scaling={scaling} is not supported (NextStep-1 uses plain RoPE)')
+  # Training fields of the official training release: supported values only, refused otherwise.
+  if float(hf.get('noise_strength') or 0.0) != 0.0:
+    problems.append(f'noise_strength={hf["noise_strength"]} is not supported: training here uses clean '
+                    'latents (the released value is 0)')
+  if hf.get('use_token_length_weight'):
+    problems.append('use_token_length_weight=true is not supported: the loss here is a plain mean over '
+                    'text targets and over image tokens')
   if hf.get('mlp_bias'):
     problems.append('mlp_bias=true is not supported (NextStep-1 MLPs have no biases)')
   heads = hf['num_attention_heads']
@@ -216,7 +224,7 @@ def _tokenizer_problems(hf: dict, tok: hf_tokenizer.HFTokenizer, vocab_size: int
 def converted_config(fields: dict, hf: dict, tok_vocab_size: int, param_dtype: str, compute_dtype: str,
                      image_tokenizer: str, image_size: int, max_caption_tokens: int) -> ml_collections.ConfigDict:
   """Our full config for a converted release (sampling defaults of the official T2I example)."""
-  c = base_config.get_base_config()
+  c = config_defaults.get_base_config()
   c.name = f'converted_{hf.get("model_type", "nextstep")}'
   c.model.update(fields)
   c.model.param_dtype, c.model.dtype, c.model.remat_policy = param_dtype, compute_dtype, 'none'
@@ -238,7 +246,7 @@ def converted_config(fields: dict, hf: dict, tok_vocab_size: int, param_dtype: s
 def plan(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, ...]]):
   """Matches release tensors to our params. Returns (abstract params, {official name: (our path,
   layer or None, transform)}); raises ConversionError listing missing/unexpected/mis-shaped."""
-  abstract = nnx.state(state_lib.abstract_model(config, quantized=False), nnx.Param)
+  abstract = nnx.state(nextstep.abstract_model(config, quantized=False), nnx.Param)
   targets = {'.'.join(str(k) for k in path): var.get_value()
              for path, var in nnx.to_flat_state(abstract)}
   m = config.model
@@ -413,8 +421,8 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
   if problems:
     raise ConversionError('\n'.join(problems))
   qcfg = quant.QuantConfig.from_config(config.model)
-  params = read_params(files, abstract, mapping, nextstep.DTYPES[param_dtype],
-                       quantized_model=state_lib.abstract_model(config) if qcfg.enabled else None, qcfg=qcfg)
+  params = read_params(files, abstract, mapping, nn.DTYPES[param_dtype],
+                       quantized_model=nextstep.abstract_model(config) if qcfg.enabled else None, qcfg=qcfg)
   out_dir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoints.Checkpointer(out_dir / PARAMS_DIR, keep=1, async_save=False)
   try:
@@ -428,7 +436,7 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
     for path in vae_release.iterdir():
       if path.name == vae_import.CONFIG_FILE or path.name == vae_import.TORCH_FILE or path.suffix == '.safetensors':
         shutil.copyfile(path, out_dir / VAE_DIR / path.name)
-    config.image.vae.checkpoint = VAE_DIR  # Relative: load_config resolves it against the directory.
+    config.image.vae.checkpoint = VAE_DIR  # Relative: runs.load_config resolves it against the directory.
   (out_dir / CONFIG_FILE).write_text(configlib.config_to_json(config))
   return config
 
@@ -442,16 +450,16 @@ def load_params(converted_dir: str | pathlib.Path, mesh, config=None) -> tuple[A
   at a time (model/quant.py), each float kernel freed once quantized. A conversion made with
   `--quantize` restores as stored; it cannot be re-quantized to another setting."""
   root = pathlib.Path(converted_dir).absolute()
-  stored = load_config(root)
+  stored = runs.load_config(str(root))
   config = config or stored
   wanted = quant.QuantConfig.from_config(config.model)
   have = quant.QuantConfig.from_config(stored.model)
   if have.enabled and have != wanted:
     raise ValueError(f'{root} holds {have.mode} weights ({have}); it cannot be loaded as {wanted}: '
                      'convert the release again with the --quantize setting you want.')
-  model = state_lib.abstract_model(config)
+  model = nextstep.abstract_model(config)
   graphdef, abstract = nnx.split(model, nnx.Param)
-  source = abstract if have.enabled else nnx.state(state_lib.abstract_model(config, quantized=False), nnx.Param)
+  source = abstract if have.enabled else nnx.state(nextstep.abstract_model(config, quantized=False), nnx.Param)
   ckpt = checkpoints.Checkpointer(root / PARAMS_DIR, keep=1)
   try:
     params, _ = ckpt.restore(0, rules_lib.abstract_with_shardings(source, mesh, config.mesh.rules))
@@ -462,12 +470,3 @@ def load_params(converted_dir: str | pathlib.Path, mesh, config=None) -> tuple[A
   return graphdef, params
 
 
-def load_config(converted_dir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  path = pathlib.Path(converted_dir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(f'{path} is missing: {converted_dir} is not a converted checkpoint '
-                            '(make one with nextstep-convert --hf-dir RELEASE --out DIR).')
-  config = configlib.with_base_defaults(configlib.config_from_json(path.read_text()))  # Fields added since.
-  if config.image.vae.checkpoint == VAE_DIR:
-    config.image.vae.checkpoint = str(pathlib.Path(converted_dir).absolute() / VAE_DIR)
-  return config

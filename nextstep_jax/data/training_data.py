@@ -10,18 +10,20 @@ process, in the same orbax checkpoint as the model and optimizer.
 the Grain pipeline (data/grain_pipeline.py: ArrayRecord shards, TFDS, the latent cache, or the
 built-in data with `data.grain_builtin`) whenever `grain_pipeline.uses_grain(config)`, whose state
 is Grain's iterator state; otherwise the built-in data sets (shapes, digits) in memory from
-`BuiltinSource`, whose batches are a pure function of (seed, step), so their state is the next step.
+`BuiltinSource`, whose batches are a pure function of (seed, step), so their state is the next step;
+edit triplets (data.source='edit') from `edit_data.EditTrainingData`, stepped the same way.
 """
 from typing import Protocol
 
 import numpy as np
 
+from nextstep_jax.data import builtin
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data import grain_pipeline
 from nextstep_jax.data import text_tokenizer
 from nextstep_jax.parallel import distributed
 
-BUILTIN_DATASETS = ('shapes', 'digits', 'shapes_new')
+BUILTIN_DATASETS = builtin.DATASETS
 HELDOUT_SEED_OFFSET = 1_000_003  # Held-out examples are generated from seed + this offset.
 
 
@@ -66,6 +68,9 @@ class BuiltinTrainingData:
 def make_training_data(config, tok: text_tokenizer.TextTokenizer, process_index: int,
                        process_count: int) -> TrainingData:
   """The training data of `config.data` for process `process_index` of `process_count`."""
+  if config.data.source == 'edit':
+    from nextstep_jax.data import edit_data  # pylint: disable=import-outside-toplevel
+    return edit_data.EditTrainingData(config, tok, process_index, process_count)
   if grain_pipeline.uses_grain(config):
     return grain_pipeline.make_grain_training_data(config, tok, process_index, process_count)
   if config.data.dataset in BUILTIN_DATASETS:

@@ -5,7 +5,7 @@ Grid specs: `model.hidden_size=64,128,256` varies one field; `model.hidden_size,
 product of the specs, each with the fixed overrides applied first.
 
 Per run: final train loss (last metrics.jsonl record), held-out eval loss (`heldout_loss`, fixed
-batch and noise), parameter counts and training FLOPs (`training_flops`). The fit is
+batch and noise), parameter counts and training FLOPs (`training_flops`, the planner's model). The fit is
 L(C) = a * C^-b on the eval losses, and L(C) = E + a * C^-b when that fits better.
 """
 import csv
@@ -22,15 +22,15 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import runs
 from nextstep_jax.data import sequences
 from nextstep_jax.data import text_tokenizer
 from nextstep_jax.data import training_data
+from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
-from nextstep_jax.sampling import pipeline
-from nextstep_jax.training import state as state_lib
+from nextstep_jax.planning import costs
 from nextstep_jax.training import step as step_lib
 
 EMBEDDING_PARAMS = ('embed_tokens',)  # Lookups, not matmuls: excluded from the FLOPs.
@@ -68,13 +68,13 @@ def expand_grid(specs: Sequence[str]) -> list[Run]:
   repeated = sorted({field for field in seen if seen.count(field) > 1})
   if repeated:
     raise ValueError(f'fields {repeated} appear in more than one grid spec; give each field once')
-  runs = []
+  grid = []
   for combo in itertools.product(*[values for _, values in parsed]):
     overrides = tuple(f'{field}={value}' for (fields, _), values in zip(parsed, combo)
                       for field, value in zip(fields, values))
     name = '-'.join(o.rpartition('.')[2] for o in overrides)
-    runs.append(Run(name, overrides))
-  return runs
+    grid.append(Run(name, overrides))
+  return grid
 
 
 def run_config(base: str, fixed: Sequence[str], run: Run):
@@ -87,7 +87,7 @@ def run_config(base: str, fixed: Sequence[str], run: Run):
 def param_counts(config) -> dict[str, int]:
   """{'params', 'non_embedding_params', 'head_params'} of the model `config` describes."""
   counts = {'params': 0, 'non_embedding_params': 0, 'head_params': 0}
-  for path, variable in nnx.to_flat_state(nnx.state(state_lib.abstract_model(config), nnx.Param)):
+  for path, variable in nnx.to_flat_state(nnx.state(nextstep.abstract_model(config), nnx.Param)):
     size = math.prod(variable.get_value().shape)
     counts['params'] += size
     if path[0] not in EMBEDDING_PARAMS:
@@ -97,42 +97,24 @@ def param_counts(config) -> dict[str, int]:
   return counts
 
 
-def training_flops(config, counts: dict[str, int], seq_len: int, steps: int | None = None) -> float:
-  """Training FLOPs of `steps` (default train.steps) steps: forward + backward = 3x forward, 2 FLOPs
-  per multiply-add.
-
-  Per sequence: 6 * (backbone params) * L for every position (non-embedding params outside the
-  flow head; the lm_head and projectors are counted at every position, an upper bound), plus
-  6 * (head params) * N * fm_head_batch_mul for the flow head on the N image tokens, plus
-  attention 6 * layers * L^2 * heads * head_dim (scores and values over the full L x L that XLA
-  dot-product attention computes).
-  """
-  m = config.model
-  grid_h, grid_w = configlib.image_grid(config)
-  backbone = counts['non_embedding_params'] - counts['head_params']
-  per_sequence = (6 * backbone * seq_len
-                  + 6 * counts['head_params'] * grid_h * grid_w * config.loss.fm_head_batch_mul
-                  + 6 * m.num_layers * seq_len**2 * m.num_heads * m.head_dim)
-  return float(per_sequence) * config.train.batch_size * (config.train.steps if steps is None else steps)
+def training_flops(config, seq_len: int, steps: int | None = None) -> float:
+  """Training FLOPs of `steps` (default train.steps) steps of sequences of length `seq_len`: the
+  planner's model (`planning.costs.train_model_flops`, forward + backward = 3x forward)."""
+  return costs.train_model_flops(config, seq_len) * (config.train.steps if steps is None else steps)
 
 
 def heldout_loss(workdir: str, num_sequences: int = 256) -> dict[str, float]:
   """Loss pieces {loss, lm_loss, im_loss} of a run's latest checkpoint on its fixed held-out batch
   (fixed FM noise), and that checkpoint's `step`."""
-  root = epath.Path(workdir)
-  config = configlib.config_from_json((root / pipeline.CONFIG_FILE).read_text())
-  tok = text_tokenizer.TextTokenizer.load(pipeline.local_copy(root / pipeline.TOKENIZER_FILE))
+  config = runs.load_config(workdir)
+  tok = text_tokenizer.TextTokenizer.load(runs.local_copy(epath.Path(workdir) / runs.TOKENIZER_FILE))
   mesh = mesh_lib.make_mesh(config.mesh)
-  graphdef, abstract_state, shardings = state_lib.state_shardings(config, state_lib.make_optimizer(config.train), mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  ckpt = checkpoints.Checkpointer(root / pipeline.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
-  try:
-    state, extra = ckpt.restore(None, target)
-  finally:
-    ckpt.close()
+  restored = runs.restore_run(workdir, params_only=True, mesh=mesh, config=config)
+  params, extra = restored.state, restored.extra
+  params_shardings = jax.tree.map(lambda x: x.sharding, params)
   batch = training_data.heldout_batch(config, tok, num_sequences)
-  eval_step = step_lib.build_eval_step(config, graphdef, shardings['params'], mesh, tok.image_placeholder_id, batch)
-  metrics = eval_step(state['params'], rules_lib.shard_batch(batch, mesh, config.mesh.rules))
+  eval_step = step_lib.build_eval_step(config, restored.graphdef, params_shardings, mesh, tok.image_placeholder_id, batch)
+  metrics = eval_step(params, rules_lib.shard_batch(batch, mesh, config.mesh.rules))
   return {**{k: float(v) for k, v in jax.device_get(metrics).items()}, 'step': extra['step']}
 
 
@@ -147,13 +129,13 @@ def run_record(base: str, fixed: Sequence[str], run: Run, workdir: str, eval_seq
   steps actually trained (fewer than train.steps when a run was stopped early)."""
   config = run_config(base, fixed, run)
   counts = param_counts(config)
-  tok = text_tokenizer.TextTokenizer.load(pipeline.local_copy(epath.Path(workdir) / pipeline.TOKENIZER_FILE))
+  tok = text_tokenizer.TextTokenizer.load(runs.local_copy(epath.Path(workdir) / runs.TOKENIZER_FILE))
   grid_h, grid_w = configlib.image_grid(config)
   seq_len = sequences.training_sequence_length(tok, grid_h, grid_w, config.text.max_caption_tokens)
   evaluation = heldout_loss(workdir, eval_sequences)
   return {'name': run.name, 'overrides': ' '.join(run.overrides), **counts, 'seq_len': seq_len,
           'steps': evaluation['step'], 'batch_size': config.train.batch_size,
-          'train_flops': training_flops(config, counts, seq_len, evaluation['step']),
+          'train_flops': training_flops(config, seq_len, evaluation['step']),
           'train_loss': final_train_loss(workdir),
           'eval_loss': evaluation['loss'], 'eval_im_loss': evaluation['im_loss'],
           'eval_lm_loss': evaluation['lm_loss']}
@@ -279,18 +261,18 @@ def run_sweep(base: str, specs: Sequence[str], fixed: Sequence[str], out_dir: st
   """
   from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
   from nextstep_jax.utils import logging as log_utils  # pylint: disable=g-import-not-at-top
-  runs = expand_grid(specs)
-  configs = [run_config(base, fixed, run) for run in runs]  # Every config is valid before any training.
+  grid_runs = expand_grid(specs)
+  configs = [run_config(base, fixed, run) for run in grid_runs]  # Every config is valid before any training.
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   runs_root = epath.Path(runs_dir) if runs_dir else out / 'runs'
-  progress = log_utils.ProgressLogger(len(runs), 1)
+  progress = log_utils.ProgressLogger(len(grid_runs), 1)
   records = []
-  for index, (run, config) in enumerate(zip(runs, configs)):
+  for index, (run, config) in enumerate(zip(grid_runs, configs)):
     workdir = str(runs_root / run.name)
-    print(f'[{index + 1}/{len(runs)}] {run.name}: {" ".join(run.overrides)} -> {workdir}', flush=True)
+    print(f'[{index + 1}/{len(grid_runs)}] {run.name}: {" ".join(run.overrides)} -> {workdir}', flush=True)
     last_step = min(stop_at or config.train.steps, config.train.steps)
-    if train and max(pipeline.checkpoint_steps(workdir), default=0) < last_step:
+    if train and max(runs.checkpoint_steps(workdir), default=0) < last_step:
       loop.train(config, workdir, stop_at=stop_at)
     records.append(run_record(base, fixed, run, workdir, eval_sequences))
     progress.update(index + 1, {'eval_loss': records[-1]['eval_loss'], 'flops': records[-1]['train_flops']})

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextstep_jax import nn
 from nextstep_jax.image import patchify as patchify_lib
 from nextstep_jax.image import vae_tiling
-from nextstep_jax.model import layers
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 NORM_EPS = 1e-6
@@ -78,10 +78,10 @@ class Conv(nnx.Module):
                stride: int = 1, padding: str = 'SAME'):
     fan_in = in_ch * size * size
     init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')  # torch's default.
-    self.kernel = layers.annotated_param(rngs, init, (size, size, in_ch, out_ch), CONV_AXES,
+    self.kernel = nn.annotated_param(rngs, init, (size, size, in_ch, out_ch), CONV_AXES,
                                          cfg.param_dtype)
     bound = 1.0 / math.sqrt(fan_in)
-    self.bias = layers.annotated_param(
+    self.bias = nn.annotated_param(
         rngs, lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
         (out_ch,), ('conv_out',), cfg.param_dtype)
     self.stride, self.padding, self.dtype = stride, padding, cfg.dtype
@@ -298,7 +298,7 @@ def normalize_patches(mean: jax.Array, psz: int) -> jax.Array:
   order: (B, h, w, Z) -> same shape."""
   b, h, w, _ = mean.shape
   tokens = patchify_lib.patchify(mean, psz)
-  return patchify_lib.unpatchify(layers.layer_norm(tokens, NORM_EPS), h // psz, w // psz, psz)
+  return patchify_lib.unpatchify(nn.layer_norm(tokens, NORM_EPS), h // psz, w // psz, psz)
 
 
 def chunked(fn, x: jax.Array, chunk: int) -> jax.Array:

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextstep_jax import nn as L
 from nextstep_jax.model import attention as attention_lib
-from nextstep_jax.model import layers as L
 
 MASK_VALUE = -1e30  # Finite, so fully-masked (all-pad) rows stay finite.
 

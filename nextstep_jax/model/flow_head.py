@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nextstep_jax.model import layers as L
+from nextstep_jax import nn as L
 
 TIME_FREQ_DIM = 256
 LN_EPS = 1e-6

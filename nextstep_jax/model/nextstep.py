@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nextstep_jax import nn as L
 from nextstep_jax.model import backbone
 from nextstep_jax.model import flow_head
-from nextstep_jax.model import layers as L
+from nextstep_jax.model import lora
+from nextstep_jax.model import quant
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ class ModelConfig:
   def from_config(cls, m, mesh_rules=()) -> 'ModelConfig':
     """Builds from an ml_collections `config.model`; mesh_rules (config.mesh.rules) shard the
     splash attention kernel (needed with model.attention=splash under a multi-device mesh)."""
-    dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+    dtype, param_dtype = L.DTYPES[m.dtype], L.DTYPES[m.param_dtype]
     rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_rules)
     bb = backbone.BackboneConfig(
         hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
@@ -129,3 +130,26 @@ class NextStep(nnx.Module):
 def count_params(state) -> int:
   """Number of scalars in an nnx.State or a pytree of (abstract) arrays."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def model_config(config) -> ModelConfig:
+  """The ModelConfig of a full config (`config.model` under `config.mesh.rules`)."""
+  return ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
+
+
+def build_model(config, seed: int, quantized: bool = True) -> NextStep:
+  """The model of `config` initialised from `seed`: LoRA adapters when train.lora is on, then
+  quantized kernels when model.quant.mode is set (and `quantized`; QLoRA when both)."""
+  model = NextStep(model_config(config), rngs=nnx.Rngs(seed))
+  lora_cfg = lora.LoraConfig.from_config(config)
+  qcfg = quant.QuantConfig.from_config(config.model) if quantized else quant.QuantConfig()
+  if lora_cfg is not None:
+    lora.add_adapters(model, lora_cfg, nnx.Rngs(seed + 1), for_quantized_base=qcfg.enabled)
+  return quant.quantize_model(model, qcfg)
+
+
+def abstract_model(config, quantized: bool = True) -> NextStep:
+  """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half. With
+  `config.model.quant.mode` set (and `quantized`) its linear layers hold quantized kernels
+  (model/quant.py); quantized=False gives the float model the quantized one is made from."""
+  return nnx.eval_shape(lambda: build_model(config, 0, quantized))

@@ -3,7 +3,7 @@
 A quantized linear layer keeps its module and its name: `Dense.kernel` (or `nnx.Embed.embedding`)
 becomes a `qwix.QArray` whose `qvalue` (int8 or int4, the kernel's shape) and `scale` are Params,
 so the state paths are `<layer>.kernel.qvalue` / `<layer>.kernel.scale`. Layers run it through
-`qwix.dot_general` (layers.py), which dequantizes into the compute dtype inside the matmul; the
+`qwix.dot_general` (nextstep_jax/nn.py), which dequantizes into the compute dtype inside the matmul; the
 activations stay in `model.dtype`. This works wherever the model runs: inside jit, the layer
 scans (`lax.scan` over stacked Params slices a QArray like any pytree) and shard_map.
 
@@ -38,7 +38,7 @@ import numpy as np
 import qwix
 from flax import nnx
 
-from nextstep_jax.model import layers as L
+from nextstep_jax import nn as L
 
 QTYPES = {'int8': jnp.int8, 'int4': jnp.int4}
 

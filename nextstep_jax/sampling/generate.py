@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nextstep_jax.model import layers as L
+from nextstep_jax import nn as L
 from nextstep_jax.sampling import guidance
 from nextstep_jax.sampling import integrators
 from nextstep_jax.sampling import progress

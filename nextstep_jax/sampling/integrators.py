@@ -76,9 +76,15 @@ class IntegratorConfig:
 
   @property
   def velocity_calls(self) -> int:
-    """Head evaluations per token (per guidance branch)."""
-    steps = len(self.times) - 1 if self.times else self.num_steps
-    return 2 * steps if self.solver == 'heun' else steps
+    """Head evaluations per token (per guidance branch), as `integrate` makes them: one per step
+    (two for heun) over the grid's steps, plus grid A's final delta step (grid A with N steps:
+    N - 1 solver steps + 1, so 2N - 1 for heun; grid B and explicit times have no final step)."""
+    final_step = self.time_grid == 'A' and not self.times
+    if self.times:
+      steps = len(self.times) - 1
+    else:
+      steps = self.num_steps - 1 if final_step else self.num_steps
+    return steps * (2 if self.solver == 'heun' else 1) + (1 if final_step else 0)
 
 
 def uniform_times(num_steps: int) -> tuple[float, ...]:

@@ -11,15 +11,13 @@ image editing with 3-way guidance (data/edit_sequences.py).
 """
 import dataclasses
 import pathlib
-import tempfile
 
 import jax
 import numpy as np
 from etils import epath
 
-from nextstep_jax import checkpoints
 from nextstep_jax import configlib
-from nextstep_jax.convert import official
+from nextstep_jax import runs
 from nextstep_jax.data import edit_sequences
 from nextstep_jax.data import hf_tokenizer
 from nextstep_jax.data import sequences
@@ -29,32 +27,7 @@ from nextstep_jax.image import tokenizers
 from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import progress
 from nextstep_jax.sampling import sharded
-from nextstep_jax.training import state as state_lib
 from nextstep_jax.utils import images as image_utils
-
-CONFIG_FILE = 'config.json'
-TOKENIZER_FILE = 'tokenizer.model'
-HF_TOKENIZER_FILE = 'tokenizer.json'  # Runs trained with text.tokenizer='hf'.
-CHECKPOINT_DIR = 'checkpoints'
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Committed checkpoint steps of a training run, oldest first."""
-  ckpt = checkpoints.Checkpointer(epath.Path(workdir) / CHECKPOINT_DIR, keep=1_000_000)
-  try:
-    return ckpt.all_steps()
-  finally:
-    ckpt.close()
-
-
-def local_copy(path: epath.Path) -> str:
-  """A local filesystem path with the contents of `path` (itself when it is local)."""
-  if '://' not in str(path):
-    return str(path)
-  with tempfile.NamedTemporaryFile(suffix=path.suffix, delete=False) as f:
-    f.write(path.read_bytes())
-  return f.name
-
 
 class TextToImage:
   """A text-to-image sampler bound to one model's params and one config's sample settings."""
@@ -82,27 +55,12 @@ class TextToImage:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **overrides) -> 'TextToImage':
-    """Loads a training run: its config.json, tokenizer.model (or .json) and checkpoint `step` (latest)."""
-    root = epath.Path(workdir)
-    if not (root / CONFIG_FILE).exists():
-      raise FileNotFoundError(f'{root} is not a training run: {CONFIG_FILE} is missing '
-                              '(train one with nextstep-train --workdir DIR)')
-    config = configlib.with_base_defaults(configlib.config_from_json((root / CONFIG_FILE).read_text()))
-    if (root / HF_TOKENIZER_FILE).exists():
-      tok = hf_tokenizer.HFTokenizer.load(local_copy(root / HF_TOKENIZER_FILE))
-    else:
-      tok = text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
-    tx = state_lib.make_optimizer(config.train)
-    graphdef, abstract_state = state_lib.abstract_train_state(config, tx)
-    ckpt = checkpoints.Checkpointer(root / CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
-    try:
-      replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            abstract_state)
-      state, _ = ckpt.restore(step, target)
-    finally:
-      ckpt.close()
-    return cls(config, graphdef, state['params'], tok, **overrides)
+    """Loads a training run: its config.json, text tokenizer (`runs.load_text_tokenizer`) and
+    checkpoint `step` (latest)."""
+    config = configlib.with_base_defaults(runs.load_config(workdir))
+    tok = runs.load_text_tokenizer(workdir)
+    restored = runs.restore_run(workdir, step, params_only=True, config=config)
+    return cls(config, restored.graphdef, restored.state, tok, **overrides)
 
   @classmethod
   def from_converted(cls, directory: str, mesh: jax.sharding.Mesh | None = None, image_tokenizer=None,
@@ -112,7 +70,7 @@ class TextToImage:
     device, tensor-parallel within a host, the rest FSDP). quantize='int8' | 'int4' quantizes the
     weights of a float conversion as they load (model.quant; a `--quantize` conversion loads as
     stored, no argument needed)."""
-    config = official.load_config(directory)
+    config = runs.load_config(directory)
     if quantize is not None:
       config.model.quant.mode = quantize
       configlib.validate(config)
@@ -121,8 +79,9 @@ class TextToImage:
                        'folder): convert again with nextstep-convert --vae DIR (a NextStep-1-f8ch16-Tokenizer '
                        'download), or pass image_tokenizer=.')
     mesh = mesh or sharded.sampling_mesh(config)
-    graphdef, params = official.load_params(directory, mesh, config)
-    tok = hf_tokenizer.HFTokenizer.load(str(pathlib.Path(directory) / official.TOKENIZER_FILE))
+    restored = runs.restore_run(directory, params_only=True, mesh=mesh, config=config)
+    graphdef, params = restored.graphdef, restored.state
+    tok = hf_tokenizer.HFTokenizer.load(str(pathlib.Path(directory) / runs.CONVERTED_TOKENIZER_FILE))
     return cls(config, graphdef, params, tok, image_tokenizer=image_tokenizer,
                progress_every=progress_every, **overrides)
 

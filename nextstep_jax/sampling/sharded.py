@@ -16,10 +16,10 @@ import ml_collections
 from flax import nnx
 
 from nextstep_jax.model import backbone
+from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import generate
-from nextstep_jax.training import state as state_lib
 
 
 def sampling_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -34,7 +34,7 @@ def sampling_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sh
   """
   devices = list(jax.devices() if devices is None else devices)
   local = sum(d.process_index == jax.process_index() for d in devices) or len(devices)
-  params = nnx.state(state_lib.abstract_model(config), nnx.Param)
+  params = nnx.state(nextstep.abstract_model(config), nnx.Param)
   error = None
   for tensor in (t for t in range(local, 0, -1) if local % t == 0 and len(devices) % t == 0):
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=tensor)), devices)

@@ -33,6 +33,7 @@ from flax import nnx
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import runs
 from nextstep_jax.model import nextstep
 from nextstep_jax.sampling import guidance
 from nextstep_jax.sampling import pipeline
@@ -42,7 +43,8 @@ from nextstep_jax.utils import logging as logging_lib
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """Distillation settings (from `config.distill`)."""
+  """Distillation settings (arguments of `distill`; recorded in the student's distill.json and
+  checkpoint, not in its config)."""
   num_images: int = 1024  # Teacher images whose tokens give the conditions.
   noises_per_token: int = 2  # Teacher trajectories per token condition.
   teacher_steps: int = 16  # Uniform-grid ODE steps of the teacher (a multiple of max_student_steps).
@@ -62,10 +64,6 @@ class DistillConfig:
                        f'distill.max_student_steps={k}')
     if self.teacher_solver not in ('euler', 'heun'):
       raise ValueError(f'distill.teacher_solver={self.teacher_solver!r}; use euler or heun')
-
-  @classmethod
-  def from_config(cls, config) -> 'DistillConfig':
-    return cls(**config.distill.to_dict())
 
 
 def token_conditions(model, prompt: dict, tokens: jax.Array, num_branches: int) -> jax.Array:
@@ -251,18 +249,17 @@ def distill(teacher_workdir: str, out_workdir: str, prompts: list[str], seeds: l
     config.sample.update(dict(solver='euler', time_grid='B', timestep_shift=1.0, num_steps=student_steps,
                               cfg=1.0 if cfg.fold_guidance else scale, cfg_schedule='constant', times=(),
                               token_steps=()))
-    config.distill.update(dataclasses.asdict(cfg))
   configlib.validate(config)
   out = pathlib.Path(out_workdir).absolute()
   out.mkdir(parents=True, exist_ok=True)
-  (out / pipeline.CONFIG_FILE).write_text(configlib.config_to_json(config))
-  shutil.copy(pathlib.Path(teacher_workdir) / pipeline.TOKENIZER_FILE, out / pipeline.TOKENIZER_FILE)
+  (out / runs.CONFIG_FILE).write_text(configlib.config_to_json(config))
+  shutil.copy(pathlib.Path(teacher_workdir) / runs.TOKENIZER_FILE, out / runs.TOKENIZER_FILE)
   tx = state_lib.make_optimizer(config.train)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.asarray(cfg.steps, jnp.int32)}
   summary = {'teacher': str(teacher_workdir), 'teacher_sample': teacher.settings, 'trajectories': int(states.shape[1]),
              'data_seconds': round(data_s, 1), 'train_seconds': round(time.perf_counter() - start - data_s, 1),
              'losses': losses, 'distill': dataclasses.asdict(cfg)}
-  ckpt = checkpoints.Checkpointer(out / pipeline.CHECKPOINT_DIR, keep=1, async_save=False)
+  ckpt = checkpoints.Checkpointer(out / runs.CHECKPOINT_DIR, keep=1, async_save=False)
   try:
     ckpt.save(cfg.steps, state, {'distill': summary}, force=True)
     ckpt.wait()

@@ -16,6 +16,10 @@ caller starts a fresh optimizer at step 0; a run that already has checkpoints re
 resized embedding) and need not exist in the source. Every other param must exist in the source
 with the same shape; all missing, mis-shaped and unexpected names are listed in one
 `InitFromError`.
+
+`runs.restore_run` reads the whole param tree of a run's own model; a fine-tune compares the
+source against another model (the training config's), leaves skipped names out and lists every
+mismatch, so the read here is a per-array partial orbax restore of the layout runs.py defines.
 """
 import dataclasses
 import fnmatch
@@ -26,11 +30,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from nextstep_jax import checkpoints
-from nextstep_jax.model import nextstep
+from nextstep_jax import nn
+from nextstep_jax import runs
 
-CONVERTED_PARAMS_DIR = 'params'  # convert/official.py PARAMS_DIR: out_dir/params/0/state.
-CONVERTED_MARKER = 'tokenizer.json'
-RUN_CHECKPOINT_DIR = 'checkpoints'  # The training loop's workdir/checkpoints/<step>/state.
 _MAX_LISTED = 30
 
 
@@ -40,8 +42,8 @@ class InitFromError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """Where the params come from: kind 'converted' or 'run', the orbax `state` directory, the step
-  and the path prefix of the params inside the saved tree."""
+  """Where the params come from: kind 'converted' or 'run', the directory, the step, the orbax
+  `state` directory and the path prefix of the params inside the saved tree."""
   kind: str
   root: epath.Path
   step: int
@@ -50,33 +52,31 @@ class Source:
 
 
 def resolve(spec: str) -> Source:
-  """Parses `DIR` or `DIR@STEP` (runs only) into a `Source`; raises InitFromError naming the fix."""
-  path, _, step_text = spec.partition('@') if '@' in spec.rsplit('/', 1)[-1] else (spec, '', '')
+  """Parses `DIR` or `DIR@STEP` (runs only) into a `Source` (layout: nextstep_jax/runs.py);
+  raises InitFromError naming the fix."""
+  try:
+    path, step = runs.split_step(spec)
+  except ValueError as error:
+    raise InitFromError(f'train.init_from={spec!r}: {error}') from error
   root = epath.Path(path)
   if not root.exists():
     raise InitFromError(f'train.init_from={spec!r}: {root} does not exist; pass a converted release '
                         '(nextstep-convert --out DIR) or a training workdir, optionally WORKDIR@STEP.')
-  if step_text and not step_text.isdigit():
-    raise InitFromError(f'train.init_from={spec!r}: the step after "@" must be an integer.')
-  if (root / CONVERTED_PARAMS_DIR).is_dir() and (root / CONVERTED_MARKER).exists():
-    if step_text:
+  if runs.is_converted(path):
+    if step is not None:
       raise InitFromError(f'train.init_from={spec!r}: {root} is a converted release (one params '
                           'checkpoint); drop the "@STEP".')
-    return Source('converted', root, 0, root / CONVERTED_PARAMS_DIR / '0' / 'state', ())
-  if (root / RUN_CHECKPOINT_DIR).is_dir():
-    ckpt = checkpoints.Checkpointer(root / RUN_CHECKPOINT_DIR, keep=1_000_000)
-    try:
-      steps = ckpt.all_steps()
-    finally:
-      ckpt.close()
-    step = int(step_text) if step_text else (steps[-1] if steps else None)
+    return Source('converted', root, 0, runs.checkpoint_dir(path) / '0' / 'state', ())
+  if (root / runs.CHECKPOINT_DIR).is_dir():
+    steps = runs.checkpoint_steps(path)
+    step = steps[-1] if step is None and steps else step
     if step is None or step not in steps:
       raise InitFromError(f'train.init_from={spec!r}: no checkpoint {"" if step is None else step} in '
-                          f'{root / RUN_CHECKPOINT_DIR} (steps: {steps}).')
-    return Source('run', root, step, root / RUN_CHECKPOINT_DIR / str(step) / 'state', ('params',))
-  raise InitFromError(f'train.init_from={spec!r}: {root} is neither a converted release (params/ and '
-                      f'{CONVERTED_MARKER}) nor a training workdir (checkpoints/); pass the directory '
-                      'that nextstep-convert --out or nextstep-train --workdir wrote.')
+                          f'{root / runs.CHECKPOINT_DIR} (steps: {steps}).')
+    return Source('run', root, step, runs.checkpoint_dir(path) / str(step) / 'state', ('params',))
+  raise InitFromError(f'train.init_from={spec!r}: {root} is neither a converted release '
+                      f'({runs.CONVERTED_PARAMS_DIR}/) nor a training workdir ({runs.CHECKPOINT_DIR}/); pass '
+                      'the directory that nextstep-convert --out or nextstep-train --workdir wrote.')
 
 
 def param_name(path: tuple[str, ...]) -> str:
@@ -144,7 +144,7 @@ def restore_params(spec: str, abstract_params: Any, skip: tuple[str, ...] = (),
         "release's config.json lists them) or leave new params at their init with train.init_from_skip "
         "patterns (e.g. 'image_head.*').")
   wanted = sorted(expected.keys() - skipped)
-  dtype = nextstep.DTYPES[param_dtype] if param_dtype else None
+  dtype = nn.DTYPES[param_dtype] if param_dtype else None
   item = _nest({source.prefix + p: expected[p] for p in wanted})
   restore_args = _nest({source.prefix + p: ocp.ArrayRestoreArgs(
       sharding=expected[p].sharding, global_shape=expected[p].shape, dtype=dtype or expected[p].dtype)
@@ -190,10 +190,4 @@ def initial_state(config, tx, abstract_state: Any, shardings: Any) -> dict:
                       out_shardings=shardings['opt_state'])(params)
   step = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), shardings['step'])
   return {'params': params, 'opt_state': opt_state, 'step': step}
-
-
-def is_converted(spec: str) -> bool:
-  """Whether `train.init_from` names a converted release (whose tokenizer.json and vae/ the
-  fine-tune can use)."""
-  return bool(spec) and resolve(spec).kind == 'converted'
 

@@ -5,7 +5,9 @@ through orbax): config.json, tokenizer.model, checkpoints/ (orbax, keep N, atomi
 (TensorBoard scalars and sample grids), samples/step_<step, 7 digits>.png, metrics.jsonl (one line
 per logged step with the wall time, for accuracy-vs-minutes curves).
 
-Resume is exact: each checkpoint holds the model, the optimizer and every process's data-iterator
+A fresh run starts from random init, or from the params of `train.init_from` (a converted
+release or another run, `training/init_from.py`) with a fresh optimizer; a run with checkpoints
+always resumes from its own. Resume is exact: each checkpoint holds the model, the optimizer and every process's data-iterator
 state (`nextstep_jax.data.training_data`), and the step's noise is a pure function of (seed, step),
 so restarting from checkpoint s reproduces the run that never stopped. SIGTERM (a preemption
 notice) makes every process stop at one agreed step boundary, checkpoint it and return normally
@@ -22,8 +24,11 @@ import time
 import jax
 from etils import epath
 
-from nextstep_jax import checkpoints, configlib
-from nextstep_jax.data import builtin_source, training_data
+from nextstep_jax import checkpoints
+from nextstep_jax import configlib
+from nextstep_jax import runs
+from nextstep_jax.data import builtin_source
+from nextstep_jax.data import training_data
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import pipeline
@@ -75,8 +80,17 @@ class MetricsLog:
       self.path.write_text(''.join(self._lines))
 
 
+def has_grid(config) -> bool:
+  """Whether the run writes sample grids: built-in data, or explicit train.grid_prompts."""
+  return bool(config.train.get('grid_prompts')) or config.data.source == 'builtin'
+
+
 def grid_prompts(config, num: int) -> list[str]:
-  """Fixed prompts for the periodic sample grid (seen and held-out for shapes)."""
+  """Fixed prompts for the periodic sample grid: train.grid_prompts cycled to `num`, else the
+  built-in data set's (seen and held-out for shapes)."""
+  if config.train.get('grid_prompts'):
+    prompts = list(config.train.grid_prompts)
+    return [prompts[i % len(prompts)] for i in range(num)]
   if config.data.dataset in ('shapes', 'shapes_new'):
     from nextstep_jax.data.builtin import shapes  # pylint: disable=g-import-not-at-top
     half = num // 2
@@ -128,7 +142,7 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = state_lib.make_optimizer(config.train)
   graphdef, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
-  ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
+  ckpt = checkpoints.Checkpointer(workdir / runs.CHECKPOINT_DIR, keep=config.train.keep_checkpoints)
   start = ckpt.latest_step()
   if start is None and config.train.init_from:
     state = init_from.initial_state(config, tx, abstract_state, shardings)
@@ -140,9 +154,8 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
     state = jax.jit(lambda: state_lib.init_state(config, tx), out_shardings=shardings)()
     start = 0
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
-    state, _ = ckpt.restore(start, target)
+    state = runs.restore_run(workdir, start, params_only=False, mesh=mesh, config=config,
+                             abstract_state=abstract_state, checkpointer=ckpt).state
     data_state = ckpt.restore_data_state(start)
     if data_state is None:
       raise ValueError(f'checkpoint {start} in {workdir} has no data-iterator state; it was written by an '
@@ -203,7 +216,7 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
         if periodic_save or stopping or step == total:
           ckpt.save(step, state, extra={'step': step}, data_state=data.get_state(), force=True)
           last_saved = step
-        if periodic_grid or step == total:
+        if (periodic_grid or step == total) and has_grid(config):
           ckpt.wait()
           save_sample_grid(config, graphdef, state['params'], tok, workdir, step, writer)
         if stopping:
@@ -219,11 +232,11 @@ def train(config, workdir: str | None = None, stop_at: int | None = None) -> Tra
 def _write_run_files(config, workdir: epath.Path, tok) -> None:
   """config.json and the text tokenizer (tokenizer.model, or tokenizer.json with text.tokenizer='hf'):
   everything `nextstep-sample --workdir` needs besides weights."""
-  config_path = workdir / pipeline.CONFIG_FILE
+  config_path = workdir / runs.CONFIG_FILE
   text = configlib.config_to_json(config)
   if config_path.exists() and configlib.config_from_json(config_path.read_text()).model != config.model:
     raise ValueError(f'{workdir} holds a run with a different model config; use a new --workdir '
                      'or the same config to resume')
   config_path.write_text(text)
-  name = pipeline.HF_TOKENIZER_FILE if config.text.tokenizer == 'hf' else pipeline.TOKENIZER_FILE
+  name = runs.HF_TOKENIZER_FILE if config.text.tokenizer == 'hf' else runs.TOKENIZER_FILE
   (workdir / name).write_bytes(epath.Path(tok.path).read_bytes())

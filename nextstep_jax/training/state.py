@@ -48,28 +48,6 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
                   weight_decay=train_cfg.weight_decay, mask=decay_mask))
 
 
-def model_config(config) -> nextstep.ModelConfig:
-  return nextstep.ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
-
-
-def build_model(config, seed: int, quantized: bool = True) -> nnx.Module:
-  """The model of `config` initialised from `seed`: LoRA adapters when train.lora is on, then
-  quantized kernels when model.quant.mode is set (and `quantized`; QLoRA when both)."""
-  model = nextstep.NextStep(model_config(config), rngs=nnx.Rngs(seed))
-  lora_cfg = lora.LoraConfig.from_config(config)
-  qcfg = quant.QuantConfig.from_config(config.model) if quantized else quant.QuantConfig()
-  if lora_cfg is not None:
-    lora.add_adapters(model, lora_cfg, nnx.Rngs(seed + 1), for_quantized_base=qcfg.enabled)
-  return quant.quantize_model(model, qcfg)
-
-
-def abstract_model(config, quantized: bool = True) -> nnx.Module:
-  """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half. With
-  `config.model.quant.mode` set (and `quantized`) its linear layers hold quantized kernels
-  (model/quant.py); quantized=False gives the float model the quantized one is made from."""
-  return nnx.eval_shape(lambda: build_model(config, 0, quantized))
-
-
 def init_state(config, tx: optax.GradientTransformation) -> dict:
   """Fresh train state (unsharded; jit it with out_shardings to create it sharded)."""
   lora_cfg = lora.LoraConfig.from_config(config)
@@ -77,14 +55,14 @@ def init_state(config, tx: optax.GradientTransformation) -> dict:
     raise ValueError(f'model.quant.mode={config.model.quant.mode!r} quantizes weights for sampling; '
                      "train with model.quant.mode='none' and quantize the trained params, or train "
                      'LoRA adapters over the quantized base (QLoRA: train.lora.rank > 0).')
-  params = nnx.state(build_model(config, config.seed), nnx.Param)
+  params = nnx.state(nextstep.build_model(config, config.seed), nnx.Param)
   trained, _ = lora.split_trainable(params, lora_cfg)
   return {'params': params, 'opt_state': tx.init(trained), 'step': jnp.zeros((), jnp.int32)}
 
 
 def abstract_train_state(config, tx) -> tuple[nnx.GraphDef, Any]:
   """(graphdef, train state of ShapeDtypeStructs) without allocating anything."""
-  graphdef, _ = nnx.split(abstract_model(config), nnx.Param)
+  graphdef, _ = nnx.split(nextstep.abstract_model(config), nnx.Param)
   return graphdef, jax.eval_shape(lambda: init_state(config, tx))
 
 

@@ -27,7 +27,8 @@ import optax
 from flax import nnx
 
 from nextstep_jax import configlib
-from nextstep_jax.model import layers, lora
+from nextstep_jax import nn
+from nextstep_jax.model import lora
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import objective
@@ -47,18 +48,18 @@ def split_microbatches(x: jax.Array, count: int, axis: int = 0) -> jax.Array:
 def split_batch_rows(x: jax.Array, count: int, rules) -> jax.Array:
   """A batch array (B, ...) sharded over `batch` -> (count, B / count, ...), each microbatch
   sharded over `batch` again: a local reshape and transpose on every device."""
-  x = layers.constrain(x, rules, 'batch', *([None] * (x.ndim - 1)))
+  x = nn.constrain(x, rules, 'batch', *([None] * (x.ndim - 1)))
   x = split_microbatches(x, count)
-  return layers.constrain(x, rules, None, 'batch', *([None] * (x.ndim - 2)))
+  return nn.constrain(x, rules, None, 'batch', *([None] * (x.ndim - 2)))
 
 
 def split_head_draws(x: jax.Array, count: int, b: int, n: int, rules) -> jax.Array:
   """Head draws (mul B N, ...) ordered (copy, row, token) -> (count, mul, B / count, N, ...), the
   microbatches of the rows of `split_batch_rows`, sharded over `batch` (local)."""
   x = x.reshape((-1, b, n) + x.shape[1:])
-  x = layers.constrain(x, rules, None, 'batch', *([None] * (x.ndim - 2)))
+  x = nn.constrain(x, rules, None, 'batch', *([None] * (x.ndim - 2)))
   x = split_microbatches(x, count, axis=1)
-  return layers.constrain(x, rules, None, None, 'batch', *([None] * (x.ndim - 3)))
+  return nn.constrain(x, rules, None, None, 'batch', *([None] * (x.ndim - 3)))
 
 
 def microbatch_gradients(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig, microbatches: int,

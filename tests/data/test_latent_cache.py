@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import data_testing
+from nextstep_jax import configlib
 from nextstep_jax.data import bad_records
 from nextstep_jax.data import grain_pipeline
 from nextstep_jax.data import image_preprocess
@@ -69,8 +70,8 @@ def test_cache_variants_are_the_plain_and_augmented_encodings(tmp_path, tok):
 def test_vae_config_trains_from_the_cache_by_one_config_change(tmp_path, tok):
   """configs/shapes_vae.py:cached (here with the tiny random VAE) differs from the plain config
   only in reading the cache; the cache of the built-in data gives the on-the-fly VAE batches."""
-  from configs import shapes_vae  # pylint: disable=g-import-not-at-top
-  from configs import tokenizer_shapes  # pylint: disable=g-import-not-at-top
+  shapes_vae = configlib.config_module('configs/shapes_vae.py')
+  tokenizer_shapes = configlib.config_module('configs/tokenizer_shapes.py')
   from nextstep_jax.data import training_data  # pylint: disable=g-import-not-at-top
 
   def small(arg):

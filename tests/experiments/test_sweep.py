@@ -9,6 +9,7 @@ import pytest
 from nextstep_jax import configlib
 from nextstep_jax.cli import sweep as sweep_cli
 from nextstep_jax.experiments import sweep
+from nextstep_jax.planning import costs
 from nextstep_jax.training import state as state_lib
 
 # Synthetic losses carry 0.5% multiplicative noise; the exponent is recovered within this.
@@ -62,11 +63,16 @@ def test_param_counts_and_flops():
   assert counts['params'] == sum(math.prod(x.shape) for x in jax.tree.leaves(state['params']))
   m = config.model
   assert counts['params'] - counts['non_embedding_params'] == m.vocab_size * m.hidden_size
-  fake = {'params': 0, 'non_embedding_params': 1000, 'head_params': 100}
-  tokens, batch_mul = 16, config.loss.fm_head_batch_mul  # tiny: 4x4 image tokens.
-  per_sequence = 6 * 900 * 30 + 6 * 100 * tokens * batch_mul + 6 * m.num_layers * 30**2 * m.num_heads * m.head_dim
-  assert sweep.training_flops(config, fake, 30) == per_sequence * config.train.batch_size * config.train.steps
-  assert sweep.training_flops(config, fake, 30, steps=3) == per_sequence * config.train.batch_size * 3
+  per_step = costs.train_model_flops(config, 30)
+  p = costs.decoder_matmul_params(config)
+  tokens, b = 16, config.train.batch_size  # tiny: 4x4 image tokens.
+  assert p['head'] < counts['head_params']  # Matmul weights only: no biases or norm scales.
+  linear = 2 * (p['decoder'] * b * 30 + p['lm_head'] * b * 29 + (p['image_in'] + p['image_out']) * b * tokens
+                + p['head'] * b * tokens * config.loss.fm_head_batch_mul)
+  attention = 4 * m.num_layers * m.num_heads * m.head_dim * 30 * 31 / 2 * b
+  assert per_step == pytest.approx(3 * (linear + attention), rel=1e-12)
+  assert sweep.training_flops(config, 30) == per_step * config.train.steps
+  assert sweep.training_flops(config, 30, steps=3) == per_step * 3
 
 
 def test_fit_recovers_a_pure_power_law():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base
+from nextstep_jax import config_defaults as base
 from nextstep_jax import configlib
 from nextstep_jax.image import tokenizers
 from nextstep_jax.image import vae

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_base_config
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.model import attention
 from nextstep_jax.model import nextstep as ns
 from model_testing import tiny_model

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nextstep_jax import nn as L
 from nextstep_jax.model import backbone as BB
-from nextstep_jax.model import layers as L
 from model_testing import randomize
 
 jax.config.update('jax_default_matmul_precision', 'highest')

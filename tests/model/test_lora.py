@@ -10,7 +10,7 @@ from flax import nnx
 
 from nextstep_jax import configlib
 from nextstep_jax.data import builtin_source
-from nextstep_jax.model import lora, quant
+from nextstep_jax.model import lora, nextstep, quant
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import state as state_lib
@@ -147,7 +147,7 @@ def test_lora_training_updates_only_the_adapters(tmp_path, train_head):
 
 def test_lora_fraction_counts_only_the_adapters(tmp_path):
   config = lora_config(tmp_path / 'cache')
-  params = nnx.state(state_lib.abstract_model(config), nnx.Param)
+  params = nnx.state(nextstep.abstract_model(config), nnx.Param)
   trained, total = lora.count_trainable(params, lora.LoraConfig.from_config(config))
   # Per layer: q, k, v, o, gate, up, down adapters of rank 4 (tiny: D 64, H*E 64, KV*E 32, F 128).
   per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))

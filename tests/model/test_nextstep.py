@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_base_config
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.model import nextstep as ns
 
 jax.config.update('jax_default_matmul_precision', 'highest')

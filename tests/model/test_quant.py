@@ -183,9 +183,9 @@ def test_quantized_checkpoint_restores_onto_another_mesh(tmp_path):
   the same values, really re-laid out, and the same forward outputs."""
   config = configlib.load_config('configs/tiny.py', SIZES)
   float_config = configlib.load_config('configs/tiny.py', [*SIZES[:-3]])
-  graphdef, abstract = nnx.split(state_lib.abstract_model(config), nnx.Param)
+  graphdef, abstract = nnx.split(nextstep.abstract_model(config), nnx.Param)
   float_params = nnx.state(quant_free_model(float_config), nnx.Param)
-  params = quant.quantize_params(float_params, state_lib.abstract_model(config), quant.QuantConfig.from_config(config.model))
+  params = quant.quantize_params(float_params, nextstep.abstract_model(config), quant.QuantConfig.from_config(config.model))
   ckpt = checkpoints.Checkpointer(tmp_path / 'params', keep=1, async_save=False)
   ckpt.save(0, params)
   ckpt.wait()
@@ -209,7 +209,7 @@ def test_quantized_checkpoint_restores_onto_another_mesh(tmp_path):
 
 
 def quant_free_model(config):
-  return nextstep.NextStep(state_lib.model_config(config), rngs=nnx.Rngs(3))
+  return nextstep.NextStep(nextstep.model_config(config), rngs=nnx.Rngs(3))
 
 
 def test_config_validation_and_training_refusal():

@@ -1,11 +1,12 @@
 """A checkpoint written under one mesh restores onto another, bit for bit, and training resumes."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import runs
 from nextstep_jax.parallel import mesh as mesh_lib
-from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import loop
 from nextstep_jax.training import state as state_lib
 
@@ -27,7 +28,7 @@ def test_fsdp8_checkpoint_restores_on_2x2x2_and_resumes(tmp_path):
 
   cube = config_for(tmp_path, 2, 2, 2)
   tx = state_lib.make_optimizer(cube.train)
-  ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=10)
+  ckpt = checkpoints.Checkpointer(workdir / runs.CHECKPOINT_DIR, keep=10)
   try:
     _, abstract8, shardings8 = state_lib.state_shardings(fsdp8, tx, mesh_lib.make_mesh(fsdp8.mesh))
     _, abstract222, shardings222 = state_lib.state_shardings(cube, tx, mesh_lib.make_mesh(cube.mesh))
@@ -43,6 +44,21 @@ def test_fsdp8_checkpoint_restores_on_2x2x2_and_resumes(tmp_path):
   assert shard_shape(embed8) == (512, 8) and shard_shape(embed222) == (256, 32)  # Really re-laid out.
   for a, b in zip(jax.tree.leaves(on8), jax.tree.leaves(on222)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # runs.restore_run gives the same arrays: the full state, and the params alone (optimizer
+  # moments left on disk) cast while they load.
+  cube_mesh = mesh_lib.make_mesh(cube.mesh)
+  full = runs.restore_run(str(workdir), 2, params_only=False, mesh=cube_mesh, config=cube,
+                          abstract_state=abstract222)
+  assert full.step == 2 and full.extra['step'] == 2
+  for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(on222)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  params = runs.restore_run(str(workdir), params_only=True, mesh=cube_mesh, config=cube, dtype=jnp.bfloat16)
+  assert params.step == 2 and set(params.state.keys()) == set(on222['params'].keys())
+  for a, b in zip(jax.tree.leaves(params.state), jax.tree.leaves(on222['params'])):
+    assert a.dtype == jnp.bfloat16 and a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16))
 
   # The stopped run continues on the other mesh (the model config is unchanged).
   result = loop.train(cube, str(workdir))

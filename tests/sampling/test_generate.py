@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_base_config
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.model import nextstep as ns
 from nextstep_jax.sampling import generate as G
 from nextstep_jax.sampling import integrators as I

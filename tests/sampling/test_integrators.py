@@ -286,3 +286,22 @@ def test_conditioned_velocity_equals_the_plain_field(solver, grid_kw):
   expected = np.asarray(I.integrate(plain, x0, keys, cfg))
   np.testing.assert_allclose(np.asarray(jax.jit(lambda x: I.integrate(split, x, keys, cfg))(x0)), expected,
                              rtol=GUIDANCE_ATOL, atol=GUIDANCE_ATOL)
+
+
+@pytest.mark.parametrize('solver', ['euler', 'heun', 'sde'])
+@pytest.mark.parametrize('grid', ['A', 'B'])
+def test_velocity_calls_counts_the_head_evaluations_integrate_makes(solver, grid):
+  """The one count of head evaluations per token (the planner and the roofline use it): grid A
+  with N steps runs N - 1 solver steps and a final delta step, so heun makes 2N - 1, not 2N."""
+  x0 = rows(np.linspace(-1, 1, 6).reshape(2, 3))
+  calls = []
+
+  def head(x, t, d):
+    calls.append(1)
+    return jnp.cos(x) * (1 + t) + d
+
+  cfg = I.IntegratorConfig(solver=solver, time_grid=grid, num_steps=4)
+  with jax.disable_jit():
+    I.integrate(head, x0, _keys(x0.shape[0]), cfg)
+  assert cfg.velocity_calls == len(calls)
+  assert cfg.velocity_calls == {('heun', 'A'): 7, ('heun', 'B'): 8}.get((solver, grid), 4)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import hf_testing
 import torch_reference as tr
+from nextstep_jax import runs
 from nextstep_jax.cli import sample as sample_cli
 from nextstep_jax.convert import official
 from nextstep_jax.data import edit_sequences
@@ -44,7 +45,7 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def sampler(converted):
-  mesh = mesh_lib.make_mesh(official.load_config(converted).mesh, jax.devices()[:1])
+  mesh = mesh_lib.make_mesh(runs.load_config(converted).mesh, jax.devices()[:1])
   return pipeline.TextToImage.from_converted(str(converted), mesh=mesh, num_steps=3, batch_size=2, cfg=3.0)
 
 

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs.base import get_base_config
+from nextstep_jax import configlib
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import generate as G
@@ -85,7 +86,8 @@ def test_prefill_and_token_steps_reproduce_generate(setup):
 
 
 def test_sampling_mesh_is_tensor_parallel_as_far_as_the_model_divides():
-  from configs import nextstep1_large, tiny  # pylint: disable=import-outside-toplevel
+  nextstep1_large = configlib.config_module('configs/nextstep1_large.py')
+  tiny = configlib.config_module('configs/tiny.py')
   large = nextstep1_large.get_config()  # 40 heads, 8 kv heads, MLP 13824, vocab 152064, head 1536.
   assert dict(sharded.sampling_mesh(large).shape) == {'data': 1, 'fsdp': 1, 'tensor': 8}
   assert dict(sharded.sampling_mesh(large, jax.devices()[:4]).shape) == {'data': 1, 'fsdp': 1, 'tensor': 4}

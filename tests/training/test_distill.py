@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_base_config
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.sampling import guidance
 from nextstep_jax.training import distill as D
 from model_testing import TINY_MODEL, tiny_model

@@ -47,13 +47,6 @@ def save_source(config, directory, step: int, kind: str, dtype=None, seed: int =
   return numpy_params(state['params'])
 
 
-def test_layout_constants_match_the_converter_and_loop():
-  assert init_from.CONVERTED_PARAMS_DIR == official.PARAMS_DIR
-  assert init_from.CONVERTED_MARKER == official.TOKENIZER_FILE
-  from nextstep_jax.sampling import pipeline  # pylint: disable=import-outside-toplevel
-  assert init_from.RUN_CHECKPOINT_DIR == pipeline.CHECKPOINT_DIR
-
-
 @pytest.mark.parametrize('kind', ['run', 'converted'])
 def test_restores_the_exact_params_onto_a_sharded_mesh(tmp_path, kind):
   """Saved on one device, restored onto a (data 2, fsdp 2, tensor 2) mesh: every param equal

@@ -10,6 +10,7 @@ import multiprocess_testing
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import runs
 from nextstep_jax.cli import sample as sample_cli
 from nextstep_jax.cli import train as train_cli
 from nextstep_jax.data import sequences
@@ -63,7 +64,7 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path):
                        'train.warmup_steps=1', 'train.grad_clip=1e30')
   with pytest.raises(loop.TrainingDivergedError, match='non-finite'):
     loop.train(config, str(tmp_path / 'run'))
-  ckpt = checkpoints.Checkpointer(tmp_path / 'run' / pipeline.CHECKPOINT_DIR, keep=100)
+  ckpt = checkpoints.Checkpointer(tmp_path / 'run' / runs.CHECKPOINT_DIR, keep=100)
   steps = ckpt.all_steps()
   ckpt.close()
   for step in steps:

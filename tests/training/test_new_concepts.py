@@ -9,7 +9,7 @@ from flax import nnx
 from nextstep_jax import configlib
 from nextstep_jax.data import builtin_source, text_tokenizer
 from nextstep_jax.data.builtin import shapes
-from nextstep_jax.model import lora
+from nextstep_jax.model import lora, nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.training import init_from, new_words
 from nextstep_jax.training import state as state_lib
@@ -44,7 +44,7 @@ def test_extra_words_are_one_piece_each_and_nothing_else_changes(tokenizers):
 
 def test_init_word_rows_sets_the_mean_of_the_old_rows(tmp_path, tokenizers):
   _, tok = tokenizers
-  model = state_lib.build_model(tiny_config(tmp_path), 0)
+  model = nextstep.build_model(tiny_config(tmp_path), 0)
   params = nnx.state(model, nnx.Param)
   embedding = np.asarray(params['embed_tokens']['embedding'].get_value())
   head = np.asarray(params['lm_head']['kernel'].get_value())
@@ -76,7 +76,7 @@ def test_lora_starts_from_init_from_with_fresh_adapters(tmp_path):
   state = init_from.initial_state(config, tx, abstract_state, shardings)
   restored, _ = init_from.restore_params(str(tmp_path / 'base'), jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      nnx.state(state_lib.abstract_model(tiny_config(tmp_path)), nnx.Param),
+      nnx.state(nextstep.abstract_model(tiny_config(tmp_path)), nnx.Param),
       state_lib.state_shardings(tiny_config(tmp_path), tx, mesh)[2]['params']))
   flat = {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state['params'])}
   restored = {path[:-1] if path[-1] == 'value' else path: value for path, value in restored.items()}

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from configs.base import get_base_config
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.data import sequences
 from nextstep_jax.data.text_tokenizer import TextTokenizer, train_sentencepiece
 from nextstep_jax.model import nextstep as ns

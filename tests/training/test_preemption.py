@@ -10,7 +10,7 @@ import numpy as np
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
-from nextstep_jax.sampling import pipeline
+from nextstep_jax import runs
 from nextstep_jax.training import loop
 from nextstep_jax.training import preemption
 from nextstep_jax.training import state as state_lib
@@ -27,9 +27,9 @@ def config_for(tmp_path):
 
 
 def final_state(workdir):
-  config = configlib.config_from_json((workdir / pipeline.CONFIG_FILE).read_text())
+  config = configlib.config_from_json((workdir / runs.CONFIG_FILE).read_text())
   _, abstract = state_lib.abstract_train_state(config, state_lib.make_optimizer(config.train))
-  ckpt = checkpoints.Checkpointer(workdir / pipeline.CHECKPOINT_DIR, keep=10)
+  ckpt = checkpoints.Checkpointer(workdir / runs.CHECKPOINT_DIR, keep=10)
   try:
     state, _ = ckpt.restore(None, abstract)
     return jax.tree.map(np.asarray, state), ckpt.all_steps()

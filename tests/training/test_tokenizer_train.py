@@ -7,12 +7,12 @@ import pytest
 from PIL import Image
 
 from nextstep_jax import configlib
+from nextstep_jax import runs
 from nextstep_jax.cli import eval_tokenizer
 from nextstep_jax.cli import train_tokenizer
 from nextstep_jax.image import tokenizers
 from nextstep_jax.image import vae_import
 from nextstep_jax.image import vae_tokenizer
-from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import loop
 from nextstep_jax.training import tokenizer_train
 
@@ -82,5 +82,5 @@ def test_ar_model_trains_and_samples_on_the_tokenizer(trained, tmp_path):
   assert result.step == 2 and np.isfinite(result.metrics['im_loss'])
   grid = tmp_path / 'ar' / 'samples' / 'step_0000002.png'  # Sampled and decoded by the tokenizer.
   assert np.asarray(Image.open(grid)).shape == (2 + 2 * 18, 2 + 2 * 18, 3)
-  saved = configlib.config_from_json((tmp_path / 'ar' / pipeline.CONFIG_FILE).read_text())
+  saved = configlib.config_from_json((tmp_path / 'ar' / runs.CONFIG_FILE).read_text())
   assert isinstance(tokenizers.get_tokenizer(saved), vae_tokenizer.VaeTokenizer)

@@ -20,7 +20,9 @@ from nextstep_jax.parallel import rules as rules_lib
 
 Initializer = Callable[..., jax.Array]
 
-REMAT_POLICIES = {
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}  # model.*dtype
+
+REMAT_POLICIES = {  # model.remat_policy
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots_saveable': jax.checkpoint_policies.dots_saveable,

@@ -37,9 +37,11 @@ import numpy as np
 from flax import nnx
 
 from nextstep_jax import configlib
+from nextstep_jax import nn
+from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
-from nextstep_jax.sampling import generate
+from nextstep_jax.planning import costs
 from nextstep_jax.sampling import sharded as sharded_sampling
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import step as step_lib
@@ -208,23 +210,14 @@ def compile_train(config, mesh, compiler_options: dict | None = None):
   return step.lower(state, batch).compile(compiler_options=compiler_options)
 
 
-def sample_shapes(config) -> tuple[int, int, int, generate.SamplerConfig]:
-  """(images B, prompt rows R, prompt width P, sampler config) of one sampling batch."""
-  h, w = configlib.image_grid(config)
-  cfg = generate.SamplerConfig.from_config(config, h, w)
-  width = configlib.required_seq_len(config) - h * w - 2  # Caption + prefix; no eoi / eos.
-  images = config.sample.batch_size
-  return images, cfg.num_branches * images, width, cfg
-
-
 def compile_sample(config, mesh, compiler_options: dict | None = None) -> tuple[Any, Any]:
   """(prefill, token step) of sampling/sharded.py compiled for `mesh` from abstract values."""
-  graphdef, abstract_params = nnx.split(state_lib.abstract_model(config), nnx.Param)
+  graphdef, abstract_params = nnx.split(nextstep.abstract_model(config), nnx.Param)
   rules = config.mesh.rules
   param_shardings = rules_lib.state_shardings(abstract_params, mesh, rules)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_params, param_shardings)
-  images, rows, width, cfg = sample_shapes(config)
+  images, rows, width, cfg = costs.sample_shapes(config)
   batch_axes = rules_lib.logical_to_spec(('batch',), rules)[0]
   split = math.prod(mesh.shape[axis] for axis in
                     ((batch_axes,) if isinstance(batch_axes, str) else (batch_axes or ())))
@@ -242,7 +235,7 @@ def compile_sample(config, mesh, compiler_options: dict | None = None) -> tuple[
   slots = width + cfg.num_tokens - 1
   cache_sh = sharded_sampling.cache_shardings(mesh, rules)
   kv_shape = (m.num_layers, rows, slots, m.num_kv_heads, m.head_dim)
-  dtype = nnx_dtype(m.dtype)
+  dtype = nn.DTYPES[m.dtype]
   cache = type(cache_sh)(jax.ShapeDtypeStruct(kv_shape, dtype, sharding=cache_sh.k),
                          jax.ShapeDtypeStruct(kv_shape, dtype, sharding=cache_sh.v),
                          jax.ShapeDtypeStruct((rows, slots), jnp.bool_, sharding=cache_sh.key_valid),
@@ -257,10 +250,6 @@ def compile_sample(config, mesh, compiler_options: dict | None = None) -> tuple[
       jax.ShapeDtypeStruct((images,), jax.random.key(0).dtype, sharding=key_sh)).compile(
           compiler_options=compiler_options)
   return prefill_compiled, token_compiled
-
-
-def nnx_dtype(name: str):
-  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[name]
 
 
 def memory(compiled) -> dict:
@@ -343,83 +332,6 @@ def calibrated_cost(config, compile_fn: Callable, axes: dict, bases: dict | None
   return total
 
 
-def velocity_calls(config) -> int:
-  """Head evaluations per image token of the configured integrator."""
-  s = config.sample
-  steps = s.num_steps - 1 if s.time_grid == 'A' else s.num_steps
-  calls = steps * (2 if s.solver == 'heun' else 1)
-  return calls + (1 if s.time_grid == 'A' else 0)
-
-
-def decoder_matmul_params(config) -> dict:
-  """Weights used as matrices per token: decoder layers, lm_head, image projectors, flow head."""
-  m = config.model
-  attn = m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim + m.num_heads * m.head_dim * m.hidden_size
-  mlp = 3 * m.hidden_size * m.intermediate_size
-  w, t = m.fm_head_dim, configlib.token_dim(config)
-  head = (256 * w + w * w + m.hidden_size * w + t * w  # time (2 dense), cond, input_proj
-          + m.fm_head_layers * (2 * w * w + 3 * w * w) + 2 * w * w + w * t)
-  return {'decoder': m.num_layers * (attn + mlp), 'lm_head': m.hidden_size * m.vocab_size,
-          'image_in': t * m.hidden_size, 'image_out': m.hidden_size * m.hidden_size, 'head': head}
-
-
-def attention_flops(config, batch: int, queries: int, keys: int, causal: bool) -> float:
-  """Forward QK^T + PV FLOPs over all layers: 4 * H * E per (query, attended key)."""
-  m = config.model
-  pairs = queries * (keys + 1) / 2 if causal else queries * keys
-  return 4.0 * m.num_layers * m.num_heads * m.head_dim * pairs * batch
-
-
-def train_model_flops(config) -> float:
-  """6 * weights * tokens (forward + backward) per component, plus causal attention (x3)."""
-  b, l = config.train.batch_size, configlib.required_seq_len(config)
-  h, w = configlib.image_grid(config)
-  n = h * w
-  p = decoder_matmul_params(config)
-  head_rows = b * n * config.loss.fm_head_batch_mul
-  forward = (2 * p['decoder'] * b * l + 2 * p['lm_head'] * b * (l - 1) + 2 * p['image_in'] * b * n
-             + 2 * p['image_out'] * b * n + 2 * p['head'] * head_rows)
-  return 3 * (forward + attention_flops(config, b, l, l, causal=True))
-
-
-def sample_model_flops(config) -> float:
-  """One batch of images: prefill, N decoder steps (attention over the filled cache), and per
-  token the condition (image_out_projector, cond_embed) once plus the head's velocity evaluations
-  on every branch row; the time embedding MLP runs once per evaluation on the step's scalar time."""
-  images, rows, width, cfg = sample_shapes(config)
-  n = cfg.num_tokens
-  p = decoder_matmul_params(config)
-  prefill = 2 * p['decoder'] * rows * width + attention_flops(config, rows, width, width, True)
-  decode = n * (2 * (p['decoder'] + p['image_in']) * rows) + attention_flops(config, rows, n, n, True) \
-      + attention_flops(config, rows, n, width, False)
-  w, calls = config.model.fm_head_dim, velocity_calls(config)
-  cond_embed = config.model.hidden_size * w  # Once per token, as image_out.
-  time_mlp = 256 * w + w * w  # One row per evaluation.
-  per_row = p['image_out'] + cond_embed + (p['head'] - cond_embed - time_mlp) * calls
-  head = n * 2 * (rows * per_row + time_mlp * calls)
-  return prefill + decode + head
-
-
-def splash_compiler_flops(config, batch_per_device: float, seq_len: int) -> float:
-  """Per-device FLOPs inside the splash kernels (invisible to the cost analysis) for a train step."""
-  forward = attention_flops(config, batch_per_device, seq_len, seq_len, causal=True)
-  recompute = forward if config.model.remat_policy != 'none' else 0.0
-  return forward + recompute + 2.5 * forward
-
-
-def collective_bytes(config, mesh, params: int) -> float:
-  """Per-device ICI bytes of FSDP per train step: params all-gathered (compute dtype) for the
-  forward and again for the backward, gradients reduce-scattered (f32), and data-parallel
-  gradient all-reduce of the local shard."""
-  fsdp, data = mesh.shape['fsdp'], mesh.shape['data']
-  compute = jnp.dtype(nnx_dtype(config.model.dtype)).itemsize
-  gathered = params * (fsdp - 1) / fsdp
-  traffic = 2 * gathered * compute + gathered * 4
-  if data > 1:
-    traffic += 2 * params / fsdp * (data - 1) / data * 4
-  return traffic
-
-
 def step_estimate(chip: Chip, devices: int, model_flops: float, flops: float, bytes_: float,
                   comm_s: float, calibrated: bool) -> tuple[float | None, str | None, float | None, str]:
   """(step seconds, bound, MFU, note) from per-device compiler FLOPs / bytes and collective seconds.
@@ -481,7 +393,7 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
   uncalibrated = 'uncalibrated cost (loop bodies counted once)'
   if task in TRAIN_TASKS:
     batch, seq_len = config.train.batch_size, configlib.required_seq_len(config)
-    model_flops = train_model_flops(config)
+    model_flops = costs.train_model_flops(config)
     if lora_on:  # Frozen weights get no weight gradients: forward + input gradients only.
       model_flops *= 2 / 3
       notes.append('LoRA model FLOPs = 2/3 of full training (no weight gradients of the frozen base)')
@@ -495,15 +407,15 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
     if m.attention == 'splash':
       batch_split = mesh.shape['data'] * mesh.shape['fsdp']
-      flops += splash_compiler_flops(config, batch / batch_split, seq_len) / mesh.shape['tensor']
+      flops += costs.splash_compiler_flops(config, batch / batch_split, seq_len) / mesh.shape['tensor']
       notes.append('splash FLOPs added by formula')
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(
-        nnx.state(state_lib.abstract_model(config), nnx.Param)))
-    comm_s = collective_bytes(config, mesh, params) / chip.ici_bandwidth
+        nnx.state(nextstep.abstract_model(config), nnx.Param)))
+    comm_s = costs.collective_bytes(config, mesh, params) / chip.ici_bandwidth
   else:
-    images, rows, width, cfg = sample_shapes(config)
+    images, rows, width, cfg = costs.sample_shapes(config)
     batch, seq_len = images, width + cfg.num_tokens
-    model_flops = sample_model_flops(config)
+    model_flops = costs.sample_model_flops(config)
     n = cfg.num_tokens
     prefill_cost, token_cost = cost(prefill), cost(token_step)
     if calibrate:
@@ -515,7 +427,7 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
         token_cost = calibrated_cost(
             with_overrides(config, sample__time_grid='A', sample__solver='euler'),
             lambda c, options: compile_sample(c, mesh, options)[1],
-            {'model__num_layers': m.num_layers, 'sample__num_steps': velocity_calls(config)},
+            {'model__num_layers': m.num_layers, 'sample__num_steps': costs.sample_shapes(config)[3].integrator.velocity_calls},
             bases={'sample__num_steps': TABLE_STEPS_BASE})
       except CalibrationError as error:
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
@@ -523,7 +435,7 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
     flops, bytes_ = prefill_cost + n * token_cost
     if m.attention == 'splash':  # The prefill's kernels, per device.
       rows_split = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['tensor']
-      flops += attention_flops(config, rows / rows_split, width, width, causal=True)
+      flops += costs.attention_flops(config, rows / rows_split, width, width, causal=True)
       notes.append('splash FLOPs added by formula')
     comm_s = 0.0
     notes.append(f'step = prefill + {n} token steps')

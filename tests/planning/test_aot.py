@@ -8,7 +8,8 @@ pytest.importorskip('libtpu', reason='the AOT planner needs the libtpu package (
 
 from nextstep_jax import configlib
 from nextstep_jax.cli import aot as aot_cli
-from nextstep_jax.parallel import aot
+from nextstep_jax.planning import aot
+from nextstep_jax.planning import costs
 
 TOPOLOGY = 'v5e:2x2'
 TRAIN = ['model.num_layers=3', 'model.attention=splash', 'model.remat_policy=dots_saveable',
@@ -43,7 +44,7 @@ def test_train_plan_reports_fields(devices):
   assert plan.attention == 'splash' and plan.remat == 'dots_saveable'
   assert plan.hbm_bytes == 16 * aot.GIB
   assert plan.total_bytes >= plan.argument_bytes + plan.temp_bytes - plan.alias_bytes > 0
-  assert plan.flops_per_step == aot.train_model_flops(config)
+  assert plan.flops_per_step == costs.train_model_flops(config)
   assert plan.compiler_flops_per_device > plan.flops_per_step / plan.devices / 2
   assert plan.estimated_step_s > 0 and 0 < plan.mfu_estimate < 1
   assert plan.compiler_to_model_flops >= 1 and 'x model FLOPs' in plan.notes
@@ -72,7 +73,7 @@ def test_layer_calibration_matches_an_unrolled_deep_compile(devices):
                               {'model__num_layers': 4})
   assert remat[0] > 1.1 * calibrated[0]
   # All devices together: the model's 6ND plus the forward again (4/3) plus elementwise work.
-  assert 1.2 < remat[0] * len(devices) / aot.train_model_flops(config) < 1.5
+  assert 1.2 < remat[0] * len(devices) / costs.train_model_flops(config) < 1.5
 
 
 def test_step_calibration_from_base_two_matches_an_unrolled_compile(devices):
@@ -128,7 +129,7 @@ def test_sample_plan_reports_fields(devices):
   h, w = configlib.image_grid(config)
   assert plan.fits and plan.task == 'sample' and plan.global_batch == 4
   assert plan.seq_len == configlib.required_seq_len(config) - 2
-  assert plan.flops_per_step == aot.sample_model_flops(config) > 0
+  assert plan.flops_per_step == costs.sample_model_flops(config) > 0
   assert plan.compiler_to_model_flops >= 1 and plan.mfu_estimate is not None
   assert f'step = prefill + {h * w} token steps' in plan.notes
   with pytest.raises(ValueError, match='sample.batch_size=2 images must be divisible by the 4'):
@@ -176,5 +177,5 @@ def test_finetune_lora_plan_counts_no_weight_gradients():
   config = tiny('train.lora.rank=4', 'train.batch_size=8')
   result = aot.plan(config, 'v5e:2x4', 'finetune_lora', calibrate=False, log=lambda _: None)
   assert result.task == 'finetune_lora' and result.fits
-  assert result.flops_per_step == pytest.approx(aot.train_model_flops(config) * 2 / 3)
+  assert result.flops_per_step == pytest.approx(costs.train_model_flops(config) * 2 / 3)
   assert 'no weight gradients' in result.notes
