@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nextstep_jax import configlib
+from nextstep_jax import configlib, runs
 from nextstep_jax.data import builtin_source
 from nextstep_jax.data.builtin import shapes
 from nextstep_jax.evaluate import run_eval, shapes_eval
@@ -63,7 +63,7 @@ def finetune_overrides(args, base_config) -> list[str]:
 
 def load_config(args, extra: list[str]):
   """The base run's own config (config.json) with the fine-tune overrides: (config, overrides)."""
-  text = (pathlib.Path(args.base) / pipeline.CONFIG_FILE).read_text()
+  text = (pathlib.Path(args.base) / runs.CONFIG_FILE).read_text()
   config = configlib.with_base_defaults(configlib.config_from_json(text))
   overrides = finetune_overrides(args, config) + extra
   configlib.apply_overrides(config, overrides)

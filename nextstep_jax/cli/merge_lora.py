@@ -13,7 +13,7 @@ import sys
 import jax
 from etils import epath
 
-from nextstep_jax import checkpoints, configlib
+from nextstep_jax import checkpoints, configlib, runs
 from nextstep_jax.model import lora
 from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import state as state_lib
@@ -31,15 +31,15 @@ def merge_run(workdir: str, out: str, step: int | None = None) -> int:
     config.train.lora.rank = 0
   merged = lora.merge_adapters(adapter.params, cfg)
   tx = state_lib.make_optimizer(config.train)
-  step = step if step is not None else pipeline.checkpoint_steps(workdir)[-1]
+  step = step if step is not None else runs.checkpoint_steps(workdir)[-1]
   target = epath.Path(out)
   target.mkdir(parents=True, exist_ok=True)
-  (target / pipeline.CONFIG_FILE).write_text(configlib.config_to_json(config))
-  for name in (pipeline.TOKENIZER_FILE, pipeline.HF_TOKENIZER_FILE):
+  (target / runs.CONFIG_FILE).write_text(configlib.config_to_json(config))
+  for name in (runs.TOKENIZER_FILE, runs.HF_TOKENIZER_FILE):
     if (source / name).exists():
       shutil.copyfile(str(source / name), str(target / name))
   state = {'params': merged, 'opt_state': tx.init(merged), 'step': jax.numpy.asarray(step, jax.numpy.int32)}
-  ckpt = checkpoints.Checkpointer(target / pipeline.CHECKPOINT_DIR, keep=1, async_save=False)
+  ckpt = checkpoints.Checkpointer(target / runs.CHECKPOINT_DIR, keep=1, async_save=False)
   ckpt.save(step, state)
   ckpt.close()
   return step
