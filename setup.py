@@ -69,6 +69,7 @@ setuptools.setup(
             'nextstep-train-tokenizer=nextstep_jax.cli.train_tokenizer:main',
             'nextstep-eval-tokenizer=nextstep_jax.cli.eval_tokenizer:main',
             'nextstep-aot=nextstep_jax.cli.aot:main',
+            'nextstep-merge-lora=nextstep_jax.cli.merge_lora:main',
         ],
     },
 )

@@ -25,6 +25,8 @@ TRAIN_256 = 'configs/nextstep1_large.py'
 # branches per call (one image per device on the 8-device slices).
 SAMPLE = ['--config.model.param_dtype=bfloat16', '--config.sample.batch_size=8']
 TENSOR_8 = ['--config.mesh.data=1', '--config.mesh.fsdp=1', '--config.mesh.tensor=8']
+FINETUNE_LORA = ['--config.model.attention=splash', '--config.model.param_dtype=bfloat16',
+                 '--config.train.batch_size=8', '--config.train.lora.rank=16', '--config.train.lora.alpha=32']
 
 ROWS = [
     ('train', TRAIN_512, 'v5p:4x4x4', ['--config.model.attention=splash']),  # v5p-128: 64 chips.
@@ -45,6 +47,11 @@ ROWS = [
     ('sample', TRAIN_512, 'v2:2x2', SAMPLE + TENSOR_8 + ['--config.model.attention=xla']),
     # The headline row with matmul outputs saved instead of full recomputation.
     ('train', TRAIN_512, 'v5p:4x4x4', ['--config.model.attention=splash', '--config.model.remat_policy=dots_saveable']),
+    # Fine-tuning (issue 15): LoRA on a single v5e-8 host (bf16 frozen base, rank-16 adapters on
+    # every decoder linear layer, global batch 8 = one 512px sequence per chip), full fine-tuning
+    # on v5p-64 (f32 masters + AdamW, like training, fine-tune batch 64).
+    ('finetune_lora', TRAIN_512, 'v5e:2x4', FINETUNE_LORA),
+    ('finetune_full', TRAIN_512, 'v5p:2x4x4', ['--config.model.attention=splash', '--config.train.batch_size=64']),
 ]
 
 
@@ -106,7 +113,10 @@ def main() -> int:
         print(record['error'], flush=True)
     record.update(config=config, overrides=overrides, wall_s=round(time.monotonic() - started, 1),
                   command='JAX_PLATFORMS=cpu ' + ' '.join(['nextstep-aot'] + command[3:]))
-    done[(task, config, topology, tuple(overrides))] = record
+    # Read-modify-write: other runs may have added rows since this one started.
+    latest = json.loads(OUT.read_text())['rows'] if OUT.exists() else []
+    done = {**{(r['task'], r['config'], r['topology'], tuple(r['overrides'])): r for r in latest},
+            (task, config, topology, tuple(overrides)): record}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         'benchmark': 'AOT plans of NextStep-1-Large on TPU slices (compiled on CPU with libtpu)',

@@ -47,7 +47,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.attention = 'xla'
   m.scan_unroll = False  # Unroll layer and integration-step scans: exact compiler cost analysis (AOT calibration only).
   # Weight-only quantization for sampling (nextstep_jax/model/quant.py, qwix): linear-layer kernels
-  # stored as int8/int4 with scales in model.dtype; activations stay in model.dtype. Not for training.
+  # stored as int8/int4 with scales in model.dtype; activations stay in model.dtype. Training only
+  # with LoRA (QLoRA: the quantized base is frozen, the adapters train).
   m.quant = ml_collections.ConfigDict()
   m.quant.mode = 'none'  # none | int8 (per output channel) | int4 (per group of the contracted axis).
   m.quant.group_size = 128  # int4 group along the contracted axis (axes it does not divide: per channel).
@@ -111,6 +112,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.text.vocab_size = 384  # Sentencepiece pieces requested (specials + 256 byte pieces included).
   c.text.max_caption_tokens = 24  # Longest caption in tokens; longer prompts are an error.
   c.text.spm_path = ''  # Explicit model path; '' = train/load <data cache>/<dataset>_spm.model.
+  # Words added to the sentencepiece model as one piece each ('\u2581word', ids after its vocabulary),
+  # e.g. ('orange', 'diamond') to fine-tune a shapes run on new concepts (see train.init_word_rows).
+  c.text.extra_words = ()
   # spm (the sentencepiece stand-in above) | hf (the official Qwen2.5 tokenizer.json with the
   # NextStep special tokens; text.vocab_size is then unused and model.vocab_size must cover its ids).
   c.text.tokenizer = 'spm'
@@ -118,7 +122,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Built-in data.
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'shapes'  # shapes | digits.
+  c.data.dataset = 'shapes'  # shapes | digits | shapes_new (fine-tuning set with new concepts).
+  c.data.new_concept_fraction = 0.5  # shapes_new: share of one-object new-concept scenes (rest: base replay).
   c.data.num_train = 20000  # Training examples generated (shapes) / drawn with augmentation.
   c.data.drop_text_prob = 0.1  # Caption moved after the image block (trains the uncond branch).
   c.data.cache_dir = ''  # Where generated data and the spm model live ('' = ~/.cache/nextstep_jax).
@@ -215,6 +220,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   # fnmatch patterns over dotted param names kept at their random init (and not required in the
   # source), e.g. ('image_head.*',) for a new flow head or ('lm_head.kernel',).
   c.train.init_from_skip = ()
+  # After init_from: 'new=old1+old2' sets the embedding and lm_head rows of the word `new` (e.g. a
+  # text.extra_words word) to the mean of the rows of the old words, e.g. 'orange=red+green+blue'.
+  c.train.init_word_rows = ()
+  # LoRA fine-tuning (nextstep_jax/model/lora.py, qwix adapters on the decoder's linear layers):
+  # only the adapters (and the flow head with train_head) are trained and have optimizer state.
+  c.train.lora = ml_collections.ConfigDict()
+  c.train.lora.rank = 0  # Adapter rank r (0 = LoRA off: every param trains).
+  c.train.lora.alpha = 16.0  # Update scale alpha / r.
+  # Regexes (full match) over a decoder layer's Dense paths: self_attn/{q,k,v,o}_proj, mlp/{gate,up,down}_proj.
+  c.train.lora.targets = ('self_attn/.*', 'mlp/.*')
+  c.train.lora.train_head = False  # Also train the flow head (image_head) fully.
 
   # Device mesh: axis sizes, -1 absorbs the remaining devices.
   c.mesh = ml_collections.ConfigDict()

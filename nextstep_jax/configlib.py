@@ -114,6 +114,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(0 <= train.min_lr_ratio <= 1,
           f'train.min_lr_ratio={train.min_lr_ratio} must be in [0, 1].')
   _validate_microbatches(require, train)
+  lora = train.get('lora')
+  if lora is not None and lora.rank:
+    require(lora.rank > 0, f'train.lora.rank={lora.rank} must be >= 0 (0 = LoRA off).')
+    require(lora.alpha > 0, f'train.lora.alpha={lora.alpha} must be > 0.')
+    require(bool(lora.targets), 'train.lora.targets is empty: give regexes over a decoder layer\'s '
+            'Dense paths, e.g. ("self_attn/.*", "mlp/.*").')
+    quant_cfg = m.get('quant')
+    require(not (lora.train_head and quant_cfg is not None and quant_cfg.mode != 'none' and quant_cfg.head),
+            'train.lora.train_head trains the flow head fully, which model.quant.head would quantize: '
+            'set model.quant.head=False for QLoRA with a trained head.')
   require(0 < sample.last_step_size < 1,
           f'sample.last_step_size={sample.last_step_size} must be in (0, 1).')
   if m.num_heads > 0 and m.num_kv_heads > 0:

@@ -1,5 +1,6 @@
-"""nextstep-aot --config configs/nextstep1_large.py --topology v5p:4x4x4 [--task train|sample]
-[--quantize int8|int4] [--hbm-gib 95] [--no-calibrate] [--json out.json] [--config.field=value ...]
+"""nextstep-aot --config configs/nextstep1_large.py --topology v5p:4x4x4
+[--task train|sample|finetune_full|finetune_lora] [--quantize int8|int4] [--hbm-gib 95] [--no-calibrate]
+[--json out.json] [--config.field=value ...]
 
 Compiles the real train step (or the sampling prefill + token step) for a TPU slice without TPUs
 (needs the libtpu package: pip install -e '.[tpu-aot]') and prints per-device memory against HBM,
@@ -26,7 +27,7 @@ def _main(argv) -> int:
   parser = entry.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', required=True, help='config file, e.g. configs/nextstep1_large.py:512')
   parser.add_argument('--topology', required=True, help='TPU slice, e.g. v5p:4x4x4, v4:4x4x4, v5e:2x4')
-  parser.add_argument('--task', default='train', choices=('train', 'sample'))
+  parser.add_argument('--task', default='train', choices=('train', 'sample', 'finetune_full', 'finetune_lora'))
   parser.add_argument('--quantize', choices=('int8', 'int4'), default=None,
                       help='weight-only quantized weights (sets model.quant.mode)')
   parser.add_argument('--hbm-gib', type=float, default=None, help='override the chip HBM per device (GiB)')

@@ -33,6 +33,9 @@ def load_images_and_captions(config) -> tuple[np.ndarray, list[str]]:
   name, size, num, seed = config.data.dataset, config.image.size, config.data.num_train, config.seed
   if name == 'shapes':
     return shapes.make_dataset(num, seed, size=size, split='train')
+  if name == 'shapes_new':
+    return shapes.make_new_concept_dataset(num, seed, size=size,
+                                           new_fraction=config.data.new_concept_fraction)
   if name == 'digits':
     from nextstep_jax.data.builtin import digits  # pylint: disable=g-import-not-at-top (sklearn is slow to import)
     return digits.make_dataset(num, seed, size=size)
@@ -43,7 +46,7 @@ def tokenizer_corpus(config) -> list[str]:
   """Captions the sentencepiece model is trained on: the dataset's training captions plus its
   evaluation prompts (so held-out combinations tokenise the same way)."""
   name = config.data.dataset
-  if name == 'shapes':
+  if name in ('shapes', 'shapes_new'):  # shapes_new: new words come from text.extra_words.
     _, captions = shapes.make_dataset(4000, 12345, size=config.image.size, split='train')
     extra = shapes.eval_prompts(500, 2, 'heldout', 0) + shapes.eval_prompts(200, 1, 'heldout', 0)
     return list(captions) + extra
@@ -71,10 +74,17 @@ def load_text_tokenizer(config) -> text_tokenizer.Tokenizer:
   if config.text.get('tokenizer', 'spm') == 'hf':
     return hf_tokenizer.HFTokenizer.load(hf_tokenizer_path(config))
   if config.text.spm_path:
-    return text_tokenizer.TextTokenizer.load(config.text.spm_path)
-  path = cache_dir(config) / f'{config.data.dataset}_v{config.text.vocab_size}_spm.model'
-  path.parent.mkdir(parents=True, exist_ok=True)
-  return text_tokenizer.TextTokenizer.load_or_train(str(path), tokenizer_corpus(config), config.text.vocab_size)
+    tok = text_tokenizer.TextTokenizer.load(config.text.spm_path)
+  else:
+    path = cache_dir(config) / f'{config.data.dataset}_v{config.text.vocab_size}_spm.model'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok = text_tokenizer.TextTokenizer.load_or_train(str(path), tokenizer_corpus(config), config.text.vocab_size)
+  words = tuple(config.text.get('extra_words', ()))
+  if not words:
+    return tok
+  extended = cache_dir(config) / f'{pathlib.Path(tok.path).stem}+{"+".join(words)}.model'
+  extended.parent.mkdir(parents=True, exist_ok=True)
+  return text_tokenizer.TextTokenizer.load(text_tokenizer.add_words(tok.path, words, str(extended)))
 
 
 class BuiltinSource:

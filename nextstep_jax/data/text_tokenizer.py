@@ -131,6 +131,32 @@ def train_sentencepiece(captions: Sequence[str], model_prefix: str, vocab_size: 
   return model_path
 
 
+def add_words(model_path: str, words: Sequence[str], out_path: str) -> str:
+  """Writes to `out_path` the model of `model_path` with each word of `words` added as one
+  user-defined piece '▁word' (ids vocab_size, vocab_size + 1, ... in order), so a fine-tune can
+  give new words one token each, like the trained words ('a orange diamond' -> 'a', '▁orange',
+  '▁diamond'). Text without the words tokenises exactly as before. Returns `out_path`."""
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(model_path, 'rb') as f:
+    proto.ParseFromString(f.read())
+  existing = {piece.piece for piece in proto.pieces}
+  for word in words:
+    if not word or not word.isalpha():
+      raise ValueError(f'text.extra_words: {word!r} must be one alphabetic word.')
+    if '\u2581' + word in existing:
+      raise ValueError(f'text.extra_words: {word!r} is already a piece of {model_path}; drop it.')
+    piece = proto.pieces.add()
+    piece.piece = '\u2581' + word
+    piece.score = 0.0
+    piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+  fd, temp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out_path)), suffix='.tmp')
+  with os.fdopen(fd, 'wb') as temp_file:
+    temp_file.write(proto.SerializeToString())
+  os.replace(temp_path, out_path)
+  return out_path
+
+
 class TextTokenizer:
   """A sentencepiece text tokenizer with the NextStep special tokens as single pieces."""
 

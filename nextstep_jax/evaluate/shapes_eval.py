@@ -20,6 +20,13 @@ that add up to less than STRAY_AREA_FRACTION of the smallest object), `color` / 
 detected objects matching the two prompted (colour, shape) pairs satisfy the relation) and
 `correct` (`count` holds, the detected objects are exactly the prompted pairs and the relation
 holds).
+
+New concepts (concepts='extended'; every function defaults to 'base', the unchanged detector):
+the colour classes gain NEW_COLORS (orange sits between red and yellow, so a pixel is only called
+orange in this mode), and a component that is neither triangle nor square is a diamond when it
+leaves the band DIAMOND_BAND of |u| + |v| (just outside a diamond's edges |u| + |v| = 1, inside a
+circle along its diagonals) nearly empty: filled below DIAMOND_MAX_BAND_FILL (renders, sharp or
+blurred: diamonds 0.0, circles >= 0.2).
 """
 import collections
 import dataclasses
@@ -37,9 +44,14 @@ OTHER_COLOR = 'other'
 TRIANGLE_MIN_CENTROID_HEIGHT = 0.57  # Box-relative centroid height: triangle 2/3, others 1/2.
 SQUARE_CORNER_SUM = 1.55  # Box corners |u| + |v| > this: full for squares, empty for circles.
 SQUARE_MIN_CORNER_FILL = 0.25
+DIAMOND_BAND = (1.2, 1.55)  # Box-normalised |u| + |v| range probed to tell diamonds from circles.
+DIAMOND_MAX_BAND_FILL = 0.1
 
-_CLASS_NAMES = tuple(shapes.COLORS) + (OTHER_COLOR,)
-_CLASS_RGB = np.array([*shapes.COLORS.values(), (255, 255, 255)], np.float32)
+
+def _color_classes(concepts: str) -> tuple[tuple[str, ...], np.ndarray]:
+  """(class names, their RGB (C, 3) float32): the concept set's colours, then 'other'."""
+  colors, _ = shapes.vocabulary(concepts)
+  return tuple(colors) + (OTHER_COLOR,), np.array([*colors.values(), (255, 255, 255)], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +71,20 @@ def _check_image(image: np.ndarray) -> None:
     raise ValueError(f'Expected a uint8 image, got {image.dtype}.')
 
 
-def classify_pixels(image: np.ndarray) -> np.ndarray:
-  """int (S, S): -1 for background, else an index into COLORS' names followed by 'other'."""
+def classify_pixels(image: np.ndarray, concepts: str = 'base') -> np.ndarray:
+  """int (S, S): -1 for background, else an index into the concept set's colour names followed
+  by 'other'."""
   _check_image(image)
+  _, class_rgb = _color_classes(concepts)
   pixels = image.astype(np.float32)
   brightest = pixels.max(axis=-1, keepdims=True)
   normalised = pixels * (255.0 / np.maximum(brightest, 1.0))
-  distances = np.linalg.norm(normalised[:, :, None, :] - _CLASS_RGB, axis=-1)
+  distances = np.linalg.norm(normalised[:, :, None, :] - class_rgb, axis=-1)
   classes = distances.argmin(axis=-1)
   return np.where(brightest[..., 0] < BACKGROUND_MAX_CHANNEL, -1, classes)
 
 
-def _classify_shape(mask: np.ndarray) -> str:
+def _classify_shape(mask: np.ndarray, concepts: str = 'base') -> str:
   """Shape name of a component given as bool (h, w) cropped to its bounding box."""
   height, width = mask.shape
   rows = np.nonzero(mask)[0]
@@ -78,9 +92,13 @@ def _classify_shape(mask: np.ndarray) -> str:
     return 'triangle'
   u = (np.arange(width) + 0.5) / width * 2 - 1
   v = (np.arange(height) + 0.5) / height * 2 - 1
-  corners = np.abs(v)[:, None] + np.abs(u)[None, :] > SQUARE_CORNER_SUM
+  l1 = np.abs(v)[:, None] + np.abs(u)[None, :]
+  corners = l1 > SQUARE_CORNER_SUM
   if corners.any() and mask[corners].mean() > SQUARE_MIN_CORNER_FILL:
     return 'square'
+  band = (l1 > DIAMOND_BAND[0]) & (l1 <= DIAMOND_BAND[1])
+  if concepts == 'extended' and band.any() and mask[band].mean() < DIAMOND_MAX_BAND_FILL:
+    return 'diamond'
   return 'circle'
 
 
@@ -90,13 +108,14 @@ def _smallest_object_area(image_size: int) -> float:
   return 0.5 * smallest_side**2
 
 
-def _detect(image: np.ndarray) -> tuple[list[DetectedObject], int]:
+def _detect(image: np.ndarray, concepts: str = 'base') -> tuple[list[DetectedObject], int]:
   """Objects in an image uint8 (S, S, 3), grouped by colour, and the pixel count of noise."""
-  classes = classify_pixels(image)
+  class_names, _ = _color_classes(concepts)
+  classes = classify_pixels(image, concepts)
   min_area = NOISE_AREA_FRACTION * _smallest_object_area(image.shape[0])
   objects = []
   noise_area = 0
-  for class_index, color in enumerate(_CLASS_NAMES):
+  for class_index, color in enumerate(class_names):
     labels, count = ndimage.label(classes == class_index)
     for label, box in zip(range(1, count + 1), ndimage.find_objects(labels)):
       mask = labels[box] == label
@@ -106,14 +125,14 @@ def _detect(image: np.ndarray) -> tuple[list[DetectedObject], int]:
         continue
       rows, cols = np.nonzero(mask)
       objects.append(DetectedObject(
-          color=color, shape=_classify_shape(mask), cx=float(cols.mean() + 0.5 + box[1].start),
+          color=color, shape=_classify_shape(mask, concepts), cx=float(cols.mean() + 0.5 + box[1].start),
           cy=float(rows.mean() + 0.5 + box[0].start), area=area))
   return objects, noise_area
 
 
-def detect_objects(image: np.ndarray) -> list[DetectedObject]:
+def detect_objects(image: np.ndarray, concepts: str = 'base') -> list[DetectedObject]:
   """Objects in an image uint8 (S, S, 3), grouped by colour (see the module docstring)."""
-  return _detect(image)[0]
+  return _detect(image, concepts)[0]
 
 
 def _has_distinct_matches(wanted: list, found: list) -> bool:
@@ -121,13 +140,13 @@ def _has_distinct_matches(wanted: list, found: list) -> bool:
   return not collections.Counter(wanted) - collections.Counter(found)
 
 
-def evaluate_image(image: np.ndarray, caption: str) -> dict[str, bool]:
+def evaluate_image(image: np.ndarray, caption: str, concepts: str = 'base') -> dict[str, bool]:
   """Scores one image uint8 (S, S, 3) against its caption.
 
   Returns `count`, `color`, `shape`, `correct` and, for prompts with a relation, `relation`.
   """
-  spec = shapes.parse_caption(caption)
-  found, noise_area = _detect(image)
+  spec = shapes.parse_caption(caption, concepts)
+  found, noise_area = _detect(image, concepts)
   found_pairs = [(o.color, o.shape) for o in found]
   max_noise = STRAY_AREA_FRACTION * _smallest_object_area(image.shape[0])
   result = {
@@ -148,7 +167,7 @@ def evaluate_image(image: np.ndarray, caption: str) -> dict[str, bool]:
   return result
 
 
-def score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
+def score(images: np.ndarray, captions: list[str], concepts: str = 'base') -> dict[str, float]:
   """Mean scores over images uint8 (n, S, S, 3) and their captions.
 
   Keys: `accuracy` (whole prompt correct), `color`, `shape`, `count`, `relation` (over prompts
@@ -158,7 +177,7 @@ def score(images: np.ndarray, captions: list[str]) -> dict[str, float]:
     raise ValueError(f'Got {len(images)} images but {len(captions)} captions.')
   if not captions:
     raise ValueError('Cannot score an empty set of images.')
-  results = [evaluate_image(image, text) for image, text in zip(images, captions)]
+  results = [evaluate_image(image, text, concepts) for image, text in zip(images, captions)]
   relations = [r['relation'] for r in results if 'relation' in r]
   return {
       'accuracy': float(np.mean([r['correct'] for r in results])),

@@ -16,6 +16,7 @@ from flax import nnx
 from nextstep_jax import nn as L
 from nextstep_jax.model import backbone
 from nextstep_jax.model import flow_head
+from nextstep_jax.model import lora
 from nextstep_jax.model import quant
 
 
@@ -136,10 +137,19 @@ def model_config(config) -> ModelConfig:
   return ModelConfig.from_config(config.model, mesh_rules=config.mesh.rules)
 
 
+def build_model(config, seed: int, quantized: bool = True) -> NextStep:
+  """The model of `config` initialised from `seed`: LoRA adapters when train.lora is on, then
+  quantized kernels when model.quant.mode is set (and `quantized`; QLoRA when both)."""
+  model = NextStep(model_config(config), rngs=nnx.Rngs(seed))
+  lora_cfg = lora.LoraConfig.from_config(config)
+  qcfg = quant.QuantConfig.from_config(config.model) if quantized else quant.QuantConfig()
+  if lora_cfg is not None:
+    lora.add_adapters(model, lora_cfg, nnx.Rngs(seed + 1), for_quantized_base=qcfg.enabled)
+  return quant.quantize_model(model, qcfg)
+
+
 def abstract_model(config, quantized: bool = True) -> NextStep:
   """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half. With
   `config.model.quant.mode` set (and `quantized`) its linear layers hold quantized kernels
   (model/quant.py); quantized=False gives the float model the quantized one is made from."""
-  cfg = model_config(config)
-  qcfg = quant.QuantConfig.from_config(config.model) if quantized else quant.QuantConfig()
-  return nnx.eval_shape(lambda: quant.quantize_model(NextStep(cfg, rngs=nnx.Rngs(0)), qcfg))
+  return nnx.eval_shape(lambda: build_model(config, 0, quantized))

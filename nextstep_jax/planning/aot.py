@@ -47,7 +47,10 @@ from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import step as step_lib
 
 GIB = 2**30
-TASKS = ('train', 'sample')
+TASKS = ('train', 'sample', 'finetune_full', 'finetune_lora')
+# Tasks that compile the train step: fine-tuning is the same step started from released params
+# (train.init_from); finetune_lora needs train.lora.rank > 0 (adapters + optional head trained).
+TRAIN_TASKS = ('train', 'finetune_full', 'finetune_lora')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,6 +428,11 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
   Raises DoesNotFit (after logging the plan) when the per-device total exceeds the HBM."""
   if task not in TASKS:
     raise ValueError(f'task={task!r}; use one of {TASKS}.')
+  lora_on = bool(config.train.get('lora') and config.train.lora.rank)
+  if task == 'finetune_lora' and not lora_on:
+    raise ValueError('task=finetune_lora needs LoRA: set --config.train.lora.rank (e.g. 16).')
+  if task in ('train', 'finetune_full') and lora_on:
+    raise ValueError(f'task={task} trains every param; use task=finetune_lora with train.lora.rank > 0.')
   configlib.validate(config)
   chip = chip_for(topology)
   hbm = hbm_bytes or chip.hbm_bytes
@@ -433,7 +441,7 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
   log(f'[aot] {task} on {topology}: {len(devices)} devices, mesh {dict(mesh.shape)}')
   started = time.monotonic()
   try:
-    if task == 'train':
+    if task in TRAIN_TASKS:
       compiled = compile_train(config, mesh)
       mem = memory(compiled)
     else:
@@ -452,9 +460,12 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
   m = config.model
   notes = []
   uncalibrated = 'uncalibrated cost (loop bodies counted once)'
-  if task == 'train':
+  if task in TRAIN_TASKS:
     batch, seq_len = config.train.batch_size, configlib.required_seq_len(config)
     model_flops = costs.train_model_flops(config)
+    if lora_on:  # Frozen weights get no weight gradients: forward + input gradients only.
+      model_flops *= 2 / 3
+      notes.append('LoRA model FLOPs = 2/3 of full training (no weight gradients of the frozen base)')
     flops, bytes_ = cost(compiled)
     if calibrate:
       log('[aot] calibrating the cost analysis (1- and 2-layer unrolled compiles)')
@@ -534,7 +545,7 @@ def knobs_message(config, mesh: dict, task: str, headline: str) -> str:
   else:
     knobs = [f'a larger slice (params and optimizer state are already sharded {mesh["fsdp"]}-way '
              f'over fsdp, {mesh["tensor"]}-way over tensor)']
-  if task == 'train':
+  if task in TRAIN_TASKS:
     per_device = config.train.batch_size / (mesh['data'] * mesh['fsdp'])
     k, rows = config.train.microbatches, int(per_device)
     more = [d for d in range(2 * k, rows + 1, k) if rows == per_device and rows % d == 0]

@@ -171,17 +171,23 @@ def initial_params(spec: str, abstract_params: Any, fresh_params_fn, skip: tuple
 
 
 def initial_state(config, tx, abstract_state: Any, shardings: Any) -> dict:
-  """A fresh train state (optimizer zeros, step 0) whose params come from `config.train.init_from`."""
+  """A fresh train state (optimizer zeros, step 0) whose params come from `config.train.init_from`.
+
+  With LoRA (train.lora.rank > 0) the adapters start fresh (a source has none) and the optimizer
+  state covers the trained params only."""
+  from nextstep_jax.model import lora  # pylint: disable=import-outside-toplevel
   from nextstep_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
+  lora_cfg = lora.LoraConfig.from_config(config)
+  skip = tuple(config.train.init_from_skip) + (lora.INIT_FROM_SKIP if lora_cfg else ())
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state['params'], shardings['params'])
 
   def fresh():
     return jax.jit(lambda: state_lib.init_state(config, tx)['params'], out_shardings=shardings['params'])()
 
-  params = initial_params(config.train.init_from, target, fresh, tuple(config.train.init_from_skip),
-                          config.model.param_dtype)
-  opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
+  params = initial_params(config.train.init_from, target, fresh, skip, config.model.param_dtype)
+  opt_state = jax.jit(lambda p: tx.init(lora.split_trainable(p, lora_cfg)[0]),
+                      out_shardings=shardings['opt_state'])(params)
   step = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), shardings['step'])
   return {'params': params, 'opt_state': opt_state, 'step': step}
 

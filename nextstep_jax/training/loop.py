@@ -39,8 +39,7 @@ from nextstep_jax.data import training_data
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import pipeline
-from nextstep_jax.training import init_from
-from nextstep_jax.training import preemption
+from nextstep_jax.training import init_from, new_words, preemption
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import workdir_lock
 from nextstep_jax.training import step as step_lib
@@ -138,7 +137,7 @@ def grid_prompts(config, num: int) -> list[str]:
   if config.train.get('grid_prompts'):
     prompts = list(config.train.grid_prompts)
     return [prompts[i % len(prompts)] for i in range(num)]
-  if config.data.dataset == 'shapes':
+  if config.data.dataset in ('shapes', 'shapes_new'):
     from nextstep_jax.data.builtin import shapes  # pylint: disable=g-import-not-at-top
     half = num // 2
     return (shapes.eval_prompts(half // 2, 1, 'seen', 0) + shapes.eval_prompts(half - half // 2, 2, 'seen', 0)
@@ -209,6 +208,8 @@ def _train_locked(config, workdir: epath.Path, stop_at, from_step, mesh, tok, da
       print(line, flush=True)
   if not ckpt.all_steps() and config.train.init_from:
     state = init_from.initial_state(config, tx, abstract_state, shardings)
+    if config.train.get('init_word_rows'):
+      state['params'] = new_words.init_word_rows(state['params'], tok, config.train.init_word_rows)
     start = 0
     print(f'initialised from {config.train.init_from} (params only, fresh optimizer)', flush=True)
   elif not ckpt.all_steps():

@@ -2,7 +2,9 @@
 
 The state is a plain dict pytree {'params': nnx.State, 'opt_state': optax state, 'step': () int32}
 so that jit shardings, donation and orbax checkpoints treat it uniformly. The graphdef of the
-model is static and rebuilt from the config.
+model is static and rebuilt from the config. With LoRA (`train.lora.rank` > 0, model/lora.py)
+the params include the adapters and the optimizer state covers only the trained params
+(`lora.split_trainable`).
 """
 from typing import Any
 
@@ -11,8 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nextstep_jax.model import nextstep
-from nextstep_jax.model import quant
+from nextstep_jax.model import lora, nextstep, quant
 from nextstep_jax.parallel import rules as rules_lib
 
 DECAYED_PARAM_NAMES = ('kernel', 'embedding')  # Weight decay skips biases and norm weights.
@@ -49,12 +50,14 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 
 def init_state(config, tx: optax.GradientTransformation) -> dict:
   """Fresh train state (unsharded; jit it with out_shardings to create it sharded)."""
-  if quant.QuantConfig.from_config(config.model).enabled:
+  lora_cfg = lora.LoraConfig.from_config(config)
+  if quant.QuantConfig.from_config(config.model).enabled and lora_cfg is None:
     raise ValueError(f'model.quant.mode={config.model.quant.mode!r} quantizes weights for sampling; '
-                     "train with model.quant.mode='none' and quantize the trained params.")
-  model = nextstep.NextStep(nextstep.model_config(config), rngs=nnx.Rngs(config.seed))
-  params = nnx.state(model, nnx.Param)
-  return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+                     "train with model.quant.mode='none' and quantize the trained params, or train "
+                     'LoRA adapters over the quantized base (QLoRA: train.lora.rank > 0).')
+  params = nnx.state(nextstep.build_model(config, config.seed), nnx.Param)
+  trained, _ = lora.split_trainable(params, lora_cfg)
+  return {'params': params, 'opt_state': tx.init(trained), 'step': jnp.zeros((), jnp.int32)}
 
 
 def abstract_train_state(config, tx) -> tuple[nnx.GraphDef, Any]:

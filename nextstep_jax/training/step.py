@@ -28,6 +28,7 @@ from flax import nnx
 
 from nextstep_jax import configlib
 from nextstep_jax import nn
+from nextstep_jax.model import lora
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import objective
@@ -62,9 +63,11 @@ def split_head_draws(x: jax.Array, count: int, b: int, n: int, rules) -> jax.Arr
 
 
 def microbatch_gradients(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig, microbatches: int,
-                         rules, grad_shardings, params, batch: dict, key: jax.Array) -> tuple:
+                         rules, grad_shardings, params, batch: dict, key: jax.Array,
+                         frozen=None) -> tuple:
   """(grads, metrics {loss, lm_loss, im_loss}) of the whole batch's loss, accumulated over
-  `microbatches` strided microbatches in a lax.scan (see module docstring)."""
+  `microbatches` strided microbatches in a lax.scan (see module docstring). Gradients are taken
+  with respect to `params`; `frozen` (LoRA's base params) joins them in the model untrained."""
   b, n, token_dim = batch['image_tokens'].shape
   counts = objective.loss_counts(batch, loss_cfg)
   draws = objective.head_draws(key, loss_cfg.fm_head_batch_mul * b * n, token_dim, loss_cfg)
@@ -76,7 +79,7 @@ def microbatch_gradients(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig,
     row_draws = {k: v.reshape((-1,) + v.shape[3:]) for k, v in row_draws.items()}
 
     def loss_fn(p):
-      sums = objective.loss_sums(nnx.merge(graphdef, p), rows, row_draws, loss_cfg)
+      sums = objective.loss_sums(nnx.merge(graphdef, lora.join_params(p, frozen)), rows, row_draws, loss_cfg)
       return objective.combine_loss(sums, counts, loss_cfg)[0], sums
 
     (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -97,21 +100,24 @@ def microbatch_gradients(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig,
 
 def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: objective.LossConfig,
                   schedule: optax.Schedule, seed: int, microbatches: int, rules, grad_shardings,
-                  state: dict, batch: dict) -> tuple[dict, dict]:
-  """Pure train step (see module docstring); grad_shardings: the params' shardings."""
+                  state: dict, batch: dict, lora_cfg: lora.LoraConfig | None = None) -> tuple[dict, dict]:
+  """Pure train step (see module docstring); grad_shardings: the params' shardings. With
+  `lora_cfg` only `lora.split_trainable`'s trained params get gradients and updates."""
   step = state['step']
   key = jax.random.fold_in(jax.random.key(seed), step)
+  trained, frozen = lora.split_trainable(state['params'], lora_cfg)
   if microbatches == 1:
     def loss_fn(params):
-      model = nnx.merge(graphdef, params)
+      model = nnx.merge(graphdef, lora.join_params(params, frozen))
       return objective.compute_loss(model, batch, key, loss_cfg)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
   else:
+    grad_shardings, _ = lora.split_trainable(grad_shardings, lora_cfg)
     grads, metrics = microbatch_gradients(graphdef, loss_cfg, microbatches, rules, grad_shardings,
-                                          state['params'], batch, key)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
+                                          trained, batch, key, frozen)
+  updates, opt_state = tx.update(grads, state['opt_state'], trained)
+  params = lora.join_params(optax.apply_updates(trained, updates), frozen)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=jnp.asarray(schedule(step), jnp.float32))
   return {'params': params, 'opt_state': opt_state, 'step': step + 1}, metrics
 
@@ -148,7 +154,8 @@ def build_train_step(config, graphdef, tx, state_shardings, mesh, placeholder_id
   loss_cfg = objective.LossConfig.from_config(config, placeholder_id)
   fn = mesh_lib.in_mesh(functools.partial(
       train_step_fn, graphdef, tx, loss_cfg, state_lib.learning_rate_schedule(config.train), config.seed,
-      config.train.microbatches, config.mesh.rules, state_shardings['params']), mesh)
+      config.train.microbatches, config.mesh.rules, state_shardings['params'],
+      lora_cfg=lora.LoraConfig.from_config(config)), mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(config, mesh, batch_spec)),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -99,3 +99,40 @@ def test_bad_input_raises_clear_errors():
     shapes_eval.evaluate_image(np.zeros((32, 32, 3), np.uint8), 'a red blob')
   with pytest.raises(ValueError, match='captions'):
     shapes_eval.score(np.zeros((2, 32, 32, 3), np.uint8), ['a red circle'])
+
+
+@pytest.mark.parametrize('size', [32, 64])
+def test_new_concepts_on_real_renders_score_perfectly_in_extended_mode(size):
+  images, captions = shapes.make_new_concept_dataset(400, seed=size, size=size, new_fraction=1.0)
+  assert {shapes.parse_caption(c, 'extended').objects[0] for c in captions} == set(shapes.NEW_CONCEPT_PAIRS)
+  result = shapes_eval.score(images, captions, 'extended')
+  assert result['accuracy'] == 1.0, result
+  # The extended detector still reads every base render (1-3 objects) correctly.
+  for num_objects in (1, 2, 3):
+    base_images, base_captions = shapes.make_dataset(150, seed=size + num_objects, size=size,
+                                                     num_objects=(num_objects,))
+    assert shapes_eval.score(base_images, base_captions, 'extended')['accuracy'] == 1.0
+
+
+@pytest.mark.parametrize('size', [32, 64])
+def test_mildly_blurred_new_concepts_still_score_perfectly(size):
+  images, captions = shapes.make_new_concept_dataset(150, seed=3, size=size, new_fraction=1.0)
+  blur = ImageFilter.GaussianBlur(0.8 * size / 32)
+  blurred = np.stack([np.asarray(Image.fromarray(image).filter(blur)) for image in images])
+  assert shapes_eval.score(blurred, captions, 'extended')['accuracy'] == 1.0
+
+
+def test_new_concepts_are_told_apart_from_their_neighbours():
+  scene = lambda color, shape: shapes.Scene((shapes.ShapeObject(color, shape, 16.0, 16.0, 12.0),), None)
+  orange_circle = shapes.render(scene('orange', 'circle'), 32, 'extended')
+  assert shapes_eval.evaluate_image(orange_circle, 'a orange circle', 'extended')['correct']
+  assert not shapes_eval.evaluate_image(orange_circle, 'a red circle', 'extended')['color']
+  assert not shapes_eval.evaluate_image(orange_circle, 'a yellow circle', 'extended')['color']
+  red_diamond = shapes.render(scene('red', 'diamond'), 32, 'extended')
+  assert shapes_eval.evaluate_image(red_diamond, 'a red diamond', 'extended')['correct']
+  assert not shapes_eval.evaluate_image(red_diamond, 'a red circle', 'extended')['shape']
+  assert not shapes_eval.evaluate_image(red_diamond, 'a red square', 'extended')['shape']
+  # The base detector knows neither concept: the prompt is refused, the image read as base ones.
+  with pytest.raises(ValueError, match='orange'):
+    shapes_eval.evaluate_image(orange_circle, 'a orange circle')
+  assert shapes_eval.detect_objects(red_diamond)[0].shape == 'circle'

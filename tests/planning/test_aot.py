@@ -166,3 +166,18 @@ def test_not_fitting_suggests_gradient_accumulation():
   # One row per device and microbatch already: only the other knobs remain.
   message = aot.knobs_message(tiny('train.batch_size=16', 'train.microbatches=4'), mesh, 'train', '')
   assert 'microbatches' not in message and '--config.train.batch_size' in message
+
+
+def test_finetune_tasks_need_the_matching_lora_setting():
+  with pytest.raises(ValueError, match='finetune_lora needs LoRA'):
+    aot.plan(tiny(), 'v5e:2x4', 'finetune_lora')
+  with pytest.raises(ValueError, match='use task=finetune_lora'):
+    aot.plan(tiny('train.lora.rank=4'), 'v5e:2x4', 'finetune_full')
+
+
+def test_finetune_lora_plan_counts_no_weight_gradients():
+  config = tiny('train.lora.rank=4', 'train.batch_size=8')
+  result = aot.plan(config, 'v5e:2x4', 'finetune_lora', calibrate=False, log=lambda _: None)
+  assert result.task == 'finetune_lora' and result.fits
+  assert result.flops_per_step == pytest.approx(costs.train_model_flops(config) * 2 / 3)
+  assert 'no weight gradients' in result.notes

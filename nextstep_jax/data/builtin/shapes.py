@@ -28,6 +28,13 @@ Held-out split: HELDOUT_PAIRS = {(red, triangle), (yellow, square), (blue, circl
 (colour, shape) pairs (1/6). Every colour and every shape still appears in training with its other
 partners. A 'train' scene never contains a held-out pair; a 'heldout' scene contains exactly one
 held-out pair at a random position, its other objects drawn from the training pairs.
+
+New concepts (fine-tuning, concepts='extended'): NEW_COLORS (orange) and NEW_SHAPES (diamond: a
+square rotated 45 degrees, its corners at the midpoints of the box sides) never occur in the base
+world's data. Functions taking `concepts` accept them only with concepts='extended' ('base', the
+default, keeps the base vocabulary and every base result unchanged). NEW_CONCEPT_PAIRS are the 10
+pairs with a new colour or a new shape; `make_new_concept_dataset` mixes one-object scenes of them
+with base training scenes (replay), and eval_prompts(split='new') asks for one of them.
 """
 import dataclasses
 import functools
@@ -44,12 +51,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
     'cyan': (0, 255, 255),
 }
 SHAPES: tuple[str, ...] = ('circle', 'square', 'triangle')
+NEW_COLORS: dict[str, tuple[int, int, int]] = {'orange': (255, 128, 0)}
+NEW_SHAPES: tuple[str, ...] = ('diamond',)
+CONCEPT_SETS = ('base', 'extended')
 RELATIONS: tuple[str, ...] = ('to the left of', 'to the right of', 'above', 'below')
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {('red', 'triangle'), ('yellow', 'square'), ('blue', 'circle')})
 
 SPLITS = ('train', 'heldout')
-EVAL_SPLITS = ('seen', 'heldout')
+EVAL_SPLITS = ('seen', 'heldout', 'new')
 MIN_IMAGE_SIZE = 16
 # Box side range per object count, as fractions of the image side S.
 SIDE_FRACTIONS = {1: (0.3125, 0.4375), 2: (0.3125, 0.375), 3: (0.3125, 0.34375)}
@@ -59,6 +69,18 @@ _PLACEMENT_TRIES = 50
 
 _TRAIN_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
 _HELDOUT_LIST = tuple(sorted(HELDOUT_PAIRS))
+NEW_CONCEPT_PAIRS: tuple[tuple[str, str], ...] = tuple(
+    (c, s) for c in (*COLORS, *NEW_COLORS) for s in (*SHAPES, *NEW_SHAPES)
+    if c in NEW_COLORS or s in NEW_SHAPES)
+
+
+def vocabulary(concepts: str = 'base') -> tuple[dict[str, tuple[int, int, int]], tuple[str, ...]]:
+  """(colour name -> RGB, shape names) of a concept set: 'base' or 'extended' (base + new)."""
+  if concepts == 'base':
+    return COLORS, SHAPES
+  if concepts == 'extended':
+    return {**COLORS, **NEW_COLORS}, SHAPES + NEW_SHAPES
+  raise ValueError(f'Unknown concept set {concepts!r}; expected one of {CONCEPT_SETS}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +131,13 @@ def _check_image_size(size: int) -> None:
     raise ValueError(f'Image size must be an integer >= {MIN_IMAGE_SIZE}, got {size!r}.')
 
 
-def _check_pair(color: str, shape: str) -> None:
-  if color not in COLORS:
-    raise ValueError(f'Unknown colour {color!r}; expected one of {tuple(COLORS)}.')
-  if shape not in SHAPES:
-    raise ValueError(f'Unknown shape {shape!r}; expected one of {SHAPES}.')
+def _check_pair(color: str, shape: str, concepts: str = 'base') -> None:
+  colors, shape_names = vocabulary(concepts)
+  hint = '' if concepts == 'extended' else " (new concepts need concepts='extended')"
+  if color not in colors:
+    raise ValueError(f'Unknown colour {color!r}; expected one of {tuple(colors)}{hint}.')
+  if shape not in shape_names:
+    raise ValueError(f'Unknown shape {shape!r}; expected one of {shape_names}{hint}.')
 
 
 @functools.lru_cache(maxsize=8)
@@ -130,28 +154,31 @@ def _object_mask(obj: ShapeObject, xs: np.ndarray, ys: np.ndarray) -> np.ndarray
     return (xs - obj.cx)**2 + (ys - obj.cy)**2 <= half**2
   if obj.shape == 'square':
     return (np.abs(xs - obj.cx) <= half) & (np.abs(ys - obj.cy) <= half)
+  if obj.shape == 'diamond':
+    return np.abs(xs - obj.cx) + np.abs(ys - obj.cy) <= half
   # Triangle: apex at the top centre of the box, base on its bottom edge.
   return (ys <= obj.cy + half) & (np.abs(xs - obj.cx) <= (ys - (obj.cy - half)) / 2)
 
 
-def render(scene: Scene, size: int) -> np.ndarray:
+def render(scene: Scene, size: int, concepts: str = 'base') -> np.ndarray:
   """Draws `scene` on a black canvas; returns uint8 (size, size, 3)."""
   _check_image_size(size)
   xs, ys = _pixel_centres(size)
   image = np.zeros((size, size, 3), np.uint8)
+  colors, _ = vocabulary(concepts)
   for obj in scene.objects:
-    _check_pair(obj.color, obj.shape)
+    _check_pair(obj.color, obj.shape, concepts)
     half = obj.size / 2
     if min(obj.cx, obj.cy) - half < 0 or max(obj.cx, obj.cy) + half > size:
       raise ValueError(f'{obj} does not fit in a {size}x{size} image.')
-    image[_object_mask(obj, xs, ys)] = COLORS[obj.color]
+    image[_object_mask(obj, xs, ys)] = colors[obj.color]
   return image
 
 
-def format_prompt(spec: PromptSpec) -> str:
+def format_prompt(spec: PromptSpec, concepts: str = 'base') -> str:
   """The caption of a prompt spec (see the grammar in the module docstring)."""
   for color, shape in spec.objects:
-    _check_pair(color, shape)
+    _check_pair(color, shape, concepts)
   phrases = [f'a {color} {shape}' for color, shape in spec.objects]
   if len(phrases) == 1 and spec.relation is None:
     return phrases[0]
@@ -164,10 +191,10 @@ def format_prompt(spec: PromptSpec) -> str:
       f'take no relation, 2 objects need one of {RELATIONS}.')
 
 
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, concepts: str = 'base') -> str:
   """The caption of a scene, e.g. 'a red circle to the left of a blue square'."""
   return format_prompt(
-      PromptSpec(tuple((o.color, o.shape) for o in scene.objects), scene.relation))
+      PromptSpec(tuple((o.color, o.shape) for o in scene.objects), scene.relation), concepts)
 
 
 _OBJECT_PATTERN = r'a (\w+) (\w+)'
@@ -177,7 +204,7 @@ _TWO = re.compile(f'{_OBJECT_PATTERN} {_RELATION_PATTERN} {_OBJECT_PATTERN}')
 _THREE = re.compile(f'{_OBJECT_PATTERN}, {_OBJECT_PATTERN} and {_OBJECT_PATTERN}')
 
 
-def parse_caption(text: str) -> PromptSpec:
+def parse_caption(text: str, concepts: str = 'base') -> PromptSpec:
   """Inverse of `caption`: the objects' (colour, shape) in order and the relation."""
   normalised = ' '.join(text.strip().lower().removesuffix('.').split())
   if match := _ONE.fullmatch(normalised):
@@ -195,7 +222,7 @@ def parse_caption(text: str) -> PromptSpec:
   pairs = tuple(zip(words[0::2], words[1::2]))
   for color, shape in pairs:
     try:
-      _check_pair(color, shape)
+      _check_pair(color, shape, concepts)
     except ValueError as e:
       raise ValueError(f'Cannot parse caption {text!r}: {e}') from None
   return PromptSpec(pairs, relation)
@@ -312,9 +339,40 @@ def make_dataset(num: int, seed: int, size: int = 32, split: str = 'train',
 
 
 def eval_prompts(num: int, num_objects: int, split: str, seed: int) -> list[str]:
-  """`num` prompts of `num_objects` objects; split 'seen' (training pairs) or 'heldout'."""
+  """`num` prompts of `num_objects` objects; split 'seen' (training pairs), 'heldout' or 'new'
+  (one object of NEW_CONCEPT_PAIRS, cycling through them in a seeded random order)."""
   if split not in EVAL_SPLITS:
     raise ValueError(f'Unknown evaluation split {split!r}; expected one of {EVAL_SPLITS}.')
-  scene_split = 'train' if split == 'seen' else 'heldout'
   rng = np.random.default_rng(seed)
+  if split == 'new':
+    if num_objects != 1:
+      raise ValueError(f"split 'new' has one-object prompts only, got num_objects={num_objects}.")
+    order = np.concatenate([rng.permutation(len(NEW_CONCEPT_PAIRS)) for _ in range(-(-num // len(NEW_CONCEPT_PAIRS)))])
+    return [format_prompt(PromptSpec((NEW_CONCEPT_PAIRS[i],), None), 'extended') for i in order[:num]]
+  scene_split = 'train' if split == 'seen' else 'heldout'
   return [caption(sample_scene(rng, num_objects, scene_split)) for _ in range(num)]
+
+
+def make_new_concept_dataset(num: int, seed: int, size: int = 32,
+                             new_fraction: float = 0.5) -> tuple[np.ndarray, list[str]]:
+  """`num` fine-tuning scenes: a share `new_fraction` are one-object scenes of NEW_CONCEPT_PAIRS
+  (drawn uniformly), the rest base training scenes of 1 or 2 objects (replay against forgetting).
+
+  Returns images uint8 (num, size, size, 3) and captions; deterministic in `seed`.
+  """
+  _check_image_size(size)
+  if not 0 <= new_fraction <= 1:
+    raise ValueError(f'new_fraction must be in [0, 1], got {new_fraction}.')
+  rng = np.random.default_rng([seed, 0x0E1D])
+  images = np.zeros((num, size, size, 3), np.uint8)
+  captions = []
+  for i in range(num):
+    if rng.random() < new_fraction:
+      color, shape = NEW_CONCEPT_PAIRS[rng.integers(len(NEW_CONCEPT_PAIRS))]
+      (cx, cy, side), = _place_free(rng, 1, size)
+      scene = Scene((ShapeObject(color, shape, float(cx), float(cy), float(side)),), None)
+    else:
+      scene = sample_scene(rng, int(rng.integers(1, 3)), 'train', size)
+    images[i] = render(scene, size, 'extended')
+    captions.append(caption(scene, 'extended'))
+  return images, captions

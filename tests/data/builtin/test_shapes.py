@@ -134,3 +134,28 @@ def test_render_draws_each_object_in_its_colour():
 def test_bad_input_raises_clear_errors(call, message):
   with pytest.raises(ValueError, match=f'(?i){message}'):
     call()
+
+
+def test_new_concepts_stay_out_of_the_base_world():
+  new_colors, new_shapes = set(shapes.NEW_COLORS), set(shapes.NEW_SHAPES)
+  assert not new_colors & set(shapes.COLORS) and not new_shapes & set(shapes.SHAPES)
+  _, captions = shapes.make_dataset(500, seed=0, num_objects=(1, 2, 3))
+  prompts = shapes.eval_prompts(200, 2, 'seen', 0) + shapes.eval_prompts(200, 2, 'heldout', 0)
+  words = {w for text in captions + prompts for w in text.replace(',', ' ').split()}
+  assert not words & (new_colors | new_shapes)
+  with pytest.raises(ValueError, match="concepts='extended'"):
+    shapes.parse_caption('a red diamond')
+
+
+def test_new_concept_dataset_mixes_new_pairs_with_replay():
+  images, captions = shapes.make_new_concept_dataset(400, seed=1, size=32, new_fraction=0.5)
+  specs = [shapes.parse_caption(c, 'extended') for c in captions]
+  new = [s for s in specs if any(p in shapes.NEW_CONCEPT_PAIRS for p in s.objects)]
+  assert all(len(s.objects) == 1 for s in new)
+  assert 150 < len(new) < 250
+  assert {len(s.objects) for s in specs if s not in new} == {1, 2}
+  assert images.shape == (400, 32, 32, 3)
+  again = shapes.make_new_concept_dataset(400, seed=1, size=32, new_fraction=0.5)
+  np.testing.assert_array_equal(again[0], images)
+  prompts = shapes.eval_prompts(20, 1, 'new', 0)
+  assert {shapes.parse_caption(p, 'extended').objects[0] for p in prompts} == set(shapes.NEW_CONCEPT_PAIRS)
