@@ -25,6 +25,7 @@ headroom = best raw pipeline records/s / step records/s (target >= 5). On a 2-co
 pipeline and the step share the cores, so the end-to-end figures are the honest check.
 Results: benchmarks/results/data_throughput.json.
 """
+
 import argparse
 import datetime
 import json
@@ -52,9 +53,17 @@ from nextstep_jax.training import step as step_lib
 RESULTS = pathlib.Path(__file__).parent / 'results'
 # The official f8ch16 autoencoder's architecture on the 32 px shapes: latents 4x4x16, 1x1 patches
 # (encoder_norm over 1x1 patches to match them).
-OFFICIAL_VAE_OVERRIDES = ['image.vae.ch=128', 'image.vae.ch_mult=(1, 2, 4, 4)', 'image.vae.num_res_blocks=2',
-                          'image.vae.z_channels=16', 'image.vae.norm_groups=32', 'image.vae.batch_chunk=16',
-                          'image.vae.psz=1', 'model.latent_channels=16', 'model.latent_patch_size=1']
+OFFICIAL_VAE_OVERRIDES = [
+  'image.vae.ch=128',
+  'image.vae.ch_mult=(1, 2, 4, 4)',
+  'image.vae.num_res_blocks=2',
+  'image.vae.z_channels=16',
+  'image.vae.norm_groups=32',
+  'image.vae.batch_chunk=16',
+  'image.vae.psz=1',
+  'model.latent_channels=16',
+  'model.latent_patch_size=1',
+]
 
 
 def pipeline_rate(config, tok, batches: int) -> float:
@@ -77,8 +86,15 @@ def train_rates(config, tok, steps: int, feeds: dict) -> dict:
   graphdef, _, shardings = state_lib.state_shardings(config, tx, mesh)
   state = jax.jit(lambda: state_lib.init_state(config, tx), out_shardings=shardings)()
   fixed = builtin_source.BuiltinSource(config, tok).batch(0)
-  train_step = step_lib.build_train_step(config, graphdef, tx, shardings, mesh, tok.image_placeholder_id,
-                                         {k: v[:1] for k, v in fixed.items()})
+  train_step = step_lib.build_train_step(
+    config,
+    graphdef,
+    tx,
+    shardings,
+    mesh,
+    tok.image_placeholder_id,
+    {k: v[:1] for k, v in fixed.items()},
+  )
   batch = rules_lib.shard_batch(fixed, mesh, config.mesh.rules)
   state, metrics = train_step(state, batch)  # Compile.
   jax.block_until_ready(metrics)
@@ -89,13 +105,19 @@ def train_rates(config, tok, steps: int, feeds: dict) -> dict:
   out = {'step_records_per_s': steps * config.train.batch_size / (time.perf_counter() - start)}
   for name, feed_config in feeds.items():
     data = grain_pipeline.GrainTrainingData(feed_config, tok, 0, 1)
-    state, metrics = train_step(state, rules_lib.shard_batch(data.next_batch(), mesh, config.mesh.rules))
+    state, metrics = train_step(
+      state, rules_lib.shard_batch(data.next_batch(), mesh, config.mesh.rules)
+    )
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-      state, metrics = train_step(state, rules_lib.shard_batch(data.next_batch(), mesh, config.mesh.rules))
+      state, metrics = train_step(
+        state, rules_lib.shard_batch(data.next_batch(), mesh, config.mesh.rules)
+      )
     jax.block_until_ready(metrics)
-    out[f'end_to_end_{name}_records_per_s'] = steps * config.train.batch_size / (time.perf_counter() - start)
+    out[f'end_to_end_{name}_records_per_s'] = (
+      steps * config.train.batch_size / (time.perf_counter() - start)
+    )
     data.close()
   return out
 
@@ -109,10 +131,18 @@ def steps_per_s(train_step, state, data, mesh, rules, steps: int):
   return state, time.perf_counter() - start
 
 
-def latent_cache_gain(args, workdir: pathlib.Path, shard_glob: str, name: str, vae_overrides=()) -> dict:
+def latent_cache_gain(
+  args, workdir: pathlib.Path, shard_glob: str, name: str, vae_overrides=()
+) -> dict:
   """Section 5 (module docstring): train steps/s from raw images (VAE encode per batch) vs cache."""
-  overrides = [f'data.cache_dir={workdir / "cache"}', 'data.source=arrayrecord', f'data.paths={shard_glob}',
-               f'image.vae.checkpoint={args.vae_checkpoint}', 'data.read_threads=1', *vae_overrides]
+  overrides = [
+    f'data.cache_dir={workdir / "cache"}',
+    'data.source=arrayrecord',
+    f'data.paths={shard_glob}',
+    f'image.vae.checkpoint={args.vae_checkpoint}',
+    'data.read_threads=1',
+    *vae_overrides,
+  ]
   raw = configlib.load_config(args.vae_config, overrides)
   configlib.validate(raw)
   tok = builtin_source.load_text_tokenizer(raw)
@@ -127,10 +157,14 @@ def latent_cache_gain(args, workdir: pathlib.Path, shard_glob: str, name: str, v
   tx = state_lib.make_optimizer(raw.train)
   graphdef, _, shardings = state_lib.state_shardings(raw, tx, mesh)
   state = jax.jit(lambda: state_lib.init_state(raw, tx), out_shardings=shardings)()
-  feeds = {'raw': grain_pipeline.GrainTrainingData(raw, tok, 0, 1),
-           'cached': grain_pipeline.GrainTrainingData(cached, tok, 0, 1)}
+  feeds = {
+    'raw': grain_pipeline.GrainTrainingData(raw, tok, 0, 1),
+    'cached': grain_pipeline.GrainTrainingData(cached, tok, 0, 1),
+  }
   first = feeds['cached'].next_batch()
-  train_step = step_lib.build_train_step(raw, graphdef, tx, shardings, mesh, tok.image_placeholder_id, first)
+  train_step = step_lib.build_train_step(
+    raw, graphdef, tx, shardings, mesh, tok.image_placeholder_id, first
+  )
   for data in feeds.values():  # Compiles the step and the VAE encoder; warms the pipelines.
     state, _ = steps_per_s(train_step, state, data, mesh, raw.mesh.rules, 1)
   seconds = dict.fromkeys(feeds, 0.0)
@@ -138,13 +172,17 @@ def latent_cache_gain(args, workdir: pathlib.Path, shard_glob: str, name: str, v
     for feed, data in feeds.items():
       state, took = steps_per_s(train_step, state, data, mesh, raw.mesh.rules, args.vae_steps)
       seconds[feed] += took
-      print(f'latent cache gain ({name}), round {round_index}: {feed} {args.vae_steps / took:.2f} steps/s',
-            flush=True)
+      print(
+        f'latent cache gain ({name}), round {round_index}: {feed} {args.vae_steps / took:.2f} steps/s',
+        flush=True,
+      )
   for data in feeds.values():
     data.close()
 
   encoder = feeds['raw'].image_tokenizer
-  images = tokenizers.uint8_to_unit(np.zeros((raw.train.batch_size, raw.image.size, raw.image.size, 3), np.uint8))
+  images = tokenizers.uint8_to_unit(
+    np.zeros((raw.train.batch_size, raw.image.size, raw.image.size, 3), np.uint8)
+  )
   jax.block_until_ready(encoder.encode(images))
   start = time.perf_counter()
   for _ in range(args.vae_steps):
@@ -155,40 +193,49 @@ def latent_cache_gain(args, workdir: pathlib.Path, shard_glob: str, name: str, v
   raw_rate, cached_rate = steps / seconds['raw'], steps / seconds['cached']
   batch = raw.train.batch_size
   return {
-      'raw_steps_per_s': round(raw_rate, 3),
-      'cached_steps_per_s': round(cached_rate, 3),
-      'gain': round(cached_rate / raw_rate, 2),
-      'raw_records_per_s': round(raw_rate * batch, 1),
-      'cached_records_per_s': round(cached_rate * batch, 1),
-      'vae_encode_records_per_s': round(batch / encode_s, 1),
-      'cache_latents_records_per_s': round(summary['records'] / cache_s, 1),
-      'config': args.vae_config, 'overrides': list(vae_overrides),
-      'vae_checkpoint': args.vae_checkpoint or 'random init',
-      'global_batch': batch, 'timed_steps_per_feed': steps, 'rounds': args.vae_rounds,
-      'records': summary['records'],
+    'raw_steps_per_s': round(raw_rate, 3),
+    'cached_steps_per_s': round(cached_rate, 3),
+    'gain': round(cached_rate / raw_rate, 2),
+    'raw_records_per_s': round(raw_rate * batch, 1),
+    'cached_records_per_s': round(cached_rate * batch, 1),
+    'vae_encode_records_per_s': round(batch / encode_s, 1),
+    'cache_latents_records_per_s': round(summary['records'] / cache_s, 1),
+    'config': args.vae_config,
+    'overrides': list(vae_overrides),
+    'vae_checkpoint': args.vae_checkpoint or 'random init',
+    'global_batch': batch,
+    'timed_steps_per_feed': steps,
+    'rounds': args.vae_rounds,
+    'records': summary['records'],
   }
 
 
 def vae_gains(args, workdir: pathlib.Path) -> dict:
   """The shapes_vae figures, with the official-architecture VAE's under `official_f8ch16_vae`."""
   shards = f'{workdir}/shapes-*.array_record'
-  return {**latent_cache_gain(args, workdir, shards, 'shapes_vae'),
-          'official_f8ch16_vae': latent_cache_gain(args, workdir, shards, 'official_vae', OFFICIAL_VAE_OVERRIDES)}
+  return {
+    **latent_cache_gain(args, workdir, shards, 'shapes_vae'),
+    'official_f8ch16_vae': latent_cache_gain(
+      args, workdir, shards, 'official_vae', OFFICIAL_VAE_OVERRIDES
+    ),
+  }
 
 
 def run_metadata(config_path: str) -> dict:
   return {
-      'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
-      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind} x{jax.device_count()}',
-      'jax': jax.__version__,
-      'load_average_1min_at_end': round(os.getloadavg()[0], 2),  # Other jobs sharing the CPU.
-      'config': config_path,
+    'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
+    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind} x{jax.device_count()}',
+    'jax': jax.__version__,
+    'load_average_1min_at_end': round(os.getloadavg()[0], 2),  # Other jobs sharing the CPU.
+    'config': config_path,
   }
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--config', default='configs/shapes.py')
   parser.add_argument('--records', type=int, default=5000)
   parser.add_argument('--batches', type=int, default=200, help='pipeline batches timed')
@@ -200,8 +247,12 @@ def main() -> int:
   parser.add_argument('--vae-checkpoint', default='', help="VAE weights ('' = random init)")
   parser.add_argument('--vae-steps', type=int, default=6, help='train steps per feed per round')
   parser.add_argument('--vae-rounds', type=int, default=3, help='alternating raw / cached rounds')
-  parser.add_argument('--only', choices=['latent_cache'], default=None,
-                      help='run one section and merge it into the existing --out JSON')
+  parser.add_argument(
+    '--only',
+    choices=['latent_cache'],
+    default=None,
+    help='run one section and merge it into the existing --out JSON',
+  )
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).absolute()
   shutil.rmtree(workdir, ignore_errors=True)  # Time a fresh build, not a resumed one.
@@ -219,9 +270,14 @@ def main() -> int:
     pathlib.Path(args.out).write_text(json.dumps(out, indent=2) + '\n')
     print(json.dumps(out['latent_cache'], indent=2))
     return 0
-  raw = configlib.load_config(args.config, [f'data.cache_dir={workdir / "cache"}',
-                                            'data.source=arrayrecord',
-                                            f'data.paths={workdir}/shapes-*.array_record'])
+  raw = configlib.load_config(
+    args.config,
+    [
+      f'data.cache_dir={workdir / "cache"}',
+      'data.source=arrayrecord',
+      f'data.paths={workdir}/shapes-*.array_record',
+    ],
+  )
   t0 = time.perf_counter()
   latent_cache.build_latent_cache(raw, str(workdir / 'latents'), num_shards=4)
   cache_s = time.perf_counter() - t0
@@ -243,20 +299,23 @@ def main() -> int:
   records_per_s = max(v for k, v in pipeline.items() if k.startswith('raw'))
   cache_per_s = max(v for k, v in pipeline.items() if k.startswith('latent_cache'))
   out = {
-      'records_per_s': round(records_per_s, 1),
-      'step_records_per_s': round(train['step_records_per_s'], 1),
-      'headroom': round(records_per_s / train['step_records_per_s'], 2),
-      'latent_cache_records_per_s': round(cache_per_s, 1),
-      'latent_cache_headroom': round(cache_per_s / train['step_records_per_s'], 2),
-      'latent_cache_speedup': round(cache_per_s / records_per_s, 2),
-      'pipeline_records_per_s': {k: round(v, 1) for k, v in pipeline.items()},
-      'end_to_end_records_per_s': {k: round(v, 1) for k, v in train.items() if k.startswith('end_to_end')},
-      'build_records_per_s': round(built['records'] / build_s, 1),
-      'cache_latents_records_per_s': round(built['records'] / cache_s, 1),
-      'records': built['records'], 'dataset_bytes': built['bytes'],
-      'global_batch': config.train.batch_size,
-      **run_metadata(args.config),
-      'latent_cache': gain,
+    'records_per_s': round(records_per_s, 1),
+    'step_records_per_s': round(train['step_records_per_s'], 1),
+    'headroom': round(records_per_s / train['step_records_per_s'], 2),
+    'latent_cache_records_per_s': round(cache_per_s, 1),
+    'latent_cache_headroom': round(cache_per_s / train['step_records_per_s'], 2),
+    'latent_cache_speedup': round(cache_per_s / records_per_s, 2),
+    'pipeline_records_per_s': {k: round(v, 1) for k, v in pipeline.items()},
+    'end_to_end_records_per_s': {
+      k: round(v, 1) for k, v in train.items() if k.startswith('end_to_end')
+    },
+    'build_records_per_s': round(built['records'] / build_s, 1),
+    'cache_latents_records_per_s': round(built['records'] / cache_s, 1),
+    'records': built['records'],
+    'dataset_bytes': built['bytes'],
+    'global_batch': config.train.batch_size,
+    **run_metadata(args.config),
+    'latent_cache': gain,
   }
   RESULTS.mkdir(parents=True, exist_ok=True)
   pathlib.Path(args.out).write_text(json.dumps(out, indent=2) + '\n')

@@ -15,6 +15,7 @@ machine's peak is measured here: a large float32 matmul (FLOP/s) and a large arr
 analytic (bytes per image token, bandwidth-bound at batch 1). Results:
 benchmarks/results/decode_roofline.json, benchmarks/results/decode_throughput.png.
 """
+
 import argparse
 import dataclasses
 import datetime
@@ -42,7 +43,7 @@ from nextstep_jax.utils import images as image_utils
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import sampling_speed  # pylint: disable=wrong-import-position (its corpus tokenizer)
+import sampling_speed  # its corpus tokenizer  # noqa: E402
 
 # Official NextStep-1-Large parameter counts (docs/model.md §1) and the issue's measured H100 bandwidth.
 LAYERS_14B = 13_212_893_184
@@ -66,19 +67,26 @@ def machine_peaks(repeats: int) -> dict:
   n = 2048
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
-  flops = 2 * n ** 3 / timed(lambda: matmul(a), repeats)
+  flops = 2 * n**3 / timed(lambda: matmul(a), repeats)
   big = jnp.ones((64 * 1024 * 1024,), jnp.float32)  # 256 MiB.
   scale = jax.jit(lambda x: x * 1.0001)
   bandwidth = 2 * big.nbytes / timed(lambda: scale(big), repeats)
-  return {'matmul_f32_flop_per_s': flops, 'copy_bytes_per_s': bandwidth,
-          'ridge_flop_per_byte': flops / bandwidth}
+  return {
+    'matmul_f32_flop_per_s': flops,
+    'copy_bytes_per_s': bandwidth,
+    'ridge_flop_per_byte': flops / bandwidth,
+  }
 
 
 def param_counts(params) -> dict:
   """Matmul parameters streamed per call: backbone (decoder layers + projectors), head."""
-  flat = {'.'.join(map(str, p)): int(np.prod(v.get_value().shape)) for p, v in nnx.to_flat_state(params)}
+  flat = {
+    '.'.join(map(str, p)): int(np.prod(v.get_value().shape)) for p, v in nnx.to_flat_state(params)
+  }
   layers = sum(v for k, v in flat.items() if k.startswith('decoder.layers'))
-  projectors = sum(v for k, v in flat.items() if k.startswith(('image_in_projector', 'image_out_projector')))
+  projectors = sum(
+    v for k, v in flat.items() if k.startswith(('image_in_projector', 'image_out_projector'))
+  )
   head = sum(v for k, v in flat.items() if k.startswith('image_head'))
   return {'backbone': layers + projectors, 'head': head, 'total': sum(flat.values())}
 
@@ -86,12 +94,18 @@ def param_counts(params) -> dict:
 def phase(name: str, seconds: float, flops: float, bytes_: float, peaks: dict) -> dict:
   achieved_f, achieved_b = flops / seconds, bytes_ / seconds
   bound = max(flops / peaks['matmul_f32_flop_per_s'], bytes_ / peaks['copy_bytes_per_s'])
-  return {'phase': name, 'ms': round(1000 * seconds, 4), 'gflop': round(flops / 1e9, 5),
-          'mbytes': round(bytes_ / 1e6, 4), 'gflop_per_s': round(achieved_f / 1e9, 3),
-          'gbytes_per_s': round(achieved_b / 1e9, 3),
-          'fraction_of_peak_flops': round(achieved_f / peaks['matmul_f32_flop_per_s'], 4),
-          'fraction_of_peak_bandwidth': round(achieved_b / peaks['copy_bytes_per_s'], 4),
-          'roofline_bound_ms': round(1000 * bound, 4), 'fraction_of_roofline': round(bound / seconds, 4)}
+  return {
+    'phase': name,
+    'ms': round(1000 * seconds, 4),
+    'gflop': round(flops / 1e9, 5),
+    'mbytes': round(bytes_ / 1e6, 4),
+    'gflop_per_s': round(achieved_f / 1e9, 3),
+    'gbytes_per_s': round(achieved_b / 1e9, 3),
+    'fraction_of_peak_flops': round(achieved_f / peaks['matmul_f32_flop_per_s'], 4),
+    'fraction_of_peak_bandwidth': round(achieved_b / peaks['copy_bytes_per_s'], 4),
+    'roofline_bound_ms': round(1000 * bound, 4),
+    'fraction_of_roofline': round(bound / seconds, 4),
+  }
 
 
 def bench(config_path: str, batch: int, repeats: int, peaks: dict) -> dict:
@@ -106,15 +120,34 @@ def bench(config_path: str, batch: int, repeats: int, peaks: dict) -> dict:
   tok = sampling_speed.corpus_tokenizer(RESULTS.parent / '.cache', config.text.vocab_size)
   captions = ['a red circle to the left of a blue square'] * batch
   official = generate.SamplerConfig.from_config(config, grid_h, grid_w)
-  few = dataclasses.replace(official, num_branches=1, cfg=1.0, integrator=integrators.IntegratorConfig(
-      num_steps=4, solver='euler', time_grid='B'))
+  few = dataclasses.replace(
+    official,
+    num_branches=1,
+    cfg=1.0,
+    integrator=integrators.IntegratorConfig(num_steps=4, solver='euler', time_grid='B'),
+  )
   n_tokens = grid_h * grid_w
-  out = {'config': config_path, 'batch_size': batch, 'image_tokens': n_tokens, 'params': counts, 'phases': []}
+  out = {
+    'config': config_path,
+    'batch_size': batch,
+    'image_tokens': n_tokens,
+    'params': counts,
+    'phases': [],
+  }
 
   for label, scfg in (('official_sde50_cfg2', official), ('fewstep4_folded_cfg1', few)):
     rows = scfg.num_branches * batch
-    prompt = {k: jnp.asarray(v) for k, v in sequences.build_prompt_batch(
-        tok, captions, grid_h, grid_w, config.text.max_caption_tokens, num_branches=scfg.num_branches).items()}
+    prompt = {
+      k: jnp.asarray(v)
+      for k, v in sequences.build_prompt_batch(
+        tok,
+        captions,
+        grid_h,
+        grid_w,
+        config.text.max_caption_tokens,
+        num_branches=scfg.num_branches,
+      ).items()
+    }
     width = prompt['input_ids'].shape[1]
     slots = width + n_tokens - 1
     keys = generate.image_keys_from_seeds(np.arange(batch))
@@ -123,7 +156,12 @@ def bench(config_path: str, batch: int, repeats: int, peaks: dict) -> dict:
     def prefill(state, prompt):
       m = nnx.merge(graphdef, state)
       cache = m.decoder.init_cache(rows, slots)
-      hidden, cache = m(m.embed(prompt['input_ids'], None, None), prompt['positions'], prompt['attention_mask'], cache)
+      hidden, cache = m(
+        m.embed(prompt['input_ids'], None, None),
+        prompt['positions'],
+        prompt['attention_mask'],
+        cache,
+      )
       return hidden[:, -1], cache
 
     last_hidden, cache = prefill(params, prompt)
@@ -157,28 +195,69 @@ def bench(config_path: str, batch: int, repeats: int, peaks: dict) -> dict:
       return image_utils.to_uint8(image_tok.decode(latents))
 
     t_decode = timed(decode, repeats)
-    t_prompt = timed(lambda: sequences.build_prompt_batch(tok, captions, grid_h, grid_w, config.text.max_caption_tokens,
-                                                          num_branches=scfg.num_branches), repeats)
+    t_prompt = timed(
+      lambda: sequences.build_prompt_batch(
+        tok,
+        captions,
+        grid_h,
+        grid_w,
+        config.text.max_caption_tokens,
+        num_branches=scfg.num_branches,
+      ),
+      repeats,
+    )
     step_bytes = counts['backbone'] * word + kv_bytes
     phases = [
-        phase('prefill', t_prefill, 2 * counts['backbone'] * rows * width + attn_flops_prefill,
-              counts['backbone'] * word, peaks),
-        phase('backbone_step', t_step, 2 * counts['backbone'] * rows + attn_flops_step, step_bytes, peaks),
-        phase('head_integration', t_head, head_flops, counts['head'] * word * calls, peaks),
-        phase('generate_total', t_gen,
-              2 * counts['backbone'] * rows * (width + n_tokens - 1) + attn_flops_prefill
-              + (n_tokens - 1) * attn_flops_step + n_tokens * head_flops,
-              counts['backbone'] * word * n_tokens + (n_tokens - 1) * kv_bytes + counts['head'] * word * calls * n_tokens,
-              peaks),
+      phase(
+        'prefill',
+        t_prefill,
+        2 * counts['backbone'] * rows * width + attn_flops_prefill,
+        counts['backbone'] * word,
+        peaks,
+      ),
+      phase(
+        'backbone_step', t_step, 2 * counts['backbone'] * rows + attn_flops_step, step_bytes, peaks
+      ),
+      phase('head_integration', t_head, head_flops, counts['head'] * word * calls, peaks),
+      phase(
+        'generate_total',
+        t_gen,
+        2 * counts['backbone'] * rows * (width + n_tokens - 1)
+        + attn_flops_prefill
+        + (n_tokens - 1) * attn_flops_step
+        + n_tokens * head_flops,
+        counts['backbone'] * word * n_tokens
+        + (n_tokens - 1) * kv_bytes
+        + counts['head'] * word * calls * n_tokens,
+        peaks,
+      ),
     ]
     host = {'decode_ms': round(1000 * t_decode, 3), 'prompt_build_ms': round(1000 * t_prompt, 3)}
     per_token_ms = 1000 * (t_step + t_head)
-    out['phases'].append({'sampler': label, 'rows': rows, 'head_calls_per_token': calls, 'phases': phases, 'host': host,
-                          'ms_per_image_token_loop': round(per_token_ms, 4),
-                          'images_per_s': round(batch / (t_gen + t_decode + t_prompt), 2),
-                          'head_share_of_token': round(t_head / (t_step + t_head), 3)})
-    print(json.dumps({'config': config_path, 'batch': batch, 'sampler': label,
-                      **{p['phase']: p['ms'] for p in phases}, **host}), flush=True)
+    out['phases'].append(
+      {
+        'sampler': label,
+        'rows': rows,
+        'head_calls_per_token': calls,
+        'phases': phases,
+        'host': host,
+        'ms_per_image_token_loop': round(per_token_ms, 4),
+        'images_per_s': round(batch / (t_gen + t_decode + t_prompt), 2),
+        'head_share_of_token': round(t_head / (t_step + t_head), 3),
+      }
+    )
+    print(
+      json.dumps(
+        {
+          'config': config_path,
+          'batch': batch,
+          'sampler': label,
+          **{p['phase']: p['ms'] for p in phases},
+          **host,
+        }
+      ),
+      flush=True,
+    )
   return out
 
 
@@ -192,33 +271,49 @@ def projection_14b(head_steps=(1, 2, 4, 8, 50)) -> dict:
     return 1000 * (backbone / tokens_per_pass + head * steps) * 1e9 / H100_BYTES_PER_S
 
   base = ms(backbone_gb, head_gb, 50)
-  rows = {str(n): {'ms_per_token': round(ms(backbone_gb, head_gb, n), 2),
-                   'speedup': round(base / ms(backbone_gb, head_gb, n), 3)} for n in head_steps}
-  levers = {
-      'int8_backbone_bf16_head_4': base / ms(backbone_gb / 2, head_gb, 4),
-      'int8_backbone_int8_head_4': base / ms(backbone_gb / 2, head_gb / 2, 4),
-      'int8_backbone_int8_head_1': base / ms(backbone_gb / 2, head_gb / 2, 1),
-      'speculative_2_tokens_per_pass_head_4': base / ms(backbone_gb, head_gb, 4, 2),
-      'speculative_2_tokens_int8_head_4': base / ms(backbone_gb / 2, head_gb / 2, 4, 2),
-      'int4_backbone_int8_head_4': base / ms(backbone_gb / 4, head_gb / 2, 4),
+  rows = {
+    str(n): {
+      'ms_per_token': round(ms(backbone_gb, head_gb, n), 2),
+      'speedup': round(base / ms(backbone_gb, head_gb, n), 3),
+    }
+    for n in head_steps
   }
-  return {'backbone_gbytes_per_token_bf16': round(backbone_gb, 3), 'head_gbytes_per_step_bf16': round(head_gb, 4),
-          'bandwidth_bytes_per_s': H100_BYTES_PER_S, 'by_head_steps': rows,
-          'speedup_vs_50_steps': rows['4']['speedup'],
-          'levers_speedup_vs_50_steps': {k: round(v, 3) for k, v in levers.items()},
-          'note': 'not measured (no GPU lent to this task): analytic weight-stream bound at batch 1'}
+  levers = {
+    'int8_backbone_bf16_head_4': base / ms(backbone_gb / 2, head_gb, 4),
+    'int8_backbone_int8_head_4': base / ms(backbone_gb / 2, head_gb / 2, 4),
+    'int8_backbone_int8_head_1': base / ms(backbone_gb / 2, head_gb / 2, 1),
+    'speculative_2_tokens_per_pass_head_4': base / ms(backbone_gb, head_gb, 4, 2),
+    'speculative_2_tokens_int8_head_4': base / ms(backbone_gb / 2, head_gb / 2, 4, 2),
+    'int4_backbone_int8_head_4': base / ms(backbone_gb / 4, head_gb / 2, 4),
+  }
+  return {
+    'backbone_gbytes_per_token_bf16': round(backbone_gb, 3),
+    'head_gbytes_per_step_bf16': round(head_gb, 4),
+    'bandwidth_bytes_per_s': H100_BYTES_PER_S,
+    'by_head_steps': rows,
+    'speedup_vs_50_steps': rows['4']['speedup'],
+    'levers_speedup_vs_50_steps': {k: round(v, 3) for k, v in levers.items()},
+    'note': 'not measured (no GPU lent to this task): analytic weight-stream bound at batch 1',
+  }
 
 
 def plot_throughput(results: list[dict], path: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
+
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
+
   configs = sorted({r['config'] for r in results})
   fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4.2))
   for ax, config in zip(np.atleast_1d(axes), configs):
     for label in ('official_sde50_cfg2', 'fewstep4_folded_cfg1'):
-      pts = sorted((r['batch_size'], p['images_per_s']) for r in results if r['config'] == config
-                   for p in r['phases'] if p['sampler'] == label)
+      pts = sorted(
+        (r['batch_size'], p['images_per_s'])
+        for r in results
+        if r['config'] == config
+        for p in r['phases']
+        if p['sampler'] == label
+      )
       ax.plot(*zip(*pts), marker='o', label=label)
     ax.set_xscale('log', base=2)
     ax.set_yscale('log')
@@ -232,7 +327,9 @@ def plot_throughput(results: list[dict], path: pathlib.Path) -> None:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--configs', nargs='+', default=['configs/tiny.py', 'configs/shapes.py'])
   parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 16, 64])
   parser.add_argument('--repeats', type=int, default=5)
@@ -241,12 +338,16 @@ def main() -> int:
   peaks = machine_peaks(args.repeats)
   print(json.dumps(peaks), flush=True)
   results = [bench(c, b, args.repeats, peaks) for c in args.configs for b in args.batch_sizes]
-  out = {'machine_peaks': peaks, 'results': results, 'projection_14b': projection_14b(),
-         'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
-         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-         'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}',
-         'gpu': 'none lent to this task: the 14B target is projected, not measured',
-         'jax': jax.__version__}
+  out = {
+    'machine_peaks': peaks,
+    'results': results,
+    'projection_14b': projection_14b(),
+    'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
+    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}',
+    'gpu': 'none lent to this task: the 14B target is projected, not measured',
+    'jax': jax.__version__,
+  }
   (RESULTS / 'decode_roofline.json').write_text(json.dumps(out, indent=2) + '\n')
   plot_throughput(results, RESULTS / 'decode_throughput.png')
   print(json.dumps(out['projection_14b'], indent=2))

@@ -15,6 +15,7 @@ Wall time per image: after a compiling call, the median of --timing-repeats runs
 decoding --timing-images evaluation prompts at sample.batch_size (captions to uint8). Results:
 benchmarks/results/fewstep.json and benchmarks/results/fewstep_quality.png.
 """
+
 import argparse
 import dataclasses
 import datetime
@@ -36,14 +37,21 @@ from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import distill
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
-ANNEAL = {2: (4, 2, 1, 1), 4: (8, 4, 2, 2), 8: (16, 8, 4, 4)}  # Mean head steps -> steps per token quarter.
+ANNEAL = {
+  2: (4, 2, 1, 1),
+  4: (8, 4, 2, 2),
+  8: (16, 8, 4, 4),
+}  # Mean head steps -> steps per token quarter.
 
 
 def distill_prompts(dataset: str, num: int) -> list[str]:
   """Training-split prompts for the teacher (seed 1000; the evaluation uses seed 1)."""
   if dataset == 'shapes':
-    return shapes_data.eval_prompts(num // 2, 1, 'seen', 1000) + shapes_data.eval_prompts(num - num // 2, 2, 'seen', 1001)
-  from nextstep_jax.data.builtin import digits  # pylint: disable=import-outside-toplevel (sklearn)
+    return shapes_data.eval_prompts(num // 2, 1, 'seen', 1000) + shapes_data.eval_prompts(
+      num - num // 2, 2, 'seen', 1001
+    )
+  from nextstep_jax.data.builtin import digits  # sklearn
+
   return digits.eval_prompts(num, 1000)
 
 
@@ -70,13 +78,18 @@ def evaluate(dataset: str, run: str, args, size: int, **overrides) -> dict:
   sampler = pipeline.TextToImage.from_workdir(run, **overrides)
   if dataset == 'shapes':
     scores, _ = run_eval.evaluate_shapes(sampler, args.prompts)
-    captions = run_eval.shapes_suites(args.timing_images)['seen_two'][:args.timing_images]
+    captions = run_eval.shapes_suites(args.timing_images)['seen_two'][: args.timing_images]
   else:
     scores, _ = run_eval.evaluate_digits(sampler, args.prompts, size)
-    from nextstep_jax.data.builtin import digits  # pylint: disable=import-outside-toplevel (sklearn)
+    from nextstep_jax.data.builtin import digits  # sklearn
+
     captions = digits.eval_prompts(args.timing_images, 1)
-  row = {'accuracy': accuracy(dataset, scores), 'ms_per_image': round(ms_per_image(sampler, captions, args.timing_repeats), 2),
-         **run_eval.headline(dataset, scores), 'settings': overrides}
+  row = {
+    'accuracy': accuracy(dataset, scores),
+    'ms_per_image': round(ms_per_image(sampler, captions, args.timing_repeats), 2),
+    **run_eval.headline(dataset, scores),
+    'settings': overrides,
+  }
   print(json.dumps({'dataset': dataset, **row}), flush=True)
   return row
 
@@ -99,36 +112,68 @@ def run_dataset(dataset: str, run: str, out_root: pathlib.Path, args) -> dict:
   table, distill_info = [], {}
   if not args.only_students:
     for method, n, overrides in methods(args.steps):
-      table.append({'method': method, 'steps': n, **evaluate(dataset, run, args, size, **overrides)})
+      table.append(
+        {'method': method, 'steps': n, **evaluate(dataset, run, args, size, **overrides)}
+      )
   for method in args.students:
     student = out_root / f'{dataset}{STUDENTS[method]}'
     if not (student / runs.CONFIG_FILE).exists() or not args.skip_distill:
-      cfg = dataclasses.replace(distill.DistillConfig(), num_images=args.distill_images, steps=args.distill_steps,
-                                lr=args.distill_lr, fold_guidance=method == 'distilled')
+      cfg = dataclasses.replace(
+        distill.DistillConfig(),
+        num_images=args.distill_images,
+        steps=args.distill_steps,
+        lr=args.distill_lr,
+        fold_guidance=method == 'distilled',
+      )
       seeds = list(range(10_000, 10_000 + cfg.num_images))
-      summary = distill.distill(run, str(student), distill_prompts(dataset, cfg.num_images), seeds, cfg)
+      summary = distill.distill(
+        run, str(student), distill_prompts(dataset, cfg.num_images), seeds, cfg
+      )
       print(json.dumps({k: v for k, v in summary.items() if k != 'losses'}), flush=True)
     for n in [s for s in args.steps if s <= distill.DistillConfig().max_student_steps]:
-      table.append({'method': method, 'steps': n, **evaluate(dataset, str(student), args, size, num_steps=n)})
+      table.append(
+        {'method': method, 'steps': n, **evaluate(dataset, str(student), args, size, num_steps=n)}
+      )
     info = json.loads((student / 'distill.json').read_text())
-    distill_info[method] = {'run': str(student), **{k: v for k, v in info.items() if k != 'teacher_sample'}}
+    distill_info[method] = {
+      'run': str(student),
+      **{k: v for k, v in info.items() if k != 'teacher_sample'},
+    }
   return {'run': run, 'table': table, 'distill': distill_info}
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
+
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5))
   for ax, (dataset, res) in zip(np.atleast_1d(axes), results.items()):
-    for method, marker in (('sde', 'o'), ('ode', 's'), ('anneal', '^'), ('distilled', '*'), ('distilled_cfg', 'P')):
+    for method, marker in (
+      ('sde', 'o'),
+      ('ode', 's'),
+      ('anneal', '^'),
+      ('distilled', '*'),
+      ('distilled_cfg', 'P'),
+    ):
       rows = sorted([r for r in res['table'] if r['method'] == method], key=lambda r: r['steps'])
       if not rows:
         continue
-      ax.plot([r['ms_per_image'] for r in rows], [100 * r['accuracy'] for r in rows], marker=marker, label=method)
+      ax.plot(
+        [r['ms_per_image'] for r in rows],
+        [100 * r['accuracy'] for r in rows],
+        marker=marker,
+        label=method,
+      )
       for r in rows:
-        ax.annotate(str(r['steps']), (r['ms_per_image'], 100 * r['accuracy']), fontsize=8,
-                    xytext=(3, 3), textcoords='offset points')
+        ax.annotate(
+          str(r['steps']),
+          (r['ms_per_image'], 100 * r['accuracy']),
+          fontsize=8,
+          xytext=(3, 3),
+          textcoords='offset points',
+        )
     ax.set_xscale('log')
     ax.set_xlabel('wall ms per image (CPU, generate + decode)')
     ax.set_ylabel('evaluator accuracy (%)')
@@ -155,7 +200,9 @@ def headline(results: dict, few: int, method: str) -> dict:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--shapes-run', default='/work/main/runs/q2/shapes')
   parser.add_argument('--digits-run', default='/work/main/runs/q1/digits')
   parser.add_argument('--out-root', default='/work/main/runs/fewstep')
@@ -170,8 +217,11 @@ def main() -> int:
   parser.add_argument('--headline-method', default='distilled_cfg')
   parser.add_argument('--timing-images', type=int, default=32)
   parser.add_argument('--timing-repeats', type=int, default=3)
-  parser.add_argument('--headline-only', action='store_true',
-                      help='recompute the headline keys and the figure from the stored results')
+  parser.add_argument(
+    '--headline-only',
+    action='store_true',
+    help='recompute the headline keys and the figure from the stored results',
+  )
   parser.add_argument('--datasets', nargs='+', default=['shapes', 'digits'])
   parser.add_argument('--skip-distill', action='store_true', help='reuse existing distilled runs')
   args = parser.parse_args()
@@ -183,7 +233,9 @@ def main() -> int:
   for dataset in [] if args.headline_only else args.datasets:
     fresh = run_dataset(dataset, run_dirs[dataset], pathlib.Path(args.out_root), args)
     if args.only_students and dataset in results:  # Keep stored baseline rows and other students.
-      fresh['table'] = [r for r in results[dataset]['table'] if r['method'] not in args.students] + fresh['table']
+      fresh['table'] = [
+        r for r in results[dataset]['table'] if r['method'] not in args.students
+      ] + fresh['table']
       fresh['distill'] = {**results[dataset].get('distill', {}), **fresh['distill']}
     results[dataset] = fresh
     summary['results'] = results
@@ -192,14 +244,20 @@ def main() -> int:
     summary.update(headline(results, args.few, args.headline_method))
   roofline = RESULTS / 'decode_roofline.json'
   if roofline.exists():
-    summary['projected_speedup_14b'] = json.loads(roofline.read_text())['projection_14b']['speedup_vs_50_steps']
-  summary.update({} if args.headline_only else {
+    summary['projected_speedup_14b'] = json.loads(roofline.read_text())['projection_14b'][
+      'speedup_vs_50_steps'
+    ]
+  summary.update(
+    {}
+    if args.headline_only
+    else {
       'prompts_per_suite': args.prompts,
       'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}',
       'jax': jax.__version__,
-  })
+    }
+  )
   out_path.write_text(json.dumps(run_eval.json_safe(summary), indent=2, default=str) + '\n')
   plot(results, RESULTS / 'fewstep_quality.png')
   print(json.dumps({k: v for k, v in summary.items() if k != 'results'}, indent=2))

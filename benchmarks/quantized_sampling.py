@@ -18,6 +18,7 @@ summary keys are recomputed from them (read-modify-write: keys other benchmarks 
     image token on one v5e chip, the bf16 token step costed although its weights do not fit.
 Estimated seconds = max(FLOPs / peak, bytes / HBM bandwidth) of the prefill + 1024 token steps.
 """
+
 import argparse
 import datetime
 import json
@@ -31,12 +32,21 @@ import time
 
 OUT = pathlib.Path(__file__).parent / 'results' / 'quantized_sampling.json'
 CONFIG = 'configs/nextstep1_large.py:512'
-BASE = ['--config.model.param_dtype=bfloat16', '--config.sample.batch_size=1', '--config.model.attention=splash']
+BASE = [
+  '--config.model.param_dtype=bfloat16',
+  '--config.sample.batch_size=1',
+  '--config.model.attention=splash',
+]
 TENSOR_8 = ['--config.mesh.data=1', '--config.mesh.fsdp=1', '--config.mesh.tensor=8']
 # The distilled few-step head (training/distill.py; benchmarks/README.md headline: 4 Euler steps on
 # uniform times with a step-size-conditioned head, 2-way CFG kept).
-FOUR_STEP = ['--config.model.fm_head_step_cond=True', '--config.sample.solver=euler',
-             '--config.sample.time_grid=B', '--config.sample.num_steps=4', '--config.sample.timestep_shift=1.0']
+FOUR_STEP = [
+  '--config.model.fm_head_step_cond=True',
+  '--config.sample.solver=euler',
+  '--config.sample.time_grid=B',
+  '--config.sample.num_steps=4',
+  '--config.sample.timestep_shift=1.0',
+]
 
 # int8 on one v5e chip also quantizes the embedding table (per row; the LM head is not on the
 # device): with a bf16 table (1.45 GiB) the TPU compiler needs 16.15 GiB of the chip's 15.75.
@@ -44,19 +54,19 @@ INT8_V5E1 = ['--quantize', 'int8', '--config.model.quant.embedding=True']
 
 # key: (topology, nextstep-aot flags), in the order they run (the issue's keys first).
 ROWS = {
-    'v5e1_int8': ('v5e:1x1', BASE + INT8_V5E1),
-    'v5e1_bf16': ('v5e:1x1', BASE + ['--cost-if-unfit']),
-    'v5e8_bf16': ('v5e:2x4', BASE + TENSOR_8),
-    'v5e8_int8_4step': ('v5e:2x4', BASE + TENSOR_8 + FOUR_STEP + ['--quantize', 'int8']),
-    'v5e1_int4': ('v5e:1x1', BASE + ['--quantize', 'int4', '--no-calibrate']),  # Memory only.
-    'v5e1_int8_4step': ('v5e:1x1', BASE + FOUR_STEP + INT8_V5E1),
-    # Like the earlier AOT table's v5e-8 tensor-parallel row (8 images, bf16): the decode step
-    # before (sampling/sharded.py, cache through the layer scan) and after (in-place cache).
-    'v5e8_bf16_batch8': ('v5e:2x4', BASE + TENSOR_8 + ['--config.sample.batch_size=8']),
-    'v5e1_int4_4step': ('v5e:1x1', BASE + FOUR_STEP + ['--quantize', 'int4']),
-    'v5e8_int8': ('v5e:2x4', BASE + TENSOR_8 + ['--quantize', 'int8']),
-    'v5p1_int8': ('v5p:1x1x1', BASE + ['--quantize', 'int8']),
-    'v6e1_int8': ('v6e:1x1', BASE + ['--quantize', 'int8']),
+  'v5e1_int8': ('v5e:1x1', BASE + INT8_V5E1),
+  'v5e1_bf16': ('v5e:1x1', BASE + ['--cost-if-unfit']),
+  'v5e8_bf16': ('v5e:2x4', BASE + TENSOR_8),
+  'v5e8_int8_4step': ('v5e:2x4', BASE + TENSOR_8 + FOUR_STEP + ['--quantize', 'int8']),
+  'v5e1_int4': ('v5e:1x1', BASE + ['--quantize', 'int4', '--no-calibrate']),  # Memory only.
+  'v5e1_int8_4step': ('v5e:1x1', BASE + FOUR_STEP + INT8_V5E1),
+  # Like the earlier AOT table's v5e-8 tensor-parallel row (8 images, bf16): the decode step
+  # before (sampling/sharded.py, cache through the layer scan) and after (in-place cache).
+  'v5e8_bf16_batch8': ('v5e:2x4', BASE + TENSOR_8 + ['--config.sample.batch_size=8']),
+  'v5e1_int4_4step': ('v5e:1x1', BASE + FOUR_STEP + ['--quantize', 'int4']),
+  'v5e8_int8': ('v5e:2x4', BASE + TENSOR_8 + ['--quantize', 'int8']),
+  'v5p1_int8': ('v5p:1x1x1', BASE + ['--quantize', 'int8']),
+  'v6e1_int8': ('v6e:1x1', BASE + ['--quantize', 'int8']),
 }
 GIB = 2**30
 
@@ -77,7 +87,9 @@ def summary(rows: dict) -> dict:
     out['v5e1_int8_total_gib'] = round(int8['total_bytes'] / GIB, 3)
     out['v5e1_int8_margin_gib'] = round((int8['hbm_bytes'] - int8['total_bytes']) / GIB, 3)
   if int8.get('bytes_per_token'):
-    out['bytes_per_token_over_floor'] = round(int8['bytes_per_token'] / int8['floor_bytes_per_token'], 4)
+    out['bytes_per_token_over_floor'] = round(
+      int8['bytes_per_token'] / int8['floor_bytes_per_token'], 4
+    )
   slow, fast = rows.get('v5e8_bf16', {}), rows.get('v5e8_int8_4step', {})
   if image_seconds(slow) and image_seconds(fast):
     out['speedup_14b_estimate'] = round(image_seconds(slow) / image_seconds(fast), 3)
@@ -93,62 +105,108 @@ def summary(rows: dict) -> dict:
 
 
 def markdown_table(rows: dict) -> str:
-  lines = ['| row | topology | mesh (d,f,t) | fits | total / HBM GiB per chip | margin GiB | GB per image token '
-           '(compiler / floor) | ratio | ms per token (est.) | s per image (est.) |', '|' + '---|' * 10]
+  lines = [
+    '| row | topology | mesh (d,f,t) | fits | total / HBM GiB per chip | margin GiB | GB per image token '
+    '(compiler / floor) | ratio | ms per token (est.) | s per image (est.) |',
+    '|' + '---|' * 10,
+  ]
   for key, row in rows.items():
     if 'total_bytes' not in row:
-      lines.append(f'| {key} | {row.get("topology")} | | no | {row.get("error", "")[:100]} | | | | | |')
+      lines.append(
+        f'| {key} | {row.get("topology")} | | no | {row.get("error", "")[:100]} | | | | | |'
+      )
       continue
     mesh = row['mesh']
-    per_token = (f'{row["bytes_per_token"] / 1e9:.2f} / {row["floor_bytes_per_token"] / 1e9:.2f} | '
-                 f'{row["bytes_per_token"] / row["floor_bytes_per_token"]:.3f} | {1e3 * row["token_step_s"]:.1f}'
-                 if row.get('bytes_per_token') else ' | | ')
+    per_token = (
+      f'{row["bytes_per_token"] / 1e9:.2f} / {row["floor_bytes_per_token"] / 1e9:.2f} | '
+      f'{row["bytes_per_token"] / row["floor_bytes_per_token"]:.3f} | {1e3 * row["token_step_s"]:.1f}'
+      if row.get('bytes_per_token')
+      else ' | | '
+    )
     seconds = f'{row["estimated_step_s"]:.1f}' if row.get('estimated_step_s') else ''
-    lines.append(f'| {key} | {row["topology"]} | {mesh["data"]},{mesh["fsdp"]},{mesh["tensor"]} | '
-                 f'{"yes" if row["fits"] else "**no**"} | {row["total_bytes"] / GIB:.2f} / {row["hbm_bytes"] / GIB:.0f} | '
-                 f'{(row["hbm_bytes"] - row["total_bytes"]) / GIB:.2f} | {per_token} | {seconds} |')
+    lines.append(
+      f'| {key} | {row["topology"]} | {mesh["data"]},{mesh["fsdp"]},{mesh["tensor"]} | '
+      f'{"yes" if row["fits"] else "**no**"} | {row["total_bytes"] / GIB:.2f} / {row["hbm_bytes"] / GIB:.0f} | '
+      f'{(row["hbm_bytes"] - row["total_bytes"]) / GIB:.2f} | {per_token} | {seconds} |'
+    )
   return '\n'.join(lines)
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--only', nargs='*', default=None, choices=list(ROWS), help='rows to (re)run')
   parser.add_argument('--timeout', type=float, default=1800, help='seconds per row')
-  parser.add_argument('--table', action='store_true', help='print the rows as a markdown table and exit')
+  parser.add_argument(
+    '--table', action='store_true', help='print the rows as a markdown table and exit'
+  )
   args = parser.parse_args()
   results = json.loads(OUT.read_text()) if OUT.exists() else {}
   rows = results.get('aot_rows', {})
   if args.table:
     print(markdown_table(rows))
     return 0
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd(), ALLOW_MULTIPLE_LIBTPU_LOAD='1')
+  env = dict(
+    os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd(), ALLOW_MULTIPLE_LIBTPU_LOAD='1'
+  )
   for key, (topology, flags) in ROWS.items():
     if args.only is not None and key not in args.only:
       continue
-    command = [sys.executable, '-m', 'nextstep_jax.cli.aot', '--config', CONFIG, '--topology', topology,
-               '--task', 'sample', *flags]
+    command = [
+      sys.executable,
+      '-m',
+      'nextstep_jax.cli.aot',
+      '--config',
+      CONFIG,
+      '--topology',
+      topology,
+      '--task',
+      'sample',
+      *flags,
+    ]
     print(f'[{key}] {" ".join(command[3:])}', flush=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
       path = pathlib.Path(tmp) / 'plan.json'
       try:
-        proc = subprocess.run(command + ['--json', str(path)], env=env, capture_output=True, text=True,
-                              timeout=args.timeout, check=False)
-        record = json.loads(path.read_text()) if path.exists() else {
-            'topology': topology, 'error': proc.stderr[-2000:]}
-        print('\n'.join(l for l in proc.stdout.splitlines()[-10:] if not l.startswith('E0000')), flush=True)
+        proc = subprocess.run(
+          command + ['--json', str(path)],
+          env=env,
+          capture_output=True,
+          text=True,
+          timeout=args.timeout,
+          check=False,
+        )
+        record = (
+          json.loads(path.read_text())
+          if path.exists()
+          else {'topology': topology, 'error': proc.stderr[-2000:]}
+        )
+        print(
+          '\n'.join(l for l in proc.stdout.splitlines()[-10:] if not l.startswith('E0000')),
+          flush=True,
+        )
         if 'error' in record:
           print(record['error'][-600:], flush=True)
       except subprocess.TimeoutExpired:
         record = {'topology': topology, 'error': f'timed out after {args.timeout:.0f} s'}
-    record.update(wall_s=round(time.monotonic() - started, 1),
-                  command='JAX_PLATFORMS=cpu nextstep-aot ' + ' '.join(command[3:]))
-    current = json.loads(OUT.read_text()) if OUT.exists() else {}  # Others may have written keys since.
+    record.update(
+      wall_s=round(time.monotonic() - started, 1),
+      command='JAX_PLATFORMS=cpu nextstep-aot ' + ' '.join(command[3:]),
+    )
+    current = (
+      json.loads(OUT.read_text()) if OUT.exists() else {}
+    )  # Others may have written keys since.
     current.setdefault('aot_rows', {})[key] = record
     current.update(summary(current['aot_rows']))
-    current['aot_command'] = 'python benchmarks/quantized_sampling.py  # one process per row; each row has its command'
+    current['aot_command'] = (
+      'python benchmarks/quantized_sampling.py  # one process per row; each row has its command'
+    )
     current['aot_date'] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
-    current['aot_machine'] = f'{platform.machine()}, {os.cpu_count()} CPUs (compile host); libtpu AOT'
+    current['aot_machine'] = (
+      f'{platform.machine()}, {os.cpu_count()} CPUs (compile host); libtpu AOT'
+    )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(current, indent=2) + '\n')
   return 0

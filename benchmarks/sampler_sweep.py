@@ -6,6 +6,7 @@
 Sampler settings need no retraining, so they are chosen by measuring on the trained checkpoint.
 Results: benchmarks/results/sampler_sweep_<dataset>.json.
 """
+
 import argparse
 import datetime
 import itertools
@@ -25,7 +26,9 @@ RESULTS = pathlib.Path(__file__).parent / 'results'
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--prompts', type=int, default=40)
   parser.add_argument('--solvers', nargs='+', default=['sde', 'euler'])
@@ -35,22 +38,37 @@ def main() -> int:
   args = parser.parse_args()
   rows = []
   dataset = None
-  for solver, cfg, temperature, steps in itertools.product(args.solvers, args.cfgs, args.temperatures, args.num_steps):
-    sampler = pipeline.TextToImage.from_workdir(args.workdir, solver=solver, cfg=cfg, temperature=temperature,
-                                                num_steps=steps)
+  for solver, cfg, temperature, steps in itertools.product(
+    args.solvers, args.cfgs, args.temperatures, args.num_steps
+  ):
+    sampler = pipeline.TextToImage.from_workdir(
+      args.workdir, solver=solver, cfg=cfg, temperature=temperature, num_steps=steps
+    )
     dataset = sampler.config.data.dataset
     t0 = time.perf_counter()
     if dataset == 'shapes':
       scores, _ = run_eval.evaluate_shapes(sampler, args.prompts)
     else:
       scores, _ = run_eval.evaluate_digits(sampler, args.prompts, sampler.config.image.size)
-    rows.append({'solver': solver, 'cfg': cfg, 'temperature': temperature, 'num_steps': steps,
-                 'seconds': round(time.perf_counter() - t0, 1), **run_eval.headline(dataset, scores)})
+    rows.append(
+      {
+        'solver': solver,
+        'cfg': cfg,
+        'temperature': temperature,
+        'num_steps': steps,
+        'seconds': round(time.perf_counter() - t0, 1),
+        **run_eval.headline(dataset, scores),
+      }
+    )
     print(json.dumps(rows[-1]), flush=True)
-  out = {'workdir': args.workdir, 'prompts_per_suite': args.prompts, 'results': rows,
-         'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
-         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-         'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}'}
+  out = {
+    'workdir': args.workdir,
+    'prompts_per_suite': args.prompts,
+    'results': rows,
+    'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
+    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}',
+  }
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / f'sampler_sweep_{dataset}.json').write_text(json.dumps(out, indent=2) + '\n')
   return 0

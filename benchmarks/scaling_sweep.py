@@ -10,6 +10,7 @@ and eval loss at 4e13 and that run is trained. About 1.5e14 FLOPs and 20 runs: r
 quiet 2-core CPU. Every run resumes from its checkpoints; rerunning the command skips finished runs.
 Writes benchmarks/results/scaling_sweep.json and scaling_sweep_{isoflop,laws,head_allocation}.png.
 """
+
 import argparse
 import os
 import platform
@@ -21,35 +22,69 @@ from nextstep_jax.experiments import study
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 WIDTHS = (16, 32, 48, 64, 96, 128, 160, 192, 256)
 BUDGETS = (1e12, 3e12, 1e13)
-FIXED = ('train.batch_size=32', 'train.lr=1e-3', 'train.log_every=100', 'train.sample_every=0',
-         'train.num_grid_samples=4', 'train.keep_checkpoints=1', 'sample.num_steps=20')
+FIXED = (
+  'train.batch_size=32',
+  'train.lr=1e-3',
+  'train.log_every=100',
+  'train.sample_every=0',
+  'train.num_grid_samples=4',
+  'train.keep_checkpoints=1',
+  'sample.num_steps=20',
+)
 
 
 def spec() -> study.StudySpec:
-  return study.StudySpec('configs/shapes.py', FIXED, WIDTHS, BUDGETS, sizes_per_budget=5, min_steps=100,
-                         max_steps=20000, predict_factor=4.0)
+  return study.StudySpec(
+    'configs/shapes.py',
+    FIXED,
+    WIDTHS,
+    BUDGETS,
+    sizes_per_budget=5,
+    min_steps=100,
+    max_steps=20000,
+    predict_factor=4.0,
+  )
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--runs-dir', default='/work/runs/scaling_study', help='run workdirs (gs:// works)')
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--runs-dir', default='/work/runs/scaling_study', help='run workdirs (gs:// works)'
+  )
   parser.add_argument('--out', default=RESULTS, help='where scaling_sweep.json and the PNGs go')
-  parser.add_argument('--collect-only', action='store_true', help='read finished runs, train nothing')
+  parser.add_argument(
+    '--collect-only', action='store_true', help='read finished runs, train nothing'
+  )
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   import jax
-  extra = {'command': ' '.join(['python', 'benchmarks/scaling_sweep.py', *(sys.argv[1:] if argv is None else argv)]),
-           'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}'}
+
+  extra = {
+    'command': ' '.join(
+      ['python', 'benchmarks/scaling_sweep.py', *(sys.argv[1:] if argv is None else argv)]
+    ),
+    'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}',
+  }
   study_spec = spec()
-  summary = study.run_study(study_spec, args.out, args.runs_dir, train=not args.collect_only, extra=extra,
-                            stem='scaling_sweep',
-                            scorer=lambda workdir: run_eval.score_workdir(workdir, study_spec.eval_prompts))
+  summary = study.run_study(
+    study_spec,
+    args.out,
+    args.runs_dir,
+    train=not args.collect_only,
+    extra=extra,
+    stem='scaling_sweep',
+    scorer=lambda workdir: run_eval.score_workdir(workdir, study_spec.eval_prompts),
+  )
   if summary is None:
     return 1
   p = summary['prediction']
-  print(f'N* ~ C^{summary["exponent_n_opt"]["value"]:.3f} {summary["exponent_n_opt"]["interval"]}, '
-        f'L* ~ C^-{summary["exponent_loss"]["value"]:.3f} {summary["exponent_loss"]["interval"]}; '
-        f'prediction at {p["budget"]:.3g}: {p["predicted_eval_loss"]:.4f} vs measured '
-        f'{p.get("measured_eval_loss")} (relative error {p.get("relative_error")})')
+  print(
+    f'N* ~ C^{summary["exponent_n_opt"]["value"]:.3f} {summary["exponent_n_opt"]["interval"]}, '
+    f'L* ~ C^-{summary["exponent_loss"]["value"]:.3f} {summary["exponent_loss"]["interval"]}; '
+    f'prediction at {p["budget"]:.3g}: {p["predicted_eval_loss"]:.4f} vs measured '
+    f'{p.get("measured_eval_loss")} (relative error {p.get("relative_error")})'
+  )
   return 0
 
 

@@ -17,6 +17,7 @@ of benchmarks/results/tokenizer.json (other keys kept; --skip-quality keeps the 
 and results/tokenizer_tiled_decode.png (original, untiled, then tiled and 4x |tiled - untiled|
 per tiling, nearest-upscaled 2x).
 """
+
 import argparse
 import datetime
 import json
@@ -61,18 +62,25 @@ def decode_memory(devices: list, latent_side: int, tiling: vae_tiling.Tiling | N
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   cfg = vae.AutoEncoderConfig()
   graphdef, params = nnx.split(nnx.eval_shape(lambda: vae.AutoEncoder(cfg, nnx.Rngs(0))))
-  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated), params)
-  latents = jax.ShapeDtypeStruct((1, latent_side, latent_side, cfg.z_channels), jnp.float32,
-                                 sharding=replicated)
+  params = jax.tree.map(
+    lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated), params
+  )
+  latents = jax.ShapeDtypeStruct(
+    (1, latent_side, latent_side, cfg.z_channels), jnp.float32, sharding=replicated
+  )
   fn = jax.jit(lambda p, z: nnx.merge(graphdef, p).decode(z, tiling), out_shardings=replicated)
   start = time.monotonic()
   stats = fn.lower(params, latents).compile().memory_analysis()
   starts = vae_tiling.tile_starts(latent_side, tiling.size, tiling.overlap) if tiling else (0,)
   side = min(tiling.size, latent_side) if tiling else latent_side
-  return {'temp_gib': stats.temp_size_in_bytes / GIB, 'argument_gib': stats.argument_size_in_bytes / GIB,
-          'output_gib': stats.output_size_in_bytes / GIB, 'tiles': len(starts) ** 2,
-          'decoded_area_ratio': len(starts) ** 2 * side**2 / latent_side**2,
-          'compile_seconds': round(time.monotonic() - start, 1)}
+  return {
+    'temp_gib': stats.temp_size_in_bytes / GIB,
+    'argument_gib': stats.argument_size_in_bytes / GIB,
+    'output_gib': stats.output_size_in_bytes / GIB,
+    'tiles': len(starts) ** 2,
+    'decoded_area_ratio': len(starts) ** 2 * side**2 / latent_side**2,
+    'compile_seconds': round(time.monotonic() - start, 1),
+  }
 
 
 def mosaics(images: np.ndarray) -> np.ndarray:
@@ -84,41 +92,57 @@ def mosaics(images: np.ndarray) -> np.ndarray:
 
 def mean_psnr(reference: np.ndarray, images: np.ndarray) -> float:
   """Mean PSNR (dB, uint8 images) of float images in [-1, 1] against a float reference."""
-  return float(np.mean(tokenizer_eval.psnr(image_utils.to_uint8(reference), image_utils.to_uint8(images))))
+  return float(
+    np.mean(tokenizer_eval.psnr(image_utils.to_uint8(reference), image_utils.to_uint8(images)))
+  )
 
 
-def quality(run: str, num: int, tilings: list, hard_cut: vae_tiling.Tiling) -> tuple[dict, np.ndarray]:
+def quality(
+  run: str, num: int, tilings: list, hard_cut: vae_tiling.Tiling
+) -> tuple[dict, np.ndarray]:
   """Tiled vs untiled decode/encode of the trained tokenizer in `run` (module docstring)."""
   root = pathlib.Path(run)
   config = configlib.with_base_defaults(
-      configlib.config_from_json((root / tokenizer_train.CONFIG_FILE).read_text()))
+    configlib.config_from_json((root / tokenizer_train.CONFIG_FILE).read_text())
+  )
   config.image.vae.checkpoint = str(root)
   model = vae_tokenizer.load_model(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   originals = mosaics(tokenizer_train.heldout_images(config, num))
-  tokenizer = lambda tiling: vae_tokenizer.VaeTokenizer(model, len(originals), mesh, config.mesh.rules,
-                                                        tiling)
+  tokenizer = lambda tiling: vae_tokenizer.VaeTokenizer(
+    model, len(originals), mesh, config.mesh.rules, tiling
+  )
   images = tokenizers.uint8_to_unit(originals)
   untiled_tok = tokenizer(vae_tiling.Tiling())
   latents = untiled_tok.encode(images)
   untiled = untiled_tok.decode(latents)
   side = latents.shape[1]
-  out = {'run': str(root), 'mosaics': len(originals), 'image_side': originals.shape[1],
-         'latent_side': side, 'untiled_psnr_vs_original': mean_psnr(images, untiled), 'tilings': {}}
+  out = {
+    'run': str(root),
+    'mosaics': len(originals),
+    'image_side': originals.shape[1],
+    'latent_side': side,
+    'untiled_psnr_vs_original': mean_psnr(images, untiled),
+    'tilings': {},
+  }
   panels = [originals[:1], image_utils.to_uint8(untiled[:1])]
   for tiling in tilings + [hard_cut]:
     tok = tokenizer(tiling)
     tiled = tok.decode(latents)
     seams = vae_tiling.seam_positions(side, tiling, model.cfg.downsample)
-    row = {'tiles': len(vae_tiling.tile_starts(side, tiling.size, tiling.overlap)) ** 2,
-           'decode_psnr_vs_untiled': mean_psnr(untiled, tiled),
-           'decode_max_abs_vs_untiled': float(np.abs(tiled - untiled).max()),
-           'decode_psnr_vs_original': mean_psnr(images, tiled),
-           'seam_ratio': tokenizer_eval.seam_ratio(tiled, untiled, seams, seams)}
+    row = {
+      'tiles': len(vae_tiling.tile_starts(side, tiling.size, tiling.overlap)) ** 2,
+      'decode_psnr_vs_untiled': mean_psnr(untiled, tiled),
+      'decode_max_abs_vs_untiled': float(np.abs(tiled - untiled).max()),
+      'decode_psnr_vs_original': mean_psnr(images, tiled),
+      'seam_ratio': tokenizer_eval.seam_ratio(tiled, untiled, seams, seams),
+    }
     if tiling is not hard_cut:
       roundtrip = untiled_tok.decode(tok.encode(images))
-      row.update(encode_psnr_vs_untiled=mean_psnr(untiled, roundtrip),
-                 encode_psnr_vs_original=mean_psnr(images, roundtrip))
+      row.update(
+        encode_psnr_vs_untiled=mean_psnr(untiled, roundtrip),
+        encode_psnr_vs_original=mean_psnr(images, roundtrip),
+      )
     out['tilings'][tiles_label(tiling)] = row
     diff = np.clip(8 * np.abs(tiled[:1] - untiled[:1]) - 1, -1, 1)  # |diff| x 4 in [0, 1] units.
     panels += [image_utils.to_uint8(tiled[:1]), image_utils.to_uint8(diff)]
@@ -132,10 +156,18 @@ def main(argv=None) -> int:
   parser.add_argument('--run', default='runs/tokenizer_shapes', help='trained tokenizer workdir')
   parser.add_argument('--num', type=int, default=256, help='held-out scenes (16 per mosaic)')
   parser.add_argument('--image-size', type=int, default=1024, help='official-size decode side (px)')
-  parser.add_argument('--tiles', nargs='*', default=['64/16', '32/8'], help='official tilings size/overlap')
-  parser.add_argument('--small-tiles', nargs='*', default=['8/2', '8/4', '16/4'],
-                      help='small-tokenizer tilings (the first size also gives the hard-cut control)')
-  parser.add_argument('--tpu', default='', help='also AOT-compile for this TPU topology, e.g. v5e:1x1')
+  parser.add_argument(
+    '--tiles', nargs='*', default=['64/16', '32/8'], help='official tilings size/overlap'
+  )
+  parser.add_argument(
+    '--small-tiles',
+    nargs='*',
+    default=['8/2', '8/4', '16/4'],
+    help='small-tokenizer tilings (the first size also gives the hard-cut control)',
+  )
+  parser.add_argument(
+    '--tpu', default='', help='also AOT-compile for this TPU topology, e.g. v5e:1x1'
+  )
   parser.add_argument('--skip-quality', action='store_true')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   command = 'python ' + ' '.join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv)))
@@ -143,10 +175,13 @@ def main(argv=None) -> int:
   tilings = [None] + [parse_tiles(t) for t in args.tiles]
   targets = {'cpu': jax.devices('cpu')}
   if args.tpu:
-    from nextstep_jax.planning import aot  # pylint: disable=import-outside-toplevel (libtpu)
+    from nextstep_jax.planning import aot  # libtpu
+
     targets[args.tpu] = aot.topology_devices(args.tpu)
-  setup = (f'official f8ch16 decode (float32) of one {args.image_size}x{args.image_size} image, per '
-           'device, compiled.memory_analysis()')
+  setup = (
+    f'official f8ch16 decode (float32) of one {args.image_size}x{args.image_size} image, per '
+    'device, compiled.memory_analysis()'
+  )
   for target, devices in targets.items():
     memory = {}
     for tiling in tilings:  # Saved after each compile: TPU compiles take minutes.
@@ -177,8 +212,10 @@ def save(updates: dict) -> None:
   if 'quality' in updates:
     entry.pop('quality', None)
   entry = results['tiled_decode'] = merged(entry, updates)
-  entry.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-               machine=f'{platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__}')
+  entry.update(
+    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    machine=f'{platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__}',
+  )
   out_path.write_text(json.dumps(results, indent=2) + '\n')
   print(f'wrote {out_path}', flush=True)
 

@@ -4,6 +4,7 @@ loading also use). Experiment files build on this one by path:
 
   base = configlib.config_module('base.py', __file__)
 """
+
 from nextstep_jax import config_defaults
 
 get_base_config = config_defaults.get_base_config

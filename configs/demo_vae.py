@@ -12,6 +12,7 @@ is configs/shapes_vae.py's on the `make demo` budget (1000 steps).
 
 Variants: '' and 'tiny' (seconds: 16x16 images, tiny models, for tests).
 """
+
 from nextstep_jax import configlib
 
 shapes_vae = configlib.config_module('shapes_vae.py', __file__)

@@ -1,7 +1,8 @@
 """Real handwritten digits (sklearn) upsampled to 32x32; pixels tokenizer, 4x4 grid of 192-dim tokens.
 
-  nextstep-train --config configs/digits.py --workdir runs/digits
+nextstep-train --config configs/digits.py --workdir runs/digits
 """
+
 from nextstep_jax import configlib
 
 shapes = configlib.config_module('shapes.py', __file__)

@@ -19,6 +19,7 @@ lr 1e-5, warm-up 1000, cosine) with fewer steps; the objective is the release's 
 1.0, 4 head copies per token). `tiny` mirrors the tiny official-layout release of the tests
 (tests/torch_reference.TINY_RELEASE with the f2 test VAE): seconds on one CPU core.
 """
+
 import pathlib
 
 from nextstep_jax import configlib
@@ -31,7 +32,9 @@ nextstep1_large = configlib.config_module('nextstep1_large.py', __file__)
 def get_config(arg=None):
   size, _, converted = (arg or '256').partition(',')
   if size not in ('256', '512', 'tiny'):
-    raise ValueError(f'configs/nextstep1_finetune.py:{arg}: the size must be 256, 512 or tiny (then ,DIR).')
+    raise ValueError(
+      f'configs/nextstep1_finetune.py:{arg}: the size must be 256, 512 or tiny (then ,DIR).'
+    )
   c = tiny_release() if size == 'tiny' else nextstep1_large.get_config(size)
   c.name = f'nextstep1_finetune_{size}'
   c.text.tokenizer = 'hf'
@@ -57,13 +60,17 @@ def adopt_release(c, converted: str) -> None:
   architecture and weights and its tokenizer.json."""
   path = pathlib.Path(converted) / 'config.json'
   if not path.exists():
-    raise FileNotFoundError(f'{path} is missing: {converted} is not a converted release '
-                            '(make one with nextstep-convert --hf-dir RELEASE --out DIR).')
+    raise FileNotFoundError(
+      f'{path} is missing: {converted} is not a converted release '
+      '(make one with nextstep-convert --hf-dir RELEASE --out DIR).'
+    )
   release = configlib.config_from_json(path.read_text())
   c.model.update({k: v for k, v in release.model.items() if k not in RUN_FIELDS and k in c.model})
   for field in ('lm_loss_weight', 'im_loss_weight', 'fm_head_batch_mul'):
     c.loss[field] = release.loss[field]
-  c.image.vae.update({k: v for k, v in release.image.vae.items() if k not in ('checkpoint', 'dtype', 'param_dtype')})
+  c.image.vae.update(
+    {k: v for k, v in release.image.vae.items() if k not in ('checkpoint', 'dtype', 'param_dtype')}
+  )
   c.image.use_norm = release.image.use_norm
   c.train.init_from = converted
   c.image.vae.checkpoint = str(pathlib.Path(converted) / 'vae')
@@ -78,7 +85,11 @@ def buckets(c) -> list[tuple[int, int]]:
   """The official aspect buckets in pixels at image.size (tiny: three, so tests stay small)."""
   if c.image.size < aspect.BASE_SIZE:
     s = c.image.size
-    return [(s, s), (s * 3 // 4, s * 5 // 4 // unit(c) * unit(c)), (s * 5 // 4 // unit(c) * unit(c), s * 3 // 4)]
+    return [
+      (s, s),
+      (s * 3 // 4, s * 5 // 4 // unit(c) * unit(c)),
+      (s * 5 // 4 // unit(c) * unit(c), s * 3 // 4),
+    ]
   return aspect.buckets(c.image.size)
 
 
@@ -86,7 +97,14 @@ def tiny_release():
   """The tiny official-layout model (tests/torch_reference.TINY_RELEASE, the f2 test VAE)."""
   c = base.get_base_config()
   m = c.model
-  m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 352, 64, 2, 4, 2, 16
+  m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = (
+    352,
+    64,
+    2,
+    4,
+    2,
+    16,
+  )
   m.intermediate_size, m.rope_theta, m.rms_norm_eps = 96, 1e6, 1e-5
   m.attention_bias, m.o_attention_bias, m.tie_word_embeddings = True, False, False
   m.latent_channels, m.latent_patch_size, m.fm_head_dim, m.fm_head_layers = 16, 2, 32, 2

@@ -3,6 +3,7 @@
 Checked by shape evaluation (`jax.eval_shape`: 14,953,814,080 params) and AOT compilation, never
 run on CPU. Variants: `configs/nextstep1_large.py:512` for 512x512 images.
 """
+
 from nextstep_jax import configlib
 
 base = configlib.config_module('base.py', __file__)

@@ -1,8 +1,9 @@
 """Shapes world on CPU: 32x32 images, pixels tokenizer, 8x8 patches -> 4x4 grid of 192-dim tokens.
 
-  nextstep-train --config configs/shapes.py --workdir runs/shapes
-  nextstep-train --config configs/shapes.py:demo      # the `make demo` budget
+nextstep-train --config configs/shapes.py --workdir runs/shapes
+nextstep-train --config configs/shapes.py:demo      # the `make demo` budget
 """
+
 from nextstep_jax import configlib
 
 base = configlib.config_module('base.py', __file__)

@@ -16,6 +16,7 @@ runs/shapes_vae_latents / runs/shapes_vae_noise_latents; rebuild the cache when 
 changes). Point elsewhere with --config.image.vae.checkpoint=DIR and
 --config.data.latent_cache_paths='DIR/latents-*.array_record'.
 """
+
 from nextstep_jax import configlib
 
 shapes = configlib.config_module('shapes.py', __file__)
@@ -32,7 +33,9 @@ def get_config(arg=None):
   c = shapes.get_config()
   c.name = 'shapes_vae_noise' if noise else 'shapes_vae'
   tokenizer_shapes.set_vae(c)
-  c.image.use_norm = True  # Official NextStep-1: tokens are LayerNormed like encoder_norm's patches.
+  c.image.use_norm = (
+    True  # Official NextStep-1: tokens are LayerNormed like encoder_norm's patches.
+  )
   c.image.vae.checkpoint = 'runs/tokenizer_shapes_noise' if noise else 'runs/tokenizer_shapes'
   if arg.endswith('cached'):  # The one change: read latents (built from the same data and VAE).
     c.data.use_latent_cache = True

@@ -1,7 +1,8 @@
 """Tiny config for tests and smoke runs (seconds on one CPU core).
 
-  nextstep-train --config configs/tiny.py --workdir /tmp/tiny
+nextstep-train --config configs/tiny.py --workdir /tmp/tiny
 """
+
 from nextstep_jax import configlib
 
 base = configlib.config_module('base.py', __file__)

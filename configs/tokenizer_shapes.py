@@ -7,6 +7,7 @@
 Variants: '' (no latent noise), 'noise' (noise regularisation gamma = 0.2, the paper's value),
 'tiny' (seconds, for tests).
 """
+
 from nextstep_jax import configlib
 
 base = configlib.config_module('base.py', __file__)

@@ -9,8 +9,10 @@ restore onto those shardings.
 Console scripts (`nextstep-*`) record SIGTERM and Ctrl-C from here on, before the slow imports
 (`nextstep_jax/signals.py`), so an early stop request is never lost silently.
 """
+
 import os as _os
 import sys as _sys
+
 
 def _is_console_script() -> bool:
   """`nextstep-*` entry points, or `python -m nextstep_jax.cli.*` (argv[0] is '-m' while the
@@ -23,9 +25,10 @@ def _is_console_script() -> bool:
 
 if _is_console_script():
   from nextstep_jax import signals as _signals
+
   _signals.install()
 
-import flax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import flax  # noqa: E402
 
 __version__ = '0.1.0'
 

@@ -21,12 +21,14 @@ step of the run would differ the same way). A failed save (disk full, permission
 Restores read arrays straight onto the shardings of the abstract target, so a run can resume on
 another mesh; see `nextstep_jax.parallel.rules.abstract_with_shardings`.
 """
+
 import dataclasses
 import datetime
 import json
 import pathlib
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -58,7 +60,12 @@ class CheckpointSaveError(errors.UserError, RuntimeError):
 
 
 # Files every committed checkpoint holds (relative to its step directory).
-_REQUIRED_FILES = ('_CHECKPOINT_METADATA', 'state/_METADATA', 'state/manifest.ocdbt', 'extra/metadata')
+_REQUIRED_FILES = (
+  '_CHECKPOINT_METADATA',
+  'state/_METADATA',
+  'state/manifest.ocdbt',
+  'extra/metadata',
+)
 DAMAGED_SUFFIX = '.damaged'  # Damaged steps are kept in <directory>.damaged/<step>-<time>.
 SUPERSEDED_SUFFIX = '.superseded'  # Steps newer than a `--step` resume, kept likewise.
 
@@ -66,6 +73,7 @@ SUPERSEDED_SUFFIX = '.superseded'  # Steps newer than a `--step` resume, kept li
 @dataclasses.dataclass
 class Restored:
   """What `Checkpointer.restore_newest` restored."""
+
   step: int
   state: Any
   extra: dict
@@ -92,12 +100,15 @@ class ProcessJsonHandler(ocp.JsonCheckpointHandler):
     saved = sorted(directory.glob('process_*-of-*.json'))
     states = [json.loads(path.read_text()) for path in saved]
     if not states:
-      raise FileNotFoundError(f'{own} is missing (no process_*-of-*.json data state in {directory})')
+      raise FileNotFoundError(
+        f'{own} is missing (no process_*-of-*.json data state in {directory})'
+      )
     if states and all(state == states[0] for state in states):
       return states[0]
     raise ValueError(
-        f'{directory} holds per-process data states {[p.name for p in saved]} that differ, but this '
-        f'job has {jax.process_count()} processes; resume with the process count that saved them.')
+      f'{directory} holds per-process data states {[p.name for p in saved]} that differ, but this '
+      f'job has {jax.process_count()} processes; resume with the process count that saved them.'
+    )
 
 
 @ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
@@ -132,23 +143,29 @@ class Checkpointer:
       directory = pathlib.Path(directory).absolute()
     self.directory = directory
     options = ocp.CheckpointManagerOptions(
-        create=True,
-        cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save,
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+      create=True,
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=async_save,
+      preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
     )
     self._manager = ocp.CheckpointManager(
-        directory,
-        options=options,
-        item_handlers={
-            'state': ocp.StandardCheckpointHandler(),
-            'extra': ocp.JsonCheckpointHandler(),
-            'data': ProcessJsonHandler(),
-        },
+      directory,
+      options=options,
+      item_handlers={
+        'state': ocp.StandardCheckpointHandler(),
+        'extra': ocp.JsonCheckpointHandler(),
+        'data': ProcessJsonHandler(),
+      },
     )
 
-  def save(self, step: int, state: Any, extra: dict | None = None, data_state: dict | None = None,
-           force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    extra: dict | None = None,
+    data_state: dict | None = None,
+    force: bool = False,
+  ) -> bool:
     """Starts saving `state` (pytree of jax.Arrays), `extra` and this process's `data_state`.
 
     Every process calls this. `extra` (JSON-serialisable) is written by process 0; `data_state`
@@ -161,7 +178,7 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {}))
     if data_state is not None:
       items['data'] = ProcessJsonSave(data_state)
-    with self._save_errors('saving step %d' % step):
+    with self._save_errors(f'saving step {step}'):
       return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def check_for_errors(self) -> None:
@@ -185,7 +202,9 @@ class Checkpointer:
     """Committed steps, oldest first."""
     return list(self._manager.all_steps())
 
-  def restore(self, step: int | None, abstract_state: Any, partial: bool = False) -> tuple[Any, dict]:
+  def restore(
+    self, step: int | None, abstract_state: Any, partial: bool = False
+  ) -> tuple[Any, dict]:
     """Restores `step` (None: the newest that restores, see `restore_newest`) onto the
     shardings of `abstract_state`.
 
@@ -208,16 +227,20 @@ class Checkpointer:
     if step is None:
       restored = self.restore_newest(abstract_state, partial=partial)
       if restored is None:
-        raise CheckpointNotFoundError(f'No checkpoint in {self.directory}; train first (nextstep-train)')
+        raise CheckpointNotFoundError(
+          f'No checkpoint in {self.directory}; train first (nextstep-train)'
+        )
       return restored.state, restored.extra
     if step not in self.all_steps():
       raise CheckpointNotFoundError(
-          f'No checkpoint for step {step} in {self.directory}; saved steps: {self.all_steps()}')
+        f'No checkpoint for step {step} in {self.directory}; saved steps: {self.all_steps()}'
+      )
     restored = self._restore_step(step, abstract_state, with_data=False, partial=partial)
     return restored.state, restored.extra
 
-  def restore_newest(self, abstract_state: Any, with_data: bool = False, log=print,
-                     partial: bool = False) -> Restored | None:
+  def restore_newest(
+    self, abstract_state: Any, with_data: bool = False, log=print, partial: bool = False
+  ) -> Restored | None:
     """Restores the newest step that restores; None when there is no checkpoint at all.
 
     A damaged step (`CheckpointDamagedError`) is moved aside to `<directory>.damaged/` (on a
@@ -238,8 +261,10 @@ class Checkpointer:
         if jax.process_count() > 1:
           raise
         kept = self._move_aside(step)
-        line = (f'checkpoint step {step} is damaged ({error.cause}); skipped it and moved it aside to '
-                f'{kept} (not deleted); trying the previous checkpoint')
+        line = (
+          f'checkpoint step {step} is damaged ({error.cause}); skipped it and moved it aside to '
+          f'{kept} (not deleted); trying the previous checkpoint'
+        )
         log(line)
         skipped.append(line)
         continue
@@ -247,13 +272,16 @@ class Checkpointer:
       return restored
     if skipped:
       raise CheckpointDamagedError(
-          f'every checkpoint in {self.directory} is damaged (moved aside to '
-          f'{self._damaged_root()}); start a new run or restore the files from a backup',
-          step=-1, cause='all damaged')
+        f'every checkpoint in {self.directory} is damaged (moved aside to '
+        f'{self._damaged_root()}); start a new run or restore the files from a backup',
+        step=-1,
+        cause='all damaged',
+      )
     return None
 
-  def _restore_step(self, step: int, abstract_state: Any, with_data: bool,
-                    partial: bool = False) -> Restored:
+  def _restore_step(
+    self, step: int, abstract_state: Any, with_data: bool, partial: bool = False
+  ) -> Restored:
     step_dir = epath.Path(self.directory) / str(step)
     try:
       metadata = self._manager.item_metadata(step)
@@ -263,9 +291,14 @@ class Checkpointer:
       has_data = with_data and 'data' in metadata and metadata.get('data') is not False
       if partial:
         with ocp.PyTreeCheckpointer() as checkpointer:
-          state = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
-              abstract_state, ocp.checkpoint_utils.construct_restore_args(abstract_state),
-              partial_restore=True))
+          state = checkpointer.restore(
+            step_dir / 'state',
+            args=ocp.args.PyTreeRestore(
+              abstract_state,
+              ocp.checkpoint_utils.construct_restore_args(abstract_state),
+              partial_restore=True,
+            ),
+          )
         items = dict(extra=ocp.args.JsonRestore())
       else:
         items = dict(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore())
@@ -276,12 +309,14 @@ class Checkpointer:
         state = restored.state
     except CheckpointMismatchError:
       raise
-    except Exception as error:  # pylint: disable=broad-except (orbax/TensorStore raise many kinds)
+    except Exception as error:  # orbax/TensorStore raise many kinds
       cause = diagnose(step_dir, error)
       raise CheckpointDamagedError(
-          f'checkpoint {step_dir} cannot be restored: {cause}. Restore the files, or move the '
-          f'directory away to resume from an older step (saved steps: {self.all_steps()})',
-          step=step, cause=cause) from error
+        f'checkpoint {step_dir} cannot be restored: {cause}. Restore the files, or move the '
+        f'directory away to resume from an older step (saved steps: {self.all_steps()})',
+        step=step,
+        cause=cause,
+      ) from error
     return Restored(step, state, restored.extra, restored.data if has_data else None, skipped=[])
 
   def set_aside_newer(self, step: int) -> list[str]:
@@ -291,9 +326,12 @@ class Checkpointer:
     if jax.process_index() == 0:
       for newer in [s for s in self.all_steps() if s > step]:
         kept = self._move_aside(newer, SUPERSEDED_SUFFIX)
-        lines.append(f'resuming from step {step}: moved the newer checkpoint {newer} aside to {kept}')
+        lines.append(
+          f'resuming from step {step}: moved the newer checkpoint {newer} aside to {kept}'
+        )
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices('nextstep_set_aside_newer')
     self._manager.reload()
     return lines
@@ -334,17 +372,22 @@ class Checkpointer:
     expected = _shapes_by_path(abstract_state)
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
-    different = sorted(path for path in expected.keys() & saved.keys()
-                       if saved[path] != expected[path])
+    different = sorted(
+      path for path in expected.keys() & saved.keys() if saved[path] != expected[path]
+    )
     if not (missing or unexpected or different):
       return
     lines = [f'Checkpoint {self.directory}/{step} does not match the expected state:']
-    lines += _listed('expected but not in the checkpoint',
-                     [f'{path} {expected[path]}' for path in missing])
-    lines += _listed('in the checkpoint but not expected',
-                     [f'{path} {saved[path]}' for path in unexpected])
-    lines += _listed('shape differs (checkpoint vs expected)',
-                     [f'{path} {saved[path]} vs {expected[path]}' for path in different])
+    lines += _listed(
+      'expected but not in the checkpoint', [f'{path} {expected[path]}' for path in missing]
+    )
+    lines += _listed(
+      'in the checkpoint but not expected', [f'{path} {saved[path]}' for path in unexpected]
+    )
+    lines += _listed(
+      'shape differs (checkpoint vs expected)',
+      [f'{path} {saved[path]} vs {expected[path]}' for path in different],
+    )
     raise CheckpointMismatchError('\n'.join(lines))
 
 
@@ -361,12 +404,17 @@ class _SaveErrors:
     if error is None or isinstance(error, (CheckpointSaveError, KeyboardInterrupt)):
       return False
     text = _first_line(error)
-    hint = ('free disk space' if 'No space left' in str(error) else
-            'check that the directory is writable' if 'ermission' in str(error) else
-            'check the storage')
+    hint = (
+      'free disk space'
+      if 'No space left' in str(error)
+      else 'check that the directory is writable'
+      if 'ermission' in str(error)
+      else 'check the storage'
+    )
     raise CheckpointSaveError(
-        f'checkpoint save failed in {self.directory} ({self.what}): {text}; {hint}, then rerun to '
-        'resume from the last complete checkpoint') from error
+      f'checkpoint save failed in {self.directory} ({self.what}): {text}; {hint}, then rerun to '
+      'resume from the last complete checkpoint'
+    ) from error
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
@@ -386,8 +434,11 @@ def diagnose(step_dir: epath.Path, error: BaseException) -> str:
   if missing:
     return f'file {", ".join(missing)} is missing'
   try:
-    empty = sorted(str(path.relative_to(step_dir)) for path in _files(step_dir, depth=4)
-                   if path.stat().length == 0 and path.name != 'commit_success.txt')
+    empty = sorted(
+      str(path.relative_to(step_dir))
+      for path in _files(step_dir, depth=4)
+      if path.stat().length == 0 and path.name != 'commit_success.txt'
+    )
   except OSError:
     empty = []
   if empty:
@@ -397,8 +448,12 @@ def diagnose(step_dir: epath.Path, error: BaseException) -> str:
   if found or isinstance(error, FileNotFoundError):
     where = found.group(2) if found else str(error)
     return f'a data file is missing ({where[-160:]})'
-  if re.search(r'OUT_OF_RANGE|DATA_LOSS|truncat|Unexpected end|corrupt|checksum|Error reading|'
-               r'Failed to decode|Invalid|JSONDecodeError|Expecting', text, re.IGNORECASE):
+  if re.search(
+    r'OUT_OF_RANGE|DATA_LOSS|truncat|Unexpected end|corrupt|checksum|Error reading|'
+    r'Failed to decode|Invalid|JSONDecodeError|Expecting',
+    text,
+    re.IGNORECASE,
+  ):
     return f'a data file is truncated or corrupt ({_first_line(error, 160)})'
   return f'unreadable ({_first_line(error, 160)})'
 
@@ -417,8 +472,10 @@ def _files(root: epath.Path, depth: int) -> list[epath.Path]:
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
   """Leaf shapes keyed by '/'-joined paths; keys spelled as orbax stores them (all strings)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(_key_name(key) for key in path): tuple(getattr(leaf, 'shape', ()))
-          for path, leaf in leaves}
+  return {
+    '/'.join(_key_name(key) for key in path): tuple(getattr(leaf, 'shape', ()))
+    for path, leaf in leaves
+  }
 
 
 def _key_name(key: Any) -> str:

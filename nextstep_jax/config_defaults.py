@@ -7,6 +7,7 @@ variant (e.g. `configs/shapes.py:small`). Command-line overrides use `--config.t
 the fix on failure. Stored run configs are completed with these defaults
 (`configlib.with_base_defaults`), and the converter starts from them.
 """
+
 import ml_collections
 
 
@@ -50,8 +51,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # stored as int8/int4 with scales in model.dtype; activations stay in model.dtype. Training only
   # with LoRA (QLoRA: the quantized base is frozen, the adapters train).
   m.quant = ml_collections.ConfigDict()
-  m.quant.mode = 'none'  # none | int8 (per output channel) | int4 (per group of the contracted axis).
-  m.quant.group_size = 128  # int4 group along the contracted axis (axes it does not divide: per channel).
+  m.quant.mode = (
+    'none'  # none | int8 (per output channel) | int4 (per group of the contracted axis).
+  )
+  m.quant.group_size = (
+    128  # int4 group along the contracted axis (axes it does not divide: per channel).
+  )
   m.quant.head = True  # Also quantize the flow head's linear layers (else they keep param_dtype).
   m.quant.embedding = False  # Also quantize embed_tokens (per row) and lm_head (the vocab tables).
 
@@ -65,7 +70,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Defaults are the official f8ch16 (NextStep-1-f8ch16-Tokenizer); a checkpoint's own config wins.
   c.image.vae = ml_collections.ConfigDict()
   v = c.image.vae
-  v.checkpoint = ''  # nextstep-train-tokenizer workdir or official release dir ('' = random init, tests only).
+  v.checkpoint = (
+    ''  # nextstep-train-tokenizer workdir or official release dir ('' = random init, tests only).
+  )
   v.in_channels = 3
   v.out_ch = 3
   v.ch = 128  # Base width; level i has ch * ch_mult[i] channels.
@@ -97,7 +104,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.l1_weight = 1.0
   t.l2_weight = 1.0
   t.kl_weight = 1e-6  # On the KL summed over latent elements, averaged over images.
-  t.noise_max = 0.0  # Latent noise gamma: decode(latents + alpha * eps), alpha ~ U[0, gamma] (paper 0.2).
+  t.noise_max = (
+    0.0  # Latent noise gamma: decode(latents + alpha * eps), alpha ~ U[0, gamma] (paper 0.2).
+  )
   t.disc_weight = 0.0  # Hinge-GAN generator weight (0 = no discriminator).
   t.disc_start = 1000  # Step from which the discriminator trains and the GAN loss applies.
   t.disc_ch = 32  # Patch discriminator base width.
@@ -118,17 +127,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   # spm (the sentencepiece stand-in above) | hf (the official Qwen2.5 tokenizer.json with the
   # NextStep special tokens; text.vocab_size is then unused and model.vocab_size must cover its ids).
   c.text.tokenizer = 'spm'
-  c.text.tokenizer_json = ''  # hf: tokenizer.json path ('' = the one in train.init_from's directory).
+  c.text.tokenizer_json = (
+    ''  # hf: tokenizer.json path ('' = the one in train.init_from's directory).
+  )
 
   # Built-in data.
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'shapes'  # shapes | digits | shapes_new (fine-tuning set with new concepts).
-  c.data.new_concept_fraction = 0.5  # shapes_new: share of one-object new-concept scenes (rest: base replay).
+  c.data.new_concept_fraction = (
+    0.5  # shapes_new: share of one-object new-concept scenes (rest: base replay).
+  )
   c.data.num_train = 20000  # Training examples generated (shapes) / drawn with augmentation.
   c.data.drop_text_prob = 0.1  # Caption moved after the image block (trains the uncond branch).
   c.data.cache_dir = ''  # Where generated data and the spm model live ('' = ~/.cache/nextstep_jax).
   # Grain input pipeline (nextstep_jax/data/grain_pipeline.py; shards from `nextstep-data build`).
-  c.data.source = 'builtin'  # builtin (data.dataset in memory) | arrayrecord (data.paths) | tfds | edit.
+  c.data.source = (
+    'builtin'  # builtin (data.dataset in memory) | arrayrecord (data.paths) | tfds | edit.
+  )
   c.data.grain_builtin = False  # Serve data.source=builtin through the Grain pipeline too.
   c.data.paths = ''  # arrayrecord: comma-separated shard files or globs (name-*.array_record).
   c.data.tfds_name = ''  # tfds: a prepared array_record data set (nothing is downloaded).
@@ -239,25 +254,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   # Logical axis -> mesh axes (ordered; a mesh axis of size 1 drops out).
   c.mesh.rules = (
-      ('batch', ('data', 'fsdp')),
-      ('length', None),
-      ('embed', 'fsdp'),
-      ('heads', 'tensor'),
-      ('kv_heads', 'tensor'),
-      ('head_dim', None),
-      ('mlp', 'tensor'),
-      ('vocab', 'tensor'),
-      ('layers', None),
-      ('token', None),
-      ('head_embed', None),
-      ('head_mlp', 'tensor'),
-      ('head_freq', None),
-      ('embed_out', None),
-      ('norm', None),
-      # VAE (image tokenizer): parameters replicated, activations over `batch`.
-      ('conv_height', None),
-      ('conv_width', None),
-      ('conv_in', None),
-      ('conv_out', None),
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('layers', None),
+    ('token', None),
+    ('head_embed', None),
+    ('head_mlp', 'tensor'),
+    ('head_freq', None),
+    ('embed_out', None),
+    ('norm', None),
+    # VAE (image tokenizer): parameters replicated, activations over `batch`.
+    ('conv_height', None),
+    ('conv_width', None),
+    ('conv_in', None),
+    ('conv_out', None),
   )
   return c

@@ -11,9 +11,11 @@ message names the problem and the fix.
 
 class UserError(Exception):
   """A runtime problem the user can fix (exit code 1)."""
+
   exit_code = 1
 
 
 class UsageError(UserError):
   """Bad flags, config fields or inputs, found before any work starts (exit code 2)."""
+
   exit_code = 2

@@ -9,7 +9,8 @@ A weight-only quantized kernel or embedding table (model/quant.py) is a `qwix.QA
 `qvalue` and `scale` are Params; `Dense`, `embed_lookup` and `embed_attend` run it through qwix
 (dequantized to the compute dtype inside the matmul), activations unchanged.
 """
-from typing import Callable, Sequence
+
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,16 @@ from nextstep_jax.parallel import rules as rules_lib
 Initializer = Callable[..., jax.Array]
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}  # model.*dtype
-QUANT_TYPES = {'int8': jnp.int8, 'int4': jnp.int4}  # model.quant.mode (besides 'none'): model/quant.py.
+QUANT_TYPES = {
+  'int8': jnp.int8,
+  'int4': jnp.int4,
+}  # model.quant.mode (besides 'none'): model/quant.py.
 
 REMAT_POLICIES = {  # model.remat_policy
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'dots_saveable': jax.checkpoint_policies.dots_saveable,
+  'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -41,8 +45,9 @@ def constrain(x: jax.Array, rules: rules_lib.Rules, *logical: str | None) -> jax
   return jax.lax.with_sharding_constraint(x, rules_lib.logical_to_spec(logical, rules))
 
 
-def annotated_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: tuple,
-                    param_dtype) -> nnx.Param:
+def annotated_param(
+  rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: tuple, param_dtype
+) -> nnx.Param:
   """A parameter of `shape` initialised by `init`, annotated with logical `axes`."""
   if len(axes) != len(shape):
     raise ValueError(f'logical axes {axes} do not match parameter shape {tuple(shape)}')
@@ -55,15 +60,25 @@ class Dense(nnx.Module):
   `kernel` has shape (I, *out_shape) (the transpose of a torch Linear weight for 1-D outputs).
   """
 
-  def __init__(self, in_features: int, out_shape: int | Sequence[int], axes: tuple, *,
-               use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
-               kernel_init: Initializer = nnx.initializers.normal(0.02),
-               bias_init: Initializer = nnx.initializers.zeros_init()):
+  def __init__(
+    self,
+    in_features: int,
+    out_shape: int | Sequence[int],
+    axes: tuple,
+    *,
+    use_bias: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    kernel_init: Initializer = nnx.initializers.normal(0.02),
+    bias_init: Initializer = nnx.initializers.zeros_init(),
+  ):
     out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
     self.dtype = dtype
     self.kernel = annotated_param(rngs, kernel_init, (in_features, *out_shape), axes, param_dtype)
-    self.bias = (annotated_param(rngs, bias_init, out_shape, axes[1:], param_dtype)
-                 if use_bias else None)
+    self.bias = (
+      annotated_param(rngs, bias_init, out_shape, axes[1:], param_dtype) if use_bias else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     quantized = unbox_quantized(self.kernel) if isinstance(self.kernel, qwix.QArray) else None
@@ -72,13 +87,19 @@ class Dense(nnx.Module):
       # matmul reads the int8 kernel itself (its convert fuses into the dot) and no dequantized
       # copy of the weights is written (qwix's float path materialises q * s first).
       kernel = quantized
-      y = jnp.tensordot(x.astype(self.dtype), kernel.qvalue.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
+      y = jnp.tensordot(
+        x.astype(self.dtype), kernel.qvalue.astype(self.dtype), axes=((x.ndim - 1,), (0,))
+      )
       y = y * kernel.scale[0].astype(self.dtype)
     elif quantized is not None:  # Sub-channel groups along the contraction (int4).
       kernel = quantized.astype(self.dtype)
       y = qwix.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
-      if hasattr(self, 'kernel_lora_a'):  # QLoRA: qwix's adapters (model/lora.py) on a quantized kernel.
-        low = jnp.tensordot(x.astype(self.dtype), self.kernel_lora_a[...].astype(self.dtype), axes=1)
+      if hasattr(
+        self, 'kernel_lora_a'
+      ):  # QLoRA: qwix's adapters (model/lora.py) on a quantized kernel.
+        low = jnp.tensordot(
+          x.astype(self.dtype), self.kernel_lora_a[...].astype(self.dtype), axes=1
+        )
         low = jnp.tensordot(low, self.kernel_lora_b[...].astype(self.dtype), axes=1)
         y = y + (self.lora_scale * low).reshape(y.shape)
     else:
@@ -86,7 +107,9 @@ class Dense(nnx.Module):
       y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
     out_rank = kernel.ndim - 1
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - out_rank) + kernel.shape[1:])
+      y = y + self.bias[...].astype(self.dtype).reshape(
+        (1,) * (y.ndim - out_rank) + kernel.shape[1:]
+      )
     return y
 
 
@@ -122,7 +145,9 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(
+      x.dtype
+    )
     return normed * self.weight[...].astype(x.dtype)
 
 
@@ -144,7 +169,9 @@ class LayerNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=('norm',))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return layer_norm(x, self.eps) * self.weight[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+    return layer_norm(x, self.eps) * self.weight[...].astype(x.dtype) + self.bias[...].astype(
+      x.dtype
+    )
 
 
 def create_stack(factory: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -159,8 +186,14 @@ def create_stack(factory: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.
   return build(rngs)
 
 
-def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, remat_policy: str = 'none',
-               unroll: bool = False):
+def scan_stack(
+  stack: nnx.Module,
+  body: Callable,
+  carry,
+  xs=None,
+  remat_policy: str = 'none',
+  unroll: bool = False,
+):
   """Applies a stacked module layer by layer with `lax.scan` (compile time independent of depth).
 
   body(layer_module, carry, x) -> (carry, y); `xs` (optional) is scanned alongside the layers.

@@ -2,7 +2,8 @@
 
 Two kinds of directory hold a model:
   training run (`nextstep-train --workdir DIR`): config.json, tokenizer.model (sentencepiece; or
-    tokenizer.json when trained with text.tokenizer='hf') and checkpoints/<step>/ holding the train state {'params', 'opt_state', 'step'};
+    tokenizer.json when trained with text.tokenizer='hf') and checkpoints/<step>/ holding the
+    train state {'params', 'opt_state', 'step'};
   converted release (`nextstep-convert --out DIR`): config.json, tokenizer.json (Hugging Face),
     params/0/ holding the params alone, and vae/ with the image tokenizer's weights.
 
@@ -10,6 +11,7 @@ Two kinds of directory hold a model:
 params can be cast to another dtype while they load, or quantized: a `config` whose `model.quant`
 asks for int8/int4 weights of a float run) or, for a training run, the full train state.
 """
+
 import pathlib
 import tempfile
 from typing import Any, NamedTuple
@@ -45,6 +47,7 @@ class RunFilesError(errors.UserError, FileNotFoundError):
 class RestoredRun(NamedTuple):
   """config: the run's stored config; graphdef: the model's static half; state: the params
   (params_only) or the full train state dict; step: the restored step; extra: its saved JSON."""
+
   config: ml_collections.ConfigDict
   graphdef: Any
   state: Any
@@ -72,8 +75,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   image tokenizer path made absolute)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
-    raise RunFilesError(f'{workdir} is not a training run: {CONFIG_FILE} is missing (train one with '
-                        'nextstep-train --workdir DIR, or convert a release with nextstep-convert).')
+    raise RunFilesError(
+      f'{workdir} is not a training run: {CONFIG_FILE} is missing (train one with '
+      'nextstep-train --workdir DIR, or convert a release with nextstep-convert).'
+    )
   config = configlib.config_from_json(path.read_text())
   if is_converted(workdir) and config.image.vae.checkpoint == CONVERTED_VAE_DIR:
     config.image.vae.checkpoint = str(_absolute(workdir) / CONVERTED_VAE_DIR)  # Stored relative.
@@ -85,10 +90,12 @@ def check_files(workdir: str, *names: str) -> None:
   for name in (CONFIG_FILE, *names):
     if not (epath.Path(workdir) / name).exists():
       raise RunFilesError(
-          f'{workdir} is not a training run: {name} is missing (train one with nextstep-train '
-          '--workdir DIR)' if name == CONFIG_FILE else
-          f'{epath.Path(workdir) / name} is missing: {workdir} is incomplete; copy the file back '
-          'from where the run was made, or recreate the run (nextstep-train / nextstep-convert)')
+        f'{workdir} is not a training run: {name} is missing (train one with nextstep-train '
+        '--workdir DIR)'
+        if name == CONFIG_FILE
+        else f'{epath.Path(workdir) / name} is missing: {workdir} is incomplete; copy the file back '
+        'from where the run was made, or recreate the run (nextstep-train / nextstep-convert)'
+      )
 
 
 def _absolute(workdir: str) -> epath.Path:
@@ -128,10 +135,18 @@ def load_text_tokenizer(workdir: str):
   return text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
 
 
-def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
-                mesh: jax.sharding.Mesh | None = None, rules=None, dtype=None,
-                config: ml_collections.ConfigDict | None = None, abstract_state: Any = None,
-                checkpointer: checkpoints.Checkpointer | None = None) -> RestoredRun:
+def restore_run(
+  workdir: str,
+  step: int | None = None,
+  *,
+  params_only: bool,
+  mesh: jax.sharding.Mesh | None = None,
+  rules=None,
+  dtype=None,
+  config: ml_collections.ConfigDict | None = None,
+  abstract_state: Any = None,
+  checkpointer: checkpoints.Checkpointer | None = None,
+) -> RestoredRun:
   """Restores a training run or converted release, arrays read straight onto their shardings.
 
   Args:
@@ -152,18 +167,24 @@ def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
   Returns:
     RestoredRun(config, graphdef, state, step, extra).
   """
-  stored_quant = quant.QuantConfig.from_config(load_config(workdir).model) if config is not None else None
+  stored_quant = (
+    quant.QuantConfig.from_config(load_config(workdir).model) if config is not None else None
+  )
   config = config or load_config(workdir)
   wanted_quant = quant.QuantConfig.from_config(config.model)
   if stored_quant is not None and stored_quant.enabled and stored_quant != wanted_quant:
-    raise ValueError(f'{workdir} holds {stored_quant.mode} weights ({stored_quant}); it cannot be loaded as '
-                     f'{wanted_quant}: convert the release again with the --quantize setting you want.')
+    raise ValueError(
+      f'{workdir} holds {stored_quant.mode} weights ({stored_quant}); it cannot be loaded as '
+      f'{wanted_quant}: convert the release again with the --quantize setting you want.'
+    )
   quantize_now = stored_quant is not None and wanted_quant.enabled and not stored_quant.enabled
   if quantize_now and not params_only:
     raise ValueError(f'model.quant.mode={wanted_quant.mode!r}: a quantized restore is params_only.')
   converted = is_converted(workdir)
   if converted and not params_only:
-    raise ValueError(f'{workdir} is a converted release: it holds params only; use params_only=True.')
+    raise ValueError(
+      f'{workdir} is a converted release: it holds params only; use params_only=True.'
+    )
   if not params_only and abstract_state is None:
     raise ValueError('a full restore needs abstract_state (training.state.abstract_train_state).')
   quantized_model = nextstep.abstract_model(config)
@@ -173,25 +194,34 @@ def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
   if params_only:
     if dtype is not None:
       abstract_params = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-          else x, abstract_params)
+        lambda x: (
+          jax.ShapeDtypeStruct(x.shape, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        ),
+        abstract_params,
+      )
     abstract_state = abstract_params if converted else {'params': abstract_params}
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
+    target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state
+    )
   else:
-    target = rules_lib.abstract_with_shardings(abstract_state, mesh, config.mesh.rules if rules is None else rules)
+    target = rules_lib.abstract_with_shardings(
+      abstract_state, mesh, config.mesh.rules if rules is None else rules
+    )
   ckpt = checkpointer or checkpoints.Checkpointer(checkpoint_dir(workdir), keep=1_000_000)
   try:
     partial = params_only and not converted
     if converted:
       step = 0 if step is None else step
     if step is None:
-      restored = ckpt.restore_newest(target, partial=partial,
-                                     log=lambda line: print(f'warning: {line}', flush=True))
+      restored = ckpt.restore_newest(
+        target, partial=partial, log=lambda line: print(f'warning: {line}', flush=True)
+      )
       if restored is None:
         raise checkpoints.CheckpointNotFoundError(
-            f'No checkpoint in {ckpt.directory}; train first (nextstep-train --workdir {workdir})')
+          f'No checkpoint in {ckpt.directory}; train first (nextstep-train --workdir {workdir})'
+        )
       state, extra, step = restored.state, restored.extra, restored.step
     else:
       state, extra = ckpt.restore(step, target, partial=partial)
@@ -203,7 +233,8 @@ def restore_run(workdir: str, step: int | None = None, *, params_only: bool,
   if quantize_now:
     shardings = None
     if mesh is not None:
-      shardings = rules_lib.state_shardings(nnx.state(quantized_model, nnx.Param), mesh,
-                                            config.mesh.rules if rules is None else rules)
+      shardings = rules_lib.state_shardings(
+        nnx.state(quantized_model, nnx.Param), mesh, config.mesh.rules if rules is None else rules
+      )
     state = quant.quantize_params(state, quantized_model, wanted_quant, shardings)
   return RestoredRun(config, graphdef, state, step, extra)

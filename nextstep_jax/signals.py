@@ -8,6 +8,7 @@ the next step boundary, or, for the other tools, reports a request that came bef
 one line and restores the default handlers. A second Ctrl-C always exits at once (code 130).
 No jax imports here: this module runs before them.
 """
+
 import os
 import signal
 import sys
@@ -43,9 +44,12 @@ def count_interrupt() -> None:
   """Counts a Ctrl-C; on the second, prints one line and exits the process with code 130."""
   _interrupts[0] += 1
   if _interrupts[0] >= 2:
-    print('second Ctrl-C: exiting now without saving; rerun to resume from the last checkpoint',
-          file=sys.stderr, flush=True)
-    os._exit(130)  # pylint: disable=protected-access (immediate: no cleanup waits on threads)
+    print(
+      'second Ctrl-C: exiting now without saving; rerun to resume from the last checkpoint',
+      file=sys.stderr,
+      flush=True,
+    )
+    os._exit(130)  # immediate: no cleanup waits on threads
 
 
 def received() -> list[int]:

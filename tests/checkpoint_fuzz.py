@@ -11,6 +11,7 @@ describes, computed here by plain index arithmetic on the raw storage; no byte o
 the record points outside its storage) or `unexpected` (another exception). It prints a JSON
 summary; the process must exit 0.
 """
+
 import argparse
 import collections
 import io
@@ -26,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nextstep_jax import errors  # pylint: disable=wrong-import-position
-from nextstep_jax.image import vae_import  # pylint: disable=wrong-import-position
+from nextstep_jax import errors
+from nextstep_jax.image import vae_import
 
 STORAGES = {'FloatStorage': np.float32, 'HalfStorage': np.float16, 'LongStorage': np.int64}
 
@@ -39,7 +40,11 @@ def _fake_torch():
 
   def _rebuild_tensor_v2(*args):
     return args
-  _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = 'torch._utils', '_rebuild_tensor_v2'
+
+  _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = (
+    'torch._utils',
+    '_rebuild_tensor_v2',
+  )
   utils._rebuild_tensor_v2 = _rebuild_tensor_v2
   for name in STORAGES:
     cls = type(name, (), {'__module__': 'torch'})
@@ -59,18 +64,30 @@ class Record:
     self.offset, self.size, self.stride = offset, size, stride
 
   def __reduce__(self):
-    return (UTILS._rebuild_tensor_v2,
-            (('storage', self.storage, self.key, 'cpu', self.numel), self.offset, self.size,
-             self.stride, False, collections.OrderedDict()))
+    return (
+      UTILS._rebuild_tensor_v2,
+      (
+        ('storage', self.storage, self.key, 'cpu', self.numel),
+        self.offset,
+        self.size,
+        self.stride,
+        False,
+        collections.OrderedDict(),
+      ),
+    )
 
 
 class _Pickler(pickle.Pickler):
-
   def persistent_id(self, obj):
     if isinstance(obj, tuple) and len(obj) == 5 and obj[0] == 'storage':
       storage = obj[1]
-      return ('storage', getattr(TORCH, storage) if isinstance(storage, str) else storage,
-              obj[2], obj[3], obj[4])
+      return (
+        'storage',
+        getattr(TORCH, storage) if isinstance(storage, str) else storage,
+        obj[2],
+        obj[3],
+        obj[4],
+      )
     return None
 
 
@@ -94,21 +111,26 @@ def valid_file(rng):
   weight = rng.standard_normal(24).astype(np.float32)
   half = rng.standard_normal(6).astype(np.float16)
   ids = np.arange(5, dtype=np.int64)
-  storages = {'0': ('FloatStorage', weight.tobytes()), '1': ('HalfStorage', half.tobytes()),
-              '2': ('LongStorage', ids.tobytes())}
+  storages = {
+    '0': ('FloatStorage', weight.tobytes()),
+    '1': ('HalfStorage', half.tobytes()),
+    '2': ('LongStorage', ids.tobytes()),
+  }
   records = {
-      'conv.weight': Record('FloatStorage', '0', 24, 0, (2, 3, 2, 2), (12, 4, 2, 1)),
-      'conv.weight_t': Record('FloatStorage', '0', 24, 0, (3, 2), (1, 3)),  # Transposed view.
-      'conv.bias': Record('FloatStorage', '0', 24, 20, (4,), (1,)),  # Shares storage 0.
-      'norm.weight': Record('HalfStorage', '1', 6, 0, (6,), (1,)),
-      'step': Record('LongStorage', '2', 5, 4, (), ()),
+    'conv.weight': Record('FloatStorage', '0', 24, 0, (2, 3, 2, 2), (12, 4, 2, 1)),
+    'conv.weight_t': Record('FloatStorage', '0', 24, 0, (3, 2), (1, 3)),  # Transposed view.
+    'conv.bias': Record('FloatStorage', '0', 24, 20, (4,), (1,)),  # Shares storage 0.
+    'norm.weight': Record('HalfStorage', '1', 6, 0, (6,), (1,)),
+    'step': Record('LongStorage', '2', 5, 4, (), ()),
   }
   return storages, records
 
 
 def write(path, storages, records, pickle_bytes=None):
   with zipfile.ZipFile(path, 'w') as archive:
-    archive.writestr('archive/data.pkl', pickle_bytes if pickle_bytes is not None else _pickle(records))
+    archive.writestr(
+      'archive/data.pkl', pickle_bytes if pickle_bytes is not None else _pickle(records)
+    )
     archive.writestr('archive/byteorder', 'little')
     for key, (_, data) in storages.items():
       archive.writestr(f'archive/data/{key}', data)
@@ -150,8 +172,9 @@ class _RecordUnpickler(pickle.Unpickler):
 
   def find_class(self, module, name):
     if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
-      return lambda pid, offset, size, stride, *_: Record(pid[1], pid[2], pid[4] if len(pid) > 4 else None,
-                                                          offset, size, stride)
+      return lambda pid, offset, size, stride, *_: Record(
+        pid[1], pid[2], pid[4] if len(pid) > 4 else None, offset, size, stride
+      )
     if module == 'torch' and name in STORAGES:
       return name
     if (module, name) == ('collections', 'OrderedDict'):
@@ -165,12 +188,13 @@ class _RecordUnpickler(pickle.Unpickler):
 def _records_of(data: bytes) -> dict:
   records = _RecordUnpickler(io.BytesIO(data)).load()
   if not isinstance(records, dict) or not all(
-      isinstance(k, str) and isinstance(v, Record) for k, v in records.items()):
+    isinstance(k, str) and isinstance(v, Record) for k, v in records.items()
+  ):
     raise ValueError('not a name -> record dict')
   return records
 
 
-BIG = [2 ** 40, 2 ** 62, 2 ** 31, 10 ** 6]
+BIG = [2**40, 2**62, 2**31, 10**6]
 
 
 def mutate(rng, storages, records):
@@ -179,20 +203,27 @@ def mutate(rng, storages, records):
   for _ in range(rng.integers(1, 4)):
     name = list(records)[rng.integers(len(records))]
     r = records[name]
-    kind = rng.choice(['offset', 'size', 'stride', 'rank', 'numel', 'dtype', 'key', 'type', 'small'])
-    if not (isinstance(r.size, tuple) and isinstance(r.stride, tuple) and isinstance(r.offset, int)):
+    kind = rng.choice(
+      ['offset', 'size', 'stride', 'rank', 'numel', 'dtype', 'key', 'type', 'small']
+    )
+    if not (
+      isinstance(r.size, tuple) and isinstance(r.stride, tuple) and isinstance(r.offset, int)
+    ):
       kind = 'small'  # An earlier 'type' mutation: restore plausible numbers.
     pick = lambda options: options[rng.integers(len(options))]
     if kind == 'offset':
       r.offset = pick([-1, r.numel, r.numel - 1, int(rng.integers(0, 30)), *BIG])
     elif kind == 'size' and r.size:
       i = rng.integers(len(r.size))
-      r.size = tuple(pick([-1, 0, int(rng.integers(1, 40)), *BIG]) if j == i else s
-                     for j, s in enumerate(r.size))
+      r.size = tuple(
+        pick([-1, 0, int(rng.integers(1, 40)), *BIG]) if j == i else s for j, s in enumerate(r.size)
+      )
     elif kind == 'stride' and r.stride:
       i = rng.integers(len(r.stride))
-      r.stride = tuple(pick([-1, 0, int(rng.integers(1, 30)), *BIG]) if j == i else s
-                       for j, s in enumerate(r.stride))
+      r.stride = tuple(
+        pick([-1, 0, int(rng.integers(1, 30)), *BIG]) if j == i else s
+        for j, s in enumerate(r.stride)
+      )
     elif kind == 'rank':
       r.size = r.size + (int(rng.integers(1, 5)),)
       if rng.random() < 0.5:
@@ -239,7 +270,7 @@ def run(cases: int, seed: int) -> dict:
         loaded = vae_import.read_torch_checkpoint(path)
       except errors.UserError:
         outcome = 'refused'
-      except Exception as error:  # pylint: disable=broad-except (counted, reported)
+      except Exception as error:  # counted, reported
         outcome = 'unexpected'
         examples.setdefault(outcome, f'{what}: {type(error).__name__}: {error}'[:300])
       else:
@@ -247,17 +278,24 @@ def run(cases: int, seed: int) -> dict:
           try:
             records = _records_of(bytes(data))
             expected = {name: reference(storages, r) for name, r in records.items()}
-          except Exception:  # pylint: disable=broad-except (unparseable: nothing may load)
+          except Exception:  # unparseable: nothing may load
             records, expected = {}, {}
-        ok = all(expected[name] is not None and loaded[name].dtype == expected[name].dtype and
-                 np.array_equal(loaded[name], expected[name]) for name in records)
+        ok = all(
+          expected[name] is not None
+          and loaded[name].dtype == expected[name].dtype
+          and np.array_equal(loaded[name], expected[name])
+          for name in records
+        )
         outcome = 'exact' if ok and set(loaded) == set(records) else 'wrong'
         if outcome != 'exact':
           examples.setdefault(outcome, str(what))
       counts[outcome] += 1
-  return {'cases': cases, 'seed': seed, **{k: counts.get(k, 0) for k in
-                                           ('exact', 'refused', 'wrong', 'unexpected')},
-          'examples': examples}
+  return {
+    'cases': cases,
+    'seed': seed,
+    **{k: counts.get(k, 0) for k in ('exact', 'refused', 'wrong', 'unexpected')},
+    'examples': examples,
+  }
 
 
 def main() -> int:

@@ -11,6 +11,7 @@ Test modules must not change these at import (that would leak into every test of
 Tests mirror the package layout in folders without `__init__.py` (pytest --import-mode=importlib),
 so every test file basename must be unique.
 """
+
 import os
 import re
 import sys
@@ -18,8 +19,9 @@ import sys
 NUM_DEVICES = 8
 
 os.environ['XLA_FLAGS'] = ' '.join(
-    re.sub(r'--xla_force_host_platform_device_count=\S*', '', os.environ.get('XLA_FLAGS', ''))
-    .split() + [f'--xla_force_host_platform_device_count={NUM_DEVICES}'])
+  re.sub(r'--xla_force_host_platform_device_count=\S*', '', os.environ.get('XLA_FLAGS', '')).split()
+  + [f'--xla_force_host_platform_device_count={NUM_DEVICES}']
+)
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 sys.path.insert(0, os.path.dirname(__file__))  # Shared test helpers (model_testing.py).
@@ -36,10 +38,11 @@ def pytest_configure(config):
   del config
   if jax.device_count() != NUM_DEVICES:
     raise pytest.UsageError(
-        f'The tests need {NUM_DEVICES} CPU devices but JAX sees {jax.device_count()} '
-        f'({jax.devices()}). JAX was initialised before tests/conftest.py could set '
-        f'XLA_FLAGS=--xla_force_host_platform_device_count={NUM_DEVICES} and '
-        'JAX_PLATFORMS=cpu: do not import jax in plugins or set conflicting flags.')
+      f'The tests need {NUM_DEVICES} CPU devices but JAX sees {jax.device_count()} '
+      f'({jax.devices()}). JAX was initialised before tests/conftest.py could set '
+      f'XLA_FLAGS=--xla_force_host_platform_device_count={NUM_DEVICES} and '
+      'JAX_PLATFORMS=cpu: do not import jax in plugins or set conflicting flags.'
+    )
 
 
 @pytest.fixture
@@ -55,4 +58,5 @@ def tfds_testing():
   """The tests/tfds_testing.py helpers; skips the test without the tfds extra."""
   pytest.importorskip('tensorflow_datasets', reason='TFDS sources need the tfds extra')
   import tfds_testing as helpers  # Imports tensorflow_datasets.
+
   return helpers

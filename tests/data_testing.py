@@ -1,4 +1,5 @@
 """Shared helpers of the data tests: tiny configs, image files of every odd kind, record shards."""
+
 import io
 
 import numpy as np
@@ -10,8 +11,12 @@ from nextstep_jax.data import text_tokenizer
 
 SIZE = 16  # Image side of the tiny configs (pixels tokenizer, 8-px patches -> 2 x 2 tokens).
 shapes = configlib.config_module('configs/shapes.py')
-CAPTIONS = ['a red circle', 'a blue square', 'a green triangle above a cyan circle',
-            'a yellow square to the left of a red triangle']
+CAPTIONS = [
+  'a red circle',
+  'a blue square',
+  'a green triangle above a cyan circle',
+  'a yellow square to the left of a red triangle',
+]
 
 
 def tiny_config(tmp_path, **data_fields):
@@ -30,7 +35,9 @@ def tiny_config(tmp_path, **data_fields):
 
 def tokenizer(tmp_path) -> text_tokenizer.TextTokenizer:
   path = str(tmp_path / 'tok')
-  return text_tokenizer.TextTokenizer.load(text_tokenizer.train_sentencepiece(CAPTIONS * 3, path, 300))
+  return text_tokenizer.TextTokenizer.load(
+    text_tokenizer.train_sentencepiece(CAPTIONS * 3, path, 300)
+  )
 
 
 def image_bytes(array: np.ndarray, mode: str | None = None, fmt: str = 'PNG') -> bytes:
@@ -52,6 +59,6 @@ def write_shards(prefix: str, all_records: list[bytes], num_shards: int = 1) -> 
   paths = []
   for s in range(num_shards):
     path = records.shard_path(prefix, s, num_shards)
-    records.write_shard_atomically(path, all_records[bounds[s]:bounds[s + 1]])
+    records.write_shard_atomically(path, all_records[bounds[s] : bounds[s + 1]])
     paths.append(path)
   return paths

@@ -1,4 +1,5 @@
 """Helpers shared by the model, objective and sampler tests (importable: conftest puts tests/ on sys.path)."""
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -7,9 +8,19 @@ from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.model import nextstep
 
 # A tiny NextStep: 2 layers, GQA 4/2 heads, 12-dim tokens (3 channels x 2x2 patch), head width 32.
-TINY_MODEL = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=16, intermediate_size=96, latent_channels=3, latent_patch_size=2,
-                  fm_head_dim=32, fm_head_layers=2)
+TINY_MODEL = dict(
+  vocab_size=512,
+  hidden_size=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  intermediate_size=96,
+  latent_channels=3,
+  latent_patch_size=2,
+  fm_head_dim=32,
+  fm_head_layers=2,
+)
 
 
 def randomize(module, seed, std=0.15):
@@ -30,4 +41,6 @@ def tiny_model(seed=1):
   """TINY_MODEL with every parameter randomised (see `randomize`)."""
   m = get_base_config().model
   m.update(TINY_MODEL)
-  return randomize(nextstep.NextStep(nextstep.ModelConfig.from_config(m), rngs=nnx.Rngs(0)), seed=seed)
+  return randomize(
+    nextstep.NextStep(nextstep.ModelConfig.from_config(m), rngs=nnx.Rngs(0)), seed=seed
+  )

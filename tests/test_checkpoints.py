@@ -1,4 +1,5 @@
 """Checkpoint save/restore onto shardings, keep-N, mismatch errors, partial-write handling."""
+
 import json
 
 import jax
@@ -10,8 +11,8 @@ from etils import epath
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax import checkpoints
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 
@@ -59,8 +60,9 @@ def test_round_trip_onto_another_mesh(tmp_workdir):
   assert w.sharding.spec == P('fsdp', 'tensor') and w.sharding.mesh.shape['tensor'] == 2
   assert w.addressable_shards[0].data.shape == (4, 8)
   for path in (('w',), ('b',), ('step',)):
-    np.testing.assert_array_equal(np.asarray(restored[path[0]][...]),
-                                  np.asarray(state[path[0]][...]))
+    np.testing.assert_array_equal(
+      np.asarray(restored[path[0]][...]), np.asarray(state[path[0]][...])
+    )
 
 
 def test_restore_latest_and_missing_step(tmp_workdir):
@@ -95,7 +97,6 @@ def test_mismatch_lists_paths_and_shapes(tmp_workdir):
   ckpt.save(1, sharded_state(0, mesh))
 
   class Changed(nnx.Module):
-
     def __init__(self):
       self.w = nnx.Param(jnp.zeros((8, 32)), out_sharding=('embed', 'mlp'))
       self.b = nnx.Param(jnp.zeros((16,)), out_sharding=('mlp',))
@@ -157,7 +158,10 @@ def test_data_state_is_saved_per_process_and_restored(tmp_workdir):
 def test_data_state_of_another_process_count(tmp_path):
   handler = checkpoints.ProcessJsonHandler()
   same, different = tmp_path / 'same', tmp_path / 'different'
-  for directory, states in ((same, ({'step': 4}, {'step': 4})), (different, ({'pos': 1}, {'pos': 7}))):
+  for directory, states in (
+    (same, ({'step': 4}, {'step': 4})),
+    (different, ({'pos': 1}, {'pos': 7})),
+  ):
     directory.mkdir()
     for i, state in enumerate(states):
       (directory / f'process_{i}-of-2.json').write_text(json.dumps(state))
@@ -178,10 +182,12 @@ def _damage(step_dir, how):
     if how == 'missing_data':
       target.unlink()
     else:  # Truncated data file.
-      target.write_bytes(target.read_bytes()[:target.stat().st_size // 2])
+      target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
 
 
-@pytest.mark.parametrize('how', ['missing_manifest', 'missing_metadata', 'missing_data', 'truncated_data'])
+@pytest.mark.parametrize(
+  'how', ['missing_manifest', 'missing_metadata', 'missing_data', 'truncated_data']
+)
 def test_damaged_newest_falls_back_and_is_kept_aside(tmp_workdir, how):
   mesh = make_mesh(8, 1, 1)
   root = tmp_workdir / 'checkpoints'
@@ -193,9 +199,12 @@ def test_damaged_newest_falls_back_and_is_kept_aside(tmp_workdir, how):
   logged = []
   ckpt = checkpoints.Checkpointer(root, keep=3, async_save=False)
   restored = ckpt.restore_newest(restore_target(mesh), with_data=True, log=logged.append)
-  assert restored.step == 1 and restored.extra == {'position': 1} and restored.data_state == {'step': 1}
-  np.testing.assert_array_equal(np.asarray(restored.state['w'][...]),
-                                np.asarray(sharded_state(1, mesh)['w'][...]))
+  assert (
+    restored.step == 1 and restored.extra == {'position': 1} and restored.data_state == {'step': 1}
+  )
+  np.testing.assert_array_equal(
+    np.asarray(restored.state['w'][...]), np.asarray(sharded_state(1, mesh)['w'][...])
+  )
   assert len(logged) == 1 and 'checkpoint step 2 is damaged' in logged[0]
   assert 'moved it aside' in logged[0] and 'not deleted' in logged[0]
   kept = list((tmp_workdir / 'checkpoints.damaged').iterdir())

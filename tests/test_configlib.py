@@ -1,12 +1,13 @@
 """Config loading, overrides, validation and JSON round trip."""
+
 import json
 import sys
 import textwrap
 
 import pytest
 
-from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax import configlib
+from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.configlib import ConfigError
 
 EXPERIMENT_FILE = textwrap.dedent("""
@@ -34,9 +35,15 @@ def test_base_config_is_valid():
 
 def test_load_config_variant_and_overrides(config_path):
   config = configlib.load_config(
-      f'{config_path}:small',
-      ['train.steps=100', '--config.train.lr=3e-4', 'model.attention_bias=false',
-       'config.sample.solver=heun', "mesh.rules=(('batch', 'data'), ('length', None))"])
+    f'{config_path}:small',
+    [
+      'train.steps=100',
+      '--config.train.lr=3e-4',
+      'model.attention_bias=false',
+      'config.sample.solver=heun',
+      "mesh.rules=(('batch', 'data'), ('length', None))",
+    ],
+  )
   assert (config.name, config.model.num_layers) == ('tmp', 2)
   assert config.train.steps == 100 and isinstance(config.train.steps, int)
   assert config.train.lr == pytest.approx(3e-4)
@@ -60,8 +67,9 @@ def test_unknown_field_names_close_matches(config_path):
     configlib.load_config(config_path, ['train.stepz=5'])
 
 
-@pytest.mark.parametrize('override', ['train.steps=ten', 'model.attention_bias=maybe',
-                                      'mesh.rules=3', 'train.steps'])
+@pytest.mark.parametrize(
+  'override', ['train.steps=ten', 'model.attention_bias=maybe', 'mesh.rules=3', 'train.steps']
+)
 def test_bad_override_values(config_path, override):
   with pytest.raises(ConfigError):
     configlib.load_config(config_path, [override])
@@ -76,7 +84,9 @@ def test_missing_file_and_missing_get_config(tmp_path):
     configlib.load_config(str(empty))
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('model.hidden_size', 0, 'model.hidden_size=0 must be > 0'),
     ('model.num_kv_heads', 3, 'multiple of model.num_kv_heads=3'),
     ('image.size', 30, 'image.size=30 must be divisible by'),
@@ -97,12 +107,21 @@ def test_missing_file_and_missing_get_config(tmp_path):
     ('model.latent_channels', 16, 'must be 3 with image.tokenizer=pixels'),
     ('loss.head_objective', 'meanflow', 'loss.head_objective'),
     ('loss.head_objective', 'shortcut', 'set model.fm_head_step_cond=True'),
-    ('sample.times', (0.0, 0.7), r'sample.times=\(0.0, 0.7\) must increase strictly from 0.0 to 1.0'),
+    (
+      'sample.times',
+      (0.0, 0.7),
+      r'sample.times=\(0.0, 0.7\) must increase strictly from 0.0 to 1.0',
+    ),
     ('sample.token_steps', (4, 0), 'sample.token_steps'),
     ('train.microbatches', 0, 'train.microbatches=0 must be an integer >= 1'),
-    ('train.microbatches', 3, r'train.microbatches=3 must divide train.batch_size=64: set train.batch_size '
-                              r'to a multiple of 3 \(e.g. 63\) or train.microbatches to a divisor of 64'),
-])
+    (
+      'train.microbatches',
+      3,
+      r'train.microbatches=3 must divide train.batch_size=64: set train.batch_size '
+      r'to a multiple of 3 \(e.g. 63\) or train.microbatches to a divisor of 64',
+    ),
+  ],
+)
 def test_validate_rejects(field, value, message):
   config = get_base_config()
   group, name = field.split('.')
@@ -174,35 +193,45 @@ def test_json_round_trip(config_path):
     restored.new_field = 1
 
 
-@pytest.mark.parametrize('name', sorted(
-    path.name for path in (configlib.REPO_ROOT / 'configs').glob('*.py')))
+@pytest.mark.parametrize(
+  'name', sorted(path.name for path in (configlib.REPO_ROOT / 'configs').glob('*.py'))
+)
 def test_experiment_configs_are_valid(name):
   configlib.validate(configlib.load_config(f'configs/{name}', USER_FIELDS.get(name, ())))
 
 
 # Fields a config leaves to its user (paths of their data and weights).
-USER_FIELDS = {'nextstep1_finetune.py': ('text.tokenizer_json=release/tokenizer.json',
-                                         'data.latent_cache_paths=latents-*.array_record')}
+USER_FIELDS = {
+  'nextstep1_finetune.py': (
+    'text.tokenizer_json=release/tokenizer.json',
+    'data.latent_cache_paths=latents-*.array_record',
+  )
+}
 
 
 def test_configs_path_resolves_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert configlib.load_config('configs/tiny.py').name
-  assert configlib.load_config('configs/digits.py').data.dataset == 'digits'  # digits -> shapes -> base
+  assert (
+    configlib.load_config('configs/digits.py').data.dataset == 'digits'
+  )  # digits -> shapes -> base
 
 
 def test_a_config_builds_on_another_by_path_relative_to_its_file(tmp_path, monkeypatch):
   """Configs are data loaded by path: no `configs` package is imported (none is installed)."""
-  (tmp_path / 'parent.py').write_text(textwrap.dedent("""
+  (tmp_path / 'parent.py').write_text(
+    textwrap.dedent("""
       from nextstep_jax import config_defaults
 
       def get_config(arg=None):
         c = config_defaults.get_base_config()
         c.name = 'parent'
         return c
-  """))
+  """)
+  )
   (tmp_path / 'sub').mkdir()
-  (tmp_path / 'sub' / 'child.py').write_text(textwrap.dedent("""
+  (tmp_path / 'sub' / 'child.py').write_text(
+    textwrap.dedent("""
       from nextstep_jax import configlib
 
       parent = configlib.config_module('../parent.py', __file__)
@@ -211,7 +240,8 @@ def test_a_config_builds_on_another_by_path_relative_to_its_file(tmp_path, monke
         c = parent.get_config()
         c.name = 'child-' + (arg or 'plain')
         return c
-  """))
+  """)
+  )
   monkeypatch.chdir(tmp_path / 'sub')
   assert configlib.load_config(str(tmp_path / 'sub' / 'child.py') + ':x').name == 'child-x'
   assert 'configs' not in sys.modules

@@ -4,6 +4,7 @@ TFDS needs TensorFlow to encode `tfds.features.Image`; its serialised form is ju
 file, so while preparing, `Image.encode_example` is replaced by the identity on PNG bytes. Reading
 (`tfds.data_source`) is TFDS's own, TensorFlow-free path that decodes with PIL.
 """
+
 import pathlib
 from unittest import mock
 
@@ -14,12 +15,17 @@ import data_testing
 
 class TinyCaptions(tfds.core.GeneratorBasedBuilder):
   """NUM random RGB images of assorted sizes with shapes-style captions."""
+
   VERSION = tfds.core.Version('1.0.0')
   NUM = 8
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(None, None, 3)), 'caption': tfds.features.Text()}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {'image': tfds.features.Image(shape=(None, None, 3)), 'caption': tfds.features.Text()}
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -36,4 +42,3 @@ def prepare_tiny_captions(data_dir: pathlib.Path) -> pathlib.Path:
   with mock.patch.object(tfds.features.Image, 'encode_example', lambda self, data: data):
     TinyCaptions(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
   return data_dir
-

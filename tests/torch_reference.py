@@ -6,6 +6,7 @@ from §5, the sampler is §7's loop (KV-cache decoding, per-token Euler–Maruya
 CFG in the head). `write_release` saves a model as a release does (sharded safetensors + index,
 config.json, tokenizer.json). Used by tests/convert and benchmarks/sampling_vs_official.py.
 """
+
 import inspect
 import json
 import math
@@ -14,18 +15,30 @@ import pathlib
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
-import numpy as np  # pylint: disable=wrong-import-position
-import torch  # pylint: disable=wrong-import-position
-from safetensors.torch import save_file  # pylint: disable=wrong-import-position
-from torch import nn  # pylint: disable=wrong-import-position
-from transformers import Qwen2Config, Qwen2Model  # pylint: disable=wrong-import-position
-
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import Qwen2Config
+from transformers import Qwen2Model
 
 # A tiny release: Qwen2 shape fields of §1 plus the NextStep fields of §8.
-TINY_RELEASE = dict(vocab_size=352, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, intermediate_size=96, rope_theta=1e6,
-                    rms_norm_eps=1e-5, max_position_embeddings=4096, latent_channels=16,
-                    latent_patch_size=2, fm_head_dim=32, fm_head_layers=2)
+TINY_RELEASE = dict(
+  vocab_size=352,
+  hidden_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=16,
+  intermediate_size=96,
+  rope_theta=1e6,
+  rms_norm_eps=1e-5,
+  max_position_embeddings=4096,
+  latent_channels=16,
+  latent_patch_size=2,
+  fm_head_dim=32,
+  fm_head_layers=2,
+)
 
 
 class TimestepEmbedder(nn.Module):
@@ -95,12 +108,20 @@ class NextStepTorch(nn.Module):
   def __init__(self, release: dict, attn_implementation: str = 'eager'):
     super().__init__()
     r = release
-    qwen = Qwen2Config(vocab_size=r['vocab_size'], hidden_size=r['hidden_size'],
-                       num_hidden_layers=r['num_hidden_layers'], num_attention_heads=r['num_attention_heads'],
-                       num_key_value_heads=r['num_key_value_heads'], head_dim=r['head_dim'],
-                       intermediate_size=r['intermediate_size'], rope_theta=r['rope_theta'],
-                       rms_norm_eps=r['rms_norm_eps'], max_position_embeddings=r['max_position_embeddings'],
-                       tie_word_embeddings=False, attn_implementation=attn_implementation)
+    qwen = Qwen2Config(
+      vocab_size=r['vocab_size'],
+      hidden_size=r['hidden_size'],
+      num_hidden_layers=r['num_hidden_layers'],
+      num_attention_heads=r['num_attention_heads'],
+      num_key_value_heads=r['num_key_value_heads'],
+      head_dim=r['head_dim'],
+      intermediate_size=r['intermediate_size'],
+      rope_theta=r['rope_theta'],
+      rms_norm_eps=r['rms_norm_eps'],
+      max_position_embeddings=r['max_position_embeddings'],
+      tie_word_embeddings=False,
+      attn_implementation=attn_implementation,
+    )
     d = r['hidden_size']
     token_dim = r['latent_channels'] * r['latent_patch_size'] ** 2
     self.backbone = Qwen2Model(qwen)
@@ -120,14 +141,24 @@ class NextStepTorch(nn.Module):
 
   def release_state_dict(self) -> dict:
     """Official names: backbone keys bare (`layers.N.*`, `embed_tokens`, `norm`)."""
-    return {k.removeprefix('backbone.'): v.detach().contiguous() for k, v in self.state_dict().items()}
+    return {
+      k.removeprefix('backbone.'): v.detach().contiguous() for k, v in self.state_dict().items()
+    }
 
 
-def write_release(model: NextStepTorch, release: dict, tokenizer_path: str, out: str | pathlib.Path,
-                  num_shards: int = 3, dtype=torch.float32, extra_tensors=None) -> pathlib.Path:
+def write_release(
+  model: NextStepTorch,
+  release: dict,
+  tokenizer_path: str,
+  out: str | pathlib.Path,
+  num_shards: int = 3,
+  dtype=torch.float32,
+  extra_tensors=None,
+) -> pathlib.Path:
   """Writes `out/{model-0000k-of-0000n.safetensors, model.safetensors.index.json, config.json,
   tokenizer.json}` as a release does. Returns `out`."""
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer
+
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tensors = {k: v.to(dtype) for k, v in model.release_state_dict().items()}
@@ -138,22 +169,37 @@ def write_release(model: NextStepTorch, release: dict, tokenizer_path: str, out:
     file = f'model-{shard + 1:05d}-of-{num_shards:05d}.safetensors'
     part = {name: tensors[name] for name in names[shard::num_shards]}
     save_file(part, str(out / file), metadata={'format': 'pt'})
-    weight_map.update({name: file for name in part})
+    weight_map.update(dict.fromkeys(part, file))
     total += sum(t.numel() * t.element_size() for t in part.values())
   (out / 'model.safetensors.index.json').write_text(
-      json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
+    json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2)
+  )
   tok = Tokenizer.from_file(tokenizer_path)
-  config = dict(model_type='nextstep', architectures=['LlamaForCausalLM'],
-                auto_map={'AutoModel': 'models/nextstep_model.NextStep'},
-                attention_bias=True, o_attention_bias=False, mlp_bias=False, rope_scaling=None,
-                tie_word_embeddings=False, boi=tok.token_to_id('<|begin_of_image|>'),
-                eoi=tok.token_to_id('<|end_of_image|>'),
-                image_placeholder_id=tok.token_to_id('<|image_placeholder|>'),
-                pad_token_id=tok.token_to_id('[PAD]'), eos_token_id=tok.token_to_id('<|endoftext|>'),
-                bos_token_id=tok.token_to_id('<|endoftext|>'), fm_head_batch_mul=4,
-                lm_loss_weight=0.01, im_loss_weight=1.0, use_gen_pos_embed=False,
-                base_image_grid_size=32, vae_name_or_path='vae')
-  config.update(release)  # The release's own fields (shape, and overrides such as use_gen_pos_embed).
+  config = dict(
+    model_type='nextstep',
+    architectures=['LlamaForCausalLM'],
+    auto_map={'AutoModel': 'models/nextstep_model.NextStep'},
+    attention_bias=True,
+    o_attention_bias=False,
+    mlp_bias=False,
+    rope_scaling=None,
+    tie_word_embeddings=False,
+    boi=tok.token_to_id('<|begin_of_image|>'),
+    eoi=tok.token_to_id('<|end_of_image|>'),
+    image_placeholder_id=tok.token_to_id('<|image_placeholder|>'),
+    pad_token_id=tok.token_to_id('[PAD]'),
+    eos_token_id=tok.token_to_id('<|endoftext|>'),
+    bos_token_id=tok.token_to_id('<|endoftext|>'),
+    fm_head_batch_mul=4,
+    lm_loss_weight=0.01,
+    im_loss_weight=1.0,
+    use_gen_pos_embed=False,
+    base_image_grid_size=32,
+    vae_name_or_path='vae',
+  )
+  config.update(
+    release
+  )  # The release's own fields (shape, and overrides such as use_gen_pos_embed).
   (out / 'config.json').write_text(json.dumps(config, indent=2))
   (out / 'tokenizer.json').write_text(pathlib.Path(tokenizer_path).read_text())
   return out
@@ -206,14 +252,31 @@ def sample_token(net, cond, x0, step_noise, grid, last_step_size, cfg, cfg_img, 
 
 
 @torch.no_grad()
-def generate(model: NextStepTorch, input_ids, attention_mask, num_tokens, x0, step_noise, *, cfg,
-             cfg_img=1.0, branches=2, num_steps=4, shift=1.0, last_step_size=0.04, use_norm=False,
-             prompt_embeds=None, token_sampler=None, backbone=None):
+def generate(
+  model: NextStepTorch,
+  input_ids,
+  attention_mask,
+  num_tokens,
+  x0,
+  step_noise,
+  *,
+  cfg,
+  cfg_img=1.0,
+  branches=2,
+  num_steps=4,
+  shift=1.0,
+  last_step_size=0.04,
+  use_norm=False,
+  prompt_embeds=None,
+  token_sampler=None,
+  backbone=None,
+):
   """The official loop: prefill with a KV cache, then per image token k: c = out_proj(last hidden),
   token = sampler(c), [LayerNorm], feed in_proj(token) to every row for one cached step.
   input_ids/attention_mask (R, P) left padded; positions = raw slots. x0 (N, B, T), step_noise
   (N, num_steps - 1, B, T). Returns tokens (B, N, T) float32."""
-  from transformers import DynamicCache  # pylint: disable=import-outside-toplevel
+  from transformers import DynamicCache
+
   backbone = model.backbone if backbone is None else backbone
   cache_arg = cache_kwarg(backbone)
   token_sampler = sample_token if token_sampler is None else token_sampler
@@ -221,25 +284,37 @@ def generate(model: NextStepTorch, input_ids, attention_mask, num_tokens, x0, st
   grid = time_grid_a(num_steps, shift, last_step_size)
   embeds = model.backbone.embed_tokens(input_ids) if prompt_embeds is None else prompt_embeds
   cache = DynamicCache()
-  out = backbone(inputs_embeds=embeds, attention_mask=attention_mask,
-                 position_ids=torch.arange(width)[None].expand(rows, width), use_cache=True,
-                 **{cache_arg: cache})
+  out = backbone(
+    inputs_embeds=embeds,
+    attention_mask=attention_mask,
+    position_ids=torch.arange(width)[None].expand(rows, width),
+    use_cache=True,
+    **{cache_arg: cache},
+  )
   last = out.last_hidden_state[:, -1]
   mask = attention_mask
   tokens = []
   for k in range(num_tokens):
     cond = model.image_out_projector(last)
-    token = token_sampler(model.image_head.net, cond, x0[k], step_noise[k], grid, last_step_size,
-                          cfg, cfg_img, branches)
+    token = token_sampler(
+      model.image_head.net, cond, x0[k], step_noise[k], grid, last_step_size, cfg, cfg_img, branches
+    )
     if use_norm:
       token = torch.nn.functional.layer_norm(token, (token.shape[-1],), eps=1e-6)
     tokens.append(token)
     if k == num_tokens - 1:
       break
     mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype)], dim=1)
-    x = model.image_in_projector(token.to(model.image_in_projector.weight.dtype).repeat(branches, 1))[:, None]
-    out = backbone(inputs_embeds=x, attention_mask=mask, position_ids=torch.full((rows, 1), width + k),
-                   use_cache=True, **{cache_arg: cache})
+    x = model.image_in_projector(
+      token.to(model.image_in_projector.weight.dtype).repeat(branches, 1)
+    )[:, None]
+    out = backbone(
+      inputs_embeds=x,
+      attention_mask=mask,
+      position_ids=torch.full((rows, 1), width + k),
+      use_cache=True,
+      **{cache_arg: cache},
+    )
     last = out.last_hidden_state[:, -1]
   return torch.stack(tokens, dim=1)
 

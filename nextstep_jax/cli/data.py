@@ -10,6 +10,7 @@
 
 Summaries (records, bytes, skipped / fixed by reason) are printed and written as JSON next to --out.
 """
+
 import argparse
 import json
 import os
@@ -22,9 +23,10 @@ from nextstep_jax.cli import entry
 
 def _records_captions(spec: str) -> list[str]:
   """Captions of ArrayRecord shards (image or latent records), cleaned; bad ones left out."""
-  from nextstep_jax.data import bad_records  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.data import records  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.data import bad_records
+  from nextstep_jax.data import captions as captions_lib
+  from nextstep_jax.data import records
+
   out = []
   for data in records.read_all(records.resolve_paths(spec, '--captions')):
     try:
@@ -36,9 +38,10 @@ def _records_captions(spec: str) -> list[str]:
 
 def caption_corpus(path: str) -> list[str]:
   """Captions of a .jsonl / .csv captions file, a .txt file (one per line) or record shards."""
-  from nextstep_jax.data import builder  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.data import bad_records  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.data import bad_records
+  from nextstep_jax.data import builder
+  from nextstep_jax.data import captions as captions_lib
+
   if path.endswith(('.jsonl', '.json', '.csv')):
     raw = [item.caption for item in builder.folder_items('', path)[0]]
   elif path.endswith('.txt'):
@@ -56,27 +59,40 @@ def caption_corpus(path: str) -> list[str]:
 
 
 def _build(args) -> dict:
-  from nextstep_jax.data import builder  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.data import builder
+
   if args.source == 'folder':
     if not (args.images and args.captions):
       raise errors.UsageError('--from folder needs --images DIR and --captions FILE')
-    for flag, path, kind in (('--images', args.images, 'directory'), ('--captions', args.captions, 'file')):
+    for flag, path, kind in (
+      ('--images', args.images, 'directory'),
+      ('--captions', args.captions, 'file'),
+    ):
       if not os.path.exists(path):
         raise errors.UsageError(f'{flag} {path}: no such {kind}')
     items, counts = builder.folder_items(args.images, args.captions)
     source = f'folder {args.images} ({args.captions})'
   elif args.source == 'edit-folder':
-    from nextstep_jax.data import edit_builder  # pylint: disable=g-import-not-at-top
+    from nextstep_jax.data import edit_builder
+
     if not (args.images and args.edits):
       raise SystemExit('--from edit-folder needs --images DIR and --edits FILE.jsonl')
     items, counts = edit_builder.edit_folder_items(args.images, args.edits)
-    return edit_builder.build_edits(items, args.out, args.num_shards, args.workers,
-                                    f'edit folder {args.images} ({args.edits})', counts)
+    return edit_builder.build_edits(
+      items,
+      args.out,
+      args.num_shards,
+      args.workers,
+      f'edit folder {args.images} ({args.edits})',
+      counts,
+    )
   elif args.source == 'tfds':
     if not args.name:
       raise errors.UsageError('--from tfds needs --name (a prepared array_record data set)')
-    items, counts = builder.tfds_items(args.name, args.split, args.data_dir, args.image_key,
-                                       args.caption_key), {}
+    items, counts = (
+      builder.tfds_items(args.name, args.split, args.data_dir, args.image_key, args.caption_key),
+      {},
+    )
     source = f'tfds {args.name}:{args.split}'
   else:
     items, counts = builder.builtin_items(args.dataset, args.num, args.seed, args.size), {}
@@ -85,16 +101,18 @@ def _build(args) -> dict:
 
 
 def _cache_latents(args, overrides) -> dict:
-  from nextstep_jax.data import latent_cache  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.data import latent_cache
+
   config = configlib.load_config(args.config, overrides)
   configlib.validate(config)
   return latent_cache.build_latent_cache(config, args.out, args.num_shards, args.batch_size)
 
 
 def _train_spm(args) -> dict:
-  from nextstep_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.data import text_tokenizer
+
   corpus = caption_corpus(args.captions)
-  prefix = args.out[:-len('.model')] if args.out.endswith('.model') else args.out
+  prefix = args.out[: -len('.model')] if args.out.endswith('.model') else args.out
   path = text_tokenizer.train_sentencepiece(corpus, prefix, args.vocab_size)
   tok = text_tokenizer.TextTokenizer.load(path)
   summary = {'model': path, 'captions': len(corpus), 'vocab_size': tok.vocab_size}
@@ -103,20 +121,29 @@ def _train_spm(args) -> dict:
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = entry.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = entry.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   commands = parser.add_subparsers(dest='command', required=True)
   build = commands.add_parser('build', help='write ArrayRecord shards of image records')
-  build.add_argument('--from', dest='source', required=True, choices=('folder', 'edit-folder', 'tfds', 'builtin'))
+  build.add_argument(
+    '--from', dest='source', required=True, choices=('folder', 'edit-folder', 'tfds', 'builtin')
+  )
   build.add_argument('--out', required=True, help='output prefix DIR/name')
   build.add_argument('--images', help='folder: image root the captions file paths are relative to')
   build.add_argument('--captions', help='folder: captions .jsonl ({"image", "caption"}) or .csv')
-  build.add_argument('--edits', help='edit-folder: .jsonl of {"source", "target", "instruction"} (paths under --images)')
+  build.add_argument(
+    '--edits',
+    help='edit-folder: .jsonl of {"source", "target", "instruction"} (paths under --images)',
+  )
   build.add_argument('--name', help='tfds: data set name')
   build.add_argument('--split', default='train', help='tfds: split')
   build.add_argument('--data-dir', default='', help='tfds: data_dir ("" = TFDS default)')
   build.add_argument('--image-key', default='image', help='tfds: image feature')
   build.add_argument('--caption-key', default='caption', help='tfds: caption feature')
-  build.add_argument('--dataset', default='shapes', choices=('shapes', 'digits'), help='builtin data set')
+  build.add_argument(
+    '--dataset', default='shapes', choices=('shapes', 'digits'), help='builtin data set'
+  )
   build.add_argument('--num', type=int, default=50000, help='builtin: examples')
   build.add_argument('--seed', type=int, default=0, help='builtin: generator seed')
   build.add_argument('--size', type=int, default=32, help='builtin: image side')
@@ -128,7 +155,9 @@ def make_parser() -> argparse.ArgumentParser:
   cache.add_argument('--num-shards', type=int, default=0, help='0 = one per 1000 records')
   cache.add_argument('--batch-size', type=int, default=64, help='images per encode call')
   spm = commands.add_parser('train-spm', help='train a sentencepiece model on captions')
-  spm.add_argument('--captions', required=True, help='.jsonl / .csv / .txt captions or record shards')
+  spm.add_argument(
+    '--captions', required=True, help='.jsonl / .csv / .txt captions or record shards'
+  )
   spm.add_argument('--vocab-size', type=int, required=True, help='pieces (an upper bound)')
   spm.add_argument('--out', required=True, help='model path (".model" appended if missing)')
   return parser

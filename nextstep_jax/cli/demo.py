@@ -10,6 +10,7 @@ latents. Rerunning the command resumes an interrupted run.
 
 Writes <workdir>/demo/{seen_two,heldout}_grid.png with their prompts, and demo/scores.json.
 """
+
 import json
 import pathlib
 import sys
@@ -19,7 +20,10 @@ from nextstep_jax import errors
 from nextstep_jax.cli import entry
 from nextstep_jax.cli import train as train_cli
 
-DEFAULTS = {'pixels': ('configs/shapes.py:demo', 'runs/demo'), 'vae': ('configs/demo_vae.py', 'runs/demo_vae')}
+DEFAULTS = {
+  'pixels': ('configs/shapes.py:demo', 'runs/demo'),
+  'vae': ('configs/demo_vae.py', 'runs/demo_vae'),
+}
 DEFAULT_PROMPTS = 50
 TOKENIZER_DIR = 'tokenizer'
 TOKENIZER_EVAL_IMAGES = 256
@@ -32,24 +36,30 @@ def _pop_flag(argv: list, name: str, default: str) -> str:
   if i + 1 >= len(argv):
     raise errors.UsageError(f'{name} needs a value')
   value = argv[i + 1]
-  del argv[i:i + 2]
+  del argv[i : i + 2]
   return value
 
 
 def train_tokenizer(config, workdir: str) -> dict:
   """Trains (or reuses) the VAE of `config` in <workdir>/tokenizer, points image.vae.checkpoint at
   it and returns its held-out PSNR/SSIM and training minutes."""
-  from nextstep_jax.evaluate import tokenizer_eval  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.image import vae_tokenizer  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.training import tokenizer_train  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.evaluate import tokenizer_eval
+  from nextstep_jax.image import vae_tokenizer
+  from nextstep_jax.training import tokenizer_train
+
   root = pathlib.Path(workdir).resolve() / TOKENIZER_DIR
   if not (root / vae_tokenizer.RELEASE_DIR).exists():
     tokenizer_train.train(config, str(root))
   config.image.vae.checkpoint = str(root)
   scores = tokenizer_eval.evaluate_run(str(root), TOKENIZER_EVAL_IMAGES, sigmas=(0.0,))
   last = json.loads((root / 'metrics.jsonl').read_text().splitlines()[-1])
-  return {'workdir': str(root), 'steps': last['step'], 'train_minutes': round(last['minutes'], 2),
-          'heldout_psnr': scores['psnr'], 'heldout_ssim': scores['ssim']}
+  return {
+    'workdir': str(root),
+    'steps': last['step'],
+    'train_minutes': round(last['minutes'], 2),
+    'heldout_psnr': scores['psnr'],
+    'heldout_ssim': scores['ssim'],
+  }
 
 
 def main(argv=None) -> int:
@@ -72,10 +82,10 @@ def _main(argv) -> int:
     argv += ['--workdir', default_workdir]
   args, config = train_cli.parse_config(argv, __doc__)
 
-  from nextstep_jax.evaluate import run_eval  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.sampling import pipeline  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.utils import images as image_utils  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.evaluate import run_eval
+  from nextstep_jax.sampling import pipeline
+  from nextstep_jax.training import loop
+  from nextstep_jax.utils import images as image_utils
 
   start = time.monotonic()
   tokenizer_summary = {}
@@ -92,20 +102,30 @@ def _main(argv) -> int:
     scores, images = run_eval.evaluate_shapes(sampler, num_prompts)
     suites = run_eval.shapes_suites(num_prompts)
     for name in ('seen_two', 'heldout'):
-      image_utils.save_png(out / f'{name}_grid.png', image_utils.make_grid(images[name][:64], ncols=8))
+      image_utils.save_png(
+        out / f'{name}_grid.png', image_utils.make_grid(images[name][:64], ncols=8)
+      )
       (out / f'{name}_prompts.txt').write_text('\n'.join(suites[name][:64]) + '\n')
   else:
     scores, images = run_eval.evaluate_digits(sampler, num_prompts, config.image.size)
     image_utils.save_png(out / 'digits_grid.png', image_utils.make_grid(images[:64], ncols=8))
-  summary = {'config': config.name, 'train_steps': result.step, 'train_minutes': round(result.minutes, 2),
-             **tokenizer_summary, 'wall_minutes_this_invocation': round((time.monotonic() - start) / 60, 2),
-             'final_metrics': result.metrics, 'scores': scores,
-             **run_eval.headline(config.data.dataset, scores)}
+  summary = {
+    'config': config.name,
+    'train_steps': result.step,
+    'train_minutes': round(result.minutes, 2),
+    **tokenizer_summary,
+    'wall_minutes_this_invocation': round((time.monotonic() - start) / 60, 2),
+    'final_metrics': result.metrics,
+    'scores': scores,
+    **run_eval.headline(config.data.dataset, scores),
+  }
   summary = run_eval.json_safe(summary)
   (out / 'scores.json').write_text(json.dumps(summary, indent=2) + '\n')
   print(json.dumps(summary, indent=2))
-  print(f'workdir: {result.workdir}  (try: nextstep-sample --workdir {result.workdir} '
-        '--prompts PROMPTS.txt --out samples/)')
+  print(
+    f'workdir: {result.workdir}  (try: nextstep-sample --workdir {result.workdir} '
+    '--prompts PROMPTS.txt --out samples/)'
+  )
   return 0
 
 

@@ -6,6 +6,7 @@ off, the run's tokenizer, and checkpoints/<step> holding the merged params (and 
 state, so DIR also continues as full fine-tuning). `nextstep-sample --workdir DIR` samples it with
 the base model's graph; its images equal the adapter model's.
 """
+
 import argparse
 import shutil
 import sys
@@ -13,7 +14,9 @@ import sys
 import jax
 from etils import epath
 
-from nextstep_jax import checkpoints, configlib, runs
+from nextstep_jax import checkpoints
+from nextstep_jax import configlib
+from nextstep_jax import runs
 from nextstep_jax.model import lora
 from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import state as state_lib
@@ -38,7 +41,11 @@ def merge_run(workdir: str, out: str, step: int | None = None) -> int:
   for name in (runs.TOKENIZER_FILE, runs.HF_TOKENIZER_FILE):
     if (source / name).exists():
       shutil.copyfile(str(source / name), str(target / name))
-  state = {'params': merged, 'opt_state': tx.init(merged), 'step': jax.numpy.asarray(step, jax.numpy.int32)}
+  state = {
+    'params': merged,
+    'opt_state': tx.init(merged),
+    'step': jax.numpy.asarray(step, jax.numpy.int32),
+  }
   ckpt = checkpoints.Checkpointer(target / runs.CHECKPOINT_DIR, keep=1, async_save=False)
   ckpt.save(step, state)
   ckpt.close()
@@ -46,9 +53,13 @@ def merge_run(workdir: str, out: str, step: int | None = None) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--workdir', required=True, help='a LoRA training run')
-  parser.add_argument('--step', type=int, default=None, help='checkpoint to merge (default: latest)')
+  parser.add_argument(
+    '--step', type=int, default=None, help='checkpoint to merge (default: latest)'
+  )
   parser.add_argument('--out', required=True, help='directory of the merged run')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   step = merge_run(args.workdir, args.out, args.step)

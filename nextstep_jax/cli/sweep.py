@@ -20,6 +20,7 @@ trained and compared. Writes DIR/scaling_study.json and _isoflop/_laws/_head_all
 With --launch-cmd-only it prints the unfinished runs' commands (the prediction run once the
 isoFLOP runs are collected); --collect-only reads finished workdirs (local or gs://).
 """
+
 import argparse
 import sys
 
@@ -31,37 +32,81 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-  parser = entry.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--base', required=True, help='base config file[:variant], e.g. configs/shapes.py')
-  parser.add_argument('--grid', action='append', default=[],
-                      help='field=v1,v2,... or field1,field2=a1:b1,a2:b2 (repeatable; Cartesian product)')
-  parser.add_argument('--budgets', default=None,
-                      help='compute-optimal mode: training FLOPs budgets, e.g. 1e12,3e12,1e13')
-  parser.add_argument('--widths', default='16,32,48,64,96,128,160,192,256', help='family widths (multiples of 16)')
+  parser = entry.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--base', required=True, help='base config file[:variant], e.g. configs/shapes.py'
+  )
+  parser.add_argument(
+    '--grid',
+    action='append',
+    default=[],
+    help='field=v1,v2,... or field1,field2=a1:b1,a2:b2 (repeatable; Cartesian product)',
+  )
+  parser.add_argument(
+    '--budgets',
+    default=None,
+    help='compute-optimal mode: training FLOPs budgets, e.g. 1e12,3e12,1e13',
+  )
+  parser.add_argument(
+    '--widths', default='16,32,48,64,96,128,160,192,256', help='family widths (multiples of 16)'
+  )
   parser.add_argument('--sizes-per-budget', type=int, default=5)
-  parser.add_argument('--min-steps', type=int, default=100, help='shorter runs are left off a budget')
-  parser.add_argument('--max-steps', type=int, default=20000, help='longer runs are left off a budget')
-  parser.add_argument('--predict-factor', type=float, default=4.0, help='prediction budget / largest budget')
-  parser.add_argument('--eval-prompts', type=int, default=50, help='shapes evaluator prompts per suite')
-  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                      help='override applied to every run, e.g. train.steps=400 (repeatable)')
-  parser.add_argument('--out', required=True, help='output directory (sweep.csv/.png/.json; runs/ unless --runs-dir)')
-  parser.add_argument('--runs-dir', default=None, help='where the run workdirs go (default OUT/runs; gs:// works)')
-  parser.add_argument('--eval-sequences', type=int, default=256, help='held-out batch size for the eval loss')
-  parser.add_argument('--stop-at', type=int, default=None,
-                      help='end each run after this step (learning-rate schedule of train.steps unchanged)')
+  parser.add_argument(
+    '--min-steps', type=int, default=100, help='shorter runs are left off a budget'
+  )
+  parser.add_argument(
+    '--max-steps', type=int, default=20000, help='longer runs are left off a budget'
+  )
+  parser.add_argument(
+    '--predict-factor', type=float, default=4.0, help='prediction budget / largest budget'
+  )
+  parser.add_argument(
+    '--eval-prompts', type=int, default=50, help='shapes evaluator prompts per suite'
+  )
+  parser.add_argument(
+    '--set',
+    action='append',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='override applied to every run, e.g. train.steps=400 (repeatable)',
+  )
+  parser.add_argument(
+    '--out', required=True, help='output directory (sweep.csv/.png/.json; runs/ unless --runs-dir)'
+  )
+  parser.add_argument(
+    '--runs-dir', default=None, help='where the run workdirs go (default OUT/runs; gs:// works)'
+  )
+  parser.add_argument(
+    '--eval-sequences', type=int, default=256, help='held-out batch size for the eval loss'
+  )
+  parser.add_argument(
+    '--stop-at',
+    type=int,
+    default=None,
+    help='end each run after this step (learning-rate schedule of train.steps unchanged)',
+  )
   mode = parser.add_mutually_exclusive_group()
-  mode.add_argument('--launch-cmd-only', action='store_true', help='print one launch command per run and exit')
-  mode.add_argument('--collect-only', action='store_true', help='evaluate finished runs and fit, no training')
-  parser.add_argument('--launcher', default='python -m nextstep_jax.cli.train',
-                      help='command prefix of --launch-cmd-only lines (takes --config/--workdir/--config.x=v; '
-                      '{name} becomes the run name)')
+  mode.add_argument(
+    '--launch-cmd-only', action='store_true', help='print one launch command per run and exit'
+  )
+  mode.add_argument(
+    '--collect-only', action='store_true', help='evaluate finished runs and fit, no training'
+  )
+  parser.add_argument(
+    '--launcher',
+    default='python -m nextstep_jax.cli.train',
+    help='command prefix of --launch-cmd-only lines (takes --config/--workdir/--config.x=v; '
+    '{name} becomes the run name)',
+  )
   args = parser.parse_args(argv)
 
   if bool(args.grid) == bool(args.budgets):
     parser.error('give either --grid specs (a grid sweep) or --budgets (a compute-optimal study)')
-  from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top (after flag errors)
-  from nextstep_jax.experiments import sweep  # pylint: disable=g-import-not-at-top
+  from nextstep_jax import configlib  # after flag errors
+  from nextstep_jax.experiments import sweep
+
   if args.budgets:
     return _study(parser, args)
   try:
@@ -75,15 +120,27 @@ def _main(argv) -> int:
     for run in runs:
       print(sweep.launch_command(args.launcher, args.base, args.set, run, f'{runs_dir}/{run.name}'))
     return 0
-  summary = sweep.run_sweep(args.base, args.grid, args.set, args.out, runs_dir, train=not args.collect_only,
-                            eval_sequences=args.eval_sequences, stop_at=args.stop_at, extra={'command': ' '.join(sys.argv)})
-  print(f'{len(summary["runs"])} runs; L(C) exponent {summary["fitted_exponent"]:.4f} '
-        f'± {summary["fitted_exponent_std"]:.4f} ({summary["fit"]["chosen"]}); wrote {args.out}/sweep.csv, .png, .json')
+  summary = sweep.run_sweep(
+    args.base,
+    args.grid,
+    args.set,
+    args.out,
+    runs_dir,
+    train=not args.collect_only,
+    eval_sequences=args.eval_sequences,
+    stop_at=args.stop_at,
+    extra={'command': ' '.join(sys.argv)},
+  )
+  print(
+    f'{len(summary["runs"])} runs; L(C) exponent {summary["fitted_exponent"]:.4f} '
+    f'± {summary["fitted_exponent_std"]:.4f} ({summary["fit"]["chosen"]}); wrote {args.out}/sweep.csv, .png, .json'
+  )
   return 0
 
 
 def spec_is_shapes(spec) -> bool:
-  from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top
+  from nextstep_jax import configlib
+
   return configlib.load_config(spec.base, list(spec.fixed)).data.dataset == 'shapes'
 
 
@@ -93,28 +150,44 @@ def _shapes_scorer(run_eval, spec):
 
 def _study(parser, args) -> int:
   """Compute-optimal mode: plan, run or collect, fit, predict (see the module docstring)."""
-  from nextstep_jax import configlib  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.evaluate import run_eval  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.experiments import study  # pylint: disable=g-import-not-at-top
+  from nextstep_jax import configlib
+  from nextstep_jax.evaluate import run_eval
+  from nextstep_jax.experiments import study
+
   try:
-    spec = study.StudySpec(args.base, tuple(args.set), tuple(int(w) for w in args.widths.split(',')),
-                           tuple(float(b) for b in args.budgets.split(',')), args.sizes_per_budget,
-                           args.min_steps, args.max_steps, predict_factor=args.predict_factor,
-                           eval_sequences=args.eval_sequences, eval_prompts=args.eval_prompts)
+    spec = study.StudySpec(
+      args.base,
+      tuple(args.set),
+      tuple(int(w) for w in args.widths.split(',')),
+      tuple(float(b) for b in args.budgets.split(',')),
+      args.sizes_per_budget,
+      args.min_steps,
+      args.max_steps,
+      predict_factor=args.predict_factor,
+      eval_sequences=args.eval_sequences,
+      eval_prompts=args.eval_prompts,
+    )
     study.plan_isoflop(spec, study.Costs(spec))
   except (ValueError, configlib.ConfigError) as error:
     parser.error(str(error))
   runs_dir = args.runs_dir or f'{args.out.rstrip("/")}/runs'
-  summary = study.run_study(spec, args.out, runs_dir, train=not args.collect_only,
-                            extra={'command': ' '.join(sys.argv)},
-                            launch_only=args.launcher if args.launch_cmd_only else None,
-                            scorer=_shapes_scorer(run_eval, spec) if spec_is_shapes(spec) else None)
+  summary = study.run_study(
+    spec,
+    args.out,
+    runs_dir,
+    train=not args.collect_only,
+    extra={'command': ' '.join(sys.argv)},
+    launch_only=args.launcher if args.launch_cmd_only else None,
+    scorer=_shapes_scorer(run_eval, spec) if spec_is_shapes(spec) else None,
+  )
   if summary is None:
     return 0 if args.launch_cmd_only else 1
   p = summary['prediction']
-  print(f'N* ~ C^{summary["exponent_n_opt"]["value"]:.3f}, L* ~ C^-{summary["exponent_loss"]["value"]:.3f}; '
-        f'predicted eval loss {p["predicted_eval_loss"]:.4f} at {p["budget"]:.3g} FLOPs, measured '
-        f'{p.get("measured_eval_loss")}; wrote {args.out}/scaling_study.json and PNGs')
+  print(
+    f'N* ~ C^{summary["exponent_n_opt"]["value"]:.3f}, L* ~ C^-{summary["exponent_loss"]["value"]:.3f}; '
+    f'predicted eval loss {p["predicted_eval_loss"]:.4f} at {p["budget"]:.3g} FLOPs, measured '
+    f'{p.get("measured_eval_loss")}; wrote {args.out}/scaling_study.json and PNGs'
+  )
   return 0
 
 

@@ -7,6 +7,7 @@ from the newest checkpoint that restores (damaged newer ones are moved aside, no
 from `--step N`. One trainer per workdir (train.lock). User errors print one line (`--debug`
 or NEXTSTEP_DEBUG=1 for the traceback).
 """
+
 import sys
 
 from nextstep_jax import configlib
@@ -17,18 +18,28 @@ from nextstep_jax.cli import entry
 def parse_config(argv, description: str):
   """(args, config) from `--config FILE[:variant]` plus `--config.field=value` overrides."""
   parser = entry.ArgumentParser(description=description)
-  parser.add_argument('--config', required=True, help='config file, e.g. configs/shapes.py or configs/shapes.py:demo')
+  parser.add_argument(
+    '--config', required=True, help='config file, e.g. configs/shapes.py or configs/shapes.py:demo'
+  )
   parser.add_argument('--workdir', default=None, help='run directory (default: runs/<config name>)')
   parser.add_argument('--coordinator', default=None, help='multi-process: host:port of process 0')
-  parser.add_argument('--num-processes', type=int, default=None, help='multi-process: process count')
+  parser.add_argument(
+    '--num-processes', type=int, default=None, help='multi-process: process count'
+  )
   parser.add_argument('--process-id', type=int, default=None, help='multi-process: this process')
-  parser.add_argument('--step', type=int, default=None,
-                      help='resume from this saved step (default: the newest that restores); newer '
-                           'checkpoints are moved aside to checkpoints.superseded/')
+  parser.add_argument(
+    '--step',
+    type=int,
+    default=None,
+    help='resume from this saved step (default: the newest that restores); newer '
+    'checkpoints are moved aside to checkpoints.superseded/',
+  )
   args, rest = parser.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]
   if bad:
-    parser.error(f'unrecognised arguments {bad}; config overrides look like --config.train.steps=100')
+    parser.error(
+      f'unrecognised arguments {bad}; config overrides look like --config.train.steps=100'
+    )
   return args, configlib.load_config(args.config, rest)
 
 
@@ -40,12 +51,16 @@ def _main(argv) -> int:
   args, config = parse_config(argv, __doc__)
   if args.step is not None and args.step < 0:
     raise errors.UsageError(f'--step {args.step} must be >= 0 (a saved step)')
-  from nextstep_jax.parallel import distributed  # pylint: disable=g-import-not-at-top (after flag errors)
+  from nextstep_jax.parallel import distributed  # after flag errors
+
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  from nextstep_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.training import loop
+
   result = loop.train(config, args.workdir, from_step=args.step)
   state = 'preempted at' if result.preempted else 'finished'
-  print(f'{state} step {result.step} in {result.minutes:.1f} min; workdir: {result.workdir}', flush=True)
+  print(
+    f'{state} step {result.step} in {result.minutes:.1f} min; workdir: {result.workdir}', flush=True
+  )
   return 0
 
 

@@ -3,6 +3,7 @@
 Trains (or resumes) the VAE image tokenizer; the finished run's DIR/release is what
 image.vae.checkpoint=DIR points the AR model at.
 """
+
 import sys
 
 from nextstep_jax import errors
@@ -17,15 +18,20 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
   args, config = train_cli.parse_config(argv, __doc__)
   if args.step is not None:
-    raise errors.UsageError('--step is not supported by nextstep-train-tokenizer (it resumes from '
-                            'its newest checkpoint)')
-  from nextstep_jax.parallel import distributed  # pylint: disable=g-import-not-at-top (after flag errors)
+    raise errors.UsageError(
+      '--step is not supported by nextstep-train-tokenizer (it resumes from its newest checkpoint)'
+    )
+  from nextstep_jax.parallel import distributed  # after flag errors
+
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  from nextstep_jax.training import tokenizer_train  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.training import tokenizer_train
+
   workdir = args.workdir or f'runs/{config.name}'
   result = tokenizer_train.train(config, workdir)
-  print(f'finished step {result["step"]}: psnr {result.get("psnr", float("nan")):.2f} dB (train batch); '
-        f'workdir: {workdir}')
+  print(
+    f'finished step {result["step"]}: psnr {result.get("psnr", float("nan")):.2f} dB (train batch); '
+    f'workdir: {workdir}'
+  )
   return 0
 
 

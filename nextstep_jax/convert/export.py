@@ -11,6 +11,7 @@
 Params are read with `runs.restore_run(params_only=True)` straight onto their shardings under a
 mesh of every device and written sharded, so no device holds the whole model.
 """
+
 import pathlib
 import shutil
 
@@ -49,14 +50,19 @@ def export_run(spec: str, out_dir: str | pathlib.Path, mesh: jax.sharding.Mesh |
   root = pathlib.Path(workdir)
   tokenizer = root / runs.HF_TOKENIZER_FILE
   if not tokenizer.exists():
-    raise ExportError(f'{root} was trained with the sentencepiece stand-in (no {runs.HF_TOKENIZER_FILE}); '
-                      'the converted layout needs the official tokenizer. Sample it with nextstep-sample '
-                      "--workdir, or fine-tune with text.tokenizer='hf'.")
+    raise ExportError(
+      f'{root} was trained with the sentencepiece stand-in (no {runs.HF_TOKENIZER_FILE}); '
+      'the converted layout needs the official tokenizer. Sample it with nextstep-sample '
+      "--workdir, or fine-tune with text.tokenizer='hf'."
+    )
   out_dir = pathlib.Path(out_dir).absolute()
   if (out_dir / runs.CONVERTED_PARAMS_DIR).exists():
-    raise FileExistsError(f'{out_dir / runs.CONVERTED_PARAMS_DIR} exists; choose an empty --out directory.')
-  restored = runs.restore_run(workdir, step, params_only=True, config=config,
-                              mesh=mesh or mesh_lib.make_mesh(config.mesh))
+    raise FileExistsError(
+      f'{out_dir / runs.CONVERTED_PARAMS_DIR} exists; choose an empty --out directory.'
+    )
+  restored = runs.restore_run(
+    workdir, step, params_only=True, config=config, mesh=mesh or mesh_lib.make_mesh(config.mesh)
+  )
   out_dir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoints.Checkpointer(out_dir / runs.CONVERTED_PARAMS_DIR, keep=1, async_save=False)
   try:
@@ -65,11 +71,16 @@ def export_run(spec: str, out_dir: str | pathlib.Path, mesh: jax.sharding.Mesh |
   finally:
     ckpt.close()
   shutil.copyfile(tokenizer, out_dir / runs.CONVERTED_TOKENIZER_FILE)
-  vae_release = _vae_release(config.image.vae.checkpoint) if config.image.tokenizer == 'vae' else None
+  vae_release = (
+    _vae_release(config.image.vae.checkpoint) if config.image.tokenizer == 'vae' else None
+  )
   if vae_release is not None:
     (out_dir / runs.CONVERTED_VAE_DIR).mkdir(exist_ok=True)
     for path in vae_release.iterdir():
-      if path.name in (vae_import.CONFIG_FILE, vae_import.TORCH_FILE) or path.suffix == '.safetensors':
+      if (
+        path.name in (vae_import.CONFIG_FILE, vae_import.TORCH_FILE)
+        or path.suffix == '.safetensors'
+      ):
         shutil.copyfile(path, out_dir / runs.CONVERTED_VAE_DIR / path.name)
     config.image.vae.checkpoint = runs.CONVERTED_VAE_DIR
   (out_dir / runs.CONFIG_FILE).write_text(configlib.config_to_json(config))

@@ -21,6 +21,7 @@ memory holds the output params once (plus one tensor). Every missing, unexpected
 tensor, and every disagreement between config.json, the tensors and the tokenizer, is a
 `ConversionError` listing all of them before anything is written.
 """
+
 import functools
 import json
 import math
@@ -38,8 +39,8 @@ from safetensors import safe_open
 
 from nextstep_jax import checkpoints
 from nextstep_jax import config_defaults
-from nextstep_jax import errors
 from nextstep_jax import configlib
+from nextstep_jax import errors
 from nextstep_jax import nn
 from nextstep_jax import runs
 from nextstep_jax.data import hf_tokenizer
@@ -67,21 +68,29 @@ class ConversionError(errors.UserError, ValueError):
 
 def _rules(o_attention_bias: bool, attention_bias: bool, tied: bool) -> list[tuple[str, str, str]]:
   """(official name template, our param path, transform) for every parameter of our model."""
-  rules = [('embed_tokens.weight', 'embed_tokens.embedding', 'copy'),
-           ('norm.weight', 'decoder.norm.weight', 'copy')]
+  rules = [
+    ('embed_tokens.weight', 'embed_tokens.embedding', 'copy'),
+    ('norm.weight', 'decoder.norm.weight', 'copy'),
+  ]
   if not tied:
     rules.append(('lm_head.weight', 'lm_head.kernel', 'T'))
   for norm in ('input_layernorm', 'post_attention_layernorm'):
     rules.append((f'layers.{{layer}}.{norm}.weight', f'decoder.layers.{norm}.weight', 'copy'))
   for proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
-    rules.append((f'layers.{{layer}}.self_attn.{proj}.weight', f'decoder.layers.self_attn.{proj}.kernel', 'T'))
+    rules.append(
+      (f'layers.{{layer}}.self_attn.{proj}.weight', f'decoder.layers.self_attn.{proj}.kernel', 'T')
+    )
     if (proj == 'o_proj' and o_attention_bias) or (proj != 'o_proj' and attention_bias):
-      rules.append((f'layers.{{layer}}.self_attn.{proj}.bias', f'decoder.layers.self_attn.{proj}.bias', 'flat'))
+      rules.append(
+        (f'layers.{{layer}}.self_attn.{proj}.bias', f'decoder.layers.self_attn.{proj}.bias', 'flat')
+      )
   for proj in ('gate_proj', 'up_proj', 'down_proj'):
     rules.append((f'layers.{{layer}}.mlp.{proj}.weight', f'decoder.layers.mlp.{proj}.kernel', 'T'))
 
   def linear(official, ours):
-    rules.extend([(f'{official}.weight', f'{ours}.kernel', 'T'), (f'{official}.bias', f'{ours}.bias', 'copy')])
+    rules.extend(
+      [(f'{official}.weight', f'{ours}.kernel', 'T'), (f'{official}.bias', f'{ours}.bias', 'copy')]
+    )
 
   linear('image_in_projector', 'image_in_projector')
   linear('image_out_projector', 'image_out_projector')
@@ -90,11 +99,17 @@ def _rules(o_attention_bias: bool, attention_bias: bool, tied: bool) -> list[tup
   linear(f'{head}.time_embed.mlp.2', 'image_head.time_embed.mlp_2')
   linear(f'{head}.cond_embed', 'image_head.cond_embed')
   linear(f'{head}.input_proj', 'image_head.input_proj')
-  rules.append((f'{head}.res_blocks.{{layer}}.in_ln.weight', 'image_head.res_blocks.in_ln.weight', 'copy'))
-  rules.append((f'{head}.res_blocks.{{layer}}.in_ln.bias', 'image_head.res_blocks.in_ln.bias', 'copy'))
+  rules.append(
+    (f'{head}.res_blocks.{{layer}}.in_ln.weight', 'image_head.res_blocks.in_ln.weight', 'copy')
+  )
+  rules.append(
+    (f'{head}.res_blocks.{{layer}}.in_ln.bias', 'image_head.res_blocks.in_ln.bias', 'copy')
+  )
   linear(f'{head}.res_blocks.{{layer}}.mlp.0', 'image_head.res_blocks.mlp_0')
   linear(f'{head}.res_blocks.{{layer}}.mlp.2', 'image_head.res_blocks.mlp_2')
-  linear(f'{head}.res_blocks.{{layer}}.adaLN_modulation.1', 'image_head.res_blocks.adaLN_modulation_1')
+  linear(
+    f'{head}.res_blocks.{{layer}}.adaLN_modulation.1', 'image_head.res_blocks.adaLN_modulation_1'
+  )
   linear(f'{head}.final_layer.adaLN_modulation.1', 'image_head.final_layer.adaLN_modulation_1')
   linear(f'{head}.final_layer.linear', 'image_head.final_layer.linear')
   return rules
@@ -132,9 +147,11 @@ def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
     return files
   if (root / SINGLE_FILE).exists():
     with _open_safetensors(root / SINGLE_FILE) as f:
-      return {name: root / SINGLE_FILE for name in f.keys()}
-  raise ConversionError(f'{root} holds neither {INDEX_FILE} nor {SINGLE_FILE}; pass the directory of a '
-                        'NextStep-1 release (e.g. a download of stepfun-ai/NextStep-1-Large).')
+      return dict.fromkeys(f.keys(), root / SINGLE_FILE)
+  raise ConversionError(
+    f'{root} holds neither {INDEX_FILE} nor {SINGLE_FILE}; pass the directory of a '
+    'NextStep-1 release (e.g. a download of stepfun-ai/NextStep-1-Large).'
+  )
 
 
 def _open_safetensors(path: pathlib.Path):
@@ -142,8 +159,10 @@ def _open_safetensors(path: pathlib.Path):
   try:
     return safe_open(path, 'numpy')
   except (SafetensorError, OSError, ValueError) as error:
-    raise ConversionError(f'{path} is not a readable safetensors file ({error}); the download is '
-                          'probably incomplete: download it again') from error
+    raise ConversionError(
+      f'{path} is not a readable safetensors file ({error}); the download is '
+      'probably incomplete: download it again'
+    ) from error
 
 
 def read_json(path: pathlib.Path) -> dict:
@@ -167,7 +186,9 @@ def tensor_shapes(files: dict[str, pathlib.Path]) -> dict[str, tuple[int, ...]]:
           shapes[name] = tuple(f.get_slice(name).get_shape())
   missing = sorted(set(files) - set(shapes))
   if missing:
-    raise ConversionError(f'tensors listed in {INDEX_FILE} but absent from their shards: {missing[:_MAX_LISTED]}')
+    raise ConversionError(
+      f'tensors listed in {INDEX_FILE} but absent from their shards: {missing[:_MAX_LISTED]}'
+    )
   return shapes
 
 
@@ -186,7 +207,13 @@ def model_fields(hf: dict, names: set[str]) -> tuple[dict, list[str]]:
   contradicts the tensors is a problem.
   """
   problems = []
-  required = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size')
+  required = (
+    'vocab_size',
+    'hidden_size',
+    'num_hidden_layers',
+    'num_attention_heads',
+    'intermediate_size',
+  )
   absent = [key for key in required if key not in hf]
   if absent:
     return {}, [f'config.json lacks {absent}']
@@ -200,11 +227,15 @@ def model_fields(hf: dict, names: set[str]) -> tuple[dict, list[str]]:
     problems.append(f'rope_scaling={scaling} is not supported (NextStep-1 uses plain RoPE)')
   # Training fields of the official training release: supported values only, refused otherwise.
   if float(hf.get('noise_strength') or 0.0) != 0.0:
-    problems.append(f'noise_strength={hf["noise_strength"]} is not supported: training here uses clean '
-                    'latents (the released value is 0)')
+    problems.append(
+      f'noise_strength={hf["noise_strength"]} is not supported: training here uses clean '
+      'latents (the released value is 0)'
+    )
   if hf.get('use_token_length_weight'):
-    problems.append('use_token_length_weight=true is not supported: the loss here is a plain mean over '
-                    'text targets and over image tokens')
+    problems.append(
+      'use_token_length_weight=true is not supported: the loss here is a plain mean over '
+      'text targets and over image tokens'
+    )
   if hf.get('mlp_bias'):
     problems.append('mlp_bias=true is not supported (NextStep-1 MLPs have no biases)')
   heads = hf['num_attention_heads']
@@ -212,40 +243,66 @@ def model_fields(hf: dict, names: set[str]) -> tuple[dict, list[str]]:
   qkv_bias = 'layers.0.self_attn.q_proj.bias' in names
   for key, found in (('o_attention_bias', o_bias), ('attention_bias', qkv_bias)):
     if key in hf and bool(hf[key]) != found:
-      problems.append(f'config.json {key}={hf[key]} but the checkpoint {"has" if found else "has no"} '
-                      f'{"o_proj" if key == "o_attention_bias" else "q_proj"} bias')
-  head_layers = len({m.group(1) for m in map(re.compile(r'image_head\.net\.res_blocks\.(\d+)\.').match, names) if m})
+      problems.append(
+        f'config.json {key}={hf[key]} but the checkpoint {"has" if found else "has no"} '
+        f'{"o_proj" if key == "o_attention_bias" else "q_proj"} bias'
+      )
+  head_layers = len(
+    {m.group(1) for m in map(re.compile(r'image_head\.net\.res_blocks\.(\d+)\.').match, names) if m}
+  )
   fields = dict(
-      vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
-      num_heads=heads, num_kv_heads=hf.get('num_key_value_heads', heads),
-      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
-      intermediate_size=hf['intermediate_size'], rms_norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
-      rope_theta=float(rope_theta or 0.0), attention_bias=qkv_bias, o_attention_bias=o_bias,
-      tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      latent_channels=_first(hf, 'latent_channels', 'num_channels', default=16),
-      latent_patch_size=_first(hf, 'latent_patch_size', 'patch_size', default=2),
-      fm_head_dim=_first(hf, 'fm_head_dim', 'genloss_width', default=1536),
-      fm_head_layers=_first(hf, 'fm_head_layers', 'genloss_depth', default=head_layers or 12),
-      use_gen_pos_embed=bool(hf.get('use_gen_pos_embed', False)),
-      base_image_grid_size=hf.get('base_image_grid_size', 32),
-      max_seq_len=hf.get('max_position_embeddings', 131072))
+    vocab_size=hf['vocab_size'],
+    hidden_size=hf['hidden_size'],
+    num_layers=hf['num_hidden_layers'],
+    num_heads=heads,
+    num_kv_heads=hf.get('num_key_value_heads', heads),
+    head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
+    intermediate_size=hf['intermediate_size'],
+    rms_norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+    rope_theta=float(rope_theta or 0.0),
+    attention_bias=qkv_bias,
+    o_attention_bias=o_bias,
+    tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
+    latent_channels=_first(hf, 'latent_channels', 'num_channels', default=16),
+    latent_patch_size=_first(hf, 'latent_patch_size', 'patch_size', default=2),
+    fm_head_dim=_first(hf, 'fm_head_dim', 'genloss_width', default=1536),
+    fm_head_layers=_first(hf, 'fm_head_layers', 'genloss_depth', default=head_layers or 12),
+    use_gen_pos_embed=bool(hf.get('use_gen_pos_embed', False)),
+    base_image_grid_size=hf.get('base_image_grid_size', 32),
+    max_seq_len=hf.get('max_position_embeddings', 131072),
+  )
   return fields, problems
 
 
 def _tokenizer_problems(hf: dict, tok: hf_tokenizer.HFTokenizer, vocab_size: int) -> list[str]:
   problems = []
-  checks = (('boi', tok.boi_id), ('eoi', tok.eoi_id), ('image_placeholder_id', tok.image_placeholder_id),
-            ('pad_token_id', tok.pad_id), ('eos_token_id', tok.eos_id))
+  checks = (
+    ('boi', tok.boi_id),
+    ('eoi', tok.eoi_id),
+    ('image_placeholder_id', tok.image_placeholder_id),
+    ('pad_token_id', tok.pad_id),
+    ('eos_token_id', tok.eos_id),
+  )
   for key, token_id in checks:
     if key in hf and hf[key] is not None and hf[key] != token_id:
       problems.append(f'config.json {key}={hf[key]} but {TOKENIZER_FILE} gives id {token_id}')
   if tok.vocab_size > vocab_size:
-    problems.append(f'{TOKENIZER_FILE} has {tok.vocab_size} ids but vocab_size={vocab_size} embedding rows')
+    problems.append(
+      f'{TOKENIZER_FILE} has {tok.vocab_size} ids but vocab_size={vocab_size} embedding rows'
+    )
   return problems
 
 
-def converted_config(fields: dict, hf: dict, tok_vocab_size: int, param_dtype: str, compute_dtype: str,
-                     image_tokenizer: str, image_size: int, max_caption_tokens: int) -> ml_collections.ConfigDict:
+def converted_config(
+  fields: dict,
+  hf: dict,
+  tok_vocab_size: int,
+  param_dtype: str,
+  compute_dtype: str,
+  image_tokenizer: str,
+  image_size: int,
+  max_caption_tokens: int,
+) -> ml_collections.ConfigDict:
   """Our full config for a converted release (sampling defaults of the official T2I example)."""
   c = config_defaults.get_base_config()
   c.name = f'converted_{hf.get("model_type", "nextstep")}'
@@ -270,11 +327,14 @@ def plan(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, ...]]):
   """Matches release tensors to our params. Returns (abstract params, {official name: (our path,
   layer or None, transform)}); raises ConversionError listing missing/unexpected/mis-shaped."""
   abstract = nnx.state(nextstep.abstract_model(config, quantized=False), nnx.Param)
-  targets = {'.'.join(str(k) for k in path): var.get_value()
-             for path, var in nnx.to_flat_state(abstract)}
+  targets = {
+    '.'.join(str(k) for k in path): var.get_value() for path, var in nnx.to_flat_state(abstract)
+  }
   m = config.model
   expected: dict[str, tuple[str, int | None, str]] = {}
-  for template, path, transform in _rules(m.o_attention_bias, m.attention_bias, m.tie_word_embeddings):
+  for template, path, transform in _rules(
+    m.o_attention_bias, m.attention_bias, m.tie_word_embeddings
+  ):
     if path not in targets:
       raise ConversionError(f'internal: rule target {path} is not a parameter of the model')
     if '{layer}' in template:
@@ -297,20 +357,34 @@ def plan(config: ml_collections.ConfigDict, shapes: dict[str, tuple[int, ...]]):
     if shapes[name] != want:
       misshaped.append(f'{name} {shapes[name]} (expected {want} for {path})')
   problems = []
-  for title, items in (('missing tensors', missing), ('unexpected tensors', unexpected),
-                       ('tensors with the wrong shape', misshaped)):
+  for title, items in (
+    ('missing tensors', missing),
+    ('unexpected tensors', unexpected),
+    ('tensors with the wrong shape', misshaped),
+  ):
     if items:
-      shown = items[:_MAX_LISTED] + ([f'... and {len(items) - _MAX_LISTED} more'] if len(items) > _MAX_LISTED else [])
+      shown = items[:_MAX_LISTED] + (
+        [f'... and {len(items) - _MAX_LISTED} more'] if len(items) > _MAX_LISTED else []
+      )
       problems.append(f'{len(items)} {title}:\n    ' + '\n    '.join(shown))
   if problems:
-    raise ConversionError('The release does not match the model its config.json describes '
-                          f'({m.num_layers} layers, hidden {m.hidden_size}, head {m.fm_head_layers} blocks):\n  '
-                          + '\n  '.join(problems))
+    raise ConversionError(
+      'The release does not match the model its config.json describes '
+      f'({m.num_layers} layers, hidden {m.hidden_size}, head {m.fm_head_layers} blocks):\n  '
+      + '\n  '.join(problems)
+    )
   return abstract, expected
 
 
-def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_dtype, log_every: int = 50,
-                quantized_model=None, qcfg: quant.QuantConfig | None = None):
+def read_params(
+  files: dict[str, pathlib.Path],
+  abstract,
+  mapping: dict,
+  param_dtype,
+  log_every: int = 50,
+  quantized_model=None,
+  qcfg: quant.QuantConfig | None = None,
+):
   """Fills numpy arrays of the params' shapes (in `param_dtype`) tensor by tensor; returns the
   params as an nnx.State of numpy arrays.
 
@@ -319,10 +393,15 @@ def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_d
   `param_dtype` and quantized on its own, so host memory holds the quantized params plus one
   float tensor (numpy stores int4 in one byte). Per-layer scales make this equal to quantizing
   the whole float params (quant.quantize_params)."""
-  flat = nnx.to_flat_state(abstract if quantized_model is None else nnx.state(quantized_model, nnx.Param))
-  buffers = {'.'.join(str(k) for k in path): np.empty(var.get_value().shape, var.get_value().dtype
-                                                        if quantized_model is not None else param_dtype)
-             for path, var in flat}
+  flat = nnx.to_flat_state(
+    abstract if quantized_model is None else nnx.state(quantized_model, nnx.Param)
+  )
+  buffers = {
+    '.'.join(str(k) for k in path): np.empty(
+      var.get_value().shape, var.get_value().dtype if quantized_model is not None else param_dtype
+    )
+    for path, var in flat
+  }
   contract = {} if quantized_model is None else quant.quantized_paths(quantized_model)
   contract = {'.'.join(str(k) for k in path): axis for path, axis in contract.items()}
   quantizers = {}
@@ -341,8 +420,11 @@ def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_d
           axis = contract[path] - (layer is not None)
           key = (slots[0].shape, axis, scale.dtype)
           if key not in quantizers:
-            quantizers[key] = jax.jit(functools.partial(_quantized_slice, contract_axis=axis, qcfg=qcfg,
-                                                        scale_dtype=scale.dtype))
+            quantizers[key] = jax.jit(
+              functools.partial(
+                _quantized_slice, contract_axis=axis, qcfg=qcfg, scale_dtype=scale.dtype
+              )
+            )
           tensor = _apply(transform, f.get_tensor(name), slots[0].shape).astype(param_dtype)
           for slot, value in zip(slots, quantizers[key](tensor)):
             slot[...] = np.asarray(value)
@@ -352,8 +434,9 @@ def read_params(files: dict[str, pathlib.Path], abstract, mapping: dict, param_d
           slot[...] = _apply(transform, f.get_tensor(name), slot.shape).astype(param_dtype)
         done += 1
         progress.update(done)
-  return nnx.from_flat_state([(path, var.replace(buffers['.'.join(str(k) for k in path)]))
-                              for path, var in flat])
+  return nnx.from_flat_state(
+    [(path, var.replace(buffers['.'.join(str(k) for k in path)])) for path, var in flat]
+  )
 
 
 def _quantized_slice(tensor, *, contract_axis, qcfg, scale_dtype):
@@ -370,8 +453,10 @@ def _check_gen_pos_embed(files, shapes, config) -> list[str]:
   with _open_safetensors(files['gen_pos_embed']) as f:
     theirs = f.get_tensor('gen_pos_embed').astype(np.float32).reshape(-1, m.hidden_size)
   if theirs.shape != ours.shape or not np.allclose(theirs, ours, atol=GEN_POS_EMBED_ATOL):
-    return [f'gen_pos_embed {shapes["gen_pos_embed"]} differs from the 2-D sin-cos table of grid '
-            f'{m.base_image_grid_size} (hidden {m.hidden_size})']
+    return [
+      f'gen_pos_embed {shapes["gen_pos_embed"]} differs from the 2-D sin-cos table of grid '
+      f'{m.base_image_grid_size} (hidden {m.hidden_size})'
+    ]
   return []
 
 
@@ -381,9 +466,11 @@ def vae_source(hf_dir: pathlib.Path, vae_dir: str | pathlib.Path | None) -> path
   if vae_dir is not None:
     root = pathlib.Path(vae_dir)
     if not (root / vae_import.CONFIG_FILE).exists():
-      raise ConversionError(f'--vae {vae_dir}: {root / vae_import.CONFIG_FILE} is missing; pass the folder holding '
-                            f'the tokenizer\'s {vae_import.CONFIG_FILE} and {vae_import.TORCH_FILE} (or *.safetensors), '
-                            'e.g. a NextStep-1-f8ch16-Tokenizer download or a release\'s vae/.')
+      raise ConversionError(
+        f'--vae {vae_dir}: {root / vae_import.CONFIG_FILE} is missing; pass the folder holding '
+        f"the tokenizer's {vae_import.CONFIG_FILE} and {vae_import.TORCH_FILE} (or *.safetensors), "
+        "e.g. a NextStep-1-f8ch16-Tokenizer download or a release's vae/."
+      )
     return root
   root = hf_dir / VAE_DIR
   return root if (root / vae_import.CONFIG_FILE).exists() else None
@@ -398,13 +485,16 @@ def hf_use_norm(config: ml_collections.ConfigDict, cfg, source: pathlib.Path, st
     return matches
   if stated and not matches:
     raise ConversionError(
-        f'the release sets use_norm=true but its image tokenizer {source} has encoder_norm='
-        f'{cfg.encoder_norm}, psz={cfg.psz} (latent_patch_size {config.model.latent_patch_size}); '
-        'this combination is not supported')
+      f'the release sets use_norm=true but its image tokenizer {source} has encoder_norm='
+      f'{cfg.encoder_norm}, psz={cfg.psz} (latent_patch_size {config.model.latent_patch_size}); '
+      'this combination is not supported'
+    )
   return bool(stated)
 
 
-def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path, stated_use_norm=None) -> None:
+def _attach_vae(
+  config: ml_collections.ConfigDict, source: pathlib.Path, stated_use_norm=None
+) -> None:
   """Imports the VAE release in `source` (every tensor name and shape checked) and sets the
   config's image.vae architecture from it; the checkpoint path is set when the files are copied."""
   try:
@@ -413,18 +503,37 @@ def _attach_vae(config: ml_collections.ConfigDict, source: pathlib.Path, stated_
     raise ConversionError(f'image tokenizer {source}: {error}') from error
   cfg, v = model.cfg, config.image.vae
   v.in_channels, v.out_ch, v.ch, v.ch_mult = cfg.in_channels, cfg.out_ch, cfg.ch, tuple(cfg.ch_mult)
-  v.num_res_blocks, v.z_channels, v.norm_groups = cfg.num_res_blocks, cfg.z_channels, cfg.norm_groups
-  v.scaling_factor, v.shift_factor, v.encoder_norm, v.psz = cfg.scaling_factor, cfg.shift_factor, cfg.encoder_norm, cfg.psz
+  v.num_res_blocks, v.z_channels, v.norm_groups = (
+    cfg.num_res_blocks,
+    cfg.z_channels,
+    cfg.norm_groups,
+  )
+  v.scaling_factor, v.shift_factor, v.encoder_norm, v.psz = (
+    cfg.scaling_factor,
+    cfg.shift_factor,
+    cfg.encoder_norm,
+    cfg.psz,
+  )
   config.image.use_norm = hf_use_norm(config, cfg, source, stated_use_norm)
   if cfg.z_channels != config.model.latent_channels:
-    raise ConversionError(f'image tokenizer {source} has z_channels={cfg.z_channels} but the model reads '
-                          f'{config.model.latent_channels}-channel latents; pass the tokenizer of this model.')
+    raise ConversionError(
+      f'image tokenizer {source} has z_channels={cfg.z_channels} but the model reads '
+      f'{config.model.latent_channels}-channel latents; pass the tokenizer of this model.'
+    )
 
 
-def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype: str = 'float32',
-            compute_dtype: str = 'bfloat16', image_tokenizer: str = 'vae', image_size: int = 512,
-            max_caption_tokens: int = 256, vae_dir: str | pathlib.Path | None = None,
-            quantize: str | None = None, group_size: int | None = None) -> ml_collections.ConfigDict:
+def convert(
+  hf_dir: str | pathlib.Path,
+  out_dir: str | pathlib.Path,
+  param_dtype: str = 'float32',
+  compute_dtype: str = 'bfloat16',
+  image_tokenizer: str = 'vae',
+  image_size: int = 512,
+  max_caption_tokens: int = 256,
+  vae_dir: str | pathlib.Path | None = None,
+  quantize: str | None = None,
+  group_size: int | None = None,
+) -> ml_collections.ConfigDict:
   """Converts the release in `hf_dir` into `out_dir` (see the module docstring); returns the config.
 
   quantize='int8' | 'int4' stores weight-only quantized kernels (model.quant, model/quant.py;
@@ -434,13 +543,17 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
   exists the config's image.vae.checkpoint stays '' and `TextToImage.from_converted` asks for one."""
   hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir).absolute()
   if not (hf_dir / CONFIG_FILE).exists():
-    raise ConversionError(f'{hf_dir / CONFIG_FILE} is missing; pass the directory of a NextStep-1 release.')
+    raise ConversionError(
+      f'{hf_dir / CONFIG_FILE} is missing; pass the directory of a NextStep-1 release.'
+    )
   if (out_dir / PARAMS_DIR).exists():
     raise FileExistsError(f'{out_dir / PARAMS_DIR} exists; choose an empty --out directory.')
   hf = read_json(hf_dir / CONFIG_FILE)
   if not (hf_dir / TOKENIZER_FILE).exists():
-    raise ConversionError(f'{hf_dir / TOKENIZER_FILE} is missing; the release download is incomplete '
-                          '(it holds the text tokenizer): download it again')
+    raise ConversionError(
+      f'{hf_dir / TOKENIZER_FILE} is missing; the release download is incomplete '
+      '(it holds the text tokenizer): download it again'
+    )
   tok = hf_tokenizer.HFTokenizer.load(str(hf_dir / TOKENIZER_FILE))
   files = tensor_files(hf_dir)
   shapes = tensor_shapes(files)
@@ -448,8 +561,16 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
   problems += _tokenizer_problems(hf, tok, fields.get('vocab_size', 0)) if fields else []
   if problems:
     raise ConversionError('Cannot convert ' + str(hf_dir) + ':\n  - ' + '\n  - '.join(problems))
-  config = converted_config(fields, hf, tok.vocab_size, param_dtype, compute_dtype, image_tokenizer,
-                            image_size, max_caption_tokens)
+  config = converted_config(
+    fields,
+    hf,
+    tok.vocab_size,
+    param_dtype,
+    compute_dtype,
+    image_tokenizer,
+    image_size,
+    max_caption_tokens,
+  )
   vae_release = vae_source(hf_dir, vae_dir) if image_tokenizer == 'vae' else None
   if vae_release is not None:
     _attach_vae(config, vae_release, hf.get('use_norm'))
@@ -463,8 +584,14 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
   if problems:
     raise ConversionError('\n'.join(problems))
   qcfg = quant.QuantConfig.from_config(config.model)
-  params = read_params(files, abstract, mapping, nn.DTYPES[param_dtype],
-                       quantized_model=nextstep.abstract_model(config) if qcfg.enabled else None, qcfg=qcfg)
+  params = read_params(
+    files,
+    abstract,
+    mapping,
+    nn.DTYPES[param_dtype],
+    quantized_model=nextstep.abstract_model(config) if qcfg.enabled else None,
+    qcfg=qcfg,
+  )
   out_dir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoints.Checkpointer(out_dir / PARAMS_DIR, keep=1, async_save=False)
   try:
@@ -476,9 +603,15 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, param_dtype
   if vae_release is not None:
     (out_dir / VAE_DIR).mkdir(exist_ok=True)
     for path in vae_release.iterdir():
-      if path.name == vae_import.CONFIG_FILE or path.name == vae_import.TORCH_FILE or path.suffix == '.safetensors':
+      if (
+        path.name == vae_import.CONFIG_FILE
+        or path.name == vae_import.TORCH_FILE
+        or path.suffix == '.safetensors'
+      ):
         shutil.copyfile(path, out_dir / VAE_DIR / path.name)
-    config.image.vae.checkpoint = VAE_DIR  # Relative: runs.load_config resolves it against the directory.
+    config.image.vae.checkpoint = (
+      VAE_DIR  # Relative: runs.load_config resolves it against the directory.
+    )
   (out_dir / CONFIG_FILE).write_text(configlib.config_to_json(config))
   return config
 
@@ -490,4 +623,3 @@ def load_params(converted_dir: str | pathlib.Path, mesh, config=None) -> tuple[A
   root = pathlib.Path(converted_dir).absolute()
   restored = runs.restore_run(str(root), params_only=True, mesh=mesh, config=config)
   return restored.graphdef, restored.state
-

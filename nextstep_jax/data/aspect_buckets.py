@@ -16,6 +16,7 @@ drawn in proportion to their size. Process p of P takes rows [p R, (p + 1) R) (R
 global batch: disjoint, and together the whole batch. Everything is a function of
 (seed, global step), so the iterator state is just the next step.
 """
+
 import math
 
 import numpy as np
@@ -42,8 +43,10 @@ def pixel_unit(config) -> int:
 def nearest_bucket(height: int, width: int, bucket_grids: list[tuple[int, int]]) -> int:
   """Index of the bucket whose w/h is nearest width/height in log ratio (first on ties)."""
   ratio = math.log(width / height)
-  return min(range(len(bucket_grids)),
-             key=lambda b: abs(math.log(bucket_grids[b][1] / bucket_grids[b][0]) - ratio))
+  return min(
+    range(len(bucket_grids)),
+    key=lambda b: abs(math.log(bucket_grids[b][1] / bucket_grids[b][0]) - ratio),
+  )
 
 
 def record_size(element) -> tuple[int, int]:
@@ -55,15 +58,18 @@ def record_size(element) -> tuple[int, int]:
     record = records.decode_record(element)
     meta = record.metadata
     if meta.get('kind') != 'image':
-      raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD,
-                                       f'record kind {meta.get("kind")!r} where an image record was expected')
+      raise bad_records.BadRecordError(
+        bad_records.MALFORMED_RECORD,
+        f'record kind {meta.get("kind")!r} where an image record was expected',
+      )
     if isinstance(meta.get('height'), int) and isinstance(meta.get('width'), int):
       return meta['height'], meta['width']
     image = record.payload
   if isinstance(image, np.ndarray):
     if image.ndim not in (2, 3) or 0 in image.shape[:2]:
-      raise bad_records.BadRecordError(bad_records.UNDECODABLE_IMAGE,
-                                       f'array of shape {image.shape} is not an image')
+      raise bad_records.BadRecordError(
+        bad_records.UNDECODABLE_IMAGE, f'array of shape {image.shape} is not an image'
+      )
     return int(image.shape[0]), int(image.shape[1])
   return image_preprocess.image_file_size(image)
 
@@ -74,9 +80,11 @@ def cached_bucket(element, bucket_grids: list[tuple[int, int]], patch: int) -> i
   meta = records.decode_latent_record(element).metadata
   grid = (meta['shape'][1] // patch, meta['shape'][2] // patch)
   if grid not in bucket_grids:
-    raise ValueError(f'latent-cache record {meta.get("source_index")} holds a {grid[0]}*{grid[1]} token grid, '
-                     f'not one of data.aspect_buckets {bucket_grids}; rebuild the cache (`nextstep-data '
-                     'cache-latents`) with the training config\'s aspect buckets')
+    raise ValueError(
+      f'latent-cache record {meta.get("source_index")} holds a {grid[0]}*{grid[1]} token grid, '
+      f'not one of data.aspect_buckets {bucket_grids}; rebuild the cache (`nextstep-data '
+      "cache-latents`) with the training config's aspect buckets"
+    )
   return bucket_grids.index(grid)
 
 
@@ -107,8 +115,10 @@ class BucketSchedule:
     self.sizes = [len(m) for m in self.members]
     self.total = sum(self.sizes)
     if self.total == 0:
-      raise ValueError('no record could be assigned to an aspect bucket (all unreadable); check '
-                       'the data set with `nextstep-data build` summaries')
+      raise ValueError(
+        'no record could be assigned to an aspect bucket (all unreadable); check '
+        'the data set with `nextstep-data build` summaries'
+      )
     self.global_batch = global_batch
     self.seed = seed
     self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -129,7 +139,9 @@ class BucketSchedule:
   def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(buckets, batch numbers) of the epoch's steps in order."""
     if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-      counts = [n * (epoch + 1) // self.global_batch - n * epoch // self.global_batch for n in self.sizes]
+      counts = [
+        n * (epoch + 1) // self.global_batch - n * epoch // self.global_batch for n in self.sizes
+      ]
       order = np.repeat(np.arange(len(self.sizes)), counts)
       order = np.random.default_rng([self.seed, epoch, _SCHEDULE_SALT]).permutation(order)
       batch_numbers = np.empty(len(order), np.int64)
@@ -161,5 +173,6 @@ class BucketSchedule:
     rows = self.global_batch // process_count
     n = self.sizes[bucket]
     positions = k * self.global_batch + process_index * rows + np.arange(rows)
-    return bucket, np.array([self._permutation(bucket, int(q) // n)[int(q) % n] for q in positions],
-                            np.int64)
+    return bucket, np.array(
+      [self._permutation(bucket, int(q) // n)[int(q) % n] for q in positions], np.int64
+    )

@@ -4,9 +4,10 @@ A record problem is either fixed (the record is converted and kept) or fatal for
 skipped). Nothing here raises past the record: builders and pipelines catch `BadRecordError`, count
 its reason and move on. Counts are plain {reason: int} dicts, JSON-serialisable and additive.
 """
+
 import logging
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 # Fixed and kept.
 GRAYSCALE_CONVERTED = 'grayscale_converted'  # L / 1-bit / (H, W) or (H, W, 1) arrays -> RGB.
@@ -14,7 +15,9 @@ ALPHA_DROPPED = 'alpha_dropped'  # RGBA / LA / palette with transparency: compos
 HIGH_BIT_DEPTH_CONVERTED = 'high_bit_depth_converted'  # 16-bit / 32-bit / float images -> 8-bit.
 OTHER_MODE_CONVERTED = 'other_mode_converted'  # Palette, CMYK, YCbCr ... -> RGB.
 CAPTION_NOT_UTF8 = 'caption_not_utf8'  # Undecodable bytes replaced by U+FFFD.
-CAPTION_TRUNCATED = 'caption_truncated'  # Over text.max_caption_tokens, cut (data.overlong_captions).
+CAPTION_TRUNCATED = (
+  'caption_truncated'  # Over text.max_caption_tokens, cut (data.overlong_captions).
+)
 
 # Skipped.
 UNDECODABLE_IMAGE = 'undecodable_image'  # Not an image format PIL reads, or garbage bytes.
@@ -25,12 +28,29 @@ CAPTION_TOO_LONG = 'caption_too_long'  # Over the token budget with data.overlon
 MALFORMED_RECORD = 'malformed_record'  # Record bytes that are not in the records.py layout.
 CORRUPT_IMAGE = 'corrupt_image'  # Decodes, but its compressed data is garbled (jpeg_check.py).
 MISSING_CAPTION = 'missing_caption'  # Caption null / not text in the captions file.
-PATH_COLLISION = 'path_collision'  # Same image path (normalised: ./x.png = x.png) and caption again.
+PATH_COLLISION = (
+  'path_collision'  # Same image path (normalised: ./x.png = x.png) and caption again.
+)
 
-FIXED = (GRAYSCALE_CONVERTED, ALPHA_DROPPED, HIGH_BIT_DEPTH_CONVERTED, OTHER_MODE_CONVERTED,
-         CAPTION_NOT_UTF8, CAPTION_TRUNCATED)
-SKIPPED = (UNDECODABLE_IMAGE, TRUNCATED_IMAGE, UNREADABLE_FILE, EMPTY_CAPTION, CAPTION_TOO_LONG,
-           MALFORMED_RECORD, CORRUPT_IMAGE, MISSING_CAPTION, PATH_COLLISION)
+FIXED = (
+  GRAYSCALE_CONVERTED,
+  ALPHA_DROPPED,
+  HIGH_BIT_DEPTH_CONVERTED,
+  OTHER_MODE_CONVERTED,
+  CAPTION_NOT_UTF8,
+  CAPTION_TRUNCATED,
+)
+SKIPPED = (
+  UNDECODABLE_IMAGE,
+  TRUNCATED_IMAGE,
+  UNREADABLE_FILE,
+  EMPTY_CAPTION,
+  CAPTION_TOO_LONG,
+  MALFORMED_RECORD,
+  CORRUPT_IMAGE,
+  MISSING_CAPTION,
+  PATH_COLLISION,
+)
 REASONS = FIXED + SKIPPED
 
 logger = logging.getLogger('nextstep_jax.data')
@@ -56,8 +76,10 @@ def add(counts: dict[str, int], more: Mapping[str, int]) -> dict[str, int]:
 
 def split(counts: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
   """(skipped, fixed) parts of `counts`."""
-  return ({k: v for k, v in counts.items() if k in SKIPPED},
-          {k: v for k, v in counts.items() if k not in SKIPPED})
+  return (
+    {k: v for k, v in counts.items() if k in SKIPPED},
+    {k: v for k, v in counts.items() if k not in SKIPPED},
+  )
 
 
 def describe(counts: Mapping[str, int]) -> str:

@@ -12,10 +12,12 @@ Images are stored as given (file bytes) after checking they decode fully (JPEG e
 walked too: `jpeg_check.py`, garbled middles decode without an error otherwise); arrays (built-in,
 TFDS) are stored as PNG. A null caption, and an image path listed again with the same caption (paths
 normalised, so `./x.png` is `x.png`; each record's source is its path relative to the image
-folder, so `sub/x.png` and `x.png` stay apart), are skipped and counted. Image conversions (grayscale, alpha, 16-bit, palette) are counted here and applied
+folder, so `sub/x.png` and `x.png` stay apart), are skipped and counted. Image conversions
+(grayscale, alpha, 16-bit, palette) are counted here and applied
 when the pipeline reads the record; non-UTF-8 captions are stored repaired (U+FFFD), empty ones
 and undecodable / truncated / unreadable images are skipped.
 """
+
 import csv
 import dataclasses
 import io
@@ -24,7 +26,8 @@ import math
 import multiprocessing
 import os
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -47,6 +50,7 @@ class DatasetInputError(errors.UsageError, ValueError):
 class FileItem:
   """An image file and its raw caption bytes (from the captions file, possibly not UTF-8);
   source: its path relative to the image folder (recorded in the metadata)."""
+
   path: str
   caption: bytes
   source: str = ''
@@ -62,6 +66,7 @@ class FileItem:
 @dataclasses.dataclass(frozen=True)
 class ArrayItem:
   """A decoded image (H, W, 3) uint8 and its caption."""
+
   image: np.ndarray
   caption: str
   source: str
@@ -73,6 +78,7 @@ class ArrayItem:
 @dataclasses.dataclass(frozen=True)
 class TfdsItem:
   """Example `index` of a prepared TFDS data set."""
+
   name: str
   split: str
   data_dir: str
@@ -81,7 +87,8 @@ class TfdsItem:
   index: int
 
   def load(self) -> tuple[bytes, Any, str]:
-    from nextstep_jax.data import grain_pipeline  # pylint: disable=g-import-not-at-top (grain)
+    from nextstep_jax.data import grain_pipeline  # grain
+
     key = (self.name, self.split, self.data_dir, self.image_key, self.caption_key)
     if key not in _TFDS_SOURCES:
       _TFDS_SOURCES[key] = grain_pipeline.TfdsRecords(*key)
@@ -109,8 +116,9 @@ def folder_items(images_dir: str, captions_path: str) -> tuple[list[FileItem], d
   if captions_path.endswith('.csv'):
     rows = list(csv.DictReader(io.StringIO(text)))
     if rows and not {'image', 'caption'} <= set(rows[0]):
-      raise DatasetInputError(f'{captions_path}: CSV header must have columns image,caption; got '
-                       f'{list(rows[0])}')
+      raise DatasetInputError(
+        f'{captions_path}: CSV header must have columns image,caption; got {list(rows[0])}'
+      )
   elif captions_path.endswith(('.jsonl', '.json')):
     rows = []
     for line in text.splitlines():
@@ -136,25 +144,37 @@ def folder_items(images_dir: str, captions_path: str) -> tuple[list[FileItem], d
       bad_records.add(counts, {bad_records.PATH_COLLISION: 1})
       continue
     seen.add((relative, str(caption)))
-    items.append(FileItem(os.path.join(images_dir, relative),
-                          str(caption).encode('utf-8', errors='surrogateescape'), relative))
+    items.append(
+      FileItem(
+        os.path.join(images_dir, relative),
+        str(caption).encode('utf-8', errors='surrogateescape'),
+        relative,
+      )
+    )
   return items, counts
 
 
 def builtin_items(dataset: str, num: int, seed: int, size: int) -> list[ArrayItem]:
   """The built-in data set's training images and captions (as `data.dataset` generates them)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.data import builtin_source  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({'data': {'dataset': dataset, 'num_train': num},
-                                      'image': {'size': size}, 'seed': seed})
+  import ml_collections
+
+  from nextstep_jax.data import builtin_source
+
+  config = ml_collections.ConfigDict(
+    {'data': {'dataset': dataset, 'num_train': num}, 'image': {'size': size}, 'seed': seed}
+  )
   images, captions = builtin_source.load_images_and_captions(config)
-  return [ArrayItem(image, caption, f'{dataset}[{i}]')
-          for i, (image, caption) in enumerate(zip(images, captions))]
+  return [
+    ArrayItem(image, caption, f'{dataset}[{i}]')
+    for i, (image, caption) in enumerate(zip(images, captions))
+  ]
 
 
-def tfds_items(name: str, split: str, data_dir: str, image_key: str = 'image',
-               caption_key: str = 'caption') -> list[TfdsItem]:
-  from nextstep_jax.data import grain_pipeline  # pylint: disable=g-import-not-at-top
+def tfds_items(
+  name: str, split: str, data_dir: str, image_key: str = 'image', caption_key: str = 'caption'
+) -> list[TfdsItem]:
+  from nextstep_jax.data import grain_pipeline
+
   count = len(grain_pipeline.TfdsRecords(name, split, data_dir, image_key, caption_key))
   return [TfdsItem(name, split, data_dir, image_key, caption_key, i) for i in range(count)]
 
@@ -170,8 +190,14 @@ def image_record(item) -> tuple[bytes, list[str]]:
     problem = jpeg_check.check_jpeg(data)
     if problem:
       raise bad_records.BadRecordError(bad_records.CORRUPT_IMAGE, f'{source}: {problem}')
-  metadata = {'kind': 'image', 'height': int(image.shape[0]), 'width': int(image.shape[1]),
-              'mode': mode, 'format': image_format, 'source': source}
+  metadata = {
+    'kind': 'image',
+    'height': int(image.shape[0]),
+    'width': int(image.shape[1]),
+    'mode': mode,
+    'format': image_format,
+    'source': source,
+  }
   return records.encode_record(data, caption, metadata), fixes + caption_fixes
 
 
@@ -185,8 +211,10 @@ class ShardJob:
 def shard_jobs(out_prefix: str, num_items: int, num_shards: int) -> list[ShardJob]:
   """Contiguous, near-equal item ranges, one per shard."""
   bounds = np.linspace(0, num_items, num_shards + 1).round().astype(int)
-  return [ShardJob(records.shard_path(out_prefix, s, num_shards), int(bounds[s]), int(bounds[s + 1]))
-          for s in range(num_shards)]
+  return [
+    ShardJob(records.shard_path(out_prefix, s, num_shards), int(bounds[s]), int(bounds[s + 1]))
+    for s in range(num_shards)
+  ]
 
 
 def _summary_path(shard: str) -> str:
@@ -200,12 +228,17 @@ def finished_summary(job: ShardJob) -> dict | None:
       summary = json.load(f)
   except (OSError, ValueError):
     return None
-  if not os.path.exists(job.path) or (summary.get('start'), summary.get('end')) != (job.start, job.end):
+  if not os.path.exists(job.path) or (summary.get('start'), summary.get('end')) != (
+    job.start,
+    job.end,
+  ):
     return None
   return summary
 
 
-def write_shard(job: ShardJob, make_records: Callable[[], Iterator[tuple[bytes | None, list[str]]]]) -> dict:
+def write_shard(
+  job: ShardJob, make_records: Callable[[], Iterator[tuple[bytes | None, list[str]]]]
+) -> dict:
   """Writes `job`'s shard from (record or None when skipped, reasons) pairs; then its summary."""
   counts: dict[str, int] = {}
   sizes = []
@@ -219,8 +252,13 @@ def write_shard(job: ShardJob, make_records: Callable[[], Iterator[tuple[bytes |
         yield record
 
   written = records.write_shard_atomically(job.path, good_records())
-  summary = {'start': job.start, 'end': job.end, 'records': written, 'bytes': int(sum(sizes)),
-             'counts': counts}
+  summary = {
+    'start': job.start,
+    'end': job.end,
+    'records': written,
+    'bytes': int(sum(sizes)),
+    'counts': counts,
+  }
   records.write_json_atomically(_summary_path(job.path), summary)
   return summary
 
@@ -238,16 +276,25 @@ def _image_shard(args) -> dict:
   return write_shard(job, make_records)
 
 
-def run_jobs(jobs: Sequence[ShardJob], work: Callable[[Any], dict], job_args: Callable[[ShardJob], Any],
-             workers: int, label: str) -> tuple[list[dict], int]:
+def run_jobs(
+  jobs: Sequence[ShardJob],
+  work: Callable[[Any], dict],
+  job_args: Callable[[ShardJob], Any],
+  workers: int,
+  label: str,
+) -> tuple[list[dict], int]:
   """Runs the unfinished jobs (in `workers` spawned processes when > 1); returns every shard's
   summary in order and how many were reused."""
   summaries = {job.path: finished_summary(job) for job in jobs}
   todo = [job for job in jobs if summaries[job.path] is None]
   reused = len(jobs) - len(todo)
-  print(f'{label}: {len(jobs)} shards, {reused} already finished, writing {len(todo)} with '
-        f'{max(1, min(workers, len(todo)))} worker(s)', flush=True)
-  from nextstep_jax.utils import logging as log_utils  # pylint: disable=g-import-not-at-top (jax; parent only)
+  print(
+    f'{label}: {len(jobs)} shards, {reused} already finished, writing {len(todo)} with '
+    f'{max(1, min(workers, len(todo)))} worker(s)',
+    flush=True,
+  )
+  from nextstep_jax.utils import logging as log_utils  # jax; parent only
+
   items_per_shard = round(sum(job.end - job.start for job in todo) / max(len(todo), 1))
   progress = log_utils.ProgressLogger(len(todo), every=1, items_per_step=items_per_shard)
 
@@ -266,19 +313,38 @@ def run_jobs(jobs: Sequence[ShardJob], work: Callable[[Any], dict], job_args: Ca
   return [summaries[job.path] for job in jobs], reused
 
 
-def total_summary(shard_summaries: Sequence[dict], extra_counts: dict, reused: int, seconds: float,
-                  source: str, paths: Sequence[str]) -> dict:
+def total_summary(
+  shard_summaries: Sequence[dict],
+  extra_counts: dict,
+  reused: int,
+  seconds: float,
+  source: str,
+  paths: Sequence[str],
+) -> dict:
   counts = dict(extra_counts)
   for summary in shard_summaries:
     bad_records.add(counts, summary['counts'])
   skipped, fixed = bad_records.split(counts)
-  return {'source': source, 'records': sum(s['records'] for s in shard_summaries),
-          'bytes': sum(s['bytes'] for s in shard_summaries), 'skipped': skipped, 'fixed': fixed,
-          'shards': list(paths), 'shards_reused': reused, 'seconds': round(seconds, 3)}
+  return {
+    'source': source,
+    'records': sum(s['records'] for s in shard_summaries),
+    'bytes': sum(s['bytes'] for s in shard_summaries),
+    'skipped': skipped,
+    'fixed': fixed,
+    'shards': list(paths),
+    'shards_reused': reused,
+    'seconds': round(seconds, 3),
+  }
 
 
-def build(items: Sequence, out_prefix: str, num_shards: int = 0, workers: int = 1,
-          source: str = '', extra_counts: dict | None = None) -> dict:
+def build(
+  items: Sequence,
+  out_prefix: str,
+  num_shards: int = 0,
+  workers: int = 1,
+  source: str = '',
+  extra_counts: dict | None = None,
+) -> dict:
   """Writes `items` as image-record shards `<out_prefix>-SSSSS-of-NNNNN.array_record`; returns
   (and writes to `<out_prefix>.summary.json`) the build summary."""
   if not items:
@@ -289,11 +355,21 @@ def build(items: Sequence, out_prefix: str, num_shards: int = 0, workers: int = 
     raise DatasetInputError(f'--num-shards={num_shards} is more than the {len(items)} items')
   start = time.monotonic()
   jobs = shard_jobs(out_prefix, len(items), num_shards)
-  summaries, reused = run_jobs(jobs, _image_shard, lambda job: (job, items[job.start:job.end]),
-                               workers, 'build')
-  summary = total_summary(summaries, extra_counts or {}, reused, time.monotonic() - start, source,
-                          [job.path for job in jobs])
+  summaries, reused = run_jobs(
+    jobs, _image_shard, lambda job: (job, items[job.start : job.end]), workers, 'build'
+  )
+  summary = total_summary(
+    summaries,
+    extra_counts or {},
+    reused,
+    time.monotonic() - start,
+    source,
+    [job.path for job in jobs],
+  )
   records.write_json_atomically(out_prefix + records.SUMMARY_SUFFIX, summary)
-  print(f'build: {summary["records"]} records, {summary["bytes"]} bytes in {num_shards} shards; '
-        f'{bad_records.describe({**summary["skipped"], **summary["fixed"]})}', flush=True)
+  print(
+    f'build: {summary["records"]} records, {summary["bytes"]} bytes in {num_shards} shards; '
+    f'{bad_records.describe({**summary["skipped"], **summary["fixed"]})}',
+    flush=True,
+  )
   return summary

@@ -8,6 +8,7 @@ uninterrupted run would.
 Batch arrays (numpy, leading global batch B): input_ids, labels, positions (B, L) int32;
 attention_mask (B, L) bool; image_tokens (B, N, T) float32; image_valid (B,) bool.
 """
+
 import os
 import pathlib
 
@@ -34,10 +35,12 @@ def load_images_and_captions(config) -> tuple[np.ndarray, list[str]]:
   if name == 'shapes':
     return shapes.make_dataset(num, seed, size=size, split='train')
   if name == 'shapes_new':
-    return shapes.make_new_concept_dataset(num, seed, size=size,
-                                           new_fraction=config.data.new_concept_fraction)
+    return shapes.make_new_concept_dataset(
+      num, seed, size=size, new_fraction=config.data.new_concept_fraction
+    )
   if name == 'digits':
-    from nextstep_jax.data.builtin import digits  # pylint: disable=g-import-not-at-top (sklearn is slow to import)
+    from nextstep_jax.data.builtin import digits  # sklearn is slow to import
+
     return digits.make_dataset(num, seed, size=size)
   raise ValueError(f'data.dataset={name!r} is unknown; use "shapes" or "digits"')
 
@@ -51,7 +54,8 @@ def tokenizer_corpus(config) -> list[str]:
     extra = shapes.eval_prompts(500, 2, 'heldout', 0) + shapes.eval_prompts(200, 1, 'heldout', 0)
     return list(captions) + extra
   if name == 'digits':
-    from nextstep_jax.data.builtin import digits  # pylint: disable=g-import-not-at-top
+    from nextstep_jax.data.builtin import digits
+
     return [digits.caption_for(d) for d in range(10)]
   raise ValueError(f'data.dataset={name!r} is unknown; use "shapes" or "digits"')
 
@@ -78,7 +82,9 @@ def load_text_tokenizer(config) -> text_tokenizer.Tokenizer:
   else:
     path = cache_dir(config) / f'{config.data.dataset}_v{config.text.vocab_size}_spm.model'
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok = text_tokenizer.TextTokenizer.load_or_train(str(path), tokenizer_corpus(config), config.text.vocab_size)
+    tok = text_tokenizer.TextTokenizer.load_or_train(
+      str(path), tokenizer_corpus(config), config.text.vocab_size
+    )
   words = tuple(config.text.get('extra_words', ()))
   if not words:
     return tok
@@ -98,20 +104,37 @@ class BuiltinSource:
     self.patch = config.model.latent_patch_size
     self.images, self.captions = load_images_and_captions(config)
     if tok.vocab_size > config.model.vocab_size:
-      raise ValueError(f'text tokenizer has {tok.vocab_size} ids but model.vocab_size='
-                       f'{config.model.vocab_size}; raise model.vocab_size or lower text.vocab_size')
+      raise ValueError(
+        f'text tokenizer has {tok.vocab_size} ids but model.vocab_size='
+        f'{config.model.vocab_size}; raise model.vocab_size or lower text.vocab_size'
+      )
     self.max_caption_tokens = config.text.max_caption_tokens
-    self.sequence_length = sequences.training_sequence_length(tok, self.grid_h, self.grid_w,
-                                                              self.max_caption_tokens)
+    self.sequence_length = sequences.training_sequence_length(
+      tok, self.grid_h, self.grid_w, self.max_caption_tokens
+    )
     if self.sequence_length > config.model.max_seq_len:
-      raise ValueError(f'training sequences have {self.sequence_length} tokens but model.max_seq_len='
-                       f'{config.model.max_seq_len}; raise model.max_seq_len')
+      raise ValueError(
+        f'training sequences have {self.sequence_length} tokens but model.max_seq_len='
+        f'{config.model.max_seq_len}; raise model.max_seq_len'
+      )
     # Tokenise every caption once, in both layouts (caption first / image block first).
     every = np.arange(len(self.captions))
-    self._normal = sequences.build_training_batch(tok, self.captions, self.grid_h, self.grid_w,
-                                                  self.max_caption_tokens, np.zeros(len(every), bool))
-    self._dropped = sequences.build_training_batch(tok, self.captions, self.grid_h, self.grid_w,
-                                                   self.max_caption_tokens, np.ones(len(every), bool))
+    self._normal = sequences.build_training_batch(
+      tok,
+      self.captions,
+      self.grid_h,
+      self.grid_w,
+      self.max_caption_tokens,
+      np.zeros(len(every), bool),
+    )
+    self._dropped = sequences.build_training_batch(
+      tok,
+      self.captions,
+      self.grid_h,
+      self.grid_w,
+      self.max_caption_tokens,
+      np.ones(len(every), bool),
+    )
 
   def __len__(self) -> int:
     return len(self.captions)
@@ -137,7 +160,10 @@ class BuiltinSource:
     """The global batch of `step` (see module docstring)."""
     batch_size = batch_size or self.config.train.batch_size
     idx = self.indices(step, batch_size)
-    drop = np.random.default_rng([self.config.seed, step, 1]).random(batch_size) < self.config.data.drop_text_prob
+    drop = (
+      np.random.default_rng([self.config.seed, step, 1]).random(batch_size)
+      < self.config.data.drop_text_prob
+    )
     out = {}
     for key in ('input_ids', 'labels', 'attention_mask', 'positions'):
       out[key] = np.where(drop[:, None], self._dropped[key][idx], self._normal[key][idx])

@@ -4,6 +4,7 @@ decode_caption: stored bytes/str -> str (non-UTF-8 bytes replaced and counted, w
 empty captions skipped). fit_caption: a caption within `text.max_caption_tokens` tokens, truncated
 (counted, with a logged warning upstream) or skipped per `data.overlong_captions`.
 """
+
 from nextstep_jax.data import bad_records
 from nextstep_jax.data import text_tokenizer
 
@@ -25,8 +26,9 @@ def decode_caption(raw: bytes | str) -> tuple[str, list[str]]:
   return text, fixes
 
 
-def fit_caption(text: str, tok: text_tokenizer.Tokenizer, max_tokens: int,
-                overlong: str) -> tuple[str, list[str]]:
+def fit_caption(
+  text: str, tok: text_tokenizer.Tokenizer, max_tokens: int, overlong: str
+) -> tuple[str, list[str]]:
   """`text` if it has <= max_tokens tokens, else (overlong='truncate') its longest token prefix
   that re-encodes within budget, or (overlong='skip') BadRecordError(caption_too_long).
 
@@ -43,13 +45,16 @@ def fit_caption(text: str, tok: text_tokenizer.Tokenizer, max_tokens: int,
   if not text.strip():
     raise bad_records.BadRecordError(bad_records.EMPTY_CAPTION)
   if overlong == 'skip':
-    raise bad_records.BadRecordError(bad_records.CAPTION_TOO_LONG,
-                                     f'{len(ids)} tokens > text.max_caption_tokens={max_tokens}')
+    raise bad_records.BadRecordError(
+      bad_records.CAPTION_TOO_LONG, f'{len(ids)} tokens > text.max_caption_tokens={max_tokens}'
+    )
   keep = max_tokens
   while keep > 0:
     cut = tok.decode(ids[:keep])
     if len(tok.encode(cut)) <= max_tokens and cut.strip():
       return cut, fixes + [bad_records.CAPTION_TRUNCATED]
     keep -= 1
-  raise bad_records.BadRecordError(bad_records.CAPTION_TOO_LONG,
-                                   f'no prefix of {len(ids)} tokens fits max_caption_tokens={max_tokens}')
+  raise bad_records.BadRecordError(
+    bad_records.CAPTION_TOO_LONG,
+    f'no prefix of {len(ids)} tokens fits max_caption_tokens={max_tokens}',
+  )

@@ -9,12 +9,13 @@ width, format, path}, 'target': {...}}. Bad records are handled as the image bui
 empty instructions are skipped and counted, conversions and repaired captions counted as fixed;
 shards are written atomically and an interrupted build resumes (builder.run_jobs).
 """
+
 import dataclasses
 import io
 import json
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image
 
@@ -31,6 +32,7 @@ EDIT_KEYS = ('source', 'target', 'instruction')
 @dataclasses.dataclass(frozen=True)
 class EditItem:
   """Two image files and the raw instruction bytes."""
+
   source: str
   target: str
   instruction: bytes
@@ -49,7 +51,9 @@ class EditItem:
 def edit_folder_items(images_dir: str, edits_path: str) -> tuple[list[EditItem], dict[str, int]]:
   """Items of an edits JSONL file and the counts of unusable lines (malformed_record)."""
   if not edits_path.endswith(('.jsonl', '.json')):
-    raise ValueError(f'edits file {edits_path!r} must be JSONL (lines {{"source", "target", "instruction"}}).')
+    raise ValueError(
+      f'edits file {edits_path!r} must be JSONL (lines {{"source", "target", "instruction"}}).'
+    )
   with open(edits_path, 'rb') as f:
     text = f.read().decode('utf-8', errors='surrogateescape')
   counts: dict[str, int] = {}
@@ -64,16 +68,25 @@ def edit_folder_items(images_dir: str, edits_path: str) -> tuple[list[EditItem],
     except ValueError:
       bad_records.add(counts, {bad_records.MALFORMED_RECORD: 1})
       continue
-    items.append(EditItem(os.path.join(images_dir, row['source']), os.path.join(images_dir, row['target']),
-                          row['instruction'].encode('utf-8', errors='surrogateescape')))
+    items.append(
+      EditItem(
+        os.path.join(images_dir, row['source']),
+        os.path.join(images_dir, row['target']),
+        row['instruction'].encode('utf-8', errors='surrogateescape'),
+      )
+    )
   return items, counts
 
 
 def _image_metadata(data: bytes, image, path: str) -> dict:
   with Image.open(io.BytesIO(data)) as header:
     image_format = header.format
-  return {'height': int(image.shape[0]), 'width': int(image.shape[1]), 'format': image_format,
-          'path': os.path.basename(path)}
+  return {
+    'height': int(image.shape[0]),
+    'width': int(image.shape[1]),
+    'format': image_format,
+    'path': os.path.basename(path),
+  }
 
 
 def edit_record(item: EditItem) -> tuple[bytes, list[str]]:
@@ -82,10 +95,15 @@ def edit_record(item: EditItem) -> tuple[bytes, list[str]]:
   source_image, source_fixes = image_preprocess.decode_image(source)
   target_image, target_fixes = image_preprocess.decode_image(target)
   instruction, caption_fixes = captions_lib.decode_caption(instruction_raw)
-  metadata = {'kind': EDIT_KIND, 'source_bytes': len(source),
-              'source': _image_metadata(source, source_image, item.source),
-              'target': _image_metadata(target, target_image, item.target)}
-  return records.encode_record(source + target, instruction, metadata), source_fixes + target_fixes + caption_fixes
+  metadata = {
+    'kind': EDIT_KIND,
+    'source_bytes': len(source),
+    'source': _image_metadata(source, source_image, item.source),
+    'target': _image_metadata(target, target_image, item.target),
+  }
+  return records.encode_record(
+    source + target, instruction, metadata
+  ), source_fixes + target_fixes + caption_fixes
 
 
 def split_edit_record(data: bytes) -> tuple[bytes, bytes, bytes]:
@@ -93,9 +111,15 @@ def split_edit_record(data: bytes) -> tuple[bytes, bytes, bytes]:
   BadRecordError(malformed_record) for other records."""
   record = records.decode_record(data)
   n = record.metadata.get('source_bytes')
-  if record.metadata.get('kind') != EDIT_KIND or not isinstance(n, int) or not 0 < n < len(record.payload):
-    raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD,
-                                     f'record kind {record.metadata.get("kind")!r} where an edit record was expected')
+  if (
+    record.metadata.get('kind') != EDIT_KIND
+    or not isinstance(n, int)
+    or not 0 < n < len(record.payload)
+  ):
+    raise bad_records.BadRecordError(
+      bad_records.MALFORMED_RECORD,
+      f'record kind {record.metadata.get("kind")!r} where an edit record was expected',
+    )
   return record.payload[:n], record.payload[n:], record.caption
 
 
@@ -112,8 +136,14 @@ def _edit_shard(args) -> dict:
   return builder.write_shard(job, make_records)
 
 
-def build_edits(items: Sequence[EditItem], out_prefix: str, num_shards: int = 0, workers: int = 1,
-                source: str = '', extra_counts: dict | None = None) -> dict:
+def build_edits(
+  items: Sequence[EditItem],
+  out_prefix: str,
+  num_shards: int = 0,
+  workers: int = 1,
+  source: str = '',
+  extra_counts: dict | None = None,
+) -> dict:
   """Writes edit-record shards `<out_prefix>-SSSSS-of-NNNNN.array_record`; returns (and writes to
   `<out_prefix>.summary.json`) the build summary."""
   if not items:
@@ -122,11 +152,21 @@ def build_edits(items: Sequence[EditItem], out_prefix: str, num_shards: int = 0,
   num_shards = num_shards or max(1, -(-len(items) // builder.RECORDS_PER_SHARD))
   start = time.monotonic()
   jobs = builder.shard_jobs(out_prefix, len(items), num_shards)
-  summaries, reused = builder.run_jobs(jobs, _edit_shard, lambda job: (job, items[job.start:job.end]),
-                                       workers, 'build edits')
-  summary = builder.total_summary(summaries, extra_counts or {}, reused, time.monotonic() - start, source,
-                                  [job.path for job in jobs])
+  summaries, reused = builder.run_jobs(
+    jobs, _edit_shard, lambda job: (job, items[job.start : job.end]), workers, 'build edits'
+  )
+  summary = builder.total_summary(
+    summaries,
+    extra_counts or {},
+    reused,
+    time.monotonic() - start,
+    source,
+    [job.path for job in jobs],
+  )
   records.write_json_atomically(out_prefix + records.SUMMARY_SUFFIX, summary)
-  print(f'build edits: {summary["records"]} records, {summary["bytes"]} bytes in {num_shards} shards; '
-        f'{bad_records.describe({**summary["skipped"], **summary["fixed"]})}', flush=True)
+  print(
+    f'build edits: {summary["records"]} records, {summary["bytes"]} bytes in {num_shards} shards; '
+    f'{bad_records.describe({**summary["skipped"], **summary["fixed"]})}',
+    flush=True,
+  )
   return summary

@@ -24,12 +24,13 @@ Batch (numpy, R = train.batch_size / process_count rows): input_ids, labels, pos
 int32; attention_mask (R, L) bool; image_tokens (R, N, T) float32; image_valid (R,) bool; the
 same keys as builtin_source.BuiltinSource.batch (with buckets, L and N are the step's bucket's).
 """
+
 import json
 from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
+from absl import flags
 
 from nextstep_jax import configlib
 from nextstep_jax.data import aspect_buckets
@@ -44,10 +45,14 @@ from nextstep_jax.image import patchify
 from nextstep_jax.image import tokenizers
 from nextstep_jax.utils import logging as log_utils
 
-COUNTS_KEY = 'bad_record_counts'  # (len(bad_records.REASONS),) int64 per batch, stripped by next_batch.
+COUNTS_KEY = (
+  'bad_record_counts'  # (len(bad_records.REASONS),) int64 per batch, stripped by next_batch.
+)
 INDEX_KEY = 'record_index'  # (R,) int64 source index of each row, stripped by next_batch.
 VALID_KEY = 'row_valid'  # (R,) bool, False for a bad record's ignored row; becomes image_valid.
-BUCKET_KEY = 'bucket'  # () int32 aspect bucket of the batch (data.aspect_buckets), stripped by next_batch.
+BUCKET_KEY = (
+  'bucket'  # () int32 aspect bucket of the batch (data.aspect_buckets), stripped by next_batch.
+)
 
 
 def uses_grain(config) -> bool:
@@ -61,7 +66,9 @@ def augment_ops(config) -> tuple[str, ...]:
   ops = tuple(op.strip() for op in config.data.augment.split(',') if op.strip())
   unknown = [op for op in ops if op not in configlib.AUGMENT_OPS]
   if unknown:
-    raise ValueError(f'data.augment has unknown ops {unknown}; use a comma list of {configlib.AUGMENT_OPS}')
+    raise ValueError(
+      f'data.augment has unknown ops {unknown}; use a comma list of {configlib.AUGMENT_OPS}'
+    )
   return ops
 
 
@@ -85,14 +92,17 @@ class TfdsRecords:
   or bytes."""
 
   def __init__(self, name: str, split: str, data_dir: str, image_key: str, caption_key: str):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (optional, slow)
+    import tensorflow_datasets as tfds  # optional, slow
+
     self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     self.image_key, self.caption_key = image_key, caption_key
     features = set(self.source.dataset_info.features.keys())
     missing = {image_key, caption_key} - features
     if missing:
-      raise ValueError(f'TFDS {name}:{split} has features {sorted(features)}, not {sorted(missing)}; '
-                       'set data.tfds_image_key / data.tfds_caption_key')
+      raise ValueError(
+        f'TFDS {name}:{split} has features {sorted(features)}, not {sorted(missing)}; '
+        'set data.tfds_image_key / data.tfds_caption_key'
+      )
 
   def __len__(self) -> int:
     return len(self.source)
@@ -106,8 +116,9 @@ def open_source(config) -> Any:
   """The random-access source the config names (raw records or the latent cache)."""
   d = config.data
   if d.use_latent_cache:
-    return grain.sources.ArrayRecordDataSource(records.resolve_paths(d.latent_cache_paths,
-                                                                     'data.latent_cache_paths'))
+    return grain.sources.ArrayRecordDataSource(
+      records.resolve_paths(d.latent_cache_paths, 'data.latent_cache_paths')
+    )
   return open_raw_source(config)
 
 
@@ -116,8 +127,9 @@ def open_raw_source(config) -> Any:
   if d.source == 'arrayrecord':
     return grain.sources.ArrayRecordDataSource(records.resolve_paths(d.paths))
   if d.source == 'tfds':
-    return TfdsRecords(d.tfds_name, d.tfds_split, d.tfds_data_dir, d.tfds_image_key,
-                       d.tfds_caption_key)
+    return TfdsRecords(
+      d.tfds_name, d.tfds_split, d.tfds_data_dir, d.tfds_image_key, d.tfds_caption_key
+    )
   if d.source == 'builtin':
     return BuiltinRecords(config)
   raise ValueError(f'data.source={d.source!r} is unknown; use one of {configlib.DATA_SOURCES}')
@@ -132,8 +144,9 @@ def read_raw(element) -> tuple[Any, Any]:
   kind = record.metadata.get('kind')
   if kind == 'image':
     return record.payload, record.caption
-  raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD,
-                                   f'record kind {kind!r} where an image record was expected')
+  raise bad_records.BadRecordError(
+    bad_records.MALFORMED_RECORD, f'record kind {kind!r} where an image record was expected'
+  )
 
 
 def read_latents(element) -> tuple[np.ndarray, bytes, list[str]]:
@@ -184,18 +197,29 @@ class Preprocess(grain.transforms.RandomMap):
           image = image_preprocess.to_training_image(image, height, width)
         picture = {'image': image}
       caption, caption_fixes = captions_lib.decode_caption(caption_raw)
-      caption, fit_fixes = captions_lib.fit_caption(caption, self.tok, self.max_caption_tokens,
-                                                    self.overlong)
+      caption, fit_fixes = captions_lib.fit_caption(
+        caption, self.tok, self.max_caption_tokens, self.overlong
+      )
     except bad_records.BadRecordError as error:
       return {'skip': error.reason, 'fixes': fixes}
-    return {**picture, 'caption': caption, 'drop_text': drop_text, 'index': index,
-            'fixes': fixes + caption_fixes + fit_fixes}
+    return {
+      **picture,
+      'caption': caption,
+      'drop_text': drop_text,
+      'index': index,
+      'fixes': fixes + caption_fixes + fit_fixes,
+    }
 
 
 def stack_rows(rows: list[dict], tok, grid: tuple[int, int], max_caption_tokens: int) -> dict:
   """Examples -> the token rows of a (grid_h, grid_w) image each, 'image' or 'latents', INDEX_KEY."""
-  batch = sequences.build_training_batch(tok, [r['caption'] for r in rows], *grid, max_caption_tokens,
-                                         np.array([r['drop_text'] for r in rows]))
+  batch = sequences.build_training_batch(
+    tok,
+    [r['caption'] for r in rows],
+    *grid,
+    max_caption_tokens,
+    np.array([r['drop_text'] for r in rows]),
+  )
   picture_key = 'latents' if 'latents' in rows[0] else 'image'
   batch[picture_key] = np.stack([r[picture_key] for r in rows])
   batch[INDEX_KEY] = np.array([r['index'] for r in rows], np.int64)
@@ -208,8 +232,15 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
   More than `max_skips_in_a_row` bad records in a row (a whole epoch's worth) means the data
   is unusable, not noisy: that raises instead of looping forever."""
 
-  def __init__(self, parent, batch_size: int, tok, grid: tuple[int, int], max_caption_tokens: int,
-               max_skips_in_a_row: int):
+  def __init__(
+    self,
+    parent,
+    batch_size: int,
+    tok,
+    grid: tuple[int, int],
+    max_caption_tokens: int,
+    max_skips_in_a_row: int,
+  ):
     super().__init__(parent)
     self._batch_size = batch_size
     self._max_skips_in_a_row = max_skips_in_a_row
@@ -230,9 +261,10 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
         skips_in_a_row += 1
         if skips_in_a_row > self._max_skips_in_a_row:
           raise ValueError(
-              f'{skips_in_a_row} bad records in a row, the last for {example["skip"]}: '
-              f'{bad_records.describe(dict(zip(bad_records.REASONS, counts.tolist())))}. The data '
-              'set has no usable records; check it with `nextstep-data build` summaries.')
+            f'{skips_in_a_row} bad records in a row, the last for {example["skip"]}: '
+            f'{bad_records.describe(dict(zip(bad_records.REASONS, counts.tolist())))}. The data '
+            'set has no usable records; check it with `nextstep-data build` summaries.'
+          )
       else:
         rows.append(example)
         skips_in_a_row = 0
@@ -249,9 +281,15 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
 
 
 class _SkipAndBatch(grain.IterDataset):
-
-  def __init__(self, parent, batch_size: int, tok, grid: tuple[int, int], max_caption_tokens: int,
-               max_skips_in_a_row: int):
+  def __init__(
+    self,
+    parent,
+    batch_size: int,
+    tok,
+    grid: tuple[int, int],
+    max_caption_tokens: int,
+    max_skips_in_a_row: int,
+  ):
     super().__init__(parent)
     self._args = (batch_size, tok, grid, max_caption_tokens, max_skips_in_a_row)
 
@@ -261,13 +299,16 @@ class _SkipAndBatch(grain.IterDataset):
 
 def process_batch_size(config, process_count: int) -> int:
   if config.train.batch_size % process_count:
-    raise ValueError(f'train.batch_size={config.train.batch_size} is not divisible by the '
-                     f'{process_count} JAX processes; make it a multiple')
+    raise ValueError(
+      f'train.batch_size={config.train.batch_size} is not divisible by the '
+      f'{process_count} JAX processes; make it a multiple'
+    )
   return config.train.batch_size // process_count
 
 
-def make_dataset(config, tok: text_tokenizer.Tokenizer, process_index: int,
-                 process_count: int) -> grain.IterDataset:
+def make_dataset(
+  config, tok: text_tokenizer.Tokenizer, process_index: int, process_count: int
+) -> grain.IterDataset:
   """The batch stream of one JAX process (module docstring); batches carry INDEX_KEY and
   COUNTS_KEY besides the token rows and 'image' (R, S, S, 3) uint8 or 'latents' (R, h, w, C)."""
   if not 0 <= process_index < process_count:
@@ -283,10 +324,19 @@ def make_dataset(config, tok: text_tokenizer.Tokenizer, process_index: int,
   ds = grain.MapDataset.range(num_records).seed(seed).shuffle().repeat(None)
   ds = ds.map(_Fetch(source)).random_map(Preprocess(config, tok))
   ds = ds[process_index::process_count]
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads,
-                                            prefetch_buffer_size=d.prefetch * config.train.batch_size))
-  ds = _SkipAndBatch(ds, process_batch_size(config, process_count), tok, configlib.image_grid(config),
-                     config.text.max_caption_tokens, max_skips_in_a_row=num_records)
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(
+      num_threads=d.read_threads, prefetch_buffer_size=d.prefetch * config.train.batch_size
+    )
+  )
+  ds = _SkipAndBatch(
+    ds,
+    process_batch_size(config, process_count),
+    tok,
+    configlib.image_grid(config),
+    config.text.max_caption_tokens,
+    max_skips_in_a_row=num_records,
+  )
   return _prefetch_in_workers(ds, d)
 
 
@@ -295,8 +345,9 @@ def _prefetch_in_workers(ds: grain.IterDataset, d) -> grain.IterDataset:
     return ds
   if not flags.FLAGS.is_parsed():  # Grain's worker pool reads absl flags; use their defaults.
     flags.FLAGS.mark_as_parsed()
-  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count,
-                                                    per_worker_buffer_size=d.prefetch))
+  return ds.mp_prefetch(
+    grain.MultiprocessingOptions(num_workers=d.worker_count, per_worker_buffer_size=d.prefetch)
+  )
 
 
 MAX_STEPS = 2**62  # Length of the bucketed step stream (endless in practice).
@@ -313,7 +364,9 @@ def bucket_schedule(config, source, process_count: int) -> aspect_buckets.Bucket
     patch = config.model.latent_patch_size
     bucket_of = lambda element: aspect_buckets.cached_bucket(element, grids, patch)
   else:
-    bucket_of = lambda element: aspect_buckets.nearest_bucket(*aspect_buckets.record_size(element), grids)
+    bucket_of = lambda element: aspect_buckets.nearest_bucket(
+      *aspect_buckets.record_size(element), grids
+    )
   print(f'aspect buckets: reading the size of {len(source)} records', flush=True)
   progress = log_utils.ProgressLogger(len(source), every=BUCKET_PROGRESS_EVERY)
   assignment, left_out = aspect_buckets.assign_buckets(source, bucket_of, progress.update)
@@ -326,15 +379,25 @@ def bucket_schedule(config, source, process_count: int) -> aspect_buckets.Bucket
 class _BucketBatch(grain.transforms.Map):
   """Global step -> this process's batch of the step's bucket (module docstring)."""
 
-  def __init__(self, config, tok, source, schedule: aspect_buckets.BucketSchedule, process_index: int,
-               process_count: int):
+  def __init__(
+    self,
+    config,
+    tok,
+    source,
+    schedule: aspect_buckets.BucketSchedule,
+    process_index: int,
+    process_count: int,
+  ):
     self.preprocess = Preprocess(config, tok)
     self.tok, self.source, self.schedule = tok, source, schedule
     self.process_index, self.process_count = process_index, process_count
     self.grids = aspect_buckets.grids(config)
     self.unit = aspect_buckets.pixel_unit(config)
     self.max_caption_tokens = config.text.max_caption_tokens
-    self.latent_patch, self.latent_channels = config.model.latent_patch_size, config.model.latent_channels
+    self.latent_patch, self.latent_channels = (
+      config.model.latent_patch_size,
+      config.model.latent_channels,
+    )
     self.use_latent_cache = bool(config.data.use_latent_cache)
 
   def map(self, step: int) -> dict:
@@ -369,8 +432,9 @@ class _BucketBatch(grain.transforms.Map):
     return {'image': np.zeros((grid[0] * self.unit, grid[1] * self.unit, 3), np.uint8)}
 
 
-def make_bucketed_dataset(config, tok: text_tokenizer.Tokenizer, process_index: int,
-                          process_count: int) -> grain.IterDataset:
+def make_bucketed_dataset(
+  config, tok: text_tokenizer.Tokenizer, process_index: int, process_count: int
+) -> grain.IterDataset:
   """The aspect-bucketed batch stream of one process (module docstring); batches also carry
   VALID_KEY and BUCKET_KEY."""
   source = open_source(config)
@@ -379,8 +443,11 @@ def make_bucketed_dataset(config, tok: text_tokenizer.Tokenizer, process_index: 
   schedule = bucket_schedule(config, source, process_count)
   d = config.data
   ds = grain.MapDataset.range(MAX_STEPS).map(
-      _BucketBatch(config, tok, source, schedule, process_index, process_count))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch))
+    _BucketBatch(config, tok, source, schedule, process_index, process_count)
+  )
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch)
+  )
   return _prefetch_in_workers(ds, d)
 
 
@@ -409,13 +476,19 @@ class GrainTrainingData:
     self.image_tokenizer = tokenizers.get_tokenizer(config)
     self.patch = config.model.latent_patch_size
     if tok.vocab_size > config.model.vocab_size:
-      raise ValueError(f'text tokenizer has {tok.vocab_size} ids but model.vocab_size='
-                       f'{config.model.vocab_size}; raise model.vocab_size or lower text.vocab_size')
-    length = max(sequences.training_sequence_length(tok, h, w, config.text.max_caption_tokens)
-                 for h, w in configlib.training_grids(config))
+      raise ValueError(
+        f'text tokenizer has {tok.vocab_size} ids but model.vocab_size='
+        f'{config.model.vocab_size}; raise model.vocab_size or lower text.vocab_size'
+      )
+    length = max(
+      sequences.training_sequence_length(tok, h, w, config.text.max_caption_tokens)
+      for h, w in configlib.training_grids(config)
+    )
     if length > config.model.max_seq_len:
-      raise ValueError(f'training sequences have {length} tokens but model.max_seq_len='
-                       f'{config.model.max_seq_len}; raise model.max_seq_len')
+      raise ValueError(
+        f'training sequences have {length} tokens but model.max_seq_len='
+        f'{config.model.max_seq_len}; raise model.max_seq_len'
+      )
     self.where = f'data (process {process_index}/{process_count})'
     self.dataset = make_dataset(config, tok, process_index, process_count)
     self._iterator = iter(self.dataset)
@@ -441,22 +514,28 @@ class GrainTrainingData:
       latents = batch.pop('latents')
     else:
       latents = self.image_tokenizer.encode(tokenizers.uint8_to_unit(batch.pop('image')))
-    batch['image_tokens'] = np.asarray(patchify.patchify(np.asarray(latents, np.float32), self.patch),
-                                       np.float32)
+    batch['image_tokens'] = np.asarray(
+      patchify.patchify(np.asarray(latents, np.float32), self.patch), np.float32
+    )
     batch['image_valid'] = valid
     return batch
 
   def get_state(self) -> dict:
     """{'kind': 'grain', 'iterator': grain's iterator state, 'bad_record_counts': {...}}, JSON-safe."""
-    return {'kind': self.kind, 'iterator': _jsonable(self._iterator.get_state()),
-            'bad_record_counts': dict(self.bad_record_counts)}
+    return {
+      'kind': self.kind,
+      'iterator': _jsonable(self._iterator.get_state()),
+      'bad_record_counts': dict(self.bad_record_counts),
+    }
 
   def set_state(self, state: dict) -> None:
     """Continues exactly after the batch at which `state` was taken (same data config and
     data.worker_count)."""
     if not isinstance(state, dict) or state.get('kind') != self.kind or 'iterator' not in state:
-      raise ValueError(f'{str(state)[:200]} is not a Grain data state (want {{"kind": "grain", '
-                       '"iterator": ...}); resume with the data config that wrote the checkpoint')
+      raise ValueError(
+        f'{str(state)[:200]} is not a Grain data state (want {{"kind": "grain", '
+        '"iterator": ...}); resume with the data config that wrote the checkpoint'
+      )
     self._iterator.set_state(_from_jsonable(state['iterator']))
     self.bad_record_counts = dict(state.get('bad_record_counts', {}))
 
@@ -481,7 +560,8 @@ def _from_jsonable(state):
   return state
 
 
-def make_grain_training_data(config, tok: text_tokenizer.Tokenizer, process_index: int,
-                             process_count: int) -> GrainTrainingData:
+def make_grain_training_data(
+  config, tok: text_tokenizer.Tokenizer, process_index: int, process_count: int
+) -> GrainTrainingData:
   """Factory the training loop calls when `uses_grain(config)`."""
   return GrainTrainingData(config, tok, process_index, process_count)

@@ -5,16 +5,23 @@ builders and samplers use it exactly like the sentencepiece stand-in: `encode` a
 (Qwen2.5 has no BOS), the special tokens of docs/model.md §4 are single added tokens, and ids come
 from the file itself (checked against the model's config.json by the converter).
 """
+
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import tokenizers
 
 from nextstep_jax.data import text_tokenizer as tt
 
 # The special tokens the sequence layouts need (the self-CoT tokens are optional).
-REQUIRED_SPECIAL_TOKENS = (tt.EOS_TOKEN, tt.PAD_TOKEN, tt.IMAGE_AREA_TOKEN, tt.BOI_TOKEN,
-                           tt.EOI_TOKEN, tt.IMAGE_PLACEHOLDER_TOKEN)
+REQUIRED_SPECIAL_TOKENS = (
+  tt.EOS_TOKEN,
+  tt.PAD_TOKEN,
+  tt.IMAGE_AREA_TOKEN,
+  tt.BOI_TOKEN,
+  tt.EOI_TOKEN,
+  tt.IMAGE_PLACEHOLDER_TOKEN,
+)
 
 
 class HFTokenizer:
@@ -25,19 +32,25 @@ class HFTokenizer:
     self._tokenizer = tokenizer
     missing = [token for token in REQUIRED_SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
     if missing:
-      raise ValueError(f'{path} lacks the special tokens {missing}; use the tokenizer.json shipped '
-                       'with the NextStep-1 release (it adds them to Qwen2.5).')
+      raise ValueError(
+        f'{path} lacks the special tokens {missing}; use the tokenizer.json shipped '
+        'with the NextStep-1 release (it adds them to Qwen2.5).'
+      )
     self._special_ids = {token: tokenizer.token_to_id(token) for token in REQUIRED_SPECIAL_TOKENS}
     for token, token_id in self._special_ids.items():
       if tokenizer.encode(token, add_special_tokens=False).ids != [token_id]:
-        raise ValueError(f'{path}: special token {token!r} does not encode to the single id {token_id}; '
-                         'it must be an added token.')
+        raise ValueError(
+          f'{path}: special token {token!r} does not encode to the single id {token_id}; '
+          'it must be an added token.'
+        )
 
   @classmethod
   def load(cls, path: str) -> 'HFTokenizer':
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'Tokenizer file {path!r} does not exist (expected the tokenizer.json '
-                              'of a NextStep-1 release or of a converted checkpoint).')
+      raise FileNotFoundError(
+        f'Tokenizer file {path!r} does not exist (expected the tokenizer.json '
+        'of a NextStep-1 release or of a converted checkpoint).'
+      )
     return cls(tokenizers.Tokenizer.from_file(path), path)
 
   def encode(self, text: str) -> list[int]:

@@ -5,6 +5,7 @@ decode_image: PNG/JPEG/... bytes or a decoded array (TFDS) -> (H, W, 3) uint8 pl
 resize_to_cover + center_crop: scale (LANCZOS) so the image covers the target, then crop the
 centre (docs/model.md §4); an image already at the target size passes through bit-exactly.
 """
+
 import io
 import warnings
 
@@ -30,8 +31,11 @@ def decode_image(data) -> tuple[np.ndarray, list[str]]:
       image = Image.open(io.BytesIO(bytes(data)))
       image.load()
   except OSError as error:
-    reason = (bad_records.TRUNCATED_IMAGE if 'truncated' in str(error).lower()
-              else bad_records.UNDECODABLE_IMAGE)
+    reason = (
+      bad_records.TRUNCATED_IMAGE
+      if 'truncated' in str(error).lower()
+      else bad_records.UNDECODABLE_IMAGE
+    )
     raise bad_records.BadRecordError(reason, str(error)) from error
   except (ValueError, SyntaxError, TypeError, Image.DecompressionBombError, EOFError) as error:
     raise bad_records.BadRecordError(bad_records.UNDECODABLE_IMAGE, str(error)) from error
@@ -46,7 +50,14 @@ def image_file_size(data) -> tuple[int, int]:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')
       width, height = Image.open(io.BytesIO(bytes(data))).size
-  except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError, EOFError) as error:
+  except (
+    OSError,
+    ValueError,
+    SyntaxError,
+    TypeError,
+    Image.DecompressionBombError,
+    EOFError,
+  ) as error:
     raise bad_records.BadRecordError(bad_records.UNDECODABLE_IMAGE, str(error)) from error
   if width < 1 or height < 1:
     raise bad_records.BadRecordError(bad_records.UNDECODABLE_IMAGE, f'size {(width, height)}')
@@ -62,12 +73,15 @@ def _pil_to_rgb(image: Image.Image) -> tuple[np.ndarray, list[str]]:
   if mode in ('L', '1'):
     return np.asarray(image.convert('RGB'), np.uint8), [bad_records.GRAYSCALE_CONVERTED]
   has_alpha = mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
-      mode == 'P' and 'transparency' in image.info)
+    mode == 'P' and 'transparency' in image.info
+  )
   if has_alpha:
     rgba = image.convert('RGBA')
     background = Image.new('RGBA', rgba.size, _WHITE + (255,))
-    return (np.asarray(Image.alpha_composite(background, rgba).convert('RGB'), np.uint8),
-            [bad_records.ALPHA_DROPPED])
+    return (
+      np.asarray(Image.alpha_composite(background, rgba).convert('RGB'), np.uint8),
+      [bad_records.ALPHA_DROPPED],
+    )
   return np.asarray(image.convert('RGB'), np.uint8), [bad_records.OTHER_MODE_CONVERTED]
 
 
@@ -78,8 +92,9 @@ def _array_to_rgb(array: np.ndarray) -> tuple[np.ndarray, list[str]]:
   if array.ndim == 2:
     array = array[..., None]
   if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
-    raise bad_records.BadRecordError(bad_records.UNDECODABLE_IMAGE,
-                                     f'array of shape {array.shape} is not an image')
+    raise bad_records.BadRecordError(
+      bad_records.UNDECODABLE_IMAGE, f'array of shape {array.shape} is not an image'
+    )
   if array.dtype != np.uint8:
     fixes.append(bad_records.HIGH_BIT_DEPTH_CONVERTED)
     if np.issubdtype(array.dtype, np.floating):  # Floats in [0, 1].
@@ -108,7 +123,7 @@ def resize_to_cover(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def crop(image: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
-  return image[top:top + height, left:left + width]
+  return image[top : top + height, left : left + width]
 
 
 def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -121,8 +136,14 @@ def to_training_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return center_crop(resize_to_cover(image, height, width), height, width)
 
 
-def augment(image: np.ndarray, height: int, width: int, ops: tuple[str, ...], crop_scale: float,
-            rng: np.random.Generator) -> np.ndarray:
+def augment(
+  image: np.ndarray,
+  height: int,
+  width: int,
+  ops: tuple[str, ...],
+  crop_scale: float,
+  rng: np.random.Generator,
+) -> np.ndarray:
   """The training image with random augmentation: 'random_crop' resizes to cover
   crop_scale x the target and crops a uniformly random window; 'hflip' flips with p = 1/2.
   Draws rng.integers twice for a crop and rng.random once for a flip, in that order."""

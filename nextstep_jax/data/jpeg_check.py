@@ -8,6 +8,7 @@ sequential JPEG (SOF0/SOF1) with its Huffman tables: every code must exist, no b
 bits of ones. It returns None when the data is consistent and a reason otherwise. Progressive and
 other JPEG kinds are not walked (None): their pixels are still decoded fully by the caller.
 """
+
 import numpy as np
 
 
@@ -24,8 +25,8 @@ def _segments(data: bytes):
     if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
       pos += 2
       continue
-    length = int.from_bytes(data[pos + 2:pos + 4], 'big')
-    payload = data[pos + 4:pos + 2 + length]
+    length = int.from_bytes(data[pos + 2 : pos + 4], 'big')
+    payload = data[pos + 4 : pos + 2 + length]
     if len(payload) != length - 2:
       raise ValueError('a header segment is cut short')
     yield marker, payload, pos + 2 + length
@@ -34,11 +35,15 @@ def _segments(data: bytes):
     pos += 2 + length
 
 
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
 def _huffman_table(payload: bytes, pos: int) -> tuple[dict, int, int, int]:
   """One DHT table at `pos`: ({(length, code): symbol}, class, id, next pos)."""
   kind, ident = payload[pos] >> 4, payload[pos] & 15
-  counts = payload[pos + 1:pos + 17]
-  symbols = payload[pos + 17:pos + 17 + sum(counts)]
+  counts = payload[pos + 1 : pos + 17]
+  symbols = payload[pos + 17 : pos + 17 + sum(counts)]
   table, code, k = {}, 0, 0
   for length, count in enumerate(counts, 1):
     for _ in range(count):
@@ -64,16 +69,20 @@ def check_jpeg(data: bytes) -> str | None:
           tables[(kind, ident)] = table
       elif marker in (0xC0, 0xC1):
         height, width = int.from_bytes(payload[1:3], 'big'), int.from_bytes(payload[3:5], 'big')
-        comps = {payload[6 + 3 * i]: (payload[7 + 3 * i] >> 4, payload[7 + 3 * i] & 15)
-                 for i in range(payload[5])}
+        comps = {
+          payload[6 + 3 * i]: (payload[7 + 3 * i] >> 4, payload[7 + 3 * i] & 15)
+          for i in range(payload[5])
+        }
         frame = (height, width, comps)
       elif marker in (0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
         return None  # Progressive / lossless / arithmetic: not walked.
       elif marker == 0xDD:
         restart = int.from_bytes(payload[:2], 'big')
       elif marker == 0xDA:
-        scan = [(payload[1 + 2 * i], payload[2 + 2 * i] >> 4, payload[2 + 2 * i] & 15)
-                for i in range(payload[0])]
+        scan = [
+          (payload[1 + 2 * i], payload[2 + 2 * i] >> 4, payload[2 + 2 * i] & 15)
+          for i in range(payload[0])
+        ]
         scan_end = end
   except (ValueError, IndexError) as error:
     return f'malformed JPEG header ({error})'
@@ -86,13 +95,13 @@ def check_jpeg(data: bytes) -> str | None:
   vmax = max(v for _, v in comps.values())
   if len(scan) == 1:  # Non-interleaved: one block per MCU over the component's own grid.
     h, v = comps[scan[0][0]]
-    blocks_x = -(-(-(-width * h // hmax)) // 8)
-    blocks_y = -(-(-(-height * v // vmax)) // 8)
+    blocks_x = _ceil_div(_ceil_div(width * h, hmax), 8)
+    blocks_y = _ceil_div(_ceil_div(height * v, vmax), 8)
     units, per_mcu = blocks_x * blocks_y, [(scan[0], 1)]
   else:
     units = -(-width // (8 * hmax)) * -(-height // (8 * vmax))
     per_mcu = [(s, comps[s[0]][0] * comps[s[0]][1]) for s in scan]
-  for (c, dc, ac), _ in per_mcu:
+  for (_, dc, ac), _ in per_mcu:
     if (0, dc) not in tables or (1, ac) not in tables:
       return 'scan uses a Huffman table that is not defined'
   return _walk(data, scan_end, units, per_mcu, tables, restart)

@@ -11,6 +11,7 @@ read; the pipeline cleans them.
 Shards are resumable like `nextstep-data build` (builder.run_jobs); encoding runs in this process
 (the tokenizer may use the accelerator), `batch_size` images per encode call.
 """
+
 import math
 import os
 import time
@@ -43,7 +44,9 @@ def image_variants(image: np.ndarray, index: int, config) -> np.ndarray:
   out = [image_preprocess.to_training_image(image, height, width)]
   for variant in range(1, config.data.cache_variants):
     rng = np.random.default_rng([seed, index, variant])
-    out.append(image_preprocess.augment(image, height, width, ops, config.data.random_crop_scale, rng))
+    out.append(
+      image_preprocess.augment(image, height, width, ops, config.data.random_crop_scale, rng)
+    )
   return np.stack(out)
 
 
@@ -51,7 +54,12 @@ class _LatentShard:
   """Writes one shard's latent records, encoding `batch_size` source records at a time."""
 
   def __init__(self, config, source, tokenizer, batch_size: int):
-    self.config, self.source, self.tokenizer, self.batch_size = config, source, tokenizer, batch_size
+    self.config, self.source, self.tokenizer, self.batch_size = (
+      config,
+      source,
+      tokenizer,
+      batch_size,
+    )
 
   def __call__(self, job: builder.ShardJob) -> dict:
     return builder.write_shard(job, lambda: self._records(job.start, job.end))
@@ -68,7 +76,9 @@ class _LatentShard:
         except bad_records.BadRecordError as error:
           markers[index] = error.reason
       by_index = {}
-      for shape in sorted({variants.shape for _, variants, _, _ in decoded}):  # One encode per bucket.
+      for shape in sorted(
+        {variants.shape for _, variants, _, _ in decoded}
+      ):  # One encode per bucket.
         group = [item for item in decoded if item[1].shape == shape]
         stacked = np.concatenate([variants for _, variants, _, _ in group])
         encoded = np.asarray(self.tokenizer.encode(tokenizers.uint8_to_unit(stacked)), np.float32)
@@ -80,9 +90,17 @@ class _LatentShard:
           yield records.encode_record(b'', b'', meta), [markers[index]]
         else:
           variants, caption, fixes = by_index[index]
-          meta = {'kind': 'latents', 'shape': list(variants.shape), 'dtype': 'float32',
-                  'source_index': index, 'fixes': fixes}
-          yield records.encode_record(np.ascontiguousarray(variants).tobytes(), caption, meta), fixes
+          meta = {
+            'kind': 'latents',
+            'shape': list(variants.shape),
+            'dtype': 'float32',
+            'source_index': index,
+            'fixes': fixes,
+          }
+          yield (
+            records.encode_record(np.ascontiguousarray(variants).tobytes(), caption, meta),
+            fixes,
+          )
 
 
 def build_latent_cache(config, out_prefix: str, num_shards: int = 0, batch_size: int = 64) -> dict:
@@ -95,11 +113,18 @@ def build_latent_cache(config, out_prefix: str, num_shards: int = 0, batch_size:
   jobs = builder.shard_jobs(out_prefix, len(source), num_shards)
   work = _LatentShard(config, source, tokenizers.get_tokenizer(config), batch_size)
   summaries, reused = builder.run_jobs(jobs, work, lambda job: job, 1, 'cache-latents')
-  summary = builder.total_summary(summaries, {}, reused, time.monotonic() - start,
-                                  f'{config.data.source} -> {config.image.tokenizer} latents',
-                                  [job.path for job in jobs])
+  summary = builder.total_summary(
+    summaries,
+    {},
+    reused,
+    time.monotonic() - start,
+    f'{config.data.source} -> {config.image.tokenizer} latents',
+    [job.path for job in jobs],
+  )
   records.write_json_atomically(out_prefix + records.SUMMARY_SUFFIX, summary)
-  print(f'cache-latents: {summary["records"]} records ({config.data.cache_variants} variant(s) each) in '
-        f'{num_shards} shards; {bad_records.describe({**summary["skipped"], **summary["fixed"]})}',
-        flush=True)
+  print(
+    f'cache-latents: {summary["records"]} records ({config.data.cache_variants} variant(s) each) in '
+    f'{num_shards} shards; {bad_records.describe({**summary["skipped"], **summary["fixed"]})}',
+    flush=True,
+  )
   return summary

@@ -10,12 +10,13 @@ metadata {'kind': 'latents', 'shape': [V, h, w, C], 'dtype': 'float32', 'source_
 Shards are named `<prefix>-SSSSS-of-NNNNN.array_record` and written with `group_size:1`
 (single-record chunks: random access reads one record).
 """
+
 import dataclasses
 import glob
 import json
 import os
 import struct
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from array_record.python import array_record_module
 
@@ -49,13 +50,14 @@ def decode_record(data: bytes) -> Record:
     raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD, f'{len(data)} bytes')
   magic, n_payload, n_caption, n_meta = _HEADER.unpack_from(data)
   if magic != MAGIC or _HEADER.size + n_payload + n_caption + n_meta != len(data):
-    raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD,
-                                     'not a nextstep record (magic or lengths differ)')
+    raise bad_records.BadRecordError(
+      bad_records.MALFORMED_RECORD, 'not a nextstep record (magic or lengths differ)'
+    )
   start = _HEADER.size
-  payload = bytes(data[start:start + n_payload])
-  caption = bytes(data[start + n_payload:start + n_payload + n_caption])
+  payload = bytes(data[start : start + n_payload])
+  caption = bytes(data[start + n_payload : start + n_payload + n_caption])
   try:
-    metadata = json.loads(bytes(data[start + n_payload + n_caption:]).decode('utf-8'))
+    metadata = json.loads(bytes(data[start + n_payload + n_caption :]).decode('utf-8'))
   except (UnicodeDecodeError, json.JSONDecodeError) as error:
     raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD, f'metadata: {error}') from error
   return Record(payload, caption, metadata)
@@ -69,7 +71,9 @@ def decode_latent_record(data: bytes) -> Record:
   if kind == 'skipped':
     raise bad_records.BadRecordError(record.metadata['reason'], 'skipped when the cache was built')
   if kind != 'latents':
-    raise bad_records.BadRecordError(bad_records.MALFORMED_RECORD, f'record kind {kind!r} in the latent cache')
+    raise bad_records.BadRecordError(
+      bad_records.MALFORMED_RECORD, f'record kind {kind!r} in the latent cache'
+    )
   return record
 
 
@@ -82,15 +86,22 @@ def resolve_paths(spec: str | Sequence[str], what: str = 'data.paths') -> list[s
   and temporary files of a build in progress left out)."""
   items = [p.strip() for p in (spec.split(',') if isinstance(spec, str) else spec) if p.strip()]
   if not items:
-    raise ValueError(f'{what} is empty; set it to the shard files or a glob such as '
-                     '"/data/name-*.array_record" (written by `nextstep-data build`).')
+    raise ValueError(
+      f'{what} is empty; set it to the shard files or a glob such as '
+      '"/data/name-*.array_record" (written by `nextstep-data build`).'
+    )
   paths = []
   for item in items:
-    matches = [m for m in sorted(glob.glob(os.path.expanduser(item)))
-               if not m.endswith(SUMMARY_SUFFIX) and '.tmp-' not in os.path.basename(m)]
+    matches = [
+      m
+      for m in sorted(glob.glob(os.path.expanduser(item)))
+      if not m.endswith(SUMMARY_SUFFIX) and '.tmp-' not in os.path.basename(m)
+    ]
     if not matches:
-      raise FileNotFoundError(f'{what}: nothing matches {item!r}; build the shards with '
-                              '`nextstep-data build` or fix the path.')
+      raise FileNotFoundError(
+        f'{what}: nothing matches {item!r}; build the shards with '
+        '`nextstep-data build` or fix the path.'
+      )
     paths += [os.path.abspath(m) for m in matches]
   return paths
 

@@ -6,7 +6,7 @@ the placeholders are where the image tokens are fed. Routing: position i goes to
 iff input_ids[i + 1] is a placeholder, else to `lm_head` with target labels[i + 1].
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,8 +22,9 @@ class PromptTooLongError(errors.UsageError, ValueError):
 
   def __init__(self, caption: str, num_tokens: int, max_caption_tokens: int):
     super().__init__(
-        f'Caption {caption!r} has {num_tokens} tokens, more than max_caption_tokens='
-        f'{max_caption_tokens}; raise the config field text.max_caption_tokens or shorten it.')
+      f'Caption {caption!r} has {num_tokens} tokens, more than max_caption_tokens='
+      f'{max_caption_tokens}; raise the config field text.max_caption_tokens or shorten it.'
+    )
     self.caption = caption
     self.num_tokens = num_tokens
     self.max_caption_tokens = max_caption_tokens
@@ -39,9 +40,11 @@ def prompt_prefix_ids(tok: Tokenizer, h: int, w: int) -> list[int]:
     raise ValueError(f'Image grid must be at least 1 x 1 tokens, got {h} x {w}.')
   prefix = tok.encode(f'<|image_area|>{h}*{w}<|begin_of_image|>')
   if prefix[0] != tok.image_area_id or prefix[-1] != tok.boi_id:
-    raise ValueError(f'Image prefix for {h}*{w} tokenised to {prefix}: expected it to start '
-                     f'with <|image_area|> ({tok.image_area_id}) and end with '
-                     f'<|begin_of_image|> ({tok.boi_id}).')
+    raise ValueError(
+      f'Image prefix for {h}*{w} tokenised to {prefix}: expected it to start '
+      f'with <|image_area|> ({tok.image_area_id}) and end with '
+      f'<|begin_of_image|> ({tok.boi_id}).'
+    )
   return prefix
 
 
@@ -64,7 +67,9 @@ def _caption_ids(tok: Tokenizer, caption: str, max_caption_tokens: int) -> list[
   return ids
 
 
-def conditioned_prefix_ids(tok: Tokenizer, caption: str, h: int, w: int, max_caption_tokens: int) -> list[int]:
+def conditioned_prefix_ids(
+  tok: Tokenizer, caption: str, h: int, w: int, max_caption_tokens: int
+) -> list[int]:
   """caption + `<|image_area|>` "h*w" boi: the conditional prompt of an h x w image.
 
   The one builder of both layouts: a sampling prompt is exactly this (left-padded), and a
@@ -73,8 +78,14 @@ def conditioned_prefix_ids(tok: Tokenizer, caption: str, h: int, w: int, max_cap
   return _caption_ids(tok, caption, max_caption_tokens) + prompt_prefix_ids(tok, h, w)
 
 
-def build_training_batch(tok: Tokenizer, captions: Sequence[str], h: int, w: int,
-                         max_caption_tokens: int, drop_text: np.ndarray) -> dict[str, np.ndarray]:
+def build_training_batch(
+  tok: Tokenizer,
+  captions: Sequence[str],
+  h: int,
+  w: int,
+  max_caption_tokens: int,
+  drop_text: np.ndarray,
+) -> dict[str, np.ndarray]:
   """Right-padded training rows for one image of h x w tokens per caption.
 
   Row b is caption + image block + EOS, or image block + caption + EOS where drop_text[b]
@@ -101,11 +112,15 @@ def build_training_batch(tok: Tokenizer, captions: Sequence[str], h: int, w: int
     if caption_after_image:
       rows.append(block + _caption_ids(tok, caption, max_caption_tokens) + [tok.eos_id])
     else:
-      rows.append(conditioned_prefix_ids(tok, caption, h, w, max_caption_tokens) + image_rest + [tok.eos_id])
+      rows.append(
+        conditioned_prefix_ids(tok, caption, h, w, max_caption_tokens) + image_rest + [tok.eos_id]
+      )
   return training_rows(tok, rows, length)
 
 
-def training_rows(tok: Tokenizer, rows: Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
+def training_rows(
+  tok: Tokenizer, rows: Sequence[Sequence[int]], length: int
+) -> dict[str, np.ndarray]:
   """Right-pads id rows to `length` and labels them by the official rule (see
   `build_training_batch`): IGNORE_ID at padding, boi, placeholders and the EOS right after eoi."""
   input_ids = np.full((len(rows), length), tok.pad_id, np.int32)
@@ -113,22 +128,31 @@ def training_rows(tok: Tokenizer, rows: Sequence[Sequence[int]], length: int) ->
   for row, ids in enumerate(rows):
     if len(ids) > length:
       raise ValueError(f'training row of {len(ids)} tokens exceeds the row length {length}.')
-    input_ids[row, :len(ids)] = ids
-    attention_mask[row, :len(ids)] = True
+    input_ids[row, : len(ids)] = ids
+    attention_mask[row, : len(ids)] = True
 
   eos_after_eoi = np.zeros_like(attention_mask)
   eos_after_eoi[:, 1:] = (input_ids[:, 1:] == tok.eos_id) & (input_ids[:, :-1] == tok.eoi_id)
-  ignored = (~attention_mask | (input_ids == tok.boi_id) | placeholder_mask(input_ids, tok)
-             | eos_after_eoi)
+  ignored = (
+    ~attention_mask | (input_ids == tok.boi_id) | placeholder_mask(input_ids, tok) | eos_after_eoi
+  )
   labels = np.where(ignored, IGNORE_ID, input_ids).astype(np.int32)
   positions = np.broadcast_to(np.arange(length, dtype=np.int32), input_ids.shape).copy()
-  return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-              positions=positions)
+  return dict(
+    input_ids=input_ids, labels=labels, attention_mask=attention_mask, positions=positions
+  )
 
 
-def build_prompt_batch(tok: Tokenizer, captions: Sequence[str], h: int, w: int,
-                       max_caption_tokens: int, positive_prompt: str = '',
-                       negative_prompt: str = '', num_branches: int = 2) -> dict[str, np.ndarray]:
+def build_prompt_batch(
+  tok: Tokenizer,
+  captions: Sequence[str],
+  h: int,
+  w: int,
+  max_caption_tokens: int,
+  positive_prompt: str = '',
+  negative_prompt: str = '',
+  num_branches: int = 2,
+) -> dict[str, np.ndarray]:
   """Left-padded sampling prompts, branch-major for classifier-free guidance.
 
   Rows: B conditional rows (caption, + " " + positive_prompt when non-empty), then, for
@@ -143,8 +167,9 @@ def build_prompt_batch(tok: Tokenizer, captions: Sequence[str], h: int, w: int,
   """
   if num_branches not in (1, 2):
     raise ValueError(f'num_branches must be 1 (no guidance) or 2 (text CFG), got {num_branches}.')
-  conditional = [f'{caption} {positive_prompt}' if positive_prompt else caption
-                 for caption in captions]
+  conditional = [
+    f'{caption} {positive_prompt}' if positive_prompt else caption for caption in captions
+  ]
   texts = conditional + [negative_prompt] * len(captions) * (num_branches - 1)
   prefix = prompt_prefix_ids(tok, h, w)
   width = max_caption_tokens + len(prefix)
@@ -152,8 +177,8 @@ def build_prompt_batch(tok: Tokenizer, captions: Sequence[str], h: int, w: int,
   attention_mask = np.zeros((len(texts), width), bool)
   for row, text in enumerate(texts):
     ids = conditioned_prefix_ids(tok, text, h, w, max_caption_tokens)
-    input_ids[row, width - len(ids):] = ids
-    attention_mask[row, width - len(ids):] = True
+    input_ids[row, width - len(ids) :] = ids
+    attention_mask[row, width - len(ids) :] = True
   positions = np.broadcast_to(np.arange(width, dtype=np.int32), input_ids.shape).copy()
   return dict(input_ids=input_ids, attention_mask=attention_mask, positions=positions)
 

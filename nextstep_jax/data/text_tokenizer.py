@@ -9,7 +9,8 @@ the minimal interface the sequence builders need, so a tokenizer.json loader can
 import io
 import os
 import tempfile
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import sentencepiece as spm
 
@@ -22,16 +23,16 @@ IMAGE_PLACEHOLDER_TOKEN = '<|image_placeholder|>'
 
 # Official special tokens in the official (id) order.
 SPECIAL_TOKENS = (
-    EOS_TOKEN,
-    PAD_TOKEN,
-    IMAGE_AREA_TOKEN,
-    BOI_TOKEN,
-    EOI_TOKEN,
-    IMAGE_PLACEHOLDER_TOKEN,
-    '<|begin_of_prompt_refinement|>',
-    '<|end_of_prompt_refinement|>',
-    '<|begin_of_thinking|>',
-    '<|end_of_thinking|>',
+  EOS_TOKEN,
+  PAD_TOKEN,
+  IMAGE_AREA_TOKEN,
+  BOI_TOKEN,
+  EOI_TOKEN,
+  IMAGE_PLACEHOLDER_TOKEN,
+  '<|begin_of_prompt_refinement|>',
+  '<|end_of_prompt_refinement|>',
+  '<|begin_of_thinking|>',
+  '<|end_of_thinking|>',
 )
 
 # '*' separates the area string "h*w" and must be one piece.
@@ -42,39 +43,30 @@ _MODEL_SUFFIX = '.model'
 class Tokenizer(Protocol):
   """What the sequence builders need from a text tokenizer."""
 
-  def encode(self, text: str) -> list[int]:
-    ...
+  def encode(self, text: str) -> list[int]: ...
 
-  def decode(self, ids: Sequence[int]) -> str:
-    ...
+  def decode(self, ids: Sequence[int]) -> str: ...
 
   @property
-  def vocab_size(self) -> int:
-    ...
+  def vocab_size(self) -> int: ...
 
   @property
-  def eos_id(self) -> int:
-    ...
+  def eos_id(self) -> int: ...
 
   @property
-  def pad_id(self) -> int:
-    ...
+  def pad_id(self) -> int: ...
 
   @property
-  def image_area_id(self) -> int:
-    ...
+  def image_area_id(self) -> int: ...
 
   @property
-  def boi_id(self) -> int:
-    ...
+  def boi_id(self) -> int: ...
 
   @property
-  def eoi_id(self) -> int:
-    ...
+  def eoi_id(self) -> int: ...
 
   @property
-  def image_placeholder_id(self) -> int:
-    ...
+  def image_placeholder_id(self) -> int: ...
 
 
 def train_sentencepiece(captions: Sequence[str], model_prefix: str, vocab_size: int) -> str:
@@ -91,32 +83,33 @@ def train_sentencepiece(captions: Sequence[str], model_prefix: str, vocab_size: 
   model_bytes = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions),
-        model_writer=model_bytes,
-        model_type='bpe',
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        user_defined_symbols=list(SPECIAL_TOKENS) + [_AREA_SEPARATOR],
-        required_chars='0123456789',
-        split_digits=True,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        pad_id=-1,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name='identity',
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        minloglevel=2,
+      sentence_iterator=iter(captions),
+      model_writer=model_bytes,
+      model_type='bpe',
+      vocab_size=vocab_size,
+      hard_vocab_limit=False,
+      user_defined_symbols=list(SPECIAL_TOKENS) + [_AREA_SEPARATOR],
+      required_chars='0123456789',
+      split_digits=True,
+      byte_fallback=True,
+      unk_id=0,
+      bos_id=-1,
+      eos_id=-1,
+      pad_id=-1,
+      add_dummy_prefix=False,
+      remove_extra_whitespaces=False,
+      normalization_rule_name='identity',
+      num_threads=1,
+      input_sentence_size=0,
+      shuffle_input_sentence=False,
+      minloglevel=2,
     )
   except RuntimeError as error:
     raise ValueError(
-        f'Could not train a sentencepiece model with vocab_size={vocab_size} (config field '
-        f'text.vocab_size): it must hold 256 byte pieces, {len(SPECIAL_TOKENS) + 1} special '
-        f'pieces, the digits and every caption character. sentencepiece says: {error}') from error
+      f'Could not train a sentencepiece model with vocab_size={vocab_size} (config field '
+      f'text.vocab_size): it must hold 256 byte pieces, {len(SPECIAL_TOKENS) + 1} special '
+      f'pieces, the digits and every caption character. sentencepiece says: {error}'
+    ) from error
   model_dir = os.path.dirname(os.path.abspath(model_path))
   os.makedirs(model_dir, exist_ok=True)
   fd, temp_path = tempfile.mkstemp(dir=model_dir, suffix='.tmp')
@@ -136,7 +129,8 @@ def add_words(model_path: str, words: Sequence[str], out_path: str) -> str:
   user-defined piece '▁word' (ids vocab_size, vocab_size + 1, ... in order), so a fine-tune can
   give new words one token each, like the trained words ('a orange diamond' -> 'a', '▁orange',
   '▁diamond'). Text without the words tokenises exactly as before. Returns `out_path`."""
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  from sentencepiece import sentencepiece_model_pb2
+
   proto = sentencepiece_model_pb2.ModelProto()
   with open(model_path, 'rb') as f:
     proto.ParseFromString(f.read())
@@ -170,9 +164,10 @@ class TextTokenizer:
     """Loads a model written by `train_sentencepiece`."""
     if not os.path.isfile(path):
       raise FileNotFoundError(
-          f'Text tokenizer model {path!r} does not exist. Create it with '
-          'TextTokenizer.load_or_train(path, captions, vocab_size) or '
-          'train_sentencepiece(captions, model_prefix, vocab_size).')
+        f'Text tokenizer model {path!r} does not exist. Create it with '
+        'TextTokenizer.load_or_train(path, captions, vocab_size) or '
+        'train_sentencepiece(captions, model_prefix, vocab_size).'
+      )
     processor = spm.SentencePieceProcessor()
     processor.Load(path)
     return cls(processor, path)
@@ -186,15 +181,16 @@ class TextTokenizer:
     if not path.endswith(_MODEL_SUFFIX):
       raise ValueError(f'Text tokenizer path {path!r} must end with {_MODEL_SUFFIX!r}.')
     if not os.path.isfile(path):
-      train_sentencepiece(captions, path[:-len(_MODEL_SUFFIX)], vocab_size)
+      train_sentencepiece(captions, path[: -len(_MODEL_SUFFIX)], vocab_size)
     return cls.load(path)
 
   def _single_piece_id(self, token: str, path: str) -> int:
     ids = self._processor.encode(token, out_type=int)
     if len(ids) != 1 or self._processor.id_to_piece(ids[0]) != token:
       raise ValueError(
-          f'Special token {token!r} is not a single piece in {path!r} (encodes to {ids}); '
-          'retrain the model with train_sentencepiece.')
+        f'Special token {token!r} is not a single piece in {path!r} (encodes to {ids}); '
+        'retrain the model with train_sentencepiece.'
+      )
     return ids[0]
 
   def encode(self, text: str) -> list[int]:

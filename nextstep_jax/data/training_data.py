@@ -13,6 +13,7 @@ is Grain's iterator state; otherwise the built-in data sets (shapes, digits) in 
 `BuiltinSource`, whose batches are a pure function of (seed, step), so their state is the next step;
 edit triplets (data.source='edit') from `edit_data.EditTrainingData`, stepped the same way.
 """
+
 from typing import Protocol
 
 import numpy as np
@@ -60,32 +61,44 @@ class BuiltinTrainingData:
 
   def set_state(self, state: dict) -> None:
     if state.get('kind') != self.kind or not isinstance(state.get('step'), int):
-      raise ValueError(f'{state!r} is not a {self.kind} data state (want {{"kind": "{self.kind}", '
-                       '"step": int}); resume with the data config that wrote the checkpoint')
+      raise ValueError(
+        f'{state!r} is not a {self.kind} data state (want {{"kind": "{self.kind}", '
+        '"step": int}); resume with the data config that wrote the checkpoint'
+      )
     self._step = state['step']
 
 
-def make_training_data(config, tok: text_tokenizer.TextTokenizer, process_index: int,
-                       process_count: int) -> TrainingData:
+def make_training_data(
+  config, tok: text_tokenizer.TextTokenizer, process_index: int, process_count: int
+) -> TrainingData:
   """The training data of `config.data` for process `process_index` of `process_count`."""
   if config.data.source == 'edit':
-    from nextstep_jax.data import edit_data  # pylint: disable=import-outside-toplevel
+    from nextstep_jax.data import edit_data
+
     return edit_data.EditTrainingData(config, tok, process_index, process_count)
   if grain_pipeline.uses_grain(config):
     return grain_pipeline.make_grain_training_data(config, tok, process_index, process_count)
   if config.data.dataset in BUILTIN_DATASETS:
-    return BuiltinTrainingData(builtin_source.BuiltinSource(config, tok), process_index, process_count)
-  raise ValueError(f'data.dataset={config.data.dataset!r} has no training data; use one of {BUILTIN_DATASETS}')
+    return BuiltinTrainingData(
+      builtin_source.BuiltinSource(config, tok), process_index, process_count
+    )
+  raise ValueError(
+    f'data.dataset={config.data.dataset!r} has no training data; use one of {BUILTIN_DATASETS}'
+  )
 
 
-def heldout_batch(config, tok: text_tokenizer.TextTokenizer, num_sequences: int) -> dict[str, np.ndarray]:
+def heldout_batch(
+  config, tok: text_tokenizer.TextTokenizer, num_sequences: int
+) -> dict[str, np.ndarray]:
   """A fixed batch of `num_sequences` examples generated apart from the training set.
 
   Built-in data: the same generator with seed + HELDOUT_SEED_OFFSET, so the examples follow the
   training distribution (shapes: new scenes; digits: new augmentations of the digit images).
   """
   if config.data.dataset not in BUILTIN_DATASETS:
-    raise ValueError(f'data.dataset={config.data.dataset!r} has no held-out batch; use one of {BUILTIN_DATASETS}')
+    raise ValueError(
+      f'data.dataset={config.data.dataset!r} has no held-out batch; use one of {BUILTIN_DATASETS}'
+    )
   heldout = config.copy_and_resolve_references()
   with heldout.unlocked():
     heldout.seed = config.seed + HELDOUT_SEED_OFFSET

@@ -4,13 +4,15 @@ An sklearn MLP (two ReLU hidden layers) is trained on the real train split plus 
 (`digits.make_dataset`) of it, from images reduced to grey 16x16 in [0, 1]. Its last hidden layer
 gives the features for the Fréchet distance (FID-style, Gaussian fits). Nothing is cached on disk.
 """
+
 import warnings
 
 import numpy as np
+import threadpoolctl
 from PIL import Image
 from scipy import linalg
-from sklearn import exceptions, neural_network
-import threadpoolctl
+from sklearn import exceptions
+from sklearn import neural_network
 
 from nextstep_jax.data.builtin import digits
 
@@ -30,8 +32,10 @@ def _check_images(images: np.ndarray, size: int) -> None:
 def _inputs(images: np.ndarray) -> np.ndarray:
   """uint8 (n, S, S, 3) -> float32 (n, FEATURE_SIDE**2): grey, box-downsampled, in [0, 1]."""
   grey = images.astype(np.float32).mean(axis=-1) / 255.0
-  small = [np.asarray(Image.fromarray(g).resize((FEATURE_SIDE, FEATURE_SIDE), Image.Resampling.BOX))
-           for g in grey]
+  small = [
+    np.asarray(Image.fromarray(g).resize((FEATURE_SIDE, FEATURE_SIDE), Image.Resampling.BOX))
+    for g in grey
+  ]
   return np.stack(small).reshape(len(images), -1)
 
 
@@ -70,8 +74,13 @@ class DigitsEvaluator:
     inputs = _inputs(np.concatenate([images, augmented]))
     targets = np.concatenate([labels, [digits.parse_caption(c) for c in captions]])
     classifier = neural_network.MLPClassifier(
-        hidden_layer_sizes=HIDDEN_SIZES, alpha=1e-3, batch_size=128, learning_rate_init=1e-3,
-        max_iter=30, random_state=seed)
+      hidden_layer_sizes=HIDDEN_SIZES,
+      alpha=1e-3,
+      batch_size=128,
+      learning_rate_init=1e-3,
+      max_iter=30,
+      random_state=seed,
+    )
     # One BLAS thread: these small matrices train fastest that way (several times faster on a
     # busy machine) and the result does not depend on the core count.
     with threadpoolctl.threadpool_limits(limits=1), warnings.catch_warnings():
@@ -107,7 +116,7 @@ class DigitsEvaluator:
     """`accuracy` against the captions' digits, `frechet` against the real test split, `n`."""
     labels = np.array([digits.parse_caption(c) for c in captions])
     return {
-        'accuracy': self.accuracy(images, labels),
-        'frechet': frechet_from_features(self.features(images), self.test_features),
-        'n': float(len(images)),
+      'accuracy': self.accuracy(images, labels),
+      'frechet': frechet_from_features(self.features(images), self.test_features),
+      'n': float(len(images)),
     }

@@ -28,6 +28,7 @@ leaves the band DIAMOND_BAND of |u| + |v| (just outside a diamond's edges |u| + 
 circle along its diagonals) nearly empty: filled below DIAMOND_MAX_BAND_FILL (renders, sharp or
 blurred: diamonds 0.0, circles >= 0.2).
 """
+
 import collections
 import dataclasses
 import itertools
@@ -57,6 +58,7 @@ def _color_classes(concepts: str) -> tuple[tuple[str, ...], np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class DetectedObject:
   """A detected object: colour name (or 'other'), shape name, centroid (x, y) and area in pixels."""
+
   color: str
   shape: str
   cx: float
@@ -124,9 +126,15 @@ def _detect(image: np.ndarray, concepts: str = 'base') -> tuple[list[DetectedObj
         noise_area += area
         continue
       rows, cols = np.nonzero(mask)
-      objects.append(DetectedObject(
-          color=color, shape=_classify_shape(mask, concepts), cx=float(cols.mean() + 0.5 + box[1].start),
-          cy=float(rows.mean() + 0.5 + box[0].start), area=area))
+      objects.append(
+        DetectedObject(
+          color=color,
+          shape=_classify_shape(mask, concepts),
+          cx=float(cols.mean() + 0.5 + box[1].start),
+          cy=float(rows.mean() + 0.5 + box[0].start),
+          area=area,
+        )
+      )
   return objects, noise_area
 
 
@@ -150,19 +158,20 @@ def evaluate_image(image: np.ndarray, caption: str, concepts: str = 'base') -> d
   found_pairs = [(o.color, o.shape) for o in found]
   max_noise = STRAY_AREA_FRACTION * _smallest_object_area(image.shape[0])
   result = {
-      'count': len(found) == len(spec.objects) and noise_area < max_noise,
-      'color': _has_distinct_matches([c for c, _ in spec.objects], [o.color for o in found]),
-      'shape': _has_distinct_matches([s for _, s in spec.objects], [o.shape for o in found]),
+    'count': len(found) == len(spec.objects) and noise_area < max_noise,
+    'color': _has_distinct_matches([c for c, _ in spec.objects], [o.color for o in found]),
+    'shape': _has_distinct_matches([s for _, s in spec.objects], [o.shape for o in found]),
   }
   exact = result['count'] and sorted(found_pairs) == sorted(spec.objects)
   if spec.relation is None:
     result['correct'] = exact
     return result
   result['relation'] = any(
-      (first.color, first.shape) == spec.objects[0] and
-      (second.color, second.shape) == spec.objects[1] and
-      shapes.relation_holds((first.cx, first.cy), (second.cx, second.cy), spec.relation)
-      for first, second in itertools.permutations(found, 2))
+    (first.color, first.shape) == spec.objects[0]
+    and (second.color, second.shape) == spec.objects[1]
+    and shapes.relation_holds((first.cx, first.cy), (second.cx, second.cy), spec.relation)
+    for first, second in itertools.permutations(found, 2)
+  )
   result['correct'] = exact and result['relation']
   return result
 
@@ -180,10 +189,10 @@ def score(images: np.ndarray, captions: list[str], concepts: str = 'base') -> di
   results = [evaluate_image(image, text, concepts) for image, text in zip(images, captions)]
   relations = [r['relation'] for r in results if 'relation' in r]
   return {
-      'accuracy': float(np.mean([r['correct'] for r in results])),
-      'color': float(np.mean([r['color'] for r in results])),
-      'shape': float(np.mean([r['shape'] for r in results])),
-      'relation': float(np.mean(relations)) if relations else float('nan'),
-      'count': float(np.mean([r['count'] for r in results])),
-      'n': float(len(results)),
+    'accuracy': float(np.mean([r['correct'] for r in results])),
+    'color': float(np.mean([r['color'] for r in results])),
+    'shape': float(np.mean([r['shape'] for r in results])),
+    'relation': float(np.mean(relations)) if relations else float('nan'),
+    'count': float(np.mean([r['count'] for r in results])),
+    'n': float(len(results)),
   }

@@ -5,9 +5,10 @@ SSIM (Wang et al. 2004): Gaussian window sigma 1.5 (11 taps), C1 = 0.01^2, C2 = 
 pixels and channels, per image, averaged. Robustness: PSNR(decode(latents + sigma * eps), x) with
 latents the tokenizer's normalised latents and eps ~ N(0, I) from a fixed seed.
 """
+
 import json
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -24,7 +25,9 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2
 def _unit(images) -> np.ndarray:
   images = np.asarray(images)
   if images.dtype != np.uint8:
-    raise ValueError(f'expected uint8 images, got {images.dtype}; convert with utils.images.to_uint8.')
+    raise ValueError(
+      f'expected uint8 images, got {images.dtype}; convert with utils.images.to_uint8.'
+    )
   return images.astype(np.float64) / 255.0
 
 
@@ -43,11 +46,14 @@ def ssim(reference, images) -> np.ndarray:
 def ssim_map(reference, images) -> np.ndarray:
   """Local SSIM (B, H, W, C) with Gaussian-weighted statistics (borders reflected)."""
   x, y = _unit(reference), _unit(images)
-  blur = lambda a: ndimage.gaussian_filter(a, sigma=(0, SSIM_SIGMA, SSIM_SIGMA, 0),
-                                           truncate=SSIM_TRUNCATE, mode='reflect')
+  blur = lambda a: ndimage.gaussian_filter(
+    a, sigma=(0, SSIM_SIGMA, SSIM_SIGMA, 0), truncate=SSIM_TRUNCATE, mode='reflect'
+  )
   mx, my = blur(x), blur(y)
   vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-  return ((2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2)) / ((mx**2 + my**2 + SSIM_C1) * (vx + vy + SSIM_C2))
+  return ((2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2)) / (
+    (mx**2 + my**2 + SSIM_C1) * (vx + vy + SSIM_C2)
+  )
 
 
 def seam_ratio(images, reference, seams_y: Sequence[int], seams_x: Sequence[int]) -> float:
@@ -64,9 +70,14 @@ def seam_ratio(images, reference, seams_y: Sequence[int], seams_x: Sequence[int]
 
 def reconstruction_scores(tokenizer, images_uint8: np.ndarray) -> dict:
   """Mean PSNR/SSIM of decode(encode(x)) on uint8 images (B, S, S, 3)."""
-  recon = image_utils.to_uint8(tokenizer.decode(tokenizer.encode(tokenizers.uint8_to_unit(images_uint8))))
-  return {'psnr': float(np.mean(psnr(images_uint8, recon))),
-          'ssim': float(np.mean(ssim(images_uint8, recon))), 'n': len(images_uint8)}
+  recon = image_utils.to_uint8(
+    tokenizer.decode(tokenizer.encode(tokenizers.uint8_to_unit(images_uint8)))
+  )
+  return {
+    'psnr': float(np.mean(psnr(images_uint8, recon))),
+    'ssim': float(np.mean(ssim(images_uint8, recon))),
+    'n': len(images_uint8),
+  }
 
 
 def robustness(tokenizer, images_uint8: np.ndarray, sigmas: Sequence[float], seed: int = 0) -> dict:
@@ -83,27 +94,35 @@ def robustness(tokenizer, images_uint8: np.ndarray, sigmas: Sequence[float], see
 def evaluate_run(workdir: str, num: int, sigmas: Sequence[float]) -> dict:
   """Scores a nextstep-train-tokenizer run (its release/) on `num` held-out images; writes and
   returns {'psnr', 'ssim', 'n', 'robustness': {sigma: psnr}, 'noise_max', ...}."""
-  from nextstep_jax.training import tokenizer_train  # pylint: disable=g-import-not-at-top (jax model)
+  from nextstep_jax.training import tokenizer_train  # jax model
+
   root = pathlib.Path(workdir)
   config = configlib.with_base_defaults(
-      configlib.config_from_json((root / tokenizer_train.CONFIG_FILE).read_text()))
+    configlib.config_from_json((root / tokenizer_train.CONFIG_FILE).read_text())
+  )
   config.image.vae.checkpoint = str(root)
   tokenizer = tokenizers.get_tokenizer(config)
   images = tokenizer_train.heldout_images(config, num)
   result = reconstruction_scores(tokenizer, images)
   result['robustness'] = robustness(tokenizer, images, sigmas)
-  result.update(noise_max=config.vae_train.noise_max, steps=config.vae_train.steps,
-                dataset=config.data.dataset, image_size=config.image.size,
-                latent_shape=list(tokenizer.latent_shape(config.image.size)))
+  result.update(
+    noise_max=config.vae_train.noise_max,
+    steps=config.vae_train.steps,
+    dataset=config.data.dataset,
+    image_size=config.image.size,
+    latent_shape=list(tokenizer.latent_shape(config.image.size)),
+  )
   (root / 'eval.json').write_text(json.dumps(result, indent=2))
   return result
 
 
 def plot_robustness(results: dict[str, dict], path: str) -> None:
   """PSNR vs latent noise sigma, one line per labelled run, as a PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
+
   matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt
+
   fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
   for label, result in results.items():
     curve = result['robustness']

@@ -10,6 +10,7 @@ Pure functions over numbers (no training here; `study.py` runs and collects). Co
   straight lines in log-log space. Intervals come from a bootstrap that resamples the runs of each
   budget with replacement and refits everything.
 """
+
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ BOOTSTRAP_LEVEL = 0.95
 @dataclasses.dataclass(frozen=True)
 class Shape:
   """One family member: backbone `width` (hidden size) and `depth`, flow head width and depth."""
+
   width: int
   depth: int
   head_dim: int
@@ -39,10 +41,16 @@ class Shape:
     heads = self.width // HEAD_DIM
     kv_heads = heads // 2 if heads % 2 == 0 else heads
     intermediate = 8 * math.ceil(MLP_RATIO * self.width / 8)
-    return (f'model.hidden_size={self.width}', f'model.num_layers={self.depth}',
-            f'model.num_heads={heads}', f'model.num_kv_heads={kv_heads}', f'model.head_dim={HEAD_DIM}',
-            f'model.intermediate_size={intermediate}', f'model.fm_head_dim={self.head_dim}',
-            f'model.fm_head_layers={self.head_layers}')
+    return (
+      f'model.hidden_size={self.width}',
+      f'model.num_layers={self.depth}',
+      f'model.num_heads={heads}',
+      f'model.num_kv_heads={kv_heads}',
+      f'model.head_dim={HEAD_DIM}',
+      f'model.intermediate_size={intermediate}',
+      f'model.fm_head_dim={self.head_dim}',
+      f'model.fm_head_layers={self.head_layers}',
+    )
 
 
 def family_shape(width: int, head_dim: int | None = None, head_layers: int = 2) -> Shape:
@@ -57,6 +65,7 @@ def family_shape(width: int, head_dim: int | None = None, head_layers: int = 2) 
 @dataclasses.dataclass(frozen=True)
 class PlannedRun:
   """A run of the study: its shape, step count and the budget (FLOPs) it belongs to."""
+
   group: str  # 'isoflop', 'head' or 'prediction'.
   budget: float
   shape: Shape
@@ -73,9 +82,16 @@ def chinchilla_prior(budget: float, tokens_per_param: float) -> float:
   return math.sqrt(budget / (6.0 * tokens_per_param))
 
 
-def isoflop_runs(budget: float, shapes: Sequence[Shape], flops_per_step: Callable[[Shape], float],
-                 count: Callable[[Shape], float], sizes: int, min_steps: int, max_steps: int,
-                 tokens_per_param: float = 20.0) -> list[PlannedRun]:
+def isoflop_runs(
+  budget: float,
+  shapes: Sequence[Shape],
+  flops_per_step: Callable[[Shape], float],
+  count: Callable[[Shape], float],
+  sizes: int,
+  min_steps: int,
+  max_steps: int,
+  tokens_per_param: float = 20.0,
+) -> list[PlannedRun]:
   """`sizes` runs on the isoFLOP curve of `budget`: every shape trains for
   round(budget / flops_per_step) steps; shapes whose step count falls outside
   [min_steps, max_steps] are left out; of the rest (`shapes` ordered by size), the `sizes`
@@ -86,15 +102,23 @@ def isoflop_runs(budget: float, shapes: Sequence[Shape], flops_per_step: Callabl
     if min_steps <= steps <= max_steps:
       feasible.append(PlannedRun('isoflop', budget, shape, steps))
   if len(feasible) < max(3, sizes):
-    raise ValueError(f'budget {budget:.3g} FLOPs: only {len(feasible)} family shapes train for '
-                     f'{min_steps}-{max_steps} steps, {max(3, sizes)} needed. Widen the step range or the family.')
+    raise ValueError(
+      f'budget {budget:.3g} FLOPs: only {len(feasible)} family shapes train for '
+      f'{min_steps}-{max_steps} steps, {max(3, sizes)} needed. Widen the step range or the family.'
+    )
   target = math.log(chinchilla_prior(budget, tokens_per_param))
-  windows = [feasible[i:i + sizes] for i in range(len(feasible) - sizes + 1)]
+  windows = [feasible[i : i + sizes] for i in range(len(feasible) - sizes + 1)]
   return min(windows, key=lambda w: abs(math.log(count(w[len(w) // 2].shape)) - target))
 
 
-def edge_extension(on_curve: Sequence[PlannedRun], losses: Sequence[float], shapes: Sequence[Shape],
-                   flops_per_step: Callable[[Shape], float], min_steps: int, max_steps: int) -> PlannedRun | None:
+def edge_extension(
+  on_curve: Sequence[PlannedRun],
+  losses: Sequence[float],
+  shapes: Sequence[Shape],
+  flops_per_step: Callable[[Shape], float],
+  min_steps: int,
+  max_steps: int,
+) -> PlannedRun | None:
   """The next run for an isoFLOP curve whose lowest loss is at its smallest or largest sampled
   size: the family shape just beyond that edge (`shapes` ordered by size) at the same budget, if
   its step count is within [min_steps, max_steps]; None when the minimum is inside (bracketed)."""
@@ -108,7 +132,11 @@ def edge_extension(on_curve: Sequence[PlannedRun], losses: Sequence[float], shap
     return None
   budget = on_curve[0].budget
   steps = round(budget / flops_per_step(shapes[beyond]))
-  return PlannedRun('isoflop', budget, shapes[beyond], steps) if min_steps <= steps <= max_steps else None
+  return (
+    PlannedRun('isoflop', budget, shapes[beyond], steps)
+    if min_steps <= steps <= max_steps
+    else None
+  )
 
 
 def fit_parabola(log_n: np.ndarray, loss: np.ndarray) -> dict | None:
@@ -127,17 +155,25 @@ def fit_parabola(log_n: np.ndarray, loss: np.ndarray) -> dict | None:
   span = log_n.max() - log_n.min()
   if not log_n.min() - span <= vertex <= log_n.max() + span:
     return None
-  return {'n_opt': float(math.exp(vertex)), 'loss_opt': float(c0 - c1 * c1 / (4 * c2)),
-          'curvature': float(c2), 'interior': bool(log_n.min() <= vertex <= log_n.max())}
+  return {
+    'n_opt': float(math.exp(vertex)),
+    'loss_opt': float(c0 - c1 * c1 / (4 * c2)),
+    'curvature': float(c2),
+    'interior': bool(log_n.min() <= vertex <= log_n.max()),
+  }
 
 
 def fit_log_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
   """(slope, intercept) of log y = slope * log x + intercept (least squares)."""
-  slope, intercept = np.polyfit(np.log(np.asarray(x, np.float64)), np.log(np.asarray(y, np.float64)), 1)
+  slope, intercept = np.polyfit(
+    np.log(np.asarray(x, np.float64)), np.log(np.asarray(y, np.float64)), 1
+  )
   return float(slope), float(intercept)
 
 
-def fit_laws(budgets: Sequence[float], log_n: Sequence[float], loss: Sequence[float]) -> dict | None:
+def fit_laws(
+  budgets: Sequence[float], log_n: Sequence[float], loss: Sequence[float]
+) -> dict | None:
   """Per-budget parabolas, then N*(C) = k C^a and L*(C) = A C^-b over the budgets.
 
   Rows are runs: their budget, log N and loss. Returns {'optima': [{budget, n_opt, loss_opt,
@@ -157,18 +193,27 @@ def fit_laws(budgets: Sequence[float], log_n: Sequence[float], loss: Sequence[fl
   c = [o['budget'] for o in optima]
   a, log_k = fit_log_line(c, [o['n_opt'] for o in optima])
   slope, log_l = fit_log_line(c, [o['loss_opt'] for o in optima])
-  return {'optima': optima, 'n_opt_law': {'exponent': a, 'coefficient': math.exp(log_k)},
-          'loss_law': {'exponent': -slope, 'coefficient': math.exp(log_l)}}
+  return {
+    'optima': optima,
+    'n_opt_law': {'exponent': a, 'coefficient': math.exp(log_k)},
+    'loss_law': {'exponent': -slope, 'coefficient': math.exp(log_l)},
+  }
 
 
 def law_value(law: dict, budget: float, falling: bool) -> float:
   """k C^a (`falling` False) or A C^-b (`falling` True) at `budget`."""
   sign = -1.0 if falling else 1.0
-  return law['coefficient'] * budget**(sign * law['exponent'])
+  return law['coefficient'] * budget ** (sign * law['exponent'])
 
 
-def bootstrap_laws(budgets: Sequence[float], log_n: Sequence[float], loss: Sequence[float],
-                   predict_at: Sequence[float] = (), samples: int = 1000, seed: int = 0) -> dict:
+def bootstrap_laws(
+  budgets: Sequence[float],
+  log_n: Sequence[float],
+  loss: Sequence[float],
+  predict_at: Sequence[float] = (),
+  samples: int = 1000,
+  seed: int = 0,
+) -> dict:
   """Bootstrap over runs: each sample redraws every budget's runs with replacement (as many as it
   has; redrawn until it holds >= 3 distinct sizes, the fewest a parabola needs) and refits
   `fit_laws`. Samples without a minimum on some curve are dropped and counted.
@@ -194,32 +239,46 @@ def bootstrap_laws(budgets: Sequence[float], log_n: Sequence[float], loss: Seque
     draws['loss_law'].append(laws['loss_law'])
   kept = samples - dropped
   if kept < samples // 2:
-    raise ValueError(f'bootstrap: {dropped} of {samples} resamples have an isoFLOP curve without a '
-                     'minimum; sample more sizes per budget or sizes on both sides of the optimum')
+    raise ValueError(
+      f'bootstrap: {dropped} of {samples} resamples have an isoFLOP curve without a '
+      'minimum; sample more sizes per budget or sizes on both sides of the optimum'
+    )
   lo, hi = 100 * (1 - BOOTSTRAP_LEVEL) / 2, 100 * (1 + BOOTSTRAP_LEVEL) / 2
 
   def interval(values):
     return [float(np.percentile(values, lo)), float(np.percentile(values, hi))]
 
-  return {'samples': kept, 'dropped': dropped, 'level': BOOTSTRAP_LEVEL,
-          'exponent_n_opt': interval(draws['exponent_n_opt']),
-          'exponent_loss': interval(draws['exponent_loss']),
-          'n_opt_at': [interval([law_value(l, c, False) for l in draws['n_opt_law']]) for c in predict_at],
-          'loss_opt_at': [interval([law_value(l, c, True) for l in draws['loss_law']]) for c in predict_at],
-          'draws': draws}
+  return {
+    'samples': kept,
+    'dropped': dropped,
+    'level': BOOTSTRAP_LEVEL,
+    'exponent_n_opt': interval(draws['exponent_n_opt']),
+    'exponent_loss': interval(draws['exponent_loss']),
+    'n_opt_at': [
+      interval([law_value(l, c, False) for l in draws['n_opt_law']]) for c in predict_at
+    ],
+    'loss_opt_at': [
+      interval([law_value(l, c, True) for l in draws['loss_law']]) for c in predict_at
+    ],
+    'draws': draws,
+  }
 
 
 def _resample(rng: np.random.Generator, rows: np.ndarray, log_n: np.ndarray) -> np.ndarray:
   """`rows` drawn with replacement until the draw covers >= 3 distinct sizes."""
   if len(np.unique(log_n[rows])) < 3:
-    raise ValueError(f'an isoFLOP budget has {len(np.unique(log_n[rows]))} distinct sizes; a parabola needs 3')
+    raise ValueError(
+      f'an isoFLOP budget has {len(np.unique(log_n[rows]))} distinct sizes; a parabola needs 3'
+    )
   while True:
     draw = rng.choice(rows, size=len(rows), replace=True)
     if len(np.unique(log_n[draw])) >= 3:
       return draw
 
 
-def nearest_shape(shapes: Sequence[Shape], target_n: float, count: Callable[[Shape], float]) -> Shape:
+def nearest_shape(
+  shapes: Sequence[Shape], target_n: float, count: Callable[[Shape], float]
+) -> Shape:
   """The shape whose parameter count `count(shape)` is closest to `target_n` in log space."""
   return min(shapes, key=lambda s: abs(math.log(count(s)) - math.log(target_n)))
 
@@ -229,8 +288,12 @@ def relative_error(predicted: float, measured: float) -> float:
   return abs(predicted - measured) / abs(measured)
 
 
-def head_allocations(total_n: float, heads: Sequence[tuple[int, int]], widths: Sequence[int],
-                     count: Callable[[Shape], float]) -> list[Shape]:
+def head_allocations(
+  total_n: float,
+  heads: Sequence[tuple[int, int]],
+  widths: Sequence[int],
+  count: Callable[[Shape], float],
+) -> list[Shape]:
   """For each flow head (head_dim, head_layers): the family backbone (over `widths`) that, with
   that head, brings the non-embedding count closest to `total_n`, so parameters move between
   head and backbone at a roughly fixed total."""

@@ -1,5 +1,6 @@
 """PNGs of a scaling study (`study.run_study`): isoFLOP curves, fitted laws with bootstrap bands and
 the predicted-versus-measured point, and the head-allocation table."""
+
 import math
 
 import matplotlib
@@ -34,7 +35,15 @@ def isoflop_curves(path: epath.Path, summary: dict) -> None:
     coeffs = np.polyfit(log_n - log_n.mean(), loss, 2)
     grid = np.linspace(log_n.min() - 0.2, log_n.max() + 0.2, 100)
     ax.plot(np.exp(grid), np.polyval(coeffs, grid - log_n.mean()), color=color, alpha=0.7)
-    ax.scatter([budget['n_opt']], [budget['loss_opt']], color=color, marker='*', s=120, edgecolor='k', zorder=4)
+    ax.scatter(
+      [budget['n_opt']],
+      [budget['loss_opt']],
+      color=color,
+      marker='*',
+      s=120,
+      edgecolor='k',
+      zorder=4,
+    )
   ax.set_xscale('log')
   ax.set_xlabel('non-embedding parameters N')
   ax.set_ylabel('held-out eval loss')
@@ -43,7 +52,9 @@ def isoflop_curves(path: epath.Path, summary: dict) -> None:
   _save(fig, path)
 
 
-def _band(draws: list[dict], grid: np.ndarray, falling: bool, level: float) -> tuple[np.ndarray, np.ndarray]:
+def _band(
+  draws: list[dict], grid: np.ndarray, falling: bool, level: float
+) -> tuple[np.ndarray, np.ndarray]:
   values = np.array([[scaling.law_value(law, c, falling) for c in grid] for law in draws])
   lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
   return np.percentile(values, lo, axis=0), np.percentile(values, hi, axis=0)
@@ -57,22 +68,48 @@ def fitted_laws(path: epath.Path, summary: dict, boot: dict) -> None:
   grid = np.geomspace(c.min() / 1.5, prediction['budget'] * 1.5, 60)
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
   for ax, key, law_key, falling, label in (
-      (axes[0], 'n_opt', 'n_opt_law', False, 'optimal N*'), (axes[1], 'loss_opt', 'loss_law', True, 'eval loss L*')):
+    (axes[0], 'n_opt', 'n_opt_law', False, 'optimal N*'),
+    (axes[1], 'loss_opt', 'loss_law', True, 'eval loss L*'),
+  ):
     law = summary[law_key]
     lo, hi = _band(boot['draws'][law_key], grid, falling, boot['level'])
-    ax.fill_between(grid, lo, hi, alpha=0.25, color='C0', label=f'{100 * boot["level"]:.0f}% bootstrap band')
+    ax.fill_between(
+      grid, lo, hi, alpha=0.25, color='C0', label=f'{100 * boot["level"]:.0f}% bootstrap band'
+    )
     sign = '-' if falling else ''
-    ax.plot(grid, [scaling.law_value(law, g, falling) for g in grid], color='C0',
-            label=f'{law["coefficient"]:.3g} C^{sign}{law["exponent"]:.3f}')
+    ax.plot(
+      grid,
+      [scaling.law_value(law, g, falling) for g in grid],
+      color='C0',
+      label=f'{law["coefficient"]:.3g} C^{sign}{law["exponent"]:.3f}',
+    )
     ax.scatter(c, [o[key] for o in optima], color='C0', zorder=3, label='isoFLOP optima (fitted)')
     interval = prediction[f'predicted_{"n_opt" if key == "n_opt" else "eval_loss"}_interval']
     predicted = prediction['predicted_n_opt' if key == 'n_opt' else 'predicted_eval_loss']
-    ax.errorbar([prediction['budget']], [predicted], yerr=[[predicted - interval[0]], [interval[1] - predicted]],
-                fmt='s', color='C1', capsize=4, label='predicted')
-    measured = prediction.get('measured_eval_loss') if key == 'loss_opt' else prediction['run_non_embedding_params']
+    ax.errorbar(
+      [prediction['budget']],
+      [predicted],
+      yerr=[[predicted - interval[0]], [interval[1] - predicted]],
+      fmt='s',
+      color='C1',
+      capsize=4,
+      label='predicted',
+    )
+    measured = (
+      prediction.get('measured_eval_loss')
+      if key == 'loss_opt'
+      else prediction['run_non_embedding_params']
+    )
     if measured is not None:
-      ax.scatter([prediction['budget']], [measured], marker='x', s=80, color='C3', zorder=4,
-                 label='measured' if key == 'loss_opt' else 'size run (nearest family shape)')
+      ax.scatter(
+        [prediction['budget']],
+        [measured],
+        marker='x',
+        s=80,
+        color='C3',
+        zorder=4,
+        label='measured' if key == 'loss_opt' else 'size run (nearest family shape)',
+      )
     ax.set_xscale('log')
     ax.set_yscale('log')
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # Minor labels of a narrow range overlap.
@@ -80,8 +117,15 @@ def fitted_laws(path: epath.Path, summary: dict, boot: dict) -> None:
     ax.set_ylabel(label)
     ax.legend(fontsize=7)
   rel = prediction.get('relative_error')
-  fig.suptitle('fitted laws' + (f'; prediction at {prediction["budget"]:.2g} FLOPs: relative error '
-                                f'{100 * rel:.1f}%' if rel is not None else ''), fontsize=9)
+  fig.suptitle(
+    'fitted laws'
+    + (
+      f'; prediction at {prediction["budget"]:.2g} FLOPs: relative error {100 * rel:.1f}%'
+      if rel is not None
+      else ''
+    ),
+    fontsize=9,
+  )
   _save(fig, path)
 
 
@@ -94,8 +138,13 @@ def head_allocation(path: epath.Path, summary: dict) -> None:
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   ax.plot(share, [r['eval_loss'] for r in rows], 'o-', color='C0')
   for r in rows:
-    ax.annotate(f'h{r["fm_head_dim"]}x{r["fm_head_layers"]} w{r["width"]}', (r['head_share'], r['eval_loss']),
-                fontsize=6, xytext=(3, 3), textcoords='offset points')
+    ax.annotate(
+      f'h{r["fm_head_dim"]}x{r["fm_head_layers"]} w{r["width"]}',
+      (r['head_share'], r['eval_loss']),
+      fontsize=6,
+      xytext=(3, 3),
+      textcoords='offset points',
+    )
   ax.set_xlabel('flow head share of non-embedding parameters')
   ax.set_ylabel('held-out eval loss', color='C0')
   twin = ax.twinx()

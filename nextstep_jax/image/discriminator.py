@@ -3,6 +3,7 @@
 conv 4x4 stride 2, leaky ReLU(0.2), conv 4x4 stride 2, GroupNorm, leaky ReLU, conv 3x3 -> 1 logit
 per patch (a small PatchGAN; each logit sees a 18x18-pixel receptive field).
 """
+
 import dataclasses
 import math
 
@@ -13,7 +14,6 @@ from nextstep_jax.image import vae
 
 
 class PatchDiscriminator(nnx.Module):
-
   def __init__(self, width: int, cfg: vae.AutoEncoderConfig, rngs: nnx.Rngs):
     self.conv_0 = vae.Conv(cfg.out_ch, width, 4, cfg, rngs, stride=2)
     self.conv_1 = vae.Conv(width, 2 * width, 4, cfg, rngs, stride=2)

@@ -4,6 +4,7 @@ Every tokenizer exposes `channels`, `downsample`, `latent_shape(size)`, `encode`
 `image.tokenizer` picks `pixels` (below) or `vae` (`vae_tokenizer.VaeTokenizer`, weights from
 `image.vae.checkpoint`).
 """
+
 import dataclasses
 
 import numpy as np
@@ -12,6 +13,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class PixelsTokenizer:
   """Latents are the normalised pixels themselves (f = 1, C = 3): x = uint8 / 127.5 - 1."""
+
   channels: int = 3
   downsample: int = 1
 
@@ -38,6 +40,7 @@ def get_tokenizer(config):
   if name == 'pixels':
     return PixelsTokenizer()
   if name == 'vae':
-    from nextstep_jax.image import vae_tokenizer  # pylint: disable=g-import-not-at-top (flax model)
+    from nextstep_jax.image import vae_tokenizer  # flax model
+
     return vae_tokenizer.VaeTokenizer.from_config(config)
   raise ValueError(f'image.tokenizer={name!r} is not available; use "pixels" or "vae"')

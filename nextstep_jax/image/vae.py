@@ -13,9 +13,11 @@ GroupNorm `weight`/`bias` as in torch. Logical axes: conv kernels ('conv_height'
 'conv_in', 'conv_out'), biases ('conv_out',), norms ('norm',); all replicated by the default rules
 (84M parameters), activations sharded over `batch`.
 """
+
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,7 @@ CONV_AXES = ('conv_height', 'conv_width', 'conv_in', 'conv_out')
 @dataclasses.dataclass(frozen=True)
 class AutoEncoderConfig:
   """Official `AutoEncoderParams` fields plus our dtypes and GroupNorm group count."""
+
   in_channels: int = 3
   out_ch: int = 3
   ch: int = 128
@@ -65,8 +68,10 @@ class AutoEncoderConfig:
     widths = {self.ch * m for m in self.ch_mult} | {self.ch}
     bad = sorted(w for w in widths if w % self.norm_groups)
     if bad:
-      raise ValueError(f'VAE widths {bad} (ch={self.ch} x ch_mult={self.ch_mult}) are not divisible '
-                       f'by norm_groups={self.norm_groups}; pick ch a multiple of norm_groups.')
+      raise ValueError(
+        f'VAE widths {bad} (ch={self.ch} x ch_mult={self.ch_mult}) are not divisible '
+        f'by norm_groups={self.norm_groups}; pick ch a multiple of norm_groups.'
+      )
 
 
 class Conv(nnx.Module):
@@ -74,22 +79,39 @@ class Conv(nnx.Module):
 
   padding: 'SAME' (torch padding=(k-1)/2) or 'VALID'."""
 
-  def __init__(self, in_ch: int, out_ch: int, size: int, cfg: AutoEncoderConfig, rngs: nnx.Rngs,
-               stride: int = 1, padding: str = 'SAME'):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    size: int,
+    cfg: AutoEncoderConfig,
+    rngs: nnx.Rngs,
+    stride: int = 1,
+    padding: str = 'SAME',
+  ):
     fan_in = in_ch * size * size
     init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')  # torch's default.
-    self.kernel = nn.annotated_param(rngs, init, (size, size, in_ch, out_ch), CONV_AXES,
-                                         cfg.param_dtype)
+    self.kernel = nn.annotated_param(
+      rngs, init, (size, size, in_ch, out_ch), CONV_AXES, cfg.param_dtype
+    )
     bound = 1.0 / math.sqrt(fan_in)
     self.bias = nn.annotated_param(
-        rngs, lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
-        (out_ch,), ('conv_out',), cfg.param_dtype)
+      rngs,
+      lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
+      (out_ch,),
+      ('conv_out',),
+      cfg.param_dtype,
+    )
     self.stride, self.padding, self.dtype = stride, padding, cfg.dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride, self.stride),
-        self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x.astype(self.dtype),
+      self.kernel[...].astype(self.dtype),
+      (self.stride, self.stride),
+      self.padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -169,7 +191,9 @@ class Level(nnx.Module):
   """One resolution level: ResnetBlocks `block`, then a `downsample` (encoder) or `upsample`
   (decoder) when given."""
 
-  def __init__(self, blocks: list, downsample: Downsample | None = None, upsample: Upsample | None = None):
+  def __init__(
+    self, blocks: list, downsample: Downsample | None = None, upsample: Upsample | None = None
+  ):
     self.block = nnx.List(blocks)
     self.downsample = downsample
     self.upsample = upsample
@@ -203,10 +227,14 @@ class Encoder(nnx.Module):
     widths = [cfg.ch * m for m in (1,) + tuple(cfg.ch_mult)]
     levels = []
     for i in range(len(cfg.ch_mult)):
-      blocks = [ResnetBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1], cfg, rngs)
-                for j in range(cfg.num_res_blocks)]
+      blocks = [
+        ResnetBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1], cfg, rngs)
+        for j in range(cfg.num_res_blocks)
+      ]
       last = i == len(cfg.ch_mult) - 1
-      levels.append(Level(blocks, downsample=None if last else Downsample(widths[i + 1], cfg, rngs)))
+      levels.append(
+        Level(blocks, downsample=None if last else Downsample(widths[i + 1], cfg, rngs))
+      )
     self.down = nnx.List(levels)
     self.mid = Mid(widths[-1], cfg, rngs)
     self.norm_out = GroupNorm(widths[-1], cfg)
@@ -255,8 +283,9 @@ class AutoEncoder(nnx.Module):
     self.encoder = Encoder(cfg, rngs)
     self.decoder = Decoder(cfg, rngs)
 
-  def posterior(self, images: jax.Array, tiling: vae_tiling.Tiling | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+  def posterior(
+    self, images: jax.Array, tiling: vae_tiling.Tiling | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     """images (B, S, S, 3) in [-1, 1] -> (mean, logvar), each (B, S/f, S/f, Z) float32; the mean
     is normalised per psz x psz patch when `encoder_norm` (after blending, when tiled)."""
     if tiling is None:
@@ -268,8 +297,9 @@ class AutoEncoder(nnx.Module):
       mean = normalize_patches(mean, self.cfg.psz)
     return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
-  def encode(self, images: jax.Array, key: jax.Array | None = None,
-             tiling: vae_tiling.Tiling | None = None) -> jax.Array:
+  def encode(
+    self, images: jax.Array, key: jax.Array | None = None, tiling: vae_tiling.Tiling | None = None
+  ) -> jax.Array:
     """images -> normalised latents (z - shift) * scale; z = mean unless `deterministic` is off and
     a key is given. `tiling`: encode overlapping tiles and blend them (vae_tiling)."""
     mean, logvar = self.posterior(images, tiling)
@@ -322,7 +352,10 @@ def pad_rows(x, multiple: int):
 
 def config_dict(cfg: AutoEncoderConfig) -> Mapping[str, Any]:
   """The model fields as plain JSON-able values (no dtypes)."""
-  out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-         if f.name not in ('dtype', 'param_dtype')}
+  out = {
+    f.name: getattr(cfg, f.name)
+    for f in dataclasses.fields(cfg)
+    if f.name not in ('dtype', 'param_dtype')
+  }
   out['ch_mult'] = list(cfg.ch_mult)
   return out

@@ -18,6 +18,7 @@ kernel) for 4-D conv weights, transposed OIHW -> HWIO; GroupNorm `weight`/`bias`
 keep their names. The key set must match exactly: missing, unexpected and mis-shaped tensors are
 listed in one `CheckpointLayoutError`.
 """
+
 import collections
 import dataclasses
 import json
@@ -25,7 +26,8 @@ import pathlib
 import pickle
 import struct
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -42,14 +44,32 @@ TORCH_FILE = 'checkpoint.pt'
 _MAX_LISTED = 20
 
 _STORAGE_DTYPES = {
-    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
-    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
-    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
+  'FloatStorage': np.float32,
+  'DoubleStorage': np.float64,
+  'HalfStorage': np.float16,
+  'BFloat16Storage': ml_dtypes.bfloat16,
+  'LongStorage': np.int64,
+  'IntStorage': np.int32,
+  'ShortStorage': np.int16,
+  'CharStorage': np.int8,
+  'ByteStorage': np.uint8,
+  'BoolStorage': np.bool_,
 }
 # Official config.json fields -> AutoEncoderConfig fields (missing ones keep our defaults).
-_CONFIG_FIELDS = ('in_channels', 'out_ch', 'ch', 'ch_mult', 'num_res_blocks', 'z_channels',
-                  'scaling_factor', 'shift_factor', 'deterministic', 'encoder_norm', 'psz',
-                  'norm_groups')
+_CONFIG_FIELDS = (
+  'in_channels',
+  'out_ch',
+  'ch',
+  'ch_mult',
+  'num_res_blocks',
+  'z_channels',
+  'scaling_factor',
+  'shift_factor',
+  'deterministic',
+  'encoder_norm',
+  'psz',
+  'norm_groups',
+)
 
 
 class UnsafeCheckpointError(errors.UserError, pickle.UnpicklingError):
@@ -68,6 +88,7 @@ class CheckpointLayoutError(errors.UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class _Storage:
   """A persistent-id storage: raw bytes of `<root>/data/<key>`, its dtype and declared numel."""
+
   key: str
   data: bytes
   dtype: Any
@@ -77,6 +98,7 @@ class _Storage:
 @dataclasses.dataclass(frozen=True)
 class _TensorRecord:
   """torch._utils._rebuild_tensor_v2's arguments, kept unchecked until the tensor's name is known."""
+
   storage: Any
   offset: Any
   size: Any
@@ -99,20 +121,27 @@ def _materialize(name: str, record: _TensorRecord) -> np.ndarray:
   Raises:
     UnsafeCheckpointError: naming the tensor and the bad number.
   """
+
   def refuse(problem: str):
-    raise UnsafeCheckpointError(f'tensor {name!r}: {problem}; refusing to load this checkpoint '
-                                '(the file is damaged or crafted).')
+    raise UnsafeCheckpointError(
+      f'tensor {name!r}: {problem}; refusing to load this checkpoint '
+      '(the file is damaged or crafted).'
+    )
 
   if not isinstance(record.storage, _Storage):
     refuse('its storage is not a storage record')
   key, data, dtype = record.storage.key, record.storage.data, np.dtype(record.storage.dtype)
   if len(data) % dtype.itemsize:
-    refuse(f'storage {key!r} holds {len(data)} bytes, not a whole number of {dtype.name} elements '
-           '(its dtype does not match)')
+    refuse(
+      f'storage {key!r} holds {len(data)} bytes, not a whole number of {dtype.name} elements '
+      '(its dtype does not match)'
+    )
   declared = record.storage.numel
   if declared is not None and not (_is_index(declared) and declared == len(data) // dtype.itemsize):
-    refuse(f'storage {key!r} declares {declared!r:.40} elements but holds '
-           f'{len(data) // dtype.itemsize} of {dtype.name}')
+    refuse(
+      f'storage {key!r} declares {declared!r:.40} elements but holds '
+      f'{len(data) // dtype.itemsize} of {dtype.name}'
+    )
   storage = np.frombuffer(data, dtype=dtype)
   size, stride, offset = record.size, record.stride, record.offset
   if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
@@ -120,23 +149,28 @@ def _materialize(name: str, record: _TensorRecord) -> np.ndarray:
   if len(size) != len(stride) or len(size) > 32:
     refuse(f'size {tuple(size)} and stride {tuple(stride)} differ in rank')
   if not all(_is_index(v) for v in (offset, *size, *stride)):
-    refuse(f'offset {offset!r}, size {tuple(size)} and stride {tuple(stride)} must be non-negative '
-           'integers')
+    refuse(
+      f'offset {offset!r}, size {tuple(size)} and stride {tuple(stride)} must be non-negative '
+      'integers'
+    )
   numel = 1
   for extent in size:
     numel *= extent
   if numel:
     last = offset + sum((extent - 1) * step for extent, step in zip(size, stride))
     if last >= storage.size:
-      refuse(f'its last element (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) is '
-             f'element {last}, outside its storage of {storage.size}')
+      refuse(
+        f'its last element (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) is '
+        f'element {last}, outside its storage of {storage.size}'
+      )
     if numel > storage.size:
       refuse(f'it has {numel} elements, more than its storage of {storage.size}')
   elif offset > storage.size:
     refuse(f'offset {offset} is outside its storage of {storage.size}')
   itemsize = storage.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                         strides=tuple(step * itemsize for step in stride))
+  view = np.lib.stride_tricks.as_strided(
+    storage[offset:], shape=tuple(size), strides=tuple(step * itemsize for step in stride)
+  )
   return np.array(view)
 
 
@@ -155,9 +189,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if module == 'collections' and name == 'OrderedDict':
       return collections.OrderedDict
     raise UnsafeCheckpointError(
-        f'checkpoint pickle references {module}.{name}, which is not a tensor-rebuild record; '
-        'refusing to load it (only plain state_dicts of tensors are accepted). Convert the file '
-        'to safetensors if it is trusted.')
+      f'checkpoint pickle references {module}.{name}, which is not a tensor-rebuild record; '
+      'refusing to load it (only plain state_dicts of tensors are accepted). Convert the file '
+      'to safetensors if it is trusted.'
+    )
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == 'storage'):
@@ -176,26 +211,44 @@ def read_torch_checkpoint(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('/data.pkl')]
     if len(pickles) != 1:
-      raise ValueError(f'{path} is not a torch zip checkpoint (found {len(pickles)} data.pkl); '
-                       'legacy (pre-1.6) torch.save files are not supported.')
-    root = pickles[0][:-len('data.pkl')]
-    byteorder = (archive.read(root + 'byteorder').decode() if root + 'byteorder' in names
-                 else 'little')
+      raise ValueError(
+        f'{path} is not a torch zip checkpoint (found {len(pickles)} data.pkl); '
+        'legacy (pre-1.6) torch.save files are not supported.'
+      )
+    root = pickles[0][: -len('data.pkl')]
+    byteorder = (
+      archive.read(root + 'byteorder').decode() if root + 'byteorder' in names else 'little'
+    )
     if byteorder != 'little':
       raise ValueError(f'{path}: big-endian storages are not supported.')
-    storages = {n[len(root) + len('data/'):]: archive.read(n) for n in names
-                if n.startswith(root + 'data/')}
+    storages = {
+      n[len(root) + len('data/') :]: archive.read(n) for n in names if n.startswith(root + 'data/')
+    }
     with archive.open(pickles[0]) as file:
       try:
         state = _RestrictedUnpickler(file, storages).load()
       except UnsafeCheckpointError:
         raise
-      except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-              AttributeError, RecursionError, MemoryError, UnicodeDecodeError, struct.error) as error:
-        raise UnsafeCheckpointError(f'{path}: the pickle is malformed ({type(error).__name__}: '
-                                    f'{str(error)[:200]}); refusing to load it.') from error
+      except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        RecursionError,
+        MemoryError,
+        UnicodeDecodeError,
+        struct.error,
+      ) as error:
+        raise UnsafeCheckpointError(
+          f'{path}: the pickle is malformed ({type(error).__name__}: '
+          f'{str(error)[:200]}); refusing to load it.'
+        ) from error
   if not isinstance(state, dict) or not all(
-      isinstance(k, str) and isinstance(v, _TensorRecord) for k, v in state.items()):
+    isinstance(k, str) and isinstance(v, _TensorRecord) for k, v in state.items()
+  ):
     raise UnsafeCheckpointError(f'{path} does not hold a plain name -> tensor dict.')
   return {name: _materialize(name, record) for name, record in state.items()}
 
@@ -209,8 +262,9 @@ def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   try:
     return safetensors.numpy.load_file(str(path))
   except (safetensors.SafetensorError, ValueError, TypeError) as error:
-    raise CheckpointFormatError(f'{path} is not a readable safetensors file ({error}); download it '
-                                'again') from error
+    raise CheckpointFormatError(
+      f'{path} is not a readable safetensors file ({error}); download it again'
+    ) from error
 
 
 def config_from_release(official: Mapping[str, Any], **overrides) -> vae.AutoEncoderConfig:
@@ -222,21 +276,26 @@ def config_from_release(official: Mapping[str, Any], **overrides) -> vae.AutoEnc
   kwargs = {k: official[k] for k in _CONFIG_FIELDS if k in official}
   if kwargs.get('psz', 0) is None:
     if kwargs.get('encoder_norm', vae.AutoEncoderConfig.encoder_norm):
-      raise CheckpointFormatError('config.json has encoder_norm=true but psz=null: the patch size of '
-                                  'the latent normalisation is unknown; set psz (NextStep-1: 1)')
+      raise CheckpointFormatError(
+        'config.json has encoder_norm=true but psz=null: the patch size of '
+        'the latent normalisation is unknown; set psz (NextStep-1: 1)'
+      )
     del kwargs['psz']
   for key in ('in_channels', 'out_ch', 'ch', 'num_res_blocks', 'z_channels', 'psz', 'norm_groups'):
-    if key in kwargs and not (isinstance(kwargs[key], int) and not isinstance(kwargs[key], bool)
-                              and kwargs[key] > 0):
+    if key in kwargs and not (
+      isinstance(kwargs[key], int) and not isinstance(kwargs[key], bool) and kwargs[key] > 0
+    ):
       raise CheckpointFormatError(f'config.json {key}={kwargs[key]!r} must be a positive integer')
   for key in ('scaling_factor', 'shift_factor'):
     if key in kwargs and not isinstance(kwargs[key], (int, float)):
       raise CheckpointFormatError(f'config.json {key}={kwargs[key]!r} must be a number')
   if 'ch_mult' in kwargs:
     if not isinstance(kwargs['ch_mult'], (list, tuple)) or not all(
-        isinstance(x, int) and x > 0 for x in kwargs['ch_mult']):
-      raise CheckpointFormatError(f'config.json ch_mult={kwargs["ch_mult"]!r} must be a list of positive '
-                                  'integers')
+      isinstance(x, int) and x > 0 for x in kwargs['ch_mult']
+    ):
+      raise CheckpointFormatError(
+        f'config.json ch_mult={kwargs["ch_mult"]!r} must be a list of positive integers'
+      )
     kwargs['ch_mult'] = tuple(kwargs['ch_mult'])
   kwargs.update(overrides)
   return vae.AutoEncoderConfig(**kwargs)
@@ -265,15 +324,20 @@ def load_params(model: vae.AutoEncoder, tensors: Mapping[str, np.ndarray]) -> No
     if var.get_value().ndim == 4:
       tensor = tensor.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
     if tensor.shape != var.get_value().shape:
-      wrong.append(f'{name}: checkpoint {tensors[name].shape}, expected (torch layout) '
-                   f'{torch_shape(var.get_value().shape)}')
+      wrong.append(
+        f'{name}: checkpoint {tensors[name].shape}, expected (torch layout) '
+        f'{torch_shape(var.get_value().shape)}'
+      )
     converted[name] = tensor
   if missing or unexpected or wrong:
     lines = ['VAE checkpoint does not match the model built from its config:']
     for title, items in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong)):
       if items:
-        lines.append(f'  {title} ({len(items)}): ' + ', '.join(items[:_MAX_LISTED])
-                     + (' ...' if len(items) > _MAX_LISTED else ''))
+        lines.append(
+          f'  {title} ({len(items)}): '
+          + ', '.join(items[:_MAX_LISTED])
+          + (' ...' if len(items) > _MAX_LISTED else '')
+        )
     raise CheckpointLayoutError('\n'.join(lines))
   for name, (_, var) in flat.items():
     var.set_value(jnp.asarray(converted[name].astype(np.float32), var.get_value().dtype))
@@ -292,8 +356,10 @@ def read_release_tensors(directory: str | pathlib.Path) -> dict[str, np.ndarray]
     return read_torch_checkpoint(root / TORCH_FILE)
   candidates = sorted(root.glob('*.safetensors'))
   if len(candidates) != 1:
-    raise FileNotFoundError(f'{root} holds neither {TORCH_FILE} nor exactly one *.safetensors '
-                            f'file (found {[c.name for c in candidates]}).')
+    raise FileNotFoundError(
+      f'{root} holds neither {TORCH_FILE} nor exactly one *.safetensors '
+      f'file (found {[c.name for c in candidates]}).'
+    )
   return read_safetensors(candidates[0])
 
 
@@ -305,14 +371,18 @@ def load_release(directory: str | pathlib.Path, **overrides) -> vae.AutoEncoder:
   """
   root = pathlib.Path(directory)
   if not (root / CONFIG_FILE).exists():
-    raise FileNotFoundError(f'{root / CONFIG_FILE} is missing; a release directory holds '
-                            f'{CONFIG_FILE} and {TORCH_FILE} (or a .safetensors copy).')
+    raise FileNotFoundError(
+      f'{root / CONFIG_FILE} is missing; a release directory holds '
+      f'{CONFIG_FILE} and {TORCH_FILE} (or a .safetensors copy).'
+    )
   try:
     release = json.loads((root / CONFIG_FILE).read_text(encoding='utf-8'))
   except (ValueError, UnicodeDecodeError) as error:
     raise CheckpointFormatError(f'{root / CONFIG_FILE} is not valid JSON ({error})') from error
   if not isinstance(release, dict):
-    raise CheckpointFormatError(f'{root / CONFIG_FILE} holds {type(release).__name__}, expected an object')
+    raise CheckpointFormatError(
+      f'{root / CONFIG_FILE} holds {type(release).__name__}, expected an object'
+    )
   try:
     cfg = config_from_release(release, **overrides)
   except CheckpointFormatError as error:
@@ -324,5 +394,6 @@ def load_release(directory: str | pathlib.Path, **overrides) -> vae.AutoEncoder:
 
 def write_safetensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
   """Writes {name: numpy array} as safetensors (e.g. a torch-free copy of checkpoint.pt)."""
-  safetensors.numpy.save_file({name: np.ascontiguousarray(tensors[name]) for name in sorted(tensors)},
-                              str(path))
+  safetensors.numpy.save_file(
+    {name: np.ascontiguousarray(tensors[name]) for name in sorted(tensors)}, str(path)
+  )

@@ -17,9 +17,10 @@ become per tile, and convolutions at tile edges see zero padding instead of neig
 keeps the edges away from the blended result and the ramps hide the seams. Deviation from the
 untiled decode is measured in benchmarks/README.md (image tokenizer, tiled decode).
 """
+
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ import numpy as np
 class Tiling:
   """Tiles of `size` x `size` latent pixels overlapping by >= `overlap`; an axis longer than `size`
   is tiled, a shorter one is one tile. size 0 = never tile."""
+
   size: int = 0
   overlap: int = 0
 
@@ -40,8 +42,10 @@ class Tiling:
 
   def check(self) -> None:
     if self.size < 0 or (self.size and not 0 <= self.overlap < self.size):
-      raise ValueError(f'tiling size={self.size}, overlap={self.overlap}: need size >= 0 and, when '
-                       'tiling, 0 <= overlap < size (e.g. overlap = size // 4).')
+      raise ValueError(
+        f'tiling size={self.size}, overlap={self.overlap}: need size >= 0 and, when '
+        'tiling, 0 <= overlap < size (e.g. overlap = size // 4).'
+      )
 
 
 def tile_starts(length: int, size: int, overlap: int) -> tuple[int, ...]:
@@ -63,25 +67,32 @@ def axis_weights(starts: tuple[int, ...], side: int, unit: int) -> np.ndarray:
       weights[i, :shared] = (np.arange(shared) + 0.5) / shared
     if i + 1 < n:  # Ramp down over the band shared with the next tile.
       shared = (starts[i] + side - starts[i + 1]) * unit
-      weights[i, width - shared:] *= (shared - np.arange(shared) - 0.5) / shared
+      weights[i, width - shared :] *= (shared - np.arange(shared) - 0.5) / shared
   total = np.zeros(starts[-1] * unit + width)
   for start, w in zip(starts, weights):
-    total[start * unit:start * unit + width] += w
-  return np.stack([w / total[s * unit:s * unit + width] for s, w in zip(starts, weights)]
-                  ).astype(np.float32)
+    total[start * unit : start * unit + width] += w
+  return np.stack([w / total[s * unit : s * unit + width] for s, w in zip(starts, weights)]).astype(
+    np.float32
+  )
 
 
-def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tiling: Tiling, in_unit: int,
-                out_unit: int) -> jax.Array:
+def tiled_apply(
+  fn: Callable[[jax.Array], jax.Array], x: jax.Array, tiling: Tiling, in_unit: int, out_unit: int
+) -> jax.Array:
   """fn over overlapping tiles of x (B, h * in_unit, w * in_unit, C), blended into
   (B, h * out_unit, w * out_unit, C') float32 (module docstring); fn's tiles are
   (B, Th * in_unit, Tw * in_unit, C) -> (B, Th * out_unit, Tw * out_unit, C')."""
   b, height, width, channels = x.shape
   if height % in_unit or width % in_unit:
-    raise ValueError(f'tiled input {height}x{width} is not a multiple of its unit {in_unit} '
-                     '(the image side must be divisible by the VAE downsampling).')
+    raise ValueError(
+      f'tiled input {height}x{width} is not a multiple of its unit {in_unit} '
+      '(the image side must be divisible by the VAE downsampling).'
+    )
   h, w = height // in_unit, width // in_unit
-  starts_y, starts_x = tile_starts(h, tiling.size, tiling.overlap), tile_starts(w, tiling.size, tiling.overlap)
+  starts_y, starts_x = (
+    tile_starts(h, tiling.size, tiling.overlap),
+    tile_starts(w, tiling.size, tiling.overlap),
+  )
   if len(starts_y) == len(starts_x) == 1:
     return fn(x).astype(jnp.float32)
   side_y, side_x = min(tiling.size, h), min(tiling.size, w)
@@ -89,8 +100,12 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tiling: Tili
   weights_x = axis_weights(starts_x, side_x, out_unit)
   iy, ix = np.meshgrid(np.arange(len(starts_y)), np.arange(len(starts_x)), indexing='ij')
   iy, ix = iy.ravel(), ix.ravel()
-  per_tile = (np.asarray(starts_y, np.int32)[iy], np.asarray(starts_x, np.int32)[ix],
-              weights_y[iy], weights_x[ix])
+  per_tile = (
+    np.asarray(starts_y, np.int32)[iy],
+    np.asarray(starts_x, np.int32)[ix],
+    weights_y[iy],
+    weights_x[ix],
+  )
   tile_in = (b, side_y * in_unit, side_x * in_unit, channels)
   out_tile = jax.eval_shape(fn, jax.ShapeDtypeStruct(tile_in, x.dtype))
   out_channels = out_tile.shape[-1]

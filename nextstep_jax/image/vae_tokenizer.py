@@ -16,6 +16,7 @@ Weights come from `image.vae.checkpoint`:
   * '' : random initialisation from config.seed (smoke tests only).
 The checkpoint's own model fields win; its latent channels and downsampling must match image.vae.
 """
+
 import json
 import pathlib
 
@@ -36,8 +37,14 @@ SAFETENSORS_FILE = 'vae.safetensors'
 class VaeTokenizer:
   """See module docstring. `channels`, `downsample`, `latent_shape` as every tokenizer."""
 
-  def __init__(self, model: vae.AutoEncoder, batch_chunk: int, mesh: jax.sharding.Mesh, rules,
-               tiling: vae_tiling.Tiling = vae_tiling.Tiling()):
+  def __init__(
+    self,
+    model: vae.AutoEncoder,
+    batch_chunk: int,
+    mesh: jax.sharding.Mesh,
+    rules,
+    tiling: vae_tiling.Tiling = vae_tiling.Tiling(),
+  ):
     tiling.check()
     self.model_config = model.cfg
     self.tiling = tiling
@@ -57,6 +64,7 @@ class VaeTokenizer:
       def run(params, x):
         model = nnx.merge(graphdef, params)
         return jax.lax.map(lambda rows: getattr(model, method)(rows, tiling=tiling), x)
+
       return jax.jit(run, in_shardings=(param_shardings, passes), out_shardings=gathered)
 
     self._encode, self._decode = mapped('encode'), mapped('decode')
@@ -84,8 +92,13 @@ class VaeTokenizer:
   @classmethod
   def from_config(cls, config) -> 'VaeTokenizer':
     mesh = mesh_lib.make_mesh(config.mesh)
-    return cls(load_model(config), config.image.vae.batch_chunk, mesh, config.mesh.rules,
-               vae_tiling.Tiling.from_config(config.image.vae))
+    return cls(
+      load_model(config),
+      config.image.vae.batch_chunk,
+      mesh,
+      config.mesh.rules,
+      vae_tiling.Tiling.from_config(config.image.vae),
+    )
 
 
 def load_model(config) -> vae.AutoEncoder:
@@ -99,17 +112,19 @@ def load_model(config) -> vae.AutoEncoder:
     root = root / RELEASE_DIR
   if not (root / vae_import.CONFIG_FILE).exists():
     raise FileNotFoundError(
-        f'image.vae.checkpoint={v.checkpoint!r} is neither a nextstep-train-tokenizer workdir '
-        f'({RELEASE_DIR}/{vae_import.CONFIG_FILE}) nor an official release directory '
-        f'({vae_import.CONFIG_FILE} + {vae_import.TORCH_FILE} or *.safetensors).')
+      f'image.vae.checkpoint={v.checkpoint!r} is neither a nextstep-train-tokenizer workdir '
+      f'({RELEASE_DIR}/{vae_import.CONFIG_FILE}) nor an official release directory '
+      f'({vae_import.CONFIG_FILE} + {vae_import.TORCH_FILE} or *.safetensors).'
+    )
   model = vae_import.load_release(root, dtype=wanted.dtype, param_dtype=wanted.param_dtype)
   got = model.cfg
   if (got.z_channels, got.downsample) != (wanted.z_channels, wanted.downsample):
     raise ValueError(
-        f'image.vae.checkpoint={v.checkpoint!r} has z_channels={got.z_channels}, downsample '
-        f'{got.downsample} (ch_mult={got.ch_mult}) but the config says z_channels='
-        f'{wanted.z_channels}, ch_mult={wanted.ch_mult}; set image.vae.z_channels and '
-        'image.vae.ch_mult (and model.latent_channels) to the checkpoint\'s.')
+      f'image.vae.checkpoint={v.checkpoint!r} has z_channels={got.z_channels}, downsample '
+      f'{got.downsample} (ch_mult={got.ch_mult}) but the config says z_channels='
+      f'{wanted.z_channels}, ch_mult={wanted.ch_mult}; set image.vae.z_channels and '
+      "image.vae.ch_mult (and model.latent_channels) to the checkpoint's."
+    )
   return model
 
 
@@ -121,7 +136,9 @@ def export_release(directory: str | pathlib.Path, cfg: vae.AutoEncoderConfig, pa
   tensors = {}
   for path, var in nnx.to_flat_state(params):
     value = np.asarray(jax.device_get(var.get_value()), np.float32)
-    tensors[vae_import.official_name(path)] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
+    tensors[vae_import.official_name(path)] = (
+      value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
+    )
   vae_import.write_safetensors(root / SAFETENSORS_FILE, tensors)
   (root / vae_import.CONFIG_FILE).write_text(json.dumps(vae.config_dict(cfg), indent=2))
 
@@ -131,5 +148,11 @@ def channel_statistics(latents: np.ndarray) -> dict:
   shift = overall mean, scale = 1 / overall std (Flux's convention)."""
   flat = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
   mean, std = float(flat.mean()), float(flat.std())
-  return {'channel_mean': flat.mean(0).tolist(), 'channel_std': flat.std(0).tolist(),
-          'mean': mean, 'std': std, 'shift_factor': mean, 'scaling_factor': 1.0 / max(std, 1e-8)}
+  return {
+    'channel_mean': flat.mean(0).tolist(),
+    'channel_std': flat.std(0).tolist(),
+    'mean': mean,
+    'std': std,
+    'shift_factor': mean,
+    'scaling_factor': 1.0 / max(std, 1e-8),
+  }

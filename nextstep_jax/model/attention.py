@@ -13,6 +13,7 @@ in `shard_map`: batch over the mesh axes of the logical `batch` axis and heads o
 sequence is zero-padded to a multiple of the kernel's block (128). On CPU the kernel runs in
 Pallas interpret mode (tests); on TPU (including AOT compilation for a TPU topology) compiled.
 """
+
 import functools
 
 import jax
@@ -28,8 +29,9 @@ IMPLEMENTATIONS = ('xla', 'splash')
 SPLASH_BLOCK = 128  # The kernel's sequence tile (the minimum the TPU lane width allows).
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax.Array,
-                     rules: rules_lib.Rules = ()) -> jax.Array:
+def splash_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax.Array, rules: rules_lib.Rules = ()
+) -> jax.Array:
   """The splash kernel (see module docstring). rules: logical-axis rules for the mesh in context
   (required when that mesh has more than one device). Returns (B, L, H, E) in q's dtype."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -38,8 +40,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax.
   if mesh.empty or mesh.size == 1:
     return run(q, k, v, token_valid)
   if not rules:
-    raise ValueError('splash attention under a multi-device mesh needs the logical-axis rules '
-                     '(config.mesh.rules) to shard batch and heads; pass them via ModelConfig.')
+    raise ValueError(
+      'splash attention under a multi-device mesh needs the logical-axis rules '
+      '(config.mesh.rules) to shard batch and heads; pass them via ModelConfig.'
+    )
   q_spec = rules_lib.logical_to_spec(('batch', None, 'heads', None), rules)
   kv_spec = rules_lib.logical_to_spec(('batch', None, 'kv_heads', None), rules)
   valid_spec = PartitionSpec(q_spec[0], None)
@@ -49,11 +53,17 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_valid: jax.
       split = int(np.prod([mesh.shape[axis] for axis in axes]))
       if array.shape[dim] % split:
         raise ValueError(
-            f'splash attention: {"batch" if dim == 0 else name} size {array.shape[dim]} is not '
-            f'divisible by mesh axes {axes} (size {split}); change the batch per step, the '
-            'head counts, or the mesh / rules (or use model.attention=xla).')
-  return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, valid_spec),
-                       out_specs=q_spec, check_vma=False)(q, k, v, token_valid)
+          f'splash attention: {"batch" if dim == 0 else name} size {array.shape[dim]} is not '
+          f'divisible by mesh axes {axes} (size {split}); change the batch per step, the '
+          'head counts, or the mesh / rules (or use model.attention=xla).'
+        )
+  return jax.shard_map(
+    run,
+    mesh=mesh,
+    in_specs=(q_spec, kv_spec, kv_spec, valid_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )(q, k, v, token_valid)
 
 
 def _splash_local(q, k, v, token_valid, *, interpret: bool):
@@ -62,11 +72,14 @@ def _splash_local(q, k, v, token_valid, *, interpret: bool):
   padded = -(-l // SPLASH_BLOCK) * SPLASH_BLOCK
   pad = ((0, 0), (0, padded - l), (0, 0), (0, 0))
   # Heads-major (b, heads, L, E), as the kernel takes them; the 1/sqrt(E) scale goes on q.
-  q, k, v = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (q * jnp.asarray(e**-0.5, q.dtype), k, v))
+  q, k, v = (
+    jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (q * jnp.asarray(e**-0.5, q.dtype), k, v)
+  )
   segments = jnp.pad(token_valid.astype(jnp.int32), ((0, 0), (0, padded - l)))
   kernel = _causal_kernel(h, padded, interpret)
-  out = jax.vmap(lambda qi, ki, vi, si: kernel(qi, ki, vi, segment_ids=splash.SegmentIds(q=si, kv=si)))(
-      q, k.astype(q.dtype), v.astype(q.dtype), segments)
+  out = jax.vmap(
+    lambda qi, ki, vi, si: kernel(qi, ki, vi, segment_ids=splash.SegmentIds(q=si, kv=si))
+  )(q, k.astype(q.dtype), v.astype(q.dtype), segments)
   return out.transpose(0, 2, 1, 3)[:, :l]
 
 
@@ -75,8 +88,16 @@ def _causal_kernel(num_heads: int, length: int, interpret: bool):
   """A causal splash kernel for `num_heads` heads of `length` (a multiple of SPLASH_BLOCK)."""
   mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * num_heads)
   block = max(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
-  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                            block_q_dq=block, block_kv_dq=block)
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  sizes = splash.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  return splash.make_splash_mha(
+    mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )

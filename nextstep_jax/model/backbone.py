@@ -10,6 +10,7 @@ Official names (torch `layers.N.*`) map onto the stacked params here (`layers.*`
   mlp.{gate,up,down}_proj.weight         -> mlp.{gate,up,down}_proj.kernel = W.T
   input_layernorm / post_attention_layernorm .weight -> same names.
 """
+
 import dataclasses
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ class KVCache(NamedTuple):
   """Fixed-size cache for all layers: k, v (layers, B, S, K, E); key_valid (B, S) bool marks
   slots holding real tokens (False for left padding and not yet written slots); index () int32 is
   the next slot to write."""
+
   k: jax.Array
   v: jax.Array
   key_valid: jax.Array
@@ -53,7 +55,9 @@ class BackboneConfig:
   scan_unroll: bool = False  # Unroll the layer scan (exact compiler cost analysis; AOT only).
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+  positions: jax.Array, head_dim: int, theta: float, dtype
+) -> tuple[jax.Array, jax.Array]:
   """positions (B, L) int -> cos, sin (B, L, E): inv_freq_i = theta^(-2i/E), angles duplicated."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
@@ -75,9 +79,15 @@ class Attention(nnx.Module):
     d, h, k, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.cfg = cfg
-    self.q_proj = L.Dense(d, (h, e), ('embed', 'heads', 'head_dim'), use_bias=cfg.attention_bias, **kw)
-    self.k_proj = L.Dense(d, (k, e), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.attention_bias, **kw)
-    self.v_proj = L.Dense(d, (k, e), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.attention_bias, **kw)
+    self.q_proj = L.Dense(
+      d, (h, e), ('embed', 'heads', 'head_dim'), use_bias=cfg.attention_bias, **kw
+    )
+    self.k_proj = L.Dense(
+      d, (k, e), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.attention_bias, **kw
+    )
+    self.v_proj = L.Dense(
+      d, (k, e), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.attention_bias, **kw
+    )
     self.o_proj = L.Dense(h * e, d, ('heads', 'embed'), use_bias=cfg.o_attention_bias, **kw)
     # o_proj's kernel is stored (H*E, D) = W.T (heads-major rows: row j*E + e is head j, dim e).
 
@@ -87,11 +97,13 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b, l, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
-    q = L.constrain(apply_rope(self.q_proj(x), cos, sin), cfg.mesh_rules, 'batch', 'length', 'heads', 'head_dim')
+    q = L.constrain(
+      apply_rope(self.q_proj(x), cos, sin), cfg.mesh_rules, 'batch', 'length', 'heads', 'head_dim'
+    )
     k_all, v_all, key_valid = layer_cache
     q = q.reshape(b, l, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum('blkge,bske->bkgls', q, k_all.astype(q.dtype)).astype(jnp.float32)
-    scores = scores * (cfg.head_dim ** -0.5)
+    scores = scores * (cfg.head_dim**-0.5)
     slots = jnp.arange(k_all.shape[1])
     allowed = key_valid[:, None, :] & (slots[None, None, :] <= query_slots[:, :, None])  # (B, L, S)
     scores = jnp.where(allowed[:, None, None], scores, MASK_VALUE)
@@ -104,15 +116,20 @@ class Attention(nnx.Module):
     (B, L, K, E), token_valid (B, L). Returns (B, L, D)."""
     cfg = self.cfg
     b, l, _ = x.shape
-    q = L.constrain(apply_rope(self.q_proj(x), cos, sin), cfg.mesh_rules, 'batch', 'length', 'heads', 'head_dim')
-    out = attention_lib.splash_attention(q, k.astype(q.dtype), v.astype(q.dtype), token_valid,
-                                         cfg.mesh_rules)
+    q = L.constrain(
+      apply_rope(self.q_proj(x), cos, sin), cfg.mesh_rules, 'batch', 'length', 'heads', 'head_dim'
+    )
+    out = attention_lib.splash_attention(
+      q, k.astype(q.dtype), v.astype(q.dtype), token_valid, cfg.mesh_rules
+    )
     return self.o_proj(out.reshape(b, l, cfg.num_heads * cfg.head_dim).astype(cfg.dtype))
 
   def project_kv(self, x, cos, sin):
     """x (B, L, D) -> rotated keys and values (B, L, K, E)."""
     axes = (self.cfg.mesh_rules, 'batch', 'length', 'kv_heads', 'head_dim')
-    return L.constrain(apply_rope(self.k_proj(x), cos, sin), *axes), L.constrain(self.v_proj(x), *axes)
+    return L.constrain(apply_rope(self.k_proj(x), cos, sin), *axes), L.constrain(
+      self.v_proj(x), *axes
+    )
 
 
 class MLP(nnx.Module):
@@ -126,7 +143,9 @@ class MLP(nnx.Module):
     self.down_proj = L.Dense(cfg.intermediate_size, cfg.hidden_size, ('mlp', 'embed'), **kw)
 
   def __call__(self, x):
-    hidden = L.constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), self.rules, 'batch', 'length', 'mlp')
+    hidden = L.constrain(
+      jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), self.rules, 'batch', 'length', 'mlp'
+    )
     return self.down_proj(hidden)
 
 
@@ -134,14 +153,28 @@ class DecoderLayer(nnx.Module):
   """h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h))."""
 
   def __init__(self, cfg: BackboneConfig, *, rngs: nnx.Rngs):
-    self.input_layernorm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.input_layernorm = L.RMSNorm(
+      cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs
+    )
     self.self_attn = Attention(cfg, rngs=rngs)
-    self.post_attention_layernorm = L.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
-                                              param_dtype=cfg.param_dtype, rngs=rngs)
+    self.post_attention_layernorm = L.RMSNorm(
+      cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs
+    )
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, query_slots, kv, layer_index, key_valid, write_index, token_valid,
-               read_slots=None):
+  def __call__(
+    self,
+    x,
+    cos,
+    sin,
+    query_slots,
+    kv,
+    layer_index,
+    key_valid,
+    write_index,
+    token_valid,
+    read_slots=None,
+  ):
     """One layer on x (B, L, D). kv: None (no cache) or the stacked caches (k, v), each (layers,
     B, S, K, E): this call's K/V are written in place at [layer_index, :, write_index] (a scalar:
     every row writes the same slots) and attention reads this layer's first `read_slots` slots
@@ -164,12 +197,17 @@ class DecoderLayer(nnx.Module):
       else:
         read = k_all.shape[2] if read_slots is None else read_slots
         window = (1,) + k_all.shape[1:2] + (read,) + k_all.shape[3:]
-        layer_kv = (jax.lax.dynamic_slice(k_all, (layer_index, 0, 0, 0, 0), window)[0],
-                    jax.lax.dynamic_slice(v_all, (layer_index, 0, 0, 0, 0), window)[0], key_valid[:, :read])
+        layer_kv = (
+          jax.lax.dynamic_slice(k_all, (layer_index, 0, 0, 0, 0), window)[0],
+          jax.lax.dynamic_slice(v_all, (layer_index, 0, 0, 0, 0), window)[0],
+          key_valid[:, :read],
+        )
       attended = self.self_attn(normed, cos, sin, query_slots, layer_kv)
     rules = self.self_attn.cfg.mesh_rules
     h = L.constrain(x + attended, rules, 'batch', 'length', 'embed')
-    out = L.constrain(h + self.mlp(self.post_attention_layernorm(h)), rules, 'batch', 'length', 'embed')
+    out = L.constrain(
+      h + self.mlp(self.post_attention_layernorm(h)), rules, 'batch', 'length', 'embed'
+    )
     return out, kv
 
 
@@ -186,11 +224,21 @@ class Decoder(nnx.Module):
     cfg = self.cfg
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype or cfg.dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+    return KVCache(
+      jnp.zeros(shape, dtype),
+      jnp.zeros(shape, dtype),
+      jnp.zeros((batch, max_len), bool),
+      jnp.zeros((), jnp.int32),
+    )
 
-  def __call__(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
-               cache: KVCache | None = None, read_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    token_valid: jax.Array,
+    cache: KVCache | None = None,
+    read_slots: int | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     """x (B, L, D) embeddings; positions (B, L) RoPE positions; token_valid (B, L) bool (False
     for padding). Without a cache: full causal pass. With a cache: the L tokens occupy slots
     [index, index + L) and attend to every valid earlier slot; the stacked cache rides in the
@@ -203,21 +251,30 @@ class Decoder(nnx.Module):
     cfg = self.cfg
     b, l, _ = x.shape
     write_index = jnp.zeros((), jnp.int32) if cache is None else cache.index
-    key_valid = (token_valid if cache is None else
-                 jax.lax.dynamic_update_slice_in_dim(cache.key_valid, token_valid, write_index, axis=1))
+    key_valid = (
+      token_valid
+      if cache is None
+      else jax.lax.dynamic_update_slice_in_dim(cache.key_valid, token_valid, write_index, axis=1)
+    )
     query_slots = jnp.broadcast_to(write_index + jnp.arange(l, dtype=jnp.int32), (b, l))
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
 
     def body(layer, carry, layer_index):
       h, kv = carry
-      h, kv = layer(h, cos, sin, query_slots, kv, layer_index, key_valid, write_index, token_valid,
-                    read_slots)
+      h, kv = layer(
+        h, cos, sin, query_slots, kv, layer_index, key_valid, write_index, token_valid, read_slots
+      )
       return (h, kv), None
 
     kv = None if cache is None else (cache.k, cache.v)
-    (h, kv), _ = L.scan_stack(self.layers, body, (x.astype(cfg.dtype), kv),
-                              jnp.arange(cfg.num_layers, dtype=jnp.int32), cfg.remat_policy,
-                              unroll=cfg.scan_unroll)
+    (h, kv), _ = L.scan_stack(
+      self.layers,
+      body,
+      (x.astype(cfg.dtype), kv),
+      jnp.arange(cfg.num_layers, dtype=jnp.int32),
+      cfg.remat_policy,
+      unroll=cfg.scan_unroll,
+    )
     out = self.norm(h)
     if cache is None:
       return out, None

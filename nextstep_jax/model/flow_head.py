@@ -20,6 +20,7 @@ y = time_embed(t) + step_embed(d) + cond_embed(c). Its output layer `step_embed.
 zero, so an official head copied into a step-conditioned one has exactly the official velocity
 until training moves it; the head then predicts the average velocity over [t, t + d].
 """
+
 import dataclasses
 import math
 
@@ -56,8 +57,16 @@ def timestep_embedding(t: jax.Array, dim: int = TIME_FREQ_DIM) -> jax.Array:
 
 
 def _dense(rngs, cfg, din, dout, axes, init):
-  return L.Dense(din, dout, axes, use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                 rngs=rngs, kernel_init=init)
+  return L.Dense(
+    din,
+    dout,
+    axes,
+    use_bias=True,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    rngs=rngs,
+    kernel_init=init,
+  )
 
 
 _XAVIER = nnx.initializers.xavier_uniform()
@@ -70,7 +79,9 @@ class TimestepEmbedder(nnx.Module):
 
   def __init__(self, cfg: FlowHeadConfig, *, rngs: nnx.Rngs, zero_out: bool = False):
     self.mlp_0 = _dense(rngs, cfg, TIME_FREQ_DIM, cfg.width, ('head_freq', 'head_embed'), _NORMAL)
-    self.mlp_2 = _dense(rngs, cfg, cfg.width, cfg.width, ('head_embed', 'head_mlp'), _ZEROS if zero_out else _NORMAL)
+    self.mlp_2 = _dense(
+      rngs, cfg, cfg.width, cfg.width, ('head_embed', 'head_mlp'), _ZEROS if zero_out else _NORMAL
+    )
 
   def __call__(self, t):
     return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_embedding(t))))
@@ -83,7 +94,9 @@ class ResBlock(nnx.Module):
     self.in_ln = L.LayerNorm(cfg.width, LN_EPS, param_dtype=cfg.param_dtype, rngs=rngs)
     self.mlp_0 = _dense(rngs, cfg, cfg.width, cfg.width, ('head_embed', 'head_mlp'), _XAVIER)
     self.mlp_2 = _dense(rngs, cfg, cfg.width, cfg.width, ('head_mlp', 'head_embed'), _XAVIER)
-    self.adaLN_modulation_1 = _dense(rngs, cfg, cfg.width, 3 * cfg.width, ('head_embed', 'head_mlp'), _ZEROS)
+    self.adaLN_modulation_1 = _dense(
+      rngs, cfg, cfg.width, 3 * cfg.width, ('head_embed', 'head_mlp'), _ZEROS
+    )
 
   def __call__(self, x, y_act):
     return self.modulated(x, self.adaLN_modulation_1(y_act))
@@ -99,7 +112,9 @@ class FinalLayer(nnx.Module):
   """v = linear(norm_final(x) * (1 + scale) + shift), (shift, scale) = adaLN(silu(y))."""
 
   def __init__(self, cfg: FlowHeadConfig, *, rngs: nnx.Rngs):
-    self.adaLN_modulation_1 = _dense(rngs, cfg, cfg.width, 2 * cfg.width, ('head_embed', 'head_mlp'), _ZEROS)
+    self.adaLN_modulation_1 = _dense(
+      rngs, cfg, cfg.width, 2 * cfg.width, ('head_embed', 'head_mlp'), _ZEROS
+    )
     self.linear = _dense(rngs, cfg, cfg.width, cfg.token_dim, ('head_embed', 'token'), _ZEROS)
 
   def __call__(self, x, y_act):
@@ -127,27 +142,35 @@ class FlowHead(nnx.Module):
     """The condition embedding (M, W), computed once per token outside the integration loop."""
     return self.cond_embed(c)
 
-  def velocity_from_condition(self, x_t: jax.Array, t: jax.Array, cond_emb: jax.Array,
-                              step_size: jax.Array | None = None) -> jax.Array:
+  def velocity_from_condition(
+    self, x_t: jax.Array, t: jax.Array, cond_emb: jax.Array, step_size: jax.Array | None = None
+  ) -> jax.Array:
     """x_t (M, T), t (M,) or () (one time for every row: embedded once), cond_emb = condition(c)
     (M, W), step_size like t (used by `step_cond` heads, None = 0) -> velocity (M, T) float32."""
     rules = self.cfg.mesh_rules
     y_act = self._activated_condition(t, cond_emb, step_size)
     x = L.constrain(self.input_proj(x_t), rules, 'batch', 'head_embed')
 
-    def body(block, h, _):  # adaLN inside the (rematerialised) block: no (depth, M, 3W) tensor in training.
+    def body(
+      block, h, _
+    ):  # adaLN inside the (rematerialised) block: no (depth, M, 3W) tensor in training.
       return L.constrain(block(h, y_act), rules, 'batch', 'head_embed'), None
 
-    x, _ = L.scan_stack(self.res_blocks, body, x, remat_policy=self.cfg.remat_policy,
-                        unroll=self.cfg.scan_unroll)
+    x, _ = L.scan_stack(
+      self.res_blocks, body, x, remat_policy=self.cfg.remat_policy, unroll=self.cfg.scan_unroll
+    )
     return self.final_layer(x, y_act).astype(jnp.float32)
 
-  def step_modulations(self, t: jax.Array, cond_emb: jax.Array, step_size: jax.Array | None = None) -> dict:
+  def step_modulations(
+    self, t: jax.Array, cond_emb: jax.Array, step_size: jax.Array | None = None
+  ) -> dict:
     """Every part of the velocity that depends only on (t, d, c), for E evaluation times:
     t (E,), step_size (E,) or None, cond_emb (M, W) -> {'blocks': (E, depth, M, 3W), 'final':
     (E, M, 2W)}, computed as batched matmuls over E x M rows (the samplers build it once per token
     instead of once per integration step)."""
-    y_act = self._activated_condition(t[:, None], cond_emb[None], None if step_size is None else step_size[:, None])
+    y_act = self._activated_condition(
+      t[:, None], cond_emb[None], None if step_size is None else step_size[:, None]
+    )
     mods = self._modulations(y_act)
     return {'blocks': jnp.moveaxis(mods['blocks'], 0, 1), 'final': mods['final']}
 
@@ -160,7 +183,9 @@ class FlowHead(nnx.Module):
     def body(block, h, modulation):
       return L.constrain(block.modulated(h, modulation), rules, 'batch', 'head_embed'), None
 
-    x, _ = L.scan_stack(self.res_blocks, body, x, modulations['blocks'], unroll=self.cfg.scan_unroll)
+    x, _ = L.scan_stack(
+      self.res_blocks, body, x, modulations['blocks'], unroll=self.cfg.scan_unroll
+    )
     return self.final_layer.modulated(x, modulations['final']).astype(jnp.float32)
 
   def _activated_condition(self, t, cond_emb, step_size):
@@ -170,17 +195,25 @@ class FlowHead(nnx.Module):
     if self.step_embed is not None:
       d = jnp.zeros_like(t) if step_size is None else jnp.broadcast_to(step_size, jnp.shape(t))
       y = y + self.step_embed(jnp.reshape(d, (-1,))).reshape(jnp.shape(d) + (-1,))
-    return L.constrain(jax.nn.silu(y + cond_emb), self.cfg.mesh_rules, *(None,) * (jnp.ndim(cond_emb) - 2),
-                       'batch', 'head_embed')
+    return L.constrain(
+      jax.nn.silu(y + cond_emb),
+      self.cfg.mesh_rules,
+      *(None,) * (jnp.ndim(cond_emb) - 2),
+      'batch',
+      'head_embed',
+    )
 
   def _modulations(self, y_act: jax.Array) -> dict:
     """adaLN outputs of every block and the final layer: y_act (..., W) -> {'blocks': (depth, ...,
     3W), 'final': (..., 2W)}."""
+
     def body(block, carry, _):
       return carry, block.adaLN_modulation_1(y_act)
 
     _, blocks = L.scan_stack(self.res_blocks, body, None, unroll=self.cfg.scan_unroll)
     return {'blocks': blocks, 'final': self.final_layer.adaLN_modulation_1(y_act)}
 
-  def __call__(self, x_t: jax.Array, t: jax.Array, c: jax.Array, step_size: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, x_t: jax.Array, t: jax.Array, c: jax.Array, step_size: jax.Array | None = None
+  ) -> jax.Array:
     return self.velocity_from_condition(x_t, t, self.condition(c), step_size)

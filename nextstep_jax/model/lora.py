@@ -24,6 +24,7 @@ W' = W + (alpha / r) a @ b, giving plain base params that sample with the base m
 QLoRA: with model.quant.mode set the adapters are made on the float model, then the kernels are
 quantized (model/quant.py) and the quantized Dense adds the low-rank term (see `add_adapters`).
 """
+
 import dataclasses
 import re
 
@@ -35,16 +36,27 @@ from flax import nnx
 from nextstep_jax.model import backbone
 
 ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
-DENSE_PATHS = ('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj', 'self_attn/o_proj',
-               'mlp/gate_proj', 'mlp/up_proj', 'mlp/down_proj')  # Every linear layer of a decoder layer.
+DENSE_PATHS = (
+  'self_attn/q_proj',
+  'self_attn/k_proj',
+  'self_attn/v_proj',
+  'self_attn/o_proj',
+  'mlp/gate_proj',
+  'mlp/up_proj',
+  'mlp/down_proj',
+)  # Every linear layer of a decoder layer.
 HEAD_PATH = 'image_head'  # The flow head (fully trained with `train_head`).
-INIT_FROM_SKIP = ('*_lora_a', '*_lora_b')  # train.init_from: adapters start fresh (sources have none).
+INIT_FROM_SKIP = (
+  '*_lora_a',
+  '*_lora_b',
+)  # train.init_from: adapters start fresh (sources have none).
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """Adapter rank r, scale alpha (the update is alpha / r * a @ b), target path patterns, and
   whether the flow head trains fully as well."""
+
   rank: int
   alpha: float
   targets: tuple[str, ...] = DENSE_PATHS
@@ -60,16 +72,22 @@ class LoraConfig:
     lc = config.train.get('lora')
     if lc is None or not lc.rank:
       return None
-    return cls(rank=int(lc.rank), alpha=float(lc.alpha), targets=tuple(lc.targets),
-               train_head=bool(lc.train_head))
+    return cls(
+      rank=int(lc.rank),
+      alpha=float(lc.alpha),
+      targets=tuple(lc.targets),
+      train_head=bool(lc.train_head),
+    )
 
 
 def targeted_paths(cfg: LoraConfig) -> tuple[str, ...]:
   """The decoder-layer Dense paths the target patterns select; an error if a pattern selects none."""
   for pattern in cfg.targets:
     if not any(re.fullmatch(pattern, path) for path in DENSE_PATHS):
-      raise ValueError(f'train.lora.targets pattern {pattern!r} matches no linear layer of a decoder '
-                       f'layer; the layers are {DENSE_PATHS} (patterns are full regex matches).')
+      raise ValueError(
+        f'train.lora.targets pattern {pattern!r} matches no linear layer of a decoder '
+        f'layer; the layers are {DENSE_PATHS} (patterns are full regex matches).'
+      )
   return tuple(p for p in DENSE_PATHS if any(re.fullmatch(t, p) for t in cfg.targets))
 
 
@@ -90,8 +108,9 @@ def _layer_call_inputs(bb: backbone.BackboneConfig) -> tuple:
   return x, rope, rope, slots, cache, cache, valid, jnp.zeros((), jnp.int32), valid
 
 
-def add_adapters(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs, for_quantized_base: bool = False
-                 ) -> nnx.Module:
+def add_adapters(
+  model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs, for_quantized_base: bool = False
+) -> nnx.Module:
   """Gives `model.decoder.layers` qwix LoRA adapters (see module docstring); returns the model
   (updated in place). The base params keep their values; b = 0, so outputs are unchanged.
 
@@ -112,7 +131,7 @@ def add_adapters(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs, for_quantiz
     if hasattr(module, 'kernel_lora_a'):
       module.lora_scale = cfg.scale  # Read by a quantized Dense (QLoRA).
   if for_quantized_base:
-    decoder.layers.__class__ = type(decoder.layers)._unquantized_type  # pylint: disable=protected-access
+    decoder.layers.__class__ = type(decoder.layers)._unquantized_type
   return model
 
 
@@ -147,8 +166,10 @@ def merge_adapters(params, cfg: LoraConfig):
   for path in flat:
     name = str(path[-1])
     if name.endswith('_lora_a') and path[:-1] + (name.removesuffix('_lora_a'),) not in flat:
-      raise ValueError(f'{".".join(map(str, path))} adapts a kernel that is not a float param here (a '
-                       'quantized QLoRA base?): merge into the float base params and quantize afterwards.')
+      raise ValueError(
+        f'{".".join(map(str, path))} adapts a kernel that is not a float param here (a '
+        'quantized QLoRA base?): merge into the float base params and quantize afterwards.'
+      )
   merged = {}
   for path, var in flat.items():
     name = str(path[-1])
@@ -170,4 +191,3 @@ def count_trainable(params, cfg: LoraConfig | None) -> tuple[int, int]:
   trained, _ = split_trainable(params, cfg)
   count = lambda s: int(sum(x.size for x in jax.tree.leaves(s)))
   return count(trained), count(params)
-

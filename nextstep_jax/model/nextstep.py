@@ -6,6 +6,7 @@ lm_head.kernel (D, V) = W.T; `image_in_projector` / `image_out_projector` Linear
 (kernel = W.T); `norm` and `layers.*` in `decoder`; `image_head.net.*` -> image_head.*
 (see backbone.py and flow_head.py for the per-module tables).
 """
+
 import dataclasses
 
 import jax
@@ -20,10 +21,10 @@ from nextstep_jax.model import lora
 from nextstep_jax.model import quant
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Static model hyper-parameters (from `config.model`)."""
+
   vocab_size: int
   backbone: backbone.BackboneConfig
   head: flow_head.FlowHeadConfig
@@ -40,22 +41,47 @@ class ModelConfig:
     """Builds from an ml_collections `config.model`; mesh_rules (config.mesh.rules) shard the
     splash attention kernel (needed with model.attention=splash under a multi-device mesh)."""
     dtype, param_dtype = L.DTYPES[m.dtype], L.DTYPES[m.param_dtype]
-    rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_rules)
+    rules = tuple(
+      (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_rules
+    )
     bb = backbone.BackboneConfig(
-        hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, intermediate_size=m.intermediate_size,
-        rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta, attention_bias=m.attention_bias,
-        o_attention_bias=m.o_attention_bias, dtype=dtype, param_dtype=param_dtype,
-        remat_policy=m.remat_policy, attention=m.attention,
-        mesh_rules=rules, scan_unroll=m.scan_unroll)
+      hidden_size=m.hidden_size,
+      num_layers=m.num_layers,
+      num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads,
+      head_dim=m.head_dim,
+      intermediate_size=m.intermediate_size,
+      rms_norm_eps=m.rms_norm_eps,
+      rope_theta=m.rope_theta,
+      attention_bias=m.attention_bias,
+      o_attention_bias=m.o_attention_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat_policy=m.remat_policy,
+      attention=m.attention,
+      mesh_rules=rules,
+      scan_unroll=m.scan_unroll,
+    )
     head = flow_head.FlowHeadConfig(
-        token_dim=m.latent_channels * m.latent_patch_size ** 2, cond_dim=m.hidden_size,
-        width=m.fm_head_dim, depth=m.fm_head_layers, dtype=dtype, param_dtype=param_dtype,
-        remat_policy=m.remat_policy, scan_unroll=m.scan_unroll, mesh_rules=rules,
-        step_cond=m.get('fm_head_step_cond', False))
-    return cls(vocab_size=m.vocab_size, backbone=bb, head=head,
-               tie_word_embeddings=m.tie_word_embeddings, use_gen_pos_embed=m.use_gen_pos_embed,
-               base_image_grid_size=m.base_image_grid_size)
+      token_dim=m.latent_channels * m.latent_patch_size**2,
+      cond_dim=m.hidden_size,
+      width=m.fm_head_dim,
+      depth=m.fm_head_layers,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat_policy=m.remat_policy,
+      scan_unroll=m.scan_unroll,
+      mesh_rules=rules,
+      step_cond=m.get('fm_head_step_cond', False),
+    )
+    return cls(
+      vocab_size=m.vocab_size,
+      backbone=bb,
+      head=head,
+      tie_word_embeddings=m.tie_word_embeddings,
+      use_gen_pos_embed=m.use_gen_pos_embed,
+      base_image_grid_size=m.base_image_grid_size,
+    )
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
@@ -69,7 +95,9 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
     out = np.outer(pos.reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-  rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing='ij')
+  rows, cols = np.meshgrid(
+    np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing='ij'
+  )
   return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
 
 
@@ -80,18 +108,27 @@ class NextStep(nnx.Module):
     bb = cfg.backbone
     self.cfg = cfg
     self.embed_tokens = nnx.Embed(
-        cfg.vocab_size, bb.hidden_size, dtype=bb.dtype, param_dtype=bb.param_dtype, rngs=rngs,
-        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ('vocab', 'embed')))
+      cfg.vocab_size,
+      bb.hidden_size,
+      dtype=bb.dtype,
+      param_dtype=bb.param_dtype,
+      rngs=rngs,
+      embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ('vocab', 'embed')),
+    )
     self.decoder = backbone.Decoder(bb, rngs=rngs)
     kw = dict(use_bias=True, dtype=bb.dtype, param_dtype=bb.param_dtype, rngs=rngs)
-    self.lm_head = (None if cfg.tie_word_embeddings else
-                    L.Dense(bb.hidden_size, cfg.vocab_size, ('embed', 'vocab'), **{**kw, 'use_bias': False}))
+    self.lm_head = (
+      None
+      if cfg.tie_word_embeddings
+      else L.Dense(bb.hidden_size, cfg.vocab_size, ('embed', 'vocab'), **{**kw, 'use_bias': False})
+    )
     self.image_in_projector = L.Dense(cfg.token_dim, bb.hidden_size, ('token', 'embed'), **kw)
     self.image_out_projector = L.Dense(bb.hidden_size, bb.hidden_size, ('embed', 'embed_out'), **kw)
     self.image_head = flow_head.FlowHead(cfg.head, rngs=rngs)
 
-  def embed(self, input_ids: jax.Array, image_tokens: jax.Array | None,
-            image_token_mask: jax.Array | None) -> jax.Array:
+  def embed(
+    self, input_ids: jax.Array, image_tokens: jax.Array | None, image_token_mask: jax.Array | None
+  ) -> jax.Array:
     """input_ids (B, L) int; image_tokens (B, N, T) float; image_token_mask (B, L) bool marks
     placeholders, each row holding exactly N, filled in order. Returns (B, L, D) embeddings."""
     x = L.embed_lookup(self.embed_tokens, input_ids)
@@ -116,13 +153,17 @@ class NextStep(nnx.Module):
       logits = L.embed_attend(self.embed_tokens, hidden).astype(jnp.float32)
     else:
       logits = self.lm_head(hidden).astype(jnp.float32)
-    return L.constrain(logits, self.cfg.backbone.mesh_rules, *(['batch'] + [None] * (logits.ndim - 2)), 'vocab')
+    return L.constrain(
+      logits, self.cfg.backbone.mesh_rules, *(['batch'] + [None] * (logits.ndim - 2)), 'vocab'
+    )
 
   def head_condition(self, hidden: jax.Array, image_index: jax.Array | None = None) -> jax.Array:
     """The flow head's condition c = image_out_projector(hidden (..., D) [+ gen_pos_embed at the
     predicted token's flat index `image_index` (...) int when enabled])."""
     if self.cfg.use_gen_pos_embed:
-      table = jnp.asarray(sincos_pos_embed_2d(self.cfg.backbone.hidden_size, self.cfg.base_image_grid_size))
+      table = jnp.asarray(
+        sincos_pos_embed_2d(self.cfg.backbone.hidden_size, self.cfg.base_image_grid_size)
+      )
       hidden = hidden + table[image_index].astype(hidden.dtype)
     return self.image_out_projector(hidden)
 

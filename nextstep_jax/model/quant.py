@@ -28,6 +28,7 @@ float params into the quantized model's params on their shardings, one variable 
 `quantize_tensor` quantizes one (per-layer) slice exactly as the model would, for streaming
 conversion (convert/official.py).
 """
+
 import dataclasses
 import functools
 from typing import Any
@@ -46,6 +47,7 @@ QTYPES = L.QUANT_TYPES
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
   """`config.model.quant` (fields documented in configs/base.py)."""
+
   mode: str = 'none'
   group_size: int = 128
   head: bool = True
@@ -70,6 +72,7 @@ class QuantConfig:
 @dataclasses.dataclass(frozen=True)
 class Target:
   """One quantizable variable: `module.<attr>` at `path`, contracted along `contract_axis`."""
+
   path: tuple
   module: nnx.Module
   attr: str
@@ -111,7 +114,9 @@ def _how(shape: tuple[int, ...], contract_axis: int, qcfg: QuantConfig) -> dict:
   return {'channelwise_axes': channels, 'tiled_axes': tiled}
 
 
-def quantize_tensor(value: jax.Array, contract_axis: int, qcfg: QuantConfig, scale_dtype) -> qwix.QArray:
+def quantize_tensor(
+  value: jax.Array, contract_axis: int, qcfg: QuantConfig, scale_dtype
+) -> qwix.QArray:
   """One float kernel (or a per-layer slice of a stacked one: drop the layer axis from
   `contract_axis`) -> QArray (qvalue in QTYPES[mode], scale in `scale_dtype`). Slices of a stacked
   kernel quantize exactly like the whole (every layer has its own scales)."""
@@ -119,7 +124,9 @@ def quantize_tensor(value: jax.Array, contract_axis: int, qcfg: QuantConfig, sca
   return qwix.quantize(value, QTYPES[qcfg.mode], scale_dtype=scale_dtype, **how)
 
 
-def _quantized_variable(param: nnx.Variable, contract_axis: int, qcfg: QuantConfig, scale_dtype) -> qwix.QArray:
+def _quantized_variable(
+  param: nnx.Variable, contract_axis: int, qcfg: QuantConfig, scale_dtype
+) -> qwix.QArray:
   """A float Param -> QArray of two Params carrying the param's metadata; the scale's contracted
   axis (size 1 or groups) is unnamed so it never constrains the mesh."""
   q = quantize_tensor(param[...], contract_axis, qcfg, scale_dtype)
@@ -127,7 +134,9 @@ def _quantized_variable(param: nnx.Variable, contract_axis: int, qcfg: QuantConf
   qvalue = param.replace(q.qvalue)
   scale = param.replace(q.scale)
   if names:
-    scale.set_metadata('out_sharding', tuple(None if a == contract_axis else n for a, n in enumerate(names)))
+    scale.set_metadata(
+      'out_sharding', tuple(None if a == contract_axis else n for a, n in enumerate(names))
+    )
   return qwix.QArray(qvalue, scale, None, q.qtype)
 
 
@@ -140,8 +149,11 @@ def quantize_model(model: nnx.Module, qcfg: QuantConfig) -> nnx.Module:
     param = getattr(target.module, target.attr)
     if isinstance(param, qwix.QArray):
       raise TypeError(f'{".".join(map(str, target.path))} is already quantized.')
-    setattr(target.module, target.attr,
-            _quantized_variable(param, target.contract_axis, qcfg, target.module.dtype))
+    setattr(
+      target.module,
+      target.attr,
+      _quantized_variable(param, target.contract_axis, qcfg, target.module.dtype),
+    )
   return model
 
 
@@ -157,8 +169,13 @@ def quantized_paths(model: nnx.Module) -> dict[tuple, int]:
   return found
 
 
-def quantize_params(float_params: Any, quantized_model: nnx.Module, qcfg: QuantConfig,
-                    shardings: Any = None, delete_float: bool = True) -> nnx.State:
+def quantize_params(
+  float_params: Any,
+  quantized_model: nnx.Module,
+  qcfg: QuantConfig,
+  shardings: Any = None,
+  delete_float: bool = True,
+) -> nnx.State:
   """Float params (nnx.State of the unquantized model, e.g. a bf16 conversion restored onto a
   mesh) -> the params of `quantized_model` (abstract is fine), one variable at a time: each
   kernel is quantized by a jit whose outputs land on `shardings` (an nnx.State of NamedShardings
@@ -178,9 +195,15 @@ def quantize_params(float_params: Any, quantized_model: nnx.Module, qcfg: QuantC
       kernel_path = path[:-1]
       parts = ((*kernel_path, 'qvalue'), (*kernel_path, 'scale'))
       source = _take(flat_float, kernel_path)
-      placed = None if flat_shardings is None else tuple(flat_shardings[p].get_value() for p in parts)
-      quantize = functools.partial(_quantized_parts, contract_axis=contract[kernel_path], qcfg=qcfg,
-                                   scale_dtype=scale_dtypes[kernel_path])
+      placed = (
+        None if flat_shardings is None else tuple(flat_shardings[p].get_value() for p in parts)
+      )
+      quantize = functools.partial(
+        _quantized_parts,
+        contract_axis=contract[kernel_path],
+        qcfg=qcfg,
+        scale_dtype=scale_dtypes[kernel_path],
+      )
       values = jax.jit(quantize, out_shardings=placed)(source)
       for part, value in zip(parts, values):
         out[part] = flat_target[part].replace(value)
@@ -189,16 +212,20 @@ def quantize_params(float_params: Any, quantized_model: nnx.Module, qcfg: QuantC
     else:
       out[path] = var.replace(_take(flat_float, path))
   if flat_float:
-    raise ValueError('float params not in the quantized model: '
-                     f'{sorted(".".join(map(str, p)) for p in flat_float)}')
+    raise ValueError(
+      'float params not in the quantized model: '
+      f'{sorted(".".join(map(str, p)) for p in flat_float)}'
+    )
   return nnx.from_flat_state(list(out.items()))
 
 
 def _take(flat: dict, path: tuple):
   """Pops the value at `path` from a flat float state; a clear error when it is absent."""
   if path not in flat:
-    raise ValueError(f'{".".join(map(str, path))} is missing from the float params (were they '
-                     'saved by a model with another architecture or already quantized?).')
+    raise ValueError(
+      f'{".".join(map(str, path))} is missing from the float params (were they '
+      'saved by a model with another architecture or already quantized?).'
+    )
   value = flat.pop(path)
   return value.get_value() if isinstance(value, nnx.Variable) else value
 

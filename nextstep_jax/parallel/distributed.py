@@ -4,13 +4,15 @@ Explicit settings (flags, or NEXTSTEP_COORDINATOR / NEXTSTEP_NUM_PROCESSES / NEX
 win; with none, a TPU VM slice is auto-detected by JAX (`initialize()` with no arguments) and a
 single machine runs as one process. CPU processes use gloo collectives.
 """
+
 import os
 
 import jax
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize(
+  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
   """Joins the job's processes (no-op for a single process). Call before any other JAX use."""
   coordinator = coordinator or os.environ.get('NEXTSTEP_COORDINATOR')
   if num_processes is None and os.environ.get('NEXTSTEP_NUM_PROCESSES'):
@@ -20,8 +22,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   explicit = (coordinator, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
-      raise ValueError(f'multi-process start needs all of coordinator, num_processes and process_id; '
-                       f'got coordinator={coordinator!r}, num_processes={num_processes}, process_id={process_id}')
+      raise ValueError(
+        f'multi-process start needs all of coordinator, num_processes and process_id; '
+        f'got coordinator={coordinator!r}, num_processes={num_processes}, process_id={process_id}'
+      )
     if num_processes == 1:
       return
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -30,7 +34,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize()
 
 
-def process_rows(batch: dict, process_index: int | None = None, process_count: int | None = None) -> dict:
+def process_rows(
+  batch: dict, process_index: int | None = None, process_count: int | None = None
+) -> dict:
   """This process's contiguous share of a global host batch (leading dim B, B % processes == 0)."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -38,6 +44,8 @@ def process_rows(batch: dict, process_index: int | None = None, process_count: i
     return batch
   rows = next(iter(batch.values())).shape[0]
   if rows % count:
-    raise ValueError(f'global batch {rows} is not divisible by {count} processes; change train.batch_size')
+    raise ValueError(
+      f'global batch {rows} is not divisible by {count} processes; change train.batch_size'
+    )
   per = rows // count
-  return {k: v[index * per:(index + 1) * per] for k, v in batch.items()}
+  return {k: v[index * per : (index + 1) * per] for k, v in batch.items()}

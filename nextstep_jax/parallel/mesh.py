@@ -1,7 +1,8 @@
 """The device mesh: axes ('data', 'fsdp', 'tensor') sized from `config.mesh`."""
+
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -19,25 +20,27 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   if -1 in sizes:
     if num_devices % fixed:
       raise ValueError(
-          f'mesh sizes {named}: the fixed axes multiply to {fixed}, which does not divide the '
-          f'{num_devices} devices; choose sizes whose product divides {num_devices}.')
+        f'mesh sizes {named}: the fixed axes multiply to {fixed}, which does not divide the '
+        f'{num_devices} devices; choose sizes whose product divides {num_devices}.'
+      )
     sizes[sizes.index(-1)] = num_devices // fixed
   elif fixed != num_devices:
     raise ValueError(
-        f'mesh sizes {named} multiply to {fixed} but there are {num_devices} devices; make the '
-        'product equal the device count or set one axis to -1.')
+      f'mesh sizes {named} multiply to {fixed} but there are {num_devices} devices; make the '
+      'product equal the device count or set one axis to -1.'
+    )
   return tuple(sizes)
 
 
 def make_mesh(
-    mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+  mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> jax.sharding.Mesh:
   """A mesh over `devices` (default: all) with Auto axes ('data', 'fsdp', 'tensor')."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(
-      shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-      devices=devices)
+    shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def in_mesh(fn, mesh):

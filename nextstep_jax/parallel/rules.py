@@ -10,14 +10,17 @@ For each logical axis the first rule naming it whose mesh axes are still free in
 used; mesh axes already taken by an earlier dimension are dropped. Size-1 mesh axes are kept
 (harmless), so one rule set serves every mesh shape.
 """
+
 import difflib
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -35,8 +38,10 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> Partiti
       known = sorted({logical for logical, _ in rules})
       close = difflib.get_close_matches(name, known, n=3)
       hint = f' Did you mean: {", ".join(close)}?' if close else ''
-      raise ValueError(f'Logical axis {name!r} has no sharding rule; add (\'{name}\', mesh_axes '
-                       f'or None) to the rules (config.mesh.rules).{hint}')
+      raise ValueError(
+        f"Logical axis {name!r} has no sharding rule; add ('{name}', mesh_axes "
+        f'or None) to the rules (config.mesh.rules).{hint}'
+      )
     spec.append(_first_free(candidates, used))
   return PartitionSpec(*spec)
 
@@ -60,7 +65,8 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules: Rules) 
     return _named_sharding(path, np.shape(leaf), None, mesh, rules)
 
   return jax.tree_util.tree_map_with_path(
-      leaf_sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    leaf_sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
 
 
 def abstract_with_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
@@ -70,8 +76,10 @@ def abstract_with_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules:
   """
   shardings = state_shardings(abstract_state, mesh, rules)
   return jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      abstract_state, shardings)
+    lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+    abstract_state,
+    shardings,
+  )
 
 
 def activation_spec(mesh: jax.sharding.Mesh, rules: Rules, *logical: str | None) -> NamedSharding:
@@ -114,15 +122,18 @@ def _first_free(candidates: Sequence[Any], used: set[str]) -> str | tuple[str, .
   return None
 
 
-def _named_sharding(path, shape: tuple[int, ...], names: Any, mesh: jax.sharding.Mesh,
-                    rules: Rules) -> NamedSharding:
+def _named_sharding(
+  path, shape: tuple[int, ...], names: Any, mesh: jax.sharding.Mesh, rules: Rules
+) -> NamedSharding:
   where = jax.tree_util.keystr(path)
   if not names:
     return NamedSharding(mesh, PartitionSpec())
   names = tuple(names)
   if len(names) != len(shape):
-    raise ValueError(f'{where}: out_sharding {names} has {len(names)} names but the array has '
-                     f'shape {shape}; give one logical name (or None) per dimension.')
+    raise ValueError(
+      f'{where}: out_sharding {names} has {len(names)} names but the array has '
+      f'shape {shape}; give one logical name (or None) per dimension.'
+    )
   spec = logical_to_spec(names, rules)
   for dim, (size, axes) in enumerate(zip(shape, spec)):
     if axes is None:
@@ -131,7 +142,8 @@ def _named_sharding(path, shape: tuple[int, ...], names: Any, mesh: jax.sharding
     split = math.prod(mesh.shape[axis] for axis in axes)
     if size % split:
       raise ValueError(
-          f'{where}: dimension {dim} ({names[dim]!r}) of shape {shape} has size {size}, not '
-          f'divisible by mesh axes {axes} of total size {split}; change the model size or the '
-          'mesh / rules.')
+        f'{where}: dimension {dim} ({names[dim]!r}) of shape {shape} has size {size}, not '
+        f'divisible by mesh axes {axes} of total size {split}; change the model size or the '
+        'mesh / rules.'
+      )
   return NamedSharding(mesh, spec)

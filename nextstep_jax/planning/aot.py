@@ -25,11 +25,13 @@ Method (also in benchmarks/README.md):
 - Step time per device: max(FLOPs / peak, bytes accessed / HBM bandwidth, FSDP collective bytes /
   ICI bandwidth), i.e. perfect overlap; MFU = model FLOPs / (step time * devices * peak).
 """
+
 import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,7 @@ TRAIN_TASKS = ('train', 'finetune_full', 'finetune_lora')
 class Chip:
   """One JAX device of a TPU generation (a chip; a TensorCore on v2/v3, which JAX shows as
   devices). Public Cloud TPU figures: HBM bytes, peak bf16 FLOP/s, HBM and ICI bytes/s."""
+
   hbm_bytes: int
   peak_flops: float
   hbm_bandwidth: float
@@ -67,12 +70,12 @@ class Chip:
 # cloud.google.com/tpu/docs/{v2,v3,v4,v5e,v5p,v6e} system architecture tables (per chip; v2/v3
 # split over their 2 TensorCores). ICI: the chip's total inter-chip bandwidth.
 CHIPS = {
-    'v2': Chip(8 * GIB, 45e12 / 2, 700e9 / 2, 62.5e9, devices_per_chip=2),
-    'v3': Chip(16 * GIB, 123e12 / 2, 900e9 / 2, 81.25e9, devices_per_chip=2),
-    'v4': Chip(32 * GIB, 275e12, 1228e9, 300e9),
-    'v5e': Chip(16 * GIB, 197e12, 819e9, 200e9),
-    'v5p': Chip(95 * GIB, 459e12, 2765e9, 600e9),
-    'v6e': Chip(32 * GIB, 918e12, 1640e9, 448e9),
+  'v2': Chip(8 * GIB, 45e12 / 2, 700e9 / 2, 62.5e9, devices_per_chip=2),
+  'v3': Chip(16 * GIB, 123e12 / 2, 900e9 / 2, 81.25e9, devices_per_chip=2),
+  'v4': Chip(32 * GIB, 275e12, 1228e9, 300e9),
+  'v5e': Chip(16 * GIB, 197e12, 819e9, 200e9),
+  'v5p': Chip(95 * GIB, 459e12, 2765e9, 600e9),
+  'v6e': Chip(32 * GIB, 918e12, 1640e9, 448e9),
 }
 
 
@@ -88,6 +91,7 @@ class DoesNotFit(RuntimeError):
 @dataclasses.dataclass
 class Plan:
   """One AOT result (a row of benchmarks/results/aot_*.json)."""
+
   task: str
   topology: str
   chips: int
@@ -122,7 +126,8 @@ class Plan:
   def table(self) -> str:
     """Human-readable summary lines."""
     gib = lambda n: f'{n / GIB:8.2f} GiB'
-    return '\n'.join([
+    return '\n'.join(
+      [
         f'{self.task} on {self.topology} ({self.chips} chips, {self.devices} devices), mesh {self.mesh}, '
         f'attention={self.attention}, remat={self.remat}',
         f'  sequence {self.seq_len} tokens, global batch {self.global_batch}',
@@ -133,22 +138,35 @@ class Plan:
         f'  compiler cost per device: {self.compiler_flops_per_device:.4g} FLOPs, '
         f'{self.compiler_bytes_per_device:.4g} bytes accessed',
         f'  model FLOPs per step {self.flops_per_step:.4g}; compiler / model FLOPs '
-        f'{self.compiler_to_model_flops:.3f}; ' + (
-            f'estimated step {self.estimated_step_s:.4g} s ({self.bound}-bound); MFU estimate '
-            f'{100 * self.mfu_estimate:.1f}%' if self.mfu_estimate is not None else
-            'no step time or MFU estimate'),
+        f'{self.compiler_to_model_flops:.3f}; '
+        + (
+          f'estimated step {self.estimated_step_s:.4g} s ({self.bound}-bound); MFU estimate '
+          f'{100 * self.mfu_estimate:.1f}%'
+          if self.mfu_estimate is not None
+          else 'no step time or MFU estimate'
+        ),
         f'  compile time {self.compile_s:.1f} s' + (f'; {self.notes}' if self.notes else ''),
-    ] + ([f'  per image token: {self.bytes_per_token / 1e9:.3f} GB accessed per device, floor '
+      ]
+      + (
+        [
+          f'  per image token: {self.bytes_per_token / 1e9:.3f} GB accessed per device, floor '
           f'{self.floor_bytes_per_token / 1e9:.3f} GB ({self.bytes_per_token / self.floor_bytes_per_token:.3f}x); '
           f'token step {1e3 * self.token_step_s:.2f} ms; margin {(self.hbm_bytes - self.total_bytes) / GIB:.2f} GiB '
-          'of HBM per chip'] if self.bytes_per_token else []))
+          'of HBM per chip'
+        ]
+        if self.bytes_per_token
+        else []
+      )
+    )
 
 
 def chip_for(topology: str) -> Chip:
   generation = topology.split(':')[0]
   if generation not in CHIPS:
-    raise ValueError(f'topology {topology!r}: unknown TPU generation {generation!r}; use one of '
-                     f'{", ".join(CHIPS)} (e.g. v5p:4x4x4, v5e:2x4).')
+    raise ValueError(
+      f'topology {topology!r}: unknown TPU generation {generation!r}; use one of '
+      f'{", ".join(CHIPS)} (e.g. v5p:4x4x4, v5e:2x4).'
+    )
   return CHIPS[generation]
 
 
@@ -158,7 +176,7 @@ def topology_devices(topology: str) -> list:
   v4 is described as megacore (one device per chip, as on real v4 VMs); slices smaller than one
   host get a host of exactly their size."""
   try:
-    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+    from jax.experimental import topologies
   except ImportError as error:  # pragma: no cover
     raise RuntimeError('jax.experimental.topologies is unavailable; upgrade jax.') from error
   # An AOT compile owns no TPU: let several planner processes load libtpu at once.
@@ -171,13 +189,16 @@ def topology_devices(topology: str) -> list:
   kwargs = {'chip_config_name': 'megacore'} if generation == 'v4' else {}
   try:
     description = topologies.get_topology_desc(platform='tpu', topology_name=topology, **kwargs)
-  except Exception as error:  # pylint: disable=broad-except
+  except Exception as error:
     if 'chips_per_host_bounds' not in str(error):
-      raise RuntimeError(f'libtpu cannot describe topology {topology!r}: {error}. Is the libtpu '
-                         "package installed (pip install -e '.[tpu-aot]')?") from error
+      raise RuntimeError(
+        f'libtpu cannot describe topology {topology!r}: {error}. Is the libtpu '
+        "package installed (pip install -e '.[tpu-aot]')?"
+      ) from error
     bounds = dims + (1,) * (3 - len(dims))
-    description = topologies.get_topology_desc(platform='tpu', topology_name=topology,
-                                               chips_per_host_bounds=bounds, **kwargs)
+    description = topologies.get_topology_desc(
+      platform='tpu', topology_name=topology, chips_per_host_bounds=bounds, **kwargs
+    )
   return list(description.devices)
 
 
@@ -185,33 +206,42 @@ def make_mesh(config, devices) -> jax.sharding.Mesh:
   """The config's (data, fsdp, tensor) mesh over topology devices, laid out along the torus."""
   shape = mesh_lib.mesh_shape(config.mesh, len(devices))
   try:
-    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    from jax.experimental import mesh_utils
+
     array = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, NotImplementedError, AssertionError):
     array = np.array(devices).reshape(shape)
-  return jax.sharding.Mesh(array, mesh_lib.MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.MESH_AXES))
+  return jax.sharding.Mesh(
+    array, mesh_lib.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.MESH_AXES)
+  )
 
 
 def train_batch_spec(config, mesh) -> dict:
   """ShapeDtypeStructs of one global training batch (global batch, the longest sequence)."""
   b, l = config.train.batch_size, configlib.required_seq_len(config)
   h, w = configlib.image_grid(config)
-  shapes = {'input_ids': ((b, l), jnp.int32), 'labels': ((b, l), jnp.int32),
-            'attention_mask': ((b, l), jnp.bool_), 'positions': ((b, l), jnp.int32),
-            'image_tokens': ((b, h * w, configlib.token_dim(config)), jnp.float32),
-            'image_valid': ((b,), jnp.bool_)}
+  shapes = {
+    'input_ids': ((b, l), jnp.int32),
+    'labels': ((b, l), jnp.int32),
+    'attention_mask': ((b, l), jnp.bool_),
+    'positions': ((b, l), jnp.int32),
+    'image_tokens': ((b, h * w, configlib.token_dim(config)), jnp.float32),
+    'image_valid': ((b,), jnp.bool_),
+  }
   specs = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
   shardings = step_lib.batch_shardings(config, mesh, specs)
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in specs.items()}
+  return {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in specs.items()
+  }
 
 
 def compile_train(config, mesh, compiler_options: dict | None = None):
   """The real jitted train step (training/step.py) compiled for `mesh` from abstract values."""
   tx = state_lib.make_optimizer(config.train)
   graphdef, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract_state, shardings)
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+  )
   batch = train_batch_spec(config, mesh)
   placeholder_id = config.text.vocab_size  # Any valid id: a spare embedding row.
   step = step_lib.build_train_step(config, graphdef, tx, shardings, mesh, placeholder_id, batch)
@@ -230,12 +260,18 @@ def sampling_program(config, mesh) -> tuple[generate.SamplingProgram, Any]:
   graphdef, abstract_params = sampling_state(config)
   rules = config.mesh.rules
   shardings = rules_lib.state_shardings(abstract_params, mesh, rules)
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+  params = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
+  )
   return generate.SamplingProgram(graphdef, shardings, mesh, rules), params
 
 
-def compile_sample(config, mesh, compiler_options: dict | None = None, pieces: tuple[str, ...] = (
-    'generate', 'prefill', 'token_step')) -> dict:
+def compile_sample(
+  config,
+  mesh,
+  compiler_options: dict | None = None,
+  pieces: tuple[str, ...] = ('generate', 'prefill', 'token_step'),
+) -> dict:
   """The sampling program (generate.SamplingProgram) compiled for `mesh` from abstract values:
   {'generate': the whole generation (its memory is the sampler's), 'prefill', 'token_step': the
   two pieces it is made of (costed separately)} for the names in `pieces`."""
@@ -243,47 +279,80 @@ def compile_sample(config, mesh, compiler_options: dict | None = None, pieces: t
   rules = config.mesh.rules
   images, rows, width, cfg = costs.sample_shapes(config)
   batch_axes = rules_lib.logical_to_spec(('batch',), rules)[0]
-  split = math.prod(mesh.shape[axis] for axis in
-                    ((batch_axes,) if isinstance(batch_axes, str) else (batch_axes or ())))
+  split = math.prod(
+    mesh.shape[axis]
+    for axis in ((batch_axes,) if isinstance(batch_axes, str) else (batch_axes or ()))
+  )
   if images % split:
-    raise ValueError(f'sample.batch_size={images} images must be divisible by the {split} devices '
-                     'that shard the logical batch axis; change sample.batch_size or the mesh.')
+    raise ValueError(
+      f'sample.batch_size={images} images must be divisible by the {split} devices '
+      'that shard the logical batch axis; change sample.batch_size or the mesh.'
+    )
   m = config.model
   sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  row_sh = program._spec(rows, 'batch', None)  # pylint: disable=protected-access
-  prompt = {'input_ids': sds((rows, width), jnp.int32, row_sh),
-            'attention_mask': sds((rows, width), jnp.bool_, row_sh),
-            'positions': sds((rows, width), jnp.int32, row_sh)}
-  keys = sds((images,), jax.random.key(0).dtype, program._spec(images, 'batch'))  # pylint: disable=protected-access
+  row_sh = program._spec(rows, 'batch', None)
+  prompt = {
+    'input_ids': sds((rows, width), jnp.int32, row_sh),
+    'attention_mask': sds((rows, width), jnp.bool_, row_sh),
+    'positions': sds((rows, width), jnp.int32, row_sh),
+  }
+  keys = sds((images,), jax.random.key(0).dtype, program._spec(images, 'batch'))
   compiled = {}
   if 'generate' in pieces:
-    compiled['generate'] = program.generate_program(rows, images).lower(params, prompt, keys, cfg).compile(
-        compiler_options=compiler_options)
+    compiled['generate'] = (
+      program.generate_program(rows, images)
+      .lower(params, prompt, keys, cfg)
+      .compile(compiler_options=compiler_options)
+    )
   if 'prefill' in pieces:
-    compiled['prefill'] = program.prefill_program(rows).lower(params, prompt, cfg).compile(
-        compiler_options=compiler_options)
+    compiled['prefill'] = (
+      program.prefill_program(rows)
+      .lower(params, prompt, cfg)
+      .compile(compiler_options=compiler_options)
+    )
   if 'token_step' in pieces:
     slots = width + cfg.num_tokens - 1
     cache_sh = program.cache_shardings(rows)
     kv_shape = (m.num_layers, rows, slots, m.num_kv_heads, m.head_dim)
     dtype = nn.DTYPES[m.dtype]
-    cache = type(cache_sh)(sds(kv_shape, dtype, cache_sh.k), sds(kv_shape, dtype, cache_sh.v),
-                           sds((rows, slots), jnp.bool_, cache_sh.key_valid), sds((), jnp.int32, cache_sh.index))
+    cache = type(cache_sh)(
+      sds(kv_shape, dtype, cache_sh.k),
+      sds(kv_shape, dtype, cache_sh.v),
+      sds((rows, slots), jnp.bool_, cache_sh.key_valid),
+      sds((), jnp.int32, cache_sh.index),
+    )
     replicated = rules_lib.activation_spec(mesh, rules)
-    compiled['token_step'] = program.token_step_program(rows, images).lower(
-        params, cache, sds((rows, m.hidden_size), dtype, row_sh), sds((rows, 1), jnp.int32, row_sh),
-        sds((), jnp.int32, replicated), keys, cfg).compile(compiler_options=compiler_options)
+    compiled['token_step'] = (
+      program.token_step_program(rows, images)
+      .lower(
+        params,
+        cache,
+        sds((rows, m.hidden_size), dtype, row_sh),
+        sds((rows, 1), jnp.int32, row_sh),
+        sds((), jnp.int32, replicated),
+        keys,
+        cfg,
+      )
+      .compile(compiler_options=compiler_options)
+    )
   return compiled
 
 
 def memory(compiled) -> dict:
   stats = compiled.memory_analysis()
-  out = {'argument_bytes': int(stats.argument_size_in_bytes),
-         'output_bytes': int(stats.output_size_in_bytes),
-         'alias_bytes': int(stats.alias_size_in_bytes),
-         'temp_bytes': int(stats.temp_size_in_bytes)}
-  out['total_bytes'] = (out['argument_bytes'] + out['output_bytes'] - out['alias_bytes']
-                        + out['temp_bytes'] + int(stats.generated_code_size_in_bytes))
+  out = {
+    'argument_bytes': int(stats.argument_size_in_bytes),
+    'output_bytes': int(stats.output_size_in_bytes),
+    'alias_bytes': int(stats.alias_size_in_bytes),
+    'temp_bytes': int(stats.temp_size_in_bytes),
+  }
+  out['total_bytes'] = (
+    out['argument_bytes']
+    + out['output_bytes']
+    - out['alias_bytes']
+    + out['temp_bytes']
+    + int(stats.generated_code_size_in_bytes)
+  )
   return out
 
 
@@ -309,8 +378,10 @@ def with_overrides(config, **fields):
 # XLA's TPU SPMD partitioner turns large FSDP matmuls into windowed einsums (collective matmuls):
 # a while loop over the all-gathered / reduce-scattered shards, whose body the cost analysis counts
 # once. Calibration compiles switch them off: the same matmuls, no loops.
-CALIBRATION_OPTIONS = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
-                       'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
+CALIBRATION_OPTIONS = {
+  'xla_tpu_enable_windowed_einsum_for_all_gather': False,
+  'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False,
+}
 
 
 # Step calibration of sampling starts at 2 head evaluations per token: with one, the per-token
@@ -329,7 +400,9 @@ def while_loops(compiled) -> int:
   return compiled.as_text().count(' while(')
 
 
-def calibrated_cost(config, compile_fn: Callable, axes: dict, bases: dict | None = None) -> np.ndarray:
+def calibrated_cost(
+  config, compile_fn: Callable, axes: dict, bases: dict | None = None
+) -> np.ndarray:
   """Cost of `compile_fn(config, compiler_options)` with every loop counted, by linear extrapolation.
 
   axes: {'model__num_layers': real_count, ...}; bases: {axis: b} (default 1, at most the real
@@ -337,12 +410,15 @@ def calibrated_cost(config, compile_fn: Callable, axes: dict, bases: dict | None
   C(n) = C(b) + (n - b) (C(b + 1) - C(b)). Every compile unrolls the model's scans and the
   integrator's steps and disables windowed einsums (CALIBRATION_OPTIONS); a compile that still has
   a while loop raises CalibrationError."""
+
   def loop_free_cost(fields: dict) -> np.ndarray:
     compiled = compile_fn(with_overrides(config, **fields), CALIBRATION_OPTIONS)
     loops = while_loops(compiled)
     if loops:
-      raise CalibrationError(f'the calibration compile with {fields} has {loops} while loops whose '
-                             'bodies the cost analysis counts once.')
+      raise CalibrationError(
+        f'the calibration compile with {fields} has {loops} while loops whose '
+        'bodies the cost analysis counts once.'
+      )
     return cost(compiled)
 
   base_counts = {name: min((bases or {}).get(name, 1), count) for name, count in axes.items()}
@@ -352,7 +428,8 @@ def calibrated_cost(config, compile_fn: Callable, axes: dict, bases: dict | None
   for name, count in axes.items():
     if count > base_counts[name]:
       total += (count - base_counts[name]) * (
-          loop_free_cost(base_fields | {name: base_counts[name] + 1}) - base)
+        loop_free_cost(base_fields | {name: base_counts[name] + 1}) - base
+      )
   return total
 
 
@@ -382,26 +459,49 @@ def token_floor_bytes(config, mesh) -> dict:
   image tokens on average). Sizes are the sampler's (compute dtype or quantized) shards on
   `mesh`. Returns the parts and 'total'."""
   program, params = sampling_program(config, mesh)
-  flat = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  flat = {
+    jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+  }
   in_head = lambda k: "'image_head'" in k
-  per_eval = lambda k: in_head(k) and "'time_embed'" not in k and "'step_embed'" not in k and any(
-      name in k for name in HEAD_PER_EVALUATION)
+  per_eval = lambda k: (
+    in_head(k)
+    and "'time_embed'" not in k
+    and "'step_embed'" not in k
+    and any(name in k for name in HEAD_PER_EVALUATION)
+  )
   head_eval = sum(_device_bytes(x, x.sharding) for k, x in flat.items() if per_eval(k))
-  once = sum(_device_bytes(x, x.sharding) for k, x in flat.items()
-             if not per_eval(k) and "'embed_tokens'" not in k)
+  once = sum(
+    _device_bytes(x, x.sharding)
+    for k, x in flat.items()
+    if not per_eval(k) and "'embed_tokens'" not in k
+  )
   images, rows, width, cfg = costs.sample_shapes(config)
   m = config.model
   slots = width + cfg.num_tokens - 1
-  kv = jax.ShapeDtypeStruct((m.num_layers, rows, slots, m.num_kv_heads, m.head_dim), nn.DTYPES[m.dtype])
+  kv = jax.ShapeDtypeStruct(
+    (m.num_layers, rows, slots, m.num_kv_heads, m.head_dim), nn.DTYPES[m.dtype]
+  )
   filled = (width + (cfg.num_tokens - 1) / 2) / slots
   kv_read = 2 * _device_bytes(kv, program.cache_shardings(rows).k) * filled
   calls = cfg.integrator.velocity_calls
-  return {'weights_once': once, 'head_per_evaluation': head_eval, 'head_calls': calls, 'kv_read': kv_read,
-          'total': once + head_eval * calls + kv_read}
+  return {
+    'weights_once': once,
+    'head_per_evaluation': head_eval,
+    'head_calls': calls,
+    'kv_read': kv_read,
+    'total': once + head_eval * calls + kv_read,
+  }
 
 
-def step_estimate(chip: Chip, devices: int, model_flops: float, flops: float, bytes_: float,
-                  comm_s: float, calibrated: bool) -> tuple[float | None, str | None, float | None, str]:
+def step_estimate(
+  chip: Chip,
+  devices: int,
+  model_flops: float,
+  flops: float,
+  bytes_: float,
+  comm_s: float,
+  calibrated: bool,
+) -> tuple[float | None, str | None, float | None, str]:
   """(step seconds, bound, MFU, note) from per-device compiler FLOPs / bytes and collective seconds.
 
   Every device runs its share of the model plus recomputation and non-matmul work, so the
@@ -411,16 +511,37 @@ def step_estimate(chip: Chip, devices: int, model_flops: float, flops: float, by
   if not calibrated:
     return None, None, None, 'no step time or MFU claim'
   if ratio < 1:
-    return None, None, None, (f'INVALID calibration: compiler FLOPs are {ratio:.2f}x the model FLOPs '
-                              '(< 1); no step time or MFU claim')
-  estimated, bound = max((flops / chip.peak_flops, 'compute'), (bytes_ / chip.hbm_bandwidth, 'memory'),
-                         (comm_s, 'collective'))
-  return float(estimated), bound, float(model_flops / (estimated * devices * chip.peak_flops)), \
-      f'compiler FLOPs {ratio:.3f}x model FLOPs'
+    return (
+      None,
+      None,
+      None,
+      (
+        f'INVALID calibration: compiler FLOPs are {ratio:.2f}x the model FLOPs '
+        '(< 1); no step time or MFU claim'
+      ),
+    )
+  estimated, bound = max(
+    (flops / chip.peak_flops, 'compute'),
+    (bytes_ / chip.hbm_bandwidth, 'memory'),
+    (comm_s, 'collective'),
+  )
+  return (
+    float(estimated),
+    bound,
+    float(model_flops / (estimated * devices * chip.peak_flops)),
+    f'compiler FLOPs {ratio:.3f}x model FLOPs',
+  )
 
 
-def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = None,
-         calibrate: bool = True, log: Callable[[str], None] = print, cost_if_unfit: bool = False) -> Plan:
+def plan(
+  config,
+  topology: str,
+  task: str = 'train',
+  hbm_bytes: int | None = None,
+  calibrate: bool = True,
+  log: Callable[[str], None] = print,
+  cost_if_unfit: bool = False,
+) -> Plan:
   """Compiles `task` for `topology` and returns its Plan (see the module docstring).
   cost_if_unfit: calibrate the cost even when it does not fit (a per-token comparison with a
   layout that fits; the calibration compiles hold 1-2 layers).
@@ -432,7 +553,9 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
   if task == 'finetune_lora' and not lora_on:
     raise ValueError('task=finetune_lora needs LoRA: set --config.train.lora.rank (e.g. 16).')
   if task in ('train', 'finetune_full') and lora_on:
-    raise ValueError(f'task={task} trains every param; use task=finetune_lora with train.lora.rank > 0.')
+    raise ValueError(
+      f'task={task} trains every param; use task=finetune_lora with train.lora.rank > 0.'
+    )
   configlib.validate(config)
   chip = chip_for(topology)
   hbm = hbm_bytes or chip.hbm_bytes
@@ -449,9 +572,14 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
-    raise DoesNotFit(knobs_message(config, dict(mesh.shape), task,
-                                   f'{task} does not fit {topology}: the TPU compiler says '
-                                   f'"{str(error).splitlines()[0]}"')) from error
+    raise DoesNotFit(
+      knobs_message(
+        config,
+        dict(mesh.shape),
+        task,
+        f'{task} does not fit {topology}: the TPU compiler says "{str(error).splitlines()[0]}"',
+      )
+    ) from error
   compile_s = time.monotonic() - started
   log(f'[aot] compiled in {compile_s:.1f} s; per-device total {mem["total_bytes"] / GIB:.2f} GiB')
   if mem['total_bytes'] > hbm and not cost_if_unfit:
@@ -465,49 +593,71 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
     model_flops = costs.train_model_flops(config)
     if lora_on:  # Frozen weights get no weight gradients: forward + input gradients only.
       model_flops *= 2 / 3
-      notes.append('LoRA model FLOPs = 2/3 of full training (no weight gradients of the frozen base)')
+      notes.append(
+        'LoRA model FLOPs = 2/3 of full training (no weight gradients of the frozen base)'
+      )
     flops, bytes_ = cost(compiled)
     if calibrate:
       log('[aot] calibrating the cost analysis (1- and 2-layer unrolled compiles)')
       try:
-        flops, bytes_ = calibrated_cost(config, lambda c, options: compile_train(c, mesh, options),
-                                        {'model__num_layers': m.num_layers})
+        flops, bytes_ = calibrated_cost(
+          config,
+          lambda c, options: compile_train(c, mesh, options),
+          {'model__num_layers': m.num_layers},
+        )
       except CalibrationError as error:
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
     if m.attention == 'splash':
       batch_split = mesh.shape['data'] * mesh.shape['fsdp']
-      flops += costs.splash_compiler_flops(config, batch / batch_split, seq_len) / mesh.shape['tensor']
+      flops += (
+        costs.splash_compiler_flops(config, batch / batch_split, seq_len) / mesh.shape['tensor']
+      )
       notes.append('splash FLOPs added by formula')
-    params = sum(math.prod(x.shape) for x in jax.tree.leaves(
-        nnx.state(nextstep.abstract_model(config), nnx.Param)))
+    params = sum(
+      math.prod(x.shape)
+      for x in jax.tree.leaves(nnx.state(nextstep.abstract_model(config), nnx.Param))
+    )
     comm_s = costs.collective_bytes(config, mesh, params) / chip.ici_bandwidth
   else:
     images, rows, width, cfg = costs.sample_shapes(config)
     batch, seq_len = images, width + cfg.num_tokens
     model_flops = costs.sample_model_flops(config)
     n = cfg.num_tokens
-    uncalibrated_costs = lambda: tuple(cost(c) for c in compile_sample(
-        config, mesh, pieces=('prefill', 'token_step')).values())
+    uncalibrated_costs = lambda: tuple(
+      cost(c) for c in compile_sample(config, mesh, pieces=('prefill', 'token_step')).values()
+    )
     if calibrate:
-      log('[aot] calibrating the cost analysis (1-/2-layer and '
-          f'{TABLE_STEPS_BASE}-/{TABLE_STEPS_BASE + 1}-step unrolled compiles)')
+      log(
+        '[aot] calibrating the cost analysis (1-/2-layer and '
+        f'{TABLE_STEPS_BASE}-/{TABLE_STEPS_BASE + 1}-step unrolled compiles)'
+      )
       try:
         prefill_cost = calibrated_cost(
-            config, lambda c, options: compile_sample(c, mesh, options, ('prefill',))['prefill'],
-            {'model__num_layers': m.num_layers})
+          config,
+          lambda c, options: compile_sample(c, mesh, options, ('prefill',))['prefill'],
+          {'model__num_layers': m.num_layers},
+        )
         token_cost = calibrated_cost(
-            with_overrides(config, sample__time_grid='A', sample__solver='euler'),
-            lambda c, options: compile_sample(c, mesh, options, ('token_step',))['token_step'],
-            {'model__num_layers': m.num_layers, 'sample__num_steps': costs.sample_shapes(config)[3].integrator.velocity_calls},
-            bases={'sample__num_steps': TABLE_STEPS_BASE})
+          with_overrides(config, sample__time_grid='A', sample__solver='euler'),
+          lambda c, options: compile_sample(c, mesh, options, ('token_step',))['token_step'],
+          {
+            'model__num_layers': m.num_layers,
+            'sample__num_steps': costs.sample_shapes(config)[3].integrator.velocity_calls,
+          },
+          bases={'sample__num_steps': TABLE_STEPS_BASE},
+        )
       except CalibrationError as error:
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
     if not calibrate:
       prefill_cost, token_cost = uncalibrated_costs()
     flops, bytes_ = prefill_cost + n * token_cost
-    sample_extra = {'bytes_per_token': float(token_cost[1]),
-                    'floor_bytes_per_token': float(token_floor_bytes(config, mesh)['total']),
-                    'token_step_s': float(max(token_cost[0] / chip.peak_flops, token_cost[1] / chip.hbm_bandwidth))}
+    sample_extra = {
+      'bytes_per_token': float(token_cost[1]),
+      'floor_bytes_per_token': float(token_floor_bytes(config, mesh)['total']),
+      'token_step_s': float(
+        max(token_cost[0] / chip.peak_flops, token_cost[1] / chip.hbm_bandwidth)
+      ),
+    }
     if m.attention == 'splash':  # The prefill's kernels, per device.
       rows_split = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['tensor']
       flops += costs.attention_flops(config, rows / rows_split, width, width, causal=True)
@@ -515,24 +665,47 @@ def plan(config, topology: str, task: str = 'train', hbm_bytes: int | None = Non
     comm_s = 0.0
     notes.append(f'step = prefill + {n} token steps')
   flops_ratio = float(flops) * len(devices) / model_flops
-  estimated, bound, mfu, note = step_estimate(chip, len(devices), model_flops, flops, bytes_, comm_s,
-                                              calibrated=calibrate)
+  estimated, bound, mfu, note = step_estimate(
+    chip, len(devices), model_flops, flops, bytes_, comm_s, calibrated=calibrate
+  )
   notes.append(note if calibrate else f'{uncalibrated}; {note}')
   result = Plan(
-      task=task, topology=topology, chips=len(devices) // chip.devices_per_chip, devices=len(devices),
-      mesh=dict(mesh.shape), seq_len=seq_len, global_batch=batch, attention=m.attention,
-      remat=m.remat_policy, **mem, hbm_bytes=hbm, fits=mem['total_bytes'] <= hbm,
-      compiler_flops_per_device=float(flops), compiler_bytes_per_device=float(bytes_),
-      flops_per_step=float(model_flops), compiler_to_model_flops=flops_ratio,
-      estimated_step_s=estimated, bound=bound, mfu_estimate=mfu, compile_s=compile_s,
-      notes='; '.join(notes), **(sample_extra if task == 'sample' and calibrate else {}))
+    task=task,
+    topology=topology,
+    chips=len(devices) // chip.devices_per_chip,
+    devices=len(devices),
+    mesh=dict(mesh.shape),
+    seq_len=seq_len,
+    global_batch=batch,
+    attention=m.attention,
+    remat=m.remat_policy,
+    **mem,
+    hbm_bytes=hbm,
+    fits=mem['total_bytes'] <= hbm,
+    compiler_flops_per_device=float(flops),
+    compiler_bytes_per_device=float(bytes_),
+    flops_per_step=float(model_flops),
+    compiler_to_model_flops=flops_ratio,
+    estimated_step_s=estimated,
+    bound=bound,
+    mfu_estimate=mfu,
+    compile_s=compile_s,
+    notes='; '.join(notes),
+    **(sample_extra if task == 'sample' and calibrate else {}),
+  )
   log(result.table())
   if not result.fits:
     over = (result.total_bytes - result.hbm_bytes) / GIB
-    raise DoesNotFit(knobs_message(
-        config, result.mesh, task,
+    raise DoesNotFit(
+      knobs_message(
+        config,
+        result.mesh,
+        task,
         f'{task} does not fit {topology}: {result.total_bytes / GIB:.2f} GiB per device > '
-        f'{result.hbm_bytes / GIB:.2f} GiB HBM ({over:.2f} GiB over).'), result)
+        f'{result.hbm_bytes / GIB:.2f} GiB HBM ({over:.2f} GiB over).',
+      ),
+      result,
+    )
   return result
 
 
@@ -540,29 +713,44 @@ def knobs_message(config, mesh: dict, task: str, headline: str) -> str:
   """`headline` plus the knobs that lower per-device memory, with their current values."""
   m = config.model
   if mesh['data'] > 1:
-    knobs = [f'more FSDP: --config.mesh.fsdp=-1 --config.mesh.data=1 (now data={mesh["data"]}, '
-             f'fsdp={mesh["fsdp"]}: data-parallel devices hold full replicas of params and optimizer)']
+    knobs = [
+      f'more FSDP: --config.mesh.fsdp=-1 --config.mesh.data=1 (now data={mesh["data"]}, '
+      f'fsdp={mesh["fsdp"]}: data-parallel devices hold full replicas of params and optimizer)'
+    ]
   else:
-    knobs = [f'a larger slice (params and optimizer state are already sharded {mesh["fsdp"]}-way '
-             f'over fsdp, {mesh["tensor"]}-way over tensor)']
+    knobs = [
+      f'a larger slice (params and optimizer state are already sharded {mesh["fsdp"]}-way '
+      f'over fsdp, {mesh["tensor"]}-way over tensor)'
+    ]
   if task in TRAIN_TASKS:
     per_device = config.train.batch_size / (mesh['data'] * mesh['fsdp'])
     k, rows = config.train.microbatches, int(per_device)
     more = [d for d in range(2 * k, rows + 1, k) if rows == per_device and rows % d == 0]
     if more:
-      knobs.append(f'gradient accumulation: --config.train.microbatches={more[0]} (now {k}; activations '
-                   f'of {rows // more[0]} of the {rows} rows per data/fsdp device at a time, same global '
-                   'batch and update)')
-    knobs.append(f'a smaller per-device batch: --config.train.batch_size (now '
-                 f'{config.train.batch_size} global, {per_device:g} per data/fsdp device)')
+      knobs.append(
+        f'gradient accumulation: --config.train.microbatches={more[0]} (now {k}; activations '
+        f'of {rows // more[0]} of the {rows} rows per data/fsdp device at a time, same global '
+        'batch and update)'
+      )
+    knobs.append(
+      f'a smaller per-device batch: --config.train.batch_size (now '
+      f'{config.train.batch_size} global, {per_device:g} per data/fsdp device)'
+    )
     if m.remat_policy != 'full':
       knobs.append(f'rematerialise more: --config.model.remat_policy=full (now {m.remat_policy})')
   else:
     mode = config.model.quant.mode if 'quant' in config.model else 'none'
     if mode in ('none', 'int8'):
-      knobs.insert(0, f'quantized weights: --quantize {"int4" if mode == "int8" else "int8"} (or int4; '
-                      f'config model.quant.mode, now {mode}): int8 halves the bf16 weights, int4 quarters them')
-    knobs.append(f'fewer images per call: --config.sample.batch_size (now {config.sample.batch_size})')
+      knobs.insert(
+        0,
+        f'quantized weights: --quantize {"int4" if mode == "int8" else "int8"} (or int4; '
+        f'config model.quant.mode, now {mode}): int8 halves the bf16 weights, int4 quarters them',
+      )
+    knobs.append(
+      f'fewer images per call: --config.sample.batch_size (now {config.sample.batch_size})'
+    )
     if m.param_dtype != 'bfloat16':
-      knobs.append(f'bfloat16 weights for inference: --config.model.param_dtype=bfloat16 (now {m.param_dtype})')
+      knobs.append(
+        f'bfloat16 weights for inference: --config.model.param_dtype=bfloat16 (now {m.param_dtype})'
+      )
   return f'{headline} Try:\n  - ' + '\n  - '.join(knobs)

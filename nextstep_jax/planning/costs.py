@@ -5,6 +5,7 @@ and attention's QK^T and PV (`attention_flops`); a train step is 3x its forward 
 backward). Head evaluations per image token come from the integrator
 (`IntegratorConfig.velocity_calls`), the one count of them.
 """
+
 import jax.numpy as jnp
 
 from nextstep_jax import configlib
@@ -23,13 +24,28 @@ def sample_shapes(config) -> tuple[int, int, int, generate.SamplerConfig]:
 def decoder_matmul_params(config) -> dict:
   """Weights used as matrices per token: decoder layers, lm_head, image projectors, flow head."""
   m = config.model
-  attn = m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim + m.num_heads * m.head_dim * m.hidden_size
+  attn = (
+    m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+    + m.num_heads * m.head_dim * m.hidden_size
+  )
   mlp = 3 * m.hidden_size * m.intermediate_size
   w, t = m.fm_head_dim, configlib.token_dim(config)
-  head = (256 * w + w * w + m.hidden_size * w + t * w  # time (2 dense), cond, input_proj
-          + m.fm_head_layers * (2 * w * w + 3 * w * w) + 2 * w * w + w * t)
-  return {'decoder': m.num_layers * (attn + mlp), 'lm_head': m.hidden_size * m.vocab_size,
-          'image_in': t * m.hidden_size, 'image_out': m.hidden_size * m.hidden_size, 'head': head}
+  head = (
+    256 * w
+    + w * w
+    + m.hidden_size * w
+    + t * w  # time (2 dense), cond, input_proj
+    + m.fm_head_layers * (2 * w * w + 3 * w * w)
+    + 2 * w * w
+    + w * t
+  )
+  return {
+    'decoder': m.num_layers * (attn + mlp),
+    'lm_head': m.hidden_size * m.vocab_size,
+    'image_in': t * m.hidden_size,
+    'image_out': m.hidden_size * m.hidden_size,
+    'head': head,
+  }
 
 
 def attention_flops(config, batch: int, queries: int, keys: int, causal: bool) -> float:
@@ -47,8 +63,13 @@ def train_model_flops(config, seq_len: int | None = None) -> float:
   n = h * w
   p = decoder_matmul_params(config)
   head_rows = b * n * config.loss.fm_head_batch_mul
-  forward = (2 * p['decoder'] * b * l + 2 * p['lm_head'] * b * (l - 1) + 2 * p['image_in'] * b * n
-             + 2 * p['image_out'] * b * n + 2 * p['head'] * head_rows)
+  forward = (
+    2 * p['decoder'] * b * l
+    + 2 * p['lm_head'] * b * (l - 1)
+    + 2 * p['image_in'] * b * n
+    + 2 * p['image_out'] * b * n
+    + 2 * p['head'] * head_rows
+  )
   return 3 * (forward + attention_flops(config, b, l, l, causal=True))
 
 
@@ -60,8 +81,11 @@ def sample_model_flops(config) -> float:
   n = cfg.num_tokens
   p = decoder_matmul_params(config)
   prefill = 2 * p['decoder'] * rows * width + attention_flops(config, rows, width, width, True)
-  decode = n * (2 * (p['decoder'] + p['image_in']) * rows) + attention_flops(config, rows, n, n, True) \
-      + attention_flops(config, rows, n, width, False)
+  decode = (
+    n * (2 * (p['decoder'] + p['image_in']) * rows)
+    + attention_flops(config, rows, n, n, True)
+    + attention_flops(config, rows, n, width, False)
+  )
   w, calls = config.model.fm_head_dim, cfg.integrator.velocity_calls
   cond_embed = config.model.hidden_size * w  # Once per token, as image_out.
   time_mlp = 256 * w + w * w  # One row per evaluation.

@@ -12,10 +12,12 @@ step at slot P + k. The whole generation is one jitted function of (graphdef, st
 segments, segment j integrating with token_steps[j] steps (e.g. (8, 4, 2, 1): many steps for the
 early tokens that fix the layout, few for the late ones); each segment is its own `lax.scan`.
 """
+
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +35,26 @@ from nextstep_jax.sampling import integrators
 from nextstep_jax.sampling import progress
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=('integrator', 'cfg', 'cfg_img'),
-                   meta_fields=('grid_h', 'grid_w', 'num_branches', 'cfg_schedule', 'use_norm',
-                                'progress_every', 'token_steps', 'decode_blocks'))
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=('integrator', 'cfg', 'cfg_img'),
+  meta_fields=(
+    'grid_h',
+    'grid_w',
+    'num_branches',
+    'cfg_schedule',
+    'use_norm',
+    'progress_every',
+    'token_steps',
+    'decode_blocks',
+  ),
+)
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """Sampling settings. A pytree: the guidance scales `cfg` / `cfg_img` and the integrator's
   temperature and timestep shift are its leaves, traced by the sampling program (new values
   reuse the compiled program); every other field is static structure (part of the jit cache key)."""
+
   grid_h: int
   grid_w: int
   integrator: integrators.IntegratorConfig = integrators.IntegratorConfig()
@@ -52,21 +65,30 @@ class SamplerConfig:
   use_norm: bool = False
   progress_every: int = 0  # > 0: host callback every this many tokens (sampling/progress.py).
   token_steps: tuple[int, ...] = ()  # Annealed steps per token segment; () = integrator.num_steps.
-  decode_blocks: int = 1  # Decode in this many token blocks, each reading only the cache filled by its end.
+  decode_blocks: int = (
+    1  # Decode in this many token blocks, each reading only the cache filled by its end.
+  )
 
   def __post_init__(self):
     if self.num_branches not in (1, 2, 3):
       raise ValueError(f'num_branches={self.num_branches}; use 1 (no CFG), 2 (text) or 3 (edit)')
     if self.cfg_schedule not in guidance.SCHEDULES:
-      raise ValueError(f'sample.cfg_schedule={self.cfg_schedule!r}; choose one of {guidance.SCHEDULES}')
+      raise ValueError(
+        f'sample.cfg_schedule={self.cfg_schedule!r}; choose one of {guidance.SCHEDULES}'
+      )
     if self.token_steps and (len(self.token_steps) > self.num_tokens or min(self.token_steps) < 1):
-      raise ValueError(f'sample.token_steps={self.token_steps}: need 1..{self.num_tokens} segments of >= 1 steps')
+      raise ValueError(
+        f'sample.token_steps={self.token_steps}: need 1..{self.num_tokens} segments of >= 1 steps'
+      )
     if not 1 <= self.decode_blocks <= self.num_tokens:
-      raise ValueError(f'sample.decode_blocks={self.decode_blocks}: need 1..{self.num_tokens} (image tokens)')
+      raise ValueError(
+        f'sample.decode_blocks={self.decode_blocks}: need 1..{self.num_tokens} (image tokens)'
+      )
 
   def token_segments(self) -> list[tuple[int, int, integrators.IntegratorConfig]]:
     """[(first token, end token, integrator)] covering 0..N-1 in order: the `token_steps`
     segments, each cut further at the `decode_blocks` boundaries."""
+
     def bounds(parts):
       return [round(j * self.num_tokens / parts) for j in range(parts + 1)]
 
@@ -76,8 +98,11 @@ class SamplerConfig:
     segments = []
     for start, end in zip(cuts, cuts[1:]):
       segment = max(j for j in range(len(steps)) if step_bounds[j] <= start)
-      integrator = (self.integrator if not self.token_steps else
-                    dataclasses.replace(self.integrator, num_steps=steps[segment]))
+      integrator = (
+        self.integrator
+        if not self.token_steps
+        else dataclasses.replace(self.integrator, num_steps=steps[segment])
+      )
       segments.append((start, end, integrator))
     return segments
 
@@ -86,21 +111,38 @@ class SamplerConfig:
     return self.grid_h * self.grid_w
 
   @classmethod
-  def from_config(cls, config, grid_h: int, grid_w: int, num_branches: int | None = None) -> 'SamplerConfig':
+  def from_config(
+    cls, config, grid_h: int, grid_w: int, num_branches: int | None = None
+  ) -> 'SamplerConfig':
     s = config.sample
     integ = integrators.IntegratorConfig(
-        num_steps=s.num_steps, solver=s.solver, time_grid=s.time_grid, timestep_shift=s.timestep_shift,
-        last_step_size=s.last_step_size, temperature=s.temperature, times=tuple(s.get('times', ())),
-        unroll=config.model.scan_unroll)
+      num_steps=s.num_steps,
+      solver=s.solver,
+      time_grid=s.time_grid,
+      timestep_shift=s.timestep_shift,
+      last_step_size=s.last_step_size,
+      temperature=s.temperature,
+      times=tuple(s.get('times', ())),
+      unroll=config.model.scan_unroll,
+    )
     if num_branches is None:
       num_branches = 1 if s.cfg == 1.0 else 2
-    return cls(grid_h=grid_h, grid_w=grid_w, integrator=integ, num_branches=num_branches, cfg=s.cfg,
-               cfg_schedule=s.cfg_schedule, use_norm=config.image.use_norm,
-               token_steps=tuple(s.get('token_steps', ())), decode_blocks=s.get('decode_blocks', 1))
+    return cls(
+      grid_h=grid_h,
+      grid_w=grid_w,
+      integrator=integ,
+      num_branches=num_branches,
+      cfg=s.cfg,
+      cfg_schedule=s.cfg_schedule,
+      use_norm=config.image.use_norm,
+      token_steps=tuple(s.get('token_steps', ())),
+      decode_blocks=s.get('decode_blocks', 1),
+    )
 
 
-def guided_velocity(head, cond_emb: jax.Array, cfg: SamplerConfig,
-                    scale: jax.Array) -> integrators.ConditionedVelocity:
+def guided_velocity(
+  head, cond_emb: jax.Array, cfg: SamplerConfig, scale: jax.Array
+) -> integrators.ConditionedVelocity:
   """The guided velocity of one token: its table is the head's step_modulations of every
   evaluation point (all branches' rows, built once per token); each step tiles x over the
   branches, runs the head's x-path once for all rows, then combines the branches (CFG)."""
@@ -115,11 +157,18 @@ def guided_velocity(head, cond_emb: jax.Array, cfg: SamplerConfig,
     return guidance.combine_three_way(v, scale, jnp.asarray(cfg.cfg_img, jnp.float32))
 
   return integrators.ConditionedVelocity(
-      condition=lambda t, d: head.step_modulations(t, cond_emb, d), apply=apply)
+    condition=lambda t, d: head.step_modulations(t, cond_emb, d), apply=apply
+  )
 
 
-def sample_token(model, last_hidden: jax.Array, token_index: jax.Array, row_keys: jax.Array,
-                 cfg: SamplerConfig, integrator: integrators.IntegratorConfig | None = None) -> jax.Array:
+def sample_token(
+  model,
+  last_hidden: jax.Array,
+  token_index: jax.Array,
+  row_keys: jax.Array,
+  cfg: SamplerConfig,
+  integrator: integrators.IntegratorConfig | None = None,
+) -> jax.Array:
   """Samples image token `token_index` for B images from the rows' last hidden (R, D).
   row_keys (B,) keys of this token; integrator defaults to cfg.integrator. Returns (B, T) float32."""
   integrator = integrator or cfg.integrator
@@ -143,18 +192,30 @@ def prefill(model, prompt: dict, num_tokens: int) -> tuple[backbone.KVCache, jax
   return cache, hidden[:, -1]
 
 
-def decode_token(model, cache: backbone.KVCache, last_hidden: jax.Array, next_position: jax.Array,
-                 k: jax.Array, image_keys: jax.Array, cfg: SamplerConfig,
-                 integrator: integrators.IntegratorConfig, read_slots: int | None = None):
+def decode_token(
+  model,
+  cache: backbone.KVCache,
+  last_hidden: jax.Array,
+  next_position: jax.Array,
+  k: jax.Array,
+  image_keys: jax.Array,
+  cfg: SamplerConfig,
+  integrator: integrators.IntegratorConfig,
+  read_slots: int | None = None,
+):
   """One image token's work: samples token k (B, T) from the rows' last hidden (R, D) with the
   head, then feeds it to every branch's row for one cached decoder step at position
   next_position + k (next_position (R, 1)), attending the first `read_slots` cache slots (None:
   all). Returns (cache, hidden (R, D), token (B, T) float32)."""
   token_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(image_keys, k)
   token = sample_token(model, last_hidden, k, token_keys, cfg, integrator)
-  x = jnp.tile(model.embed_image_tokens(token[:, None]), (cfg.num_branches, 1, 1))  # Project once, not per branch.
+  x = jnp.tile(
+    model.embed_image_tokens(token[:, None]), (cfg.num_branches, 1, 1)
+  )  # Project once, not per branch.
   rows = last_hidden.shape[0]
-  hidden, cache = model(x, next_position + k, jnp.ones((rows, 1), bool), cache, read_slots=read_slots)
+  hidden, cache = model(
+    x, next_position + k, jnp.ones((rows, 1), bool), cache, read_slots=read_slots
+  )
   return cache, hidden[:, 0], token
 
 
@@ -169,18 +230,22 @@ def generate_tokens_fn(model, prompt: dict, image_keys: jax.Array, cfg: SamplerC
   segment's end (`decode_blocks` > 1 makes these reads shorter on average)."""
   rows, width = prompt['input_ids'].shape
   if rows != cfg.num_branches * image_keys.shape[0]:
-    raise ValueError(f'{rows} prompt rows for {image_keys.shape[0]} images and {cfg.num_branches} branches')
+    raise ValueError(
+      f'{rows} prompt rows for {image_keys.shape[0]} images and {cfg.num_branches} branches'
+    )
   cache, last_hidden = prefill(model, prompt, cfg.num_tokens)
   next_position = prompt['positions'][:, -1:] + 1  # (R, 1)
 
   def step_with(integrator, read_slots):
     def step(carry, k):
       cache, last_hidden = carry
-      cache, hidden, token = decode_token(model, cache, last_hidden, next_position, k, image_keys, cfg,
-                                          integrator, read_slots)
+      cache, hidden, token = decode_token(
+        model, cache, last_hidden, next_position, k, image_keys, cfg, integrator, read_slots
+      )
       if cfg.progress_every:
         progress.report(k + 1, cfg.progress_every)
       return (cache, hidden), token
+
     return step
 
   # Tokens 0..N-2 each feed one decoder step; the last token needs no decoder step after it.
@@ -188,12 +253,17 @@ def generate_tokens_fn(model, prompt: dict, image_keys: jax.Array, cfg: SamplerC
   for start, end, integrator in cfg.token_segments():
     end_scanned = min(end, cfg.num_tokens - 1)
     if end_scanned > start:
-      carry, tokens = jax.lax.scan(step_with(integrator, width + end_scanned), carry,
-                                   jnp.arange(start, end_scanned))
+      carry, tokens = jax.lax.scan(
+        step_with(integrator, width + end_scanned), carry, jnp.arange(start, end_scanned)
+      )
       pieces.append(tokens.transpose(1, 0, 2))
     if end == cfg.num_tokens:
       keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(image_keys, cfg.num_tokens - 1)
-      pieces.append(sample_token(model, carry[1], jnp.asarray(cfg.num_tokens - 1), keys, cfg, integrator)[:, None])
+      pieces.append(
+        sample_token(model, carry[1], jnp.asarray(cfg.num_tokens - 1), keys, cfg, integrator)[
+          :, None
+        ]
+      )
   return jnp.concatenate(pieces, axis=1)
 
 
@@ -215,7 +285,9 @@ def sampling_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sh
   params = nnx.state(nextstep.abstract_model(config), nnx.Param)
   error = None
   for tensor in (t for t in range(local, 0, -1) if local % t == 0 and len(devices) % t == 0):
-    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=tensor)), devices)
+    mesh = mesh_lib.make_mesh(
+      ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=tensor)), devices
+    )
     try:
       rules_lib.state_shardings(params, mesh, config.mesh.rules)
     except ValueError as e:  # A dimension this split does not divide: try a smaller tensor axis.
@@ -247,8 +319,11 @@ def for_sampling(graphdef: nnx.GraphDef, state, dtype=None) -> tuple[nnx.GraphDe
 
 
 def _one_device_mesh(device) -> jax.sharding.Mesh:
-  return jax.sharding.Mesh(np.array([device]).reshape(1, 1, 1), mesh_lib.MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.MESH_AXES))
+  return jax.sharding.Mesh(
+    np.array([device]).reshape(1, 1, 1),
+    mesh_lib.MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.MESH_AXES),
+  )
 
 
 class SamplingProgram:
@@ -263,7 +338,12 @@ class SamplingProgram:
   """
 
   def __init__(self, graphdef: nnx.GraphDef, state_shardings, mesh: jax.sharding.Mesh, rules=()):
-    self.graphdef, self.state_shardings, self.mesh, self.rules = graphdef, state_shardings, mesh, tuple(rules)
+    self.graphdef, self.state_shardings, self.mesh, self.rules = (
+      graphdef,
+      state_shardings,
+      mesh,
+      tuple(rules),
+    )
     self._jitted = {}
 
   @classmethod
@@ -272,17 +352,30 @@ class SamplingProgram:
     array on one device: that device's mesh)."""
     shardings = jax.tree.map(lambda x: x.sharding, state)
     named = [s for s in jax.tree.leaves(shardings) if isinstance(s, jax.sharding.NamedSharding)]
-    mesh = named[0].mesh if named else _one_device_mesh(next(iter(jax.tree.leaves(shardings)[0].device_set)))
+    mesh = (
+      named[0].mesh
+      if named
+      else _one_device_mesh(next(iter(jax.tree.leaves(shardings)[0].device_set)))
+    )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = jax.tree.map(lambda s: s if isinstance(s, jax.sharding.NamedSharding) else replicated, shardings)
+    shardings = jax.tree.map(
+      lambda s: s if isinstance(s, jax.sharding.NamedSharding) else replicated, shardings
+    )
     return cls(graphdef, shardings, mesh, rules)
 
   def _spec(self, rows: int, *logical) -> jax.sharding.NamedSharding:
     """`logical` axes, `batch` replicated when `rows` do not divide over its mesh axes."""
-    spec = rules_lib.logical_to_spec(['batch' if name == 'batch' else name for name in logical], self.rules) \
-        if self.rules else jax.sharding.PartitionSpec()
+    spec = (
+      rules_lib.logical_to_spec(
+        ['batch' if name == 'batch' else name for name in logical], self.rules
+      )
+      if self.rules
+      else jax.sharding.PartitionSpec()
+    )
     axes = spec[0] if len(spec) else None
-    split = math.prod(self.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else (axes or ())))
+    split = math.prod(
+      self.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else (axes or ()))
+    )
     if rows % split:
       spec = jax.sharding.PartitionSpec(None, *spec[1:])
     return jax.sharding.NamedSharding(self.mesh, spec)
@@ -300,10 +393,16 @@ class SamplingProgram:
     def fn(state, prompt, image_keys, cfg):
       return generate_tokens_fn(nnx.merge(self.graphdef, state), prompt, image_keys, cfg)
 
-    return jax.jit(mesh_lib.in_mesh(fn, self.mesh),
-                   in_shardings=(self.state_shardings, self._spec(rows, 'batch'), self._spec(images, 'batch'),
-                                 self._replicated()),
-                   out_shardings=self._spec(images, 'batch', None, None))
+    return jax.jit(
+      mesh_lib.in_mesh(fn, self.mesh),
+      in_shardings=(
+        self.state_shardings,
+        self._spec(rows, 'batch'),
+        self._spec(images, 'batch'),
+        self._replicated(),
+      ),
+      out_shardings=self._spec(images, 'batch', None, None),
+    )
 
   def _build_prefill(self, rows: int, images: int):
     del images
@@ -311,26 +410,47 @@ class SamplingProgram:
     def fn(state, prompt, cfg):
       return prefill(nnx.merge(self.graphdef, state), prompt, cfg.num_tokens)
 
-    return jax.jit(mesh_lib.in_mesh(fn, self.mesh),
-                   in_shardings=(self.state_shardings, self._spec(rows, 'batch'), self._replicated()),
-                   out_shardings=(self.cache_shardings(rows), self._spec(rows, 'batch', None)))
+    return jax.jit(
+      mesh_lib.in_mesh(fn, self.mesh),
+      in_shardings=(self.state_shardings, self._spec(rows, 'batch'), self._replicated()),
+      out_shardings=(self.cache_shardings(rows), self._spec(rows, 'batch', None)),
+    )
 
   def _build_token_step(self, rows: int, images: int):
     def fn(state, cache, last_hidden, next_position, k, image_keys, cfg):
-      return decode_token(nnx.merge(self.graphdef, state), cache, last_hidden, next_position, k, image_keys,
-                          cfg, cfg.integrator)
+      return decode_token(
+        nnx.merge(self.graphdef, state),
+        cache,
+        last_hidden,
+        next_position,
+        k,
+        image_keys,
+        cfg,
+        cfg.integrator,
+      )
 
     row = self._spec(rows, 'batch', None)
     cache = self.cache_shardings(rows)
-    return jax.jit(mesh_lib.in_mesh(fn, self.mesh),
-                   in_shardings=(self.state_shardings, cache, row, row, self._replicated(),
-                                 self._spec(images, 'batch'), self._replicated()),
-                   out_shardings=(cache, row, self._spec(images, 'batch', None)),
-                   donate_argnums=(1,))
+    return jax.jit(
+      mesh_lib.in_mesh(fn, self.mesh),
+      in_shardings=(
+        self.state_shardings,
+        cache,
+        row,
+        row,
+        self._replicated(),
+        self._spec(images, 'batch'),
+        self._replicated(),
+      ),
+      out_shardings=(cache, row, self._spec(images, 'batch', None)),
+      donate_argnums=(1,),
+    )
 
   def cache_shardings(self, rows: int) -> backbone.KVCache:
     """KVCache shardings: k/v (layers, R, S, K, E) rows over `batch`, kv heads by the rules."""
-    kv = self._spec(rows, None, 'batch', None, 'kv_heads', None) if self.rules else self._replicated()
+    kv = (
+      self._spec(rows, None, 'batch', None, 'kv_heads', None) if self.rules else self._replicated()
+    )
     return backbone.KVCache(kv, kv, self._spec(rows, 'batch', None), self._replicated())
 
   def generate_program(self, rows: int, images: int):
@@ -356,8 +476,9 @@ class SamplingProgram:
     return self.generate_program(rows, images)(state, prompt, image_keys, cfg)
 
 
-def generate_tokens(graphdef, state, prompt: dict, image_keys: jax.Array, cfg: SamplerConfig,
-                    rules=()) -> jax.Array:
+def generate_tokens(
+  graphdef, state, prompt: dict, image_keys: jax.Array, cfg: SamplerConfig, rules=()
+) -> jax.Array:
   """The sampling program on the placement `state` already has (`SamplingProgram.for_state`);
   programs are kept per (graphdef, placement), so repeated calls reuse the compiled one."""
   return _program_for(graphdef, tuple(rules), _placement(state))(state, prompt, image_keys, cfg)
@@ -371,7 +492,9 @@ def _placement(state):
 @functools.lru_cache(maxsize=16)
 def _program_for(graphdef, rules, placement) -> SamplingProgram:
   treedef, leaves = placement
-  return SamplingProgram.for_state(graphdef, jax.tree.unflatten(treedef, [_Placed(s) for s in leaves]), rules)
+  return SamplingProgram.for_state(
+    graphdef, jax.tree.unflatten(treedef, [_Placed(s) for s in leaves]), rules
+  )
 
 
 class _Placed:

@@ -4,6 +4,7 @@
 3-way (edit), branches [full, source image + negative text, negative text only]:
   v = v_none + cfg_img (v_img - v_none) + cfg (v_full - v_img).
 """
+
 import jax
 import jax.numpy as jnp
 

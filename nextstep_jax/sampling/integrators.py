@@ -23,9 +23,11 @@ on x can be passed as a `ConditionedVelocity`; `integrate` then evaluates the fi
 all of the token's evaluation points, as one batched call, before the step loop, and each step
 only slices its row of that table. A plain `VelocityFn` is the special case whose table is (t, d).
 """
+
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,7 @@ VelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 class ConditionedVelocity:
   """v(x, t, d) = apply(x, table[e]) with table = condition(ts (E,), ds (E,)), a pytree whose
   leaves have the leading axis E (one row per evaluation point)."""
+
   condition: Callable[[jax.Array, jax.Array], Any]
   apply: Callable[[jax.Array, Any], jax.Array]
 
@@ -52,13 +55,16 @@ class ConditionedVelocity:
     return cls(condition=lambda t, d: (t, d), apply=lambda x, td: velocity(x, *td))
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=('timestep_shift', 'temperature'),
-                   meta_fields=('num_steps', 'solver', 'time_grid', 'last_step_size', 'times', 'unroll'))
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=('timestep_shift', 'temperature'),
+  meta_fields=('num_steps', 'solver', 'time_grid', 'last_step_size', 'times', 'unroll'),
+)
 @dataclasses.dataclass(frozen=True)
 class IntegratorConfig:
   """The per-token integrator. A pytree: `timestep_shift` and `temperature` are its leaves (traced
   under jit, so new values reuse the compiled program); every other field is static structure."""
+
   num_steps: int = 50
   solver: str = 'sde'
   time_grid: str = 'A'
@@ -78,7 +84,9 @@ class IntegratorConfig:
     if self.times:
       t = self.times
       if len(t) < 2 or t[0] != 0.0 or t[-1] != 1.0 or any(b <= a for a, b in zip(t, t[1:])):
-        raise ValueError(f'sample.times={t} must increase strictly from 0.0 to 1.0 (at least one step)')
+        raise ValueError(
+          f'sample.times={t} must increase strictly from 0.0 to 1.0 (at least one step)'
+        )
 
   @property
   def velocity_calls(self) -> int:
@@ -109,7 +117,9 @@ def time_grid(cfg: IntegratorConfig) -> jax.Array:
     return jnp.asarray(cfg.times, jnp.float32)
   n = cfg.num_steps
   if cfg.time_grid == 'A':
-    return shift_time(jnp.linspace(0.0, 1.0 - cfg.last_step_size, n, dtype=jnp.float32), cfg.timestep_shift)
+    return shift_time(
+      jnp.linspace(0.0, 1.0 - cfg.last_step_size, n, dtype=jnp.float32), cfg.timestep_shift
+    )
   t = shift_time(jnp.linspace(0.0, 1.0, n + 1, dtype=jnp.float32)[:-1], cfg.timestep_shift)
   return jnp.concatenate([t, jnp.ones((1,), jnp.float32)])
 
@@ -117,7 +127,9 @@ def time_grid(cfg: IntegratorConfig) -> jax.Array:
 def row_normal(row_keys: jax.Array, salt, shape: tuple[int, ...]) -> jax.Array:
   """One standard-normal draw of `shape` per row from fold_in(row_keys[m], salt): (M, *shape) f32.
   Per-row keys make a row's sample independent of the batch it is generated in."""
-  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), shape, jnp.float32))(row_keys)
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), shape, jnp.float32))(
+    row_keys
+  )
 
 
 def _solver_step(velocity_at, solver: str, x, t, t_next, noise_fn, noise_scale: float):
@@ -135,8 +147,12 @@ def _solver_step(velocity_at, solver: str, x, t, t_next, noise_fn, noise_scale: 
   return x + drift * dt + jnp.sqrt(2.0 * (1.0 - t)) * jnp.sqrt(dt) * noise
 
 
-def integrate(velocity: 'VelocityFn | ConditionedVelocity', x0: jax.Array, row_keys: jax.Array,
-              cfg: IntegratorConfig) -> jax.Array:
+def integrate(
+  velocity: 'VelocityFn | ConditionedVelocity',
+  x0: jax.Array,
+  row_keys: jax.Array,
+  cfg: IntegratorConfig,
+) -> jax.Array:
   """Integrates from noise x0 (M, T) float32 (already scaled by temperature) to a token (M, T) f32.
 
   velocity: a VelocityFn or a ConditionedVelocity (its table is built once for every evaluation
@@ -158,17 +174,25 @@ def integrate(velocity: 'VelocityFn | ConditionedVelocity', x0: jax.Array, row_k
   table = velocity.condition(jnp.concatenate(points_t), jnp.concatenate(points_d))
   n = starts.shape[0]
   at_start = jax.tree.map(lambda a: a[:n], table)
-  at_end = jax.tree.map(lambda a: a[n:2 * n], table) if cfg.solver == 'heun' else None
+  at_end = jax.tree.map(lambda a: a[n : 2 * n], table) if cfg.solver == 'heun' else None
 
   def step(x, inputs):
     i, t, t_next, start_row, end_row = inputs
     rows = {'start': start_row, 'end': end_row}
     noise_fn = lambda: row_normal(row_keys, i + 1, x.shape[1:])
-    return _solver_step(lambda y, where: velocity.apply(y, rows[where]), cfg.solver, x, t, t_next, noise_fn,
-                        cfg.temperature), None
+    return _solver_step(
+      lambda y, where: velocity.apply(y, rows[where]),
+      cfg.solver,
+      x,
+      t,
+      t_next,
+      noise_fn,
+      cfg.temperature,
+    ), None
 
-  x, _ = jax.lax.scan(step, x0.astype(jnp.float32), (jnp.arange(n), starts, ends, at_start, at_end),
-                      unroll=cfg.unroll)
+  x, _ = jax.lax.scan(
+    step, x0.astype(jnp.float32), (jnp.arange(n), starts, ends, at_start, at_end), unroll=cfg.unroll
+  )
   if final_step:
     x = x + cfg.last_step_size * velocity.apply(x, jax.tree.map(lambda a: a[-1], table))
   return x

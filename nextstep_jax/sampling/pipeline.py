@@ -9,13 +9,13 @@ checkpoint; `TextToImage.from_converted(DIR, mesh)` an official checkpoint conve
 the "h*w" string of the prompt sets the aspect ratio); `edit(images, instructions, seeds)` runs
 image editing with 3-way guidance (data/edit_sequences.py).
 """
+
 import dataclasses
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from nextstep_jax import configlib
 from nextstep_jax import runs
@@ -30,11 +30,21 @@ from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import progress
 from nextstep_jax.utils import images as image_utils
 
+
 class TextToImage:
   """A text-to-image sampler bound to one model's params and one config's sample settings."""
 
-  def __init__(self, config, graphdef, params, tok: text_tokenizer.Tokenizer, image_tokenizer=None,
-               progress_every: int = 0, max_caption_tokens: int | None = None, **overrides):
+  def __init__(
+    self,
+    config,
+    graphdef,
+    params,
+    tok: text_tokenizer.Tokenizer,
+    image_tokenizer=None,
+    progress_every: int = 0,
+    max_caption_tokens: int | None = None,
+    **overrides,
+  ):
     """overrides: sample.* fields for this sampler (e.g. cfg=2.0, num_steps=20).
     image_tokenizer: default `tokenizers.get_tokenizer(config)`. progress_every > 0: a console
     bar over image tokens, advanced every that many tokens (sampling/progress.py).
@@ -64,7 +74,9 @@ class TextToImage:
     with wrapped.unlocked():
       wrapped.sample.update(sample_cfg)
     self.sampler_cfg = dataclasses.replace(
-        generate.SamplerConfig.from_config(wrapped, self.grid_h, self.grid_w), progress_every=progress_every)
+      generate.SamplerConfig.from_config(wrapped, self.grid_h, self.grid_w),
+      progress_every=progress_every,
+    )
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **overrides) -> 'TextToImage':
@@ -74,14 +86,27 @@ class TextToImage:
     runs.check_files(workdir)
     config = configlib.with_base_defaults(runs.load_config(workdir))
     tok = runs.load_text_tokenizer(workdir)
-    restored = runs.restore_run(workdir, step, params_only=True, mesh=generate.sampling_mesh(config),
-                                dtype=jnp.dtype(config.model.dtype), config=config)
+    restored = runs.restore_run(
+      workdir,
+      step,
+      params_only=True,
+      mesh=generate.sampling_mesh(config),
+      dtype=jnp.dtype(config.model.dtype),
+      config=config,
+    )
     graphdef, params = generate.for_sampling(restored.graphdef, restored.state)
     return cls(config, graphdef, params, tok, **overrides)
 
   @classmethod
-  def from_converted(cls, directory: str, mesh: jax.sharding.Mesh | None = None, image_tokenizer=None,
-                     progress_every: int = 0, quantize: str | None = None, **overrides) -> 'TextToImage':
+  def from_converted(
+    cls,
+    directory: str,
+    mesh: jax.sharding.Mesh | None = None,
+    image_tokenizer=None,
+    progress_every: int = 0,
+    quantize: str | None = None,
+    **overrides,
+  ) -> 'TextToImage':
     """Loads a checkpoint written by `nextstep-convert`: params only (no optimizer memory),
     restored straight onto their shardings under `mesh` (default: `generate.sampling_mesh`, every
     device, tensor-parallel within a host, the rest FSDP) and cast to the compute dtype.
@@ -92,15 +117,32 @@ class TextToImage:
     if quantize is not None:
       config.model.quant.mode = quantize
       configlib.validate(config)
-    if config.image.tokenizer == 'vae' and not config.image.vae.checkpoint and image_tokenizer is None:
-      raise ValueError(f'{directory} was converted without image tokenizer weights (the release had no vae/ '
-                       'folder): convert again with nextstep-convert --vae DIR (a NextStep-1-f8ch16-Tokenizer '
-                       'download), or pass image_tokenizer=.')
+    if (
+      config.image.tokenizer == 'vae'
+      and not config.image.vae.checkpoint
+      and image_tokenizer is None
+    ):
+      raise ValueError(
+        f'{directory} was converted without image tokenizer weights (the release had no vae/ '
+        'folder): convert again with nextstep-convert --vae DIR (a NextStep-1-f8ch16-Tokenizer '
+        'download), or pass image_tokenizer=.'
+      )
     mesh = mesh or generate.sampling_mesh(config)
-    graphdef, params = generate.for_sampling(*official.load_params(directory, mesh, config), config.model.dtype)
-    tok = hf_tokenizer.HFTokenizer.load(str(pathlib.Path(directory) / runs.CONVERTED_TOKENIZER_FILE))
-    return cls(config, graphdef, params, tok, image_tokenizer=image_tokenizer,
-               progress_every=progress_every, **overrides)
+    graphdef, params = generate.for_sampling(
+      *official.load_params(directory, mesh, config), config.model.dtype
+    )
+    tok = hf_tokenizer.HFTokenizer.load(
+      str(pathlib.Path(directory) / runs.CONVERTED_TOKENIZER_FILE)
+    )
+    return cls(
+      config,
+      graphdef,
+      params,
+      tok,
+      image_tokenizer=image_tokenizer,
+      progress_every=progress_every,
+      **overrides,
+    )
 
   @property
   def unit(self) -> int:
@@ -110,8 +152,10 @@ class TextToImage:
   def grid_for_size(self, height: int, width: int) -> tuple[int, int]:
     """Token grid (h, w) of a height x width image; both must be multiples of `unit`."""
     if height % self.unit or width % self.unit or height <= 0 or width <= 0:
-      raise ValueError(f'image size {height}x{width} must be positive multiples of {self.unit} pixels '
-                       f'(tokenizer downsample x latent_patch_size)')
+      raise ValueError(
+        f'image size {height}x{width} must be positive multiples of {self.unit} pixels '
+        f'(tokenizer downsample x latent_patch_size)'
+      )
     return height // self.unit, width // self.unit
 
   def _sampler_cfg(self, grid, **changes) -> generate.SamplerConfig:
@@ -122,18 +166,28 @@ class TextToImage:
     s = self.settings
     h, w = grid or (self.grid_h, self.grid_w)
     return sequences.build_prompt_batch(
-        self.tok, captions, h, w, self.config.text.max_caption_tokens,
-        positive_prompt=s['positive_prompt'], negative_prompt=s['negative_prompt'],
-        num_branches=self.sampler_cfg.num_branches)
+      self.tok,
+      captions,
+      h,
+      w,
+      self.config.text.max_caption_tokens,
+      positive_prompt=s['positive_prompt'],
+      negative_prompt=s['negative_prompt'],
+      num_branches=self.sampler_cfg.num_branches,
+    )
 
-  def _generate(self, prompt_rows, count: int, seeds, sampler_cfg: generate.SamplerConfig) -> np.ndarray:
+  def _generate(
+    self, prompt_rows, count: int, seeds, sampler_cfg: generate.SamplerConfig
+  ) -> np.ndarray:
     """Runs batches of `sample.batch_size` images (the last one padded by repetition);
     prompt_rows(indices) -> the prompt dict of those images. Returns (count, N, T) float32."""
     if count != len(seeds):
       raise ValueError(f'{count} prompts but {len(seeds)} seeds')
     batch = self.settings['batch_size']
     calls = -(-count // batch)
-    bar = progress.TokenProgress(calls * sampler_cfg.num_tokens) if sampler_cfg.progress_every else None
+    bar = (
+      progress.TokenProgress(calls * sampler_cfg.num_tokens) if sampler_cfg.progress_every else None
+    )
     out = []
     for start in range(0, count, batch):
       indices = list(range(start, min(start + batch, count)))
@@ -154,11 +208,22 @@ class TextToImage:
     """Image tokens (B, h*w, T) float32 for `captions` with per-image `seeds` on the token grid
     `grid` = (h, w) (default: the config's image size)."""
     captions = list(captions)
-    return self._generate(lambda idx: self.prompts([captions[i] for i in idx], grid), len(captions), seeds,
-                          self._sampler_cfg(grid))
+    return self._generate(
+      lambda idx: self.prompts([captions[i] for i in idx], grid),
+      len(captions),
+      seeds,
+      self._sampler_cfg(grid),
+    )
 
-  def edit_tokens(self, images: np.ndarray, instructions, seeds, cfg_img: float = 2.0,
-                  negative_prompt: str | None = None, grid=None) -> np.ndarray:
+  def edit_tokens(
+    self,
+    images: np.ndarray,
+    instructions,
+    seeds,
+    cfg_img: float = 2.0,
+    negative_prompt: str | None = None,
+    grid=None,
+  ) -> np.ndarray:
     """Edited image tokens (B, h*w, T): images uint8 (B, H, W, 3) (H, W multiples of `unit`);
     instructions hold `<image>` (prepended when absent, the official order); 3-way guidance with
     the text scale `cfg` of the settings and `cfg_img`. Target grid default: the source's."""
@@ -174,13 +239,21 @@ class TextToImage:
 
     def rows(idx):
       prompt = edit_sequences.build_edit_prompt_batch(
-          self.tok, [captions[i] for i in idx], *source_grid, h, w, self.config.text.max_caption_tokens,
-          positive_prompt=self.settings['positive_prompt'], negative_prompt=negative)
+        self.tok,
+        [captions[i] for i in idx],
+        *source_grid,
+        h,
+        w,
+        self.config.text.max_caption_tokens,
+        positive_prompt=self.settings['positive_prompt'],
+        negative_prompt=negative,
+      )
       prompt['image_tokens'] = edit_sequences.edit_source_tokens(source[idx])
       return prompt
 
-    return self._generate(rows, len(captions), seeds,
-                          self._sampler_cfg((h, w), num_branches=3, cfg_img=float(cfg_img)))
+    return self._generate(
+      rows, len(captions), seeds, self._sampler_cfg((h, w), num_branches=3, cfg_img=float(cfg_img))
+    )
 
   def decode(self, tokens: np.ndarray, grid=None) -> np.ndarray:
     """Tokens (B, h*w, T) -> uint8 images (B, h*unit, w*unit, 3)."""
@@ -191,9 +264,17 @@ class TextToImage:
   def __call__(self, captions, seeds, grid=None) -> np.ndarray:
     return self.decode(self.tokens(captions, seeds, grid), grid)
 
-  def edit(self, images: np.ndarray, instructions, seeds, cfg_img: float = 2.0,
-           negative_prompt: str | None = None, grid=None) -> np.ndarray:
+  def edit(
+    self,
+    images: np.ndarray,
+    instructions,
+    seeds,
+    cfg_img: float = 2.0,
+    negative_prompt: str | None = None,
+    grid=None,
+  ) -> np.ndarray:
     """Edited uint8 images; see `edit_tokens`."""
     grid = grid or self.grid_for_size(np.shape(images)[1], np.shape(images)[2])
-    return self.decode(self.edit_tokens(images, instructions, seeds, cfg_img, negative_prompt, grid), grid)
-
+    return self.decode(
+      self.edit_tokens(images, instructions, seeds, cfg_img, negative_prompt, grid), grid
+    )

@@ -7,6 +7,7 @@ callback carries one scalar and nothing waits on it (measured in benchmarks/samp
 ~70 us per token on the CPU VM). On a sharded computation the callback may run once per device;
 the bar keeps the largest count, so repeats are harmless.
 """
+
 import contextlib
 import sys
 import threading
@@ -48,8 +49,10 @@ class TokenProgress:
     rate = self.done / max(now - self._start, 1e-9)
     filled = int(self._width * self.done / max(self.total, 1))
     eta = (self.total - self.done) / rate if rate > 0 else 0.0
-    self._stream.write(f'\rtokens {self.done}/{self.total} [{"#" * filled}{"." * (self._width - filled)}] '
-                       f'{rate:.1f} tok/s eta {eta:.0f}s' + ('\n' if self.done >= self.total else ''))
+    self._stream.write(
+      f'\rtokens {self.done}/{self.total} [{"#" * filled}{"." * (self._width - filled)}] '
+      f'{rate:.1f} tok/s eta {eta:.0f}s' + ('\n' if self.done >= self.total else '')
+    )
     self._stream.flush()
 
 
@@ -70,8 +73,8 @@ def _on_host(done) -> None:
 
 def report(tokens_done: jax.Array, every: int) -> None:
   """Traced: a host callback when `tokens_done` (scalar int) is a multiple of `every`."""
-  jax.lax.cond(tokens_done % every == 0,
-               lambda: jax.debug.callback(_on_host, tokens_done, ordered=False),
-               lambda: None)
-
-
+  jax.lax.cond(
+    tokens_done % every == 0,
+    lambda: jax.debug.callback(_on_host, tokens_done, ordered=False),
+    lambda: None,
+  )

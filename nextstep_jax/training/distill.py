@@ -17,6 +17,7 @@ width, K = 2^k teacher record points per trajectory (student step sizes d = 1, 1
    (a multiple of d), the loss is || u(x_t, t, d) - (x_{t+d} - x_t) / d ||^2 on the teacher's
    states. Only head parameters receive updates; the backbone and projectors are copied unchanged.
 """
+
 import dataclasses
 import functools
 import json
@@ -45,9 +46,12 @@ from nextstep_jax.utils import logging as logging_lib
 class DistillConfig:
   """Distillation settings (arguments of `distill`; recorded in the student's distill.json and
   checkpoint, not in its config)."""
+
   num_images: int = 1024  # Teacher images whose tokens give the conditions.
   noises_per_token: int = 2  # Teacher trajectories per token condition.
-  teacher_steps: int = 16  # Uniform-grid ODE steps of the teacher (a multiple of max_student_steps).
+  teacher_steps: int = (
+    16  # Uniform-grid ODE steps of the teacher (a multiple of max_student_steps).
+  )
   teacher_solver: str = 'heun'  # euler | heun.
   max_student_steps: int = 8  # K: student step sizes 1, 1/2, ..., 1/K (a power of two).
   steps: int = 3000  # Student optimiser steps.
@@ -60,8 +64,10 @@ class DistillConfig:
     if k < 1 or k & (k - 1):
       raise ValueError(f'distill.max_student_steps={k} must be a power of two')
     if self.teacher_steps % k:
-      raise ValueError(f'distill.teacher_steps={self.teacher_steps} must be a multiple of '
-                       f'distill.max_student_steps={k}')
+      raise ValueError(
+        f'distill.teacher_steps={self.teacher_steps} must be a multiple of '
+        f'distill.max_student_steps={k}'
+      )
     if self.teacher_solver not in ('euler', 'heun'):
       raise ValueError(f'distill.teacher_solver={self.teacher_solver!r}; use euler or heun')
 
@@ -79,13 +85,18 @@ def token_conditions(model, prompt: dict, tokens: jax.Array, num_branches: int) 
   fed = jnp.tile(tokens[:, :-1], (num_branches, 1, 1))
   x = jnp.concatenate([model.embed(ids, None, None), model.embed_image_tokens(fed)], axis=1)
   image_positions = positions[:, -1:] + 1 + jnp.arange(n - 1)[None]
-  hidden, _ = model(x, jnp.concatenate([positions, image_positions], axis=1),
-                    jnp.concatenate([mask, jnp.ones((rows, n - 1), bool)], axis=1))
-  last = hidden[:, ids.shape[1] - 1:]  # (R, N, D): boi predicts token 0, token k-1 predicts k.
+  hidden, _ = model(
+    x,
+    jnp.concatenate([positions, image_positions], axis=1),
+    jnp.concatenate([mask, jnp.ones((rows, n - 1), bool)], axis=1),
+  )
+  last = hidden[:, ids.shape[1] - 1 :]  # (R, N, D): boi predicts token 0, token k-1 predicts k.
   return model.head_condition(last, jnp.broadcast_to(jnp.arange(n), (rows, n)))
 
 
-def teacher_trajectories(head, cond_emb: jax.Array, x0: jax.Array, scale: float, cfg: DistillConfig) -> jax.Array:
+def teacher_trajectories(
+  head, cond_emb: jax.Array, x0: jax.Array, scale: float, cfg: DistillConfig
+) -> jax.Array:
   """Guided teacher ODE from x0 (M, T) with branch-major cond_emb (2M, W) [text; uncond].
   Returns the states at t = j / K, j = 0..K: (K + 1, M, T) float32."""
   k = cfg.max_student_steps
@@ -111,8 +122,14 @@ def teacher_trajectories(head, cond_emb: jax.Array, x0: jax.Array, scale: float,
   return jnp.concatenate([x0[None], states], axis=0)
 
 
-def student_loss(head, cond: jax.Array, states: jax.Array, key: jax.Array, max_steps: int,
-                 scale: float | None = None) -> jax.Array:
+def student_loss(
+  head,
+  cond: jax.Array,
+  states: jax.Array,
+  key: jax.Array,
+  max_steps: int,
+  scale: float | None = None,
+) -> jax.Array:
   """Mean || u(x_t, t, d) - (x_{t+d} - x_t) / d ||^2 over random levels and starts.
 
   cond (M, C) text-branch conditions (folded guidance, scale None), or (2, M, C) [text; uncond]
@@ -121,8 +138,8 @@ def student_loss(head, cond: jax.Array, states: jax.Array, key: jax.Array, max_s
   levels = int(math.log2(max_steps)) + 1
   key_level, key_start = jax.random.split(key)
   level = jax.random.randint(key_level, (m,), 0, levels)  # d = 2^-level.
-  stride = max_steps // (2 ** level)  # Record points per step of size d.
-  segments = 2 ** level
+  stride = max_steps // (2**level)  # Record points per step of size d.
+  segments = 2**level
   start = (jax.random.uniform(key_start, (m,)) * segments).astype(jnp.int32) * stride
   rows = jnp.arange(m)
   x_t, x_next = states[start, rows], states[start + stride, rows]
@@ -142,7 +159,9 @@ def student_model(teacher_config, teacher_params):
   config = configlib.with_base_defaults(teacher_config)
   with config.unlocked():
     config.model.fm_head_step_cond = True
-  model = nextstep.NextStep(nextstep.ModelConfig.from_config(config.model), rngs=nnx.Rngs(config.seed))
+  model = nextstep.NextStep(
+    nextstep.ModelConfig.from_config(config.model), rngs=nnx.Rngs(config.seed)
+  )
   graphdef, params = nnx.split(model, nnx.Param)
   flat = dict(nnx.to_flat_state(params))
   for path, var in nnx.to_flat_state(teacher_params):
@@ -172,13 +191,23 @@ def _train_step(graphdef, tx, max_steps, scale, head_params, rest, opt_state, co
   return optax.apply_updates(head_params, updates), opt_state, loss
 
 
-def train_student(graphdef, params, cond: np.ndarray, states: np.ndarray, cfg: DistillConfig, seed: int = 0,
-                  log_every: int = 250, scale: float | None = None) -> tuple[nnx.State, list[float]]:
+def train_student(
+  graphdef,
+  params,
+  cond: np.ndarray,
+  states: np.ndarray,
+  cfg: DistillConfig,
+  seed: int = 0,
+  log_every: int = 250,
+  scale: float | None = None,
+) -> tuple[nnx.State, list[float]]:
   """Adam on the head parameters only. cond (M, C) (folded) or (2, M, C) with the teacher's CFG
   `scale`; states (K + 1, M, T) host arrays.
   Returns (params with the trained head and every other parameter unchanged, losses per log)."""
   head, rest = split_head(params)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(100, cfg.steps // 2), cfg.steps, cfg.lr * 0.1)
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, cfg.lr, min(100, cfg.steps // 2), cfg.steps, cfg.lr * 0.1
+  )
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
   opt_state = tx.init(head)
   rng = np.random.default_rng(seed)
@@ -188,9 +217,18 @@ def train_student(graphdef, params, cond: np.ndarray, states: np.ndarray, cfg: D
   losses, running = [], []
   for step in range(cfg.steps):
     idx = rng.integers(0, m, cfg.batch_size)
-    head, opt_state, loss = _train_step(graphdef, tx, cfg.max_student_steps, scale, head, rest, opt_state,
-                                        jnp.asarray(cond[..., idx, :]), jnp.asarray(states[:, idx]),
-                                        jax.random.fold_in(key, step))
+    head, opt_state, loss = _train_step(
+      graphdef,
+      tx,
+      cfg.max_student_steps,
+      scale,
+      head,
+      rest,
+      opt_state,
+      jnp.asarray(cond[..., idx, :]),
+      jnp.asarray(states[:, idx]),
+      jax.random.fold_in(key, step),
+    )
     running.append(loss)
     if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
       losses.append(float(np.mean(jax.device_get(running))))
@@ -199,12 +237,19 @@ def train_student(graphdef, params, cond: np.ndarray, states: np.ndarray, cfg: D
   return merge_head(head, rest), losses
 
 
-def teacher_data(teacher: pipeline.TextToImage, prompts: list[str], seeds: list[int], cfg: DistillConfig,
-                 chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def teacher_data(
+  teacher: pipeline.TextToImage,
+  prompts: list[str],
+  seeds: list[int],
+  cfg: DistillConfig,
+  chunk: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
   """Teacher images for `prompts`, their conditions (2, M, C) [text; uncond] and guided ODE
   states (K + 1, M, T), with noises_per_token fresh noises per token (rows noise-major)."""
   if teacher.sampler_cfg.num_branches != 2:
-    raise ValueError('distillation folds text CFG into the student: the teacher needs sample.cfg != 1')
+    raise ValueError(
+      'distillation folds text CFG into the student: the teacher needs sample.cfg != 1'
+    )
   model = nnx.merge(teacher.graphdef, teacher.params)
   scale = teacher.sampler_cfg.cfg
 
@@ -220,7 +265,7 @@ def teacher_data(teacher: pipeline.TextToImage, prompts: list[str], seeds: list[
   conds, states = [], []
   progress = logging_lib.ProgressLogger(len(prompts), chunk)
   for start in range(0, len(prompts), chunk):
-    p, s = prompts[start:start + chunk], seeds[start:start + chunk]
+    p, s = prompts[start : start + chunk], seeds[start : start + chunk]
     tokens = teacher.tokens(p, s)
     prompt = {k: jnp.asarray(v) for k, v in teacher.prompts(p).items()}
     c, x = conditions_and_states(prompt, jnp.asarray(tokens), jax.random.key(s[0]))
@@ -230,8 +275,14 @@ def teacher_data(teacher: pipeline.TextToImage, prompts: list[str], seeds: list[
   return np.concatenate(conds, axis=1), np.concatenate(states, axis=1)
 
 
-def distill(teacher_workdir: str, out_workdir: str, prompts: list[str], seeds: list[int], cfg: DistillConfig,
-            student_steps: int = 4) -> dict:
+def distill(
+  teacher_workdir: str,
+  out_workdir: str,
+  prompts: list[str],
+  seeds: list[int],
+  cfg: DistillConfig,
+  student_steps: int = 4,
+) -> dict:
   """Distils the run in `teacher_workdir` (its own sampler settings are the teacher) and writes a
   loadable run to `out_workdir` (config.json with the step-conditioned head and one-branch Euler
   sampling of `student_steps` uniform steps, tokenizer.model, checkpoint). Returns a summary."""
@@ -244,21 +295,42 @@ def distill(teacher_workdir: str, out_workdir: str, prompts: list[str], seeds: l
   if cfg.fold_guidance:
     params, losses = train_student(graphdef, params, cond[0], states, cfg, seed=config.seed)
   else:
-    params, losses = train_student(graphdef, params, cond, states, cfg, seed=config.seed, scale=scale)
+    params, losses = train_student(
+      graphdef, params, cond, states, cfg, seed=config.seed, scale=scale
+    )
   with config.unlocked():
-    config.sample.update(dict(solver='euler', time_grid='B', timestep_shift=1.0, num_steps=student_steps,
-                              cfg=1.0 if cfg.fold_guidance else scale, cfg_schedule='constant', times=(),
-                              token_steps=()))
+    config.sample.update(
+      dict(
+        solver='euler',
+        time_grid='B',
+        timestep_shift=1.0,
+        num_steps=student_steps,
+        cfg=1.0 if cfg.fold_guidance else scale,
+        cfg_schedule='constant',
+        times=(),
+        token_steps=(),
+      )
+    )
   configlib.validate(config)
   out = pathlib.Path(out_workdir).absolute()
   out.mkdir(parents=True, exist_ok=True)
   (out / runs.CONFIG_FILE).write_text(configlib.config_to_json(config))
   shutil.copy(pathlib.Path(teacher_workdir) / runs.TOKENIZER_FILE, out / runs.TOKENIZER_FILE)
   tx = state_lib.make_optimizer(config.train)
-  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.asarray(cfg.steps, jnp.int32)}
-  summary = {'teacher': str(teacher_workdir), 'teacher_sample': teacher.settings, 'trajectories': int(states.shape[1]),
-             'data_seconds': round(data_s, 1), 'train_seconds': round(time.perf_counter() - start - data_s, 1),
-             'losses': losses, 'distill': dataclasses.asdict(cfg)}
+  state = {
+    'params': params,
+    'opt_state': tx.init(params),
+    'step': jnp.asarray(cfg.steps, jnp.int32),
+  }
+  summary = {
+    'teacher': str(teacher_workdir),
+    'teacher_sample': teacher.settings,
+    'trajectories': int(states.shape[1]),
+    'data_seconds': round(data_s, 1),
+    'train_seconds': round(time.perf_counter() - start - data_s, 1),
+    'losses': losses,
+    'distill': dataclasses.asdict(cfg),
+  }
   ckpt = checkpoints.Checkpointer(out / runs.CHECKPOINT_DIR, keep=1, async_save=False)
   try:
     ckpt.save(cfg.steps, state, {'distill': summary}, force=True)

@@ -21,6 +21,7 @@ with the same shape; all missing, mis-shaped and unexpected names are listed in 
 source against another model (the training config's), leaves skipped names out and lists every
 mismatch, so the read here is a per-array partial orbax restore of the layout runs.py defines.
 """
+
 import dataclasses
 import fnmatch
 from typing import Any
@@ -44,6 +45,7 @@ class InitFromError(ValueError):
 class Source:
   """Where the params come from: kind 'converted' or 'run', the directory, the step, the orbax
   `state` directory and the path prefix of the params inside the saved tree."""
+
   kind: str
   root: epath.Path
   step: int
@@ -60,23 +62,31 @@ def resolve(spec: str) -> Source:
     raise InitFromError(f'train.init_from={spec!r}: {error}') from error
   root = epath.Path(path)
   if not root.exists():
-    raise InitFromError(f'train.init_from={spec!r}: {root} does not exist; pass a converted release '
-                        '(nextstep-convert --out DIR) or a training workdir, optionally WORKDIR@STEP.')
+    raise InitFromError(
+      f'train.init_from={spec!r}: {root} does not exist; pass a converted release '
+      '(nextstep-convert --out DIR) or a training workdir, optionally WORKDIR@STEP.'
+    )
   if runs.is_converted(path):
     if step is not None:
-      raise InitFromError(f'train.init_from={spec!r}: {root} is a converted release (one params '
-                          'checkpoint); drop the "@STEP".')
+      raise InitFromError(
+        f'train.init_from={spec!r}: {root} is a converted release (one params '
+        'checkpoint); drop the "@STEP".'
+      )
     return Source('converted', root, 0, runs.checkpoint_dir(path) / '0' / 'state', ())
   if (root / runs.CHECKPOINT_DIR).is_dir():
     steps = runs.checkpoint_steps(path)
     step = steps[-1] if step is None and steps else step
     if step is None or step not in steps:
-      raise InitFromError(f'train.init_from={spec!r}: no checkpoint {"" if step is None else step} in '
-                          f'{root / runs.CHECKPOINT_DIR} (steps: {steps}).')
+      raise InitFromError(
+        f'train.init_from={spec!r}: no checkpoint {"" if step is None else step} in '
+        f'{root / runs.CHECKPOINT_DIR} (steps: {steps}).'
+      )
     return Source('run', root, step, runs.checkpoint_dir(path) / str(step) / 'state', ('params',))
-  raise InitFromError(f'train.init_from={spec!r}: {root} is neither a converted release '
-                      f'({runs.CONVERTED_PARAMS_DIR}/) nor a training workdir ({runs.CHECKPOINT_DIR}/); pass '
-                      'the directory that nextstep-convert --out or nextstep-train --workdir wrote.')
+  raise InitFromError(
+    f'train.init_from={spec!r}: {root} is neither a converted release '
+    f'({runs.CONVERTED_PARAMS_DIR}/) nor a training workdir ({runs.CHECKPOINT_DIR}/); pass '
+    'the directory that nextstep-convert --out or nextstep-train --workdir wrote.'
+  )
 
 
 def param_name(path: tuple[str, ...]) -> str:
@@ -86,7 +96,7 @@ def param_name(path: tuple[str, ...]) -> str:
 
 def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {tuple(checkpoints._key_name(k) for k in path): leaf for path, leaf in leaves}  # pylint: disable=protected-access
+  return {tuple(checkpoints._key_name(k) for k in path): leaf for path, leaf in leaves}
 
 
 def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
@@ -100,12 +110,15 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
 
 
 def _listed(title: str, items: list[str]) -> str:
-  shown = items[:_MAX_LISTED] + ([f'... and {len(items) - _MAX_LISTED} more'] if len(items) > _MAX_LISTED else [])
+  shown = items[:_MAX_LISTED] + (
+    [f'... and {len(items) - _MAX_LISTED} more'] if len(items) > _MAX_LISTED else []
+  )
   return f'{len(items)} {title}:\n    ' + '\n    '.join(shown)
 
 
-def restore_params(spec: str, abstract_params: Any, skip: tuple[str, ...] = (),
-                   param_dtype: str | None = None) -> tuple[dict, set]:
+def restore_params(
+  spec: str, abstract_params: Any, skip: tuple[str, ...] = (), param_dtype: str | None = None
+) -> tuple[dict, set]:
   """Reads the params of `spec` onto the shardings of `abstract_params`.
 
   Args:
@@ -125,38 +138,74 @@ def restore_params(spec: str, abstract_params: Any, skip: tuple[str, ...] = (),
   n = len(source.prefix)
   saved = {path[n:]: meta for path, meta in metadata.items() if path[:n] == source.prefix}
   expected = _flat(abstract_params)
-  skipped = {path for path in expected if any(fnmatch.fnmatchcase(param_name(path), p) for p in skip)}
-  missing = sorted(param_name(p) + f' {expected[p].shape}' for p in expected.keys() - saved.keys() - skipped)
-  unexpected = sorted(param_name(p) + f' {tuple(saved[p].shape)}' for p in saved.keys() - expected.keys()
-                      if not any(fnmatch.fnmatchcase(param_name(p), pattern) for pattern in skip))
-  misshaped = sorted(f'{param_name(p)} {tuple(saved[p].shape)} in the source vs {expected[p].shape} in the model'
-                     for p in (expected.keys() & saved.keys()) - skipped
-                     if tuple(saved[p].shape) != tuple(expected[p].shape))
-  unused = [pattern for pattern in skip if not any(fnmatch.fnmatchcase(param_name(p), pattern)
-                                                   for p in expected.keys() | saved.keys())]
-  problems = [_listed(title, items) for title, items in (
-      ('params missing from the source', missing), ('params of the source the model does not have', unexpected),
-      ('params with another shape', misshaped), ('init_from_skip patterns matching no param', unused)) if items]
+  skipped = {
+    path for path in expected if any(fnmatch.fnmatchcase(param_name(path), p) for p in skip)
+  }
+  missing = sorted(
+    param_name(p) + f' {expected[p].shape}' for p in expected.keys() - saved.keys() - skipped
+  )
+  unexpected = sorted(
+    param_name(p) + f' {tuple(saved[p].shape)}'
+    for p in saved.keys() - expected.keys()
+    if not any(fnmatch.fnmatchcase(param_name(p), pattern) for pattern in skip)
+  )
+  misshaped = sorted(
+    f'{param_name(p)} {tuple(saved[p].shape)} in the source vs {expected[p].shape} in the model'
+    for p in (expected.keys() & saved.keys()) - skipped
+    if tuple(saved[p].shape) != tuple(expected[p].shape)
+  )
+  unused = [
+    pattern
+    for pattern in skip
+    if not any(fnmatch.fnmatchcase(param_name(p), pattern) for p in expected.keys() | saved.keys())
+  ]
+  problems = [
+    _listed(title, items)
+    for title, items in (
+      ('params missing from the source', missing),
+      ('params of the source the model does not have', unexpected),
+      ('params with another shape', misshaped),
+      ('init_from_skip patterns matching no param', unused),
+    )
+    if items
+  ]
   if problems:
     raise InitFromError(
-        f'train.init_from={spec!r} ({source.kind}, step {source.step}) does not fit the model of this '
-        'config:\n  ' + '\n  '.join(problems) + '\n  Make the model fields match the source (a converted '
-        "release's config.json lists them) or leave new params at their init with train.init_from_skip "
-        "patterns (e.g. 'image_head.*').")
+      f'train.init_from={spec!r} ({source.kind}, step {source.step}) does not fit the model of this '
+      'config:\n  '
+      + '\n  '.join(problems)
+      + '\n  Make the model fields match the source (a converted '
+      "release's config.json lists them) or leave new params at their init with train.init_from_skip "
+      "patterns (e.g. 'image_head.*')."
+    )
   wanted = sorted(expected.keys() - skipped)
   dtype = nn.DTYPES[param_dtype] if param_dtype else None
   item = _nest({source.prefix + p: expected[p] for p in wanted})
-  restore_args = _nest({source.prefix + p: ocp.ArrayRestoreArgs(
-      sharding=expected[p].sharding, global_shape=expected[p].shape, dtype=dtype or expected[p].dtype)
-                        for p in wanted})
+  restore_args = _nest(
+    {
+      source.prefix + p: ocp.ArrayRestoreArgs(
+        sharding=expected[p].sharding,
+        global_shape=expected[p].shape,
+        dtype=dtype or expected[p].dtype,
+      )
+      for p in wanted
+    }
+  )
   restored = ocp.PyTreeCheckpointer().restore(
-      source.state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    source.state_dir,
+    args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+  )
   flat = _flat(restored)
   return {path[n:]: flat[path] for path in flat}, skipped
 
 
-def initial_params(spec: str, abstract_params: Any, fresh_params_fn, skip: tuple[str, ...] = (),
-                   param_dtype: str | None = None) -> Any:
+def initial_params(
+  spec: str,
+  abstract_params: Any,
+  fresh_params_fn,
+  skip: tuple[str, ...] = (),
+  param_dtype: str | None = None,
+) -> Any:
   """The params to start fine-tuning from: `abstract_params`' structure, restored values, and the
   values of `fresh_params_fn()` (a sharded random init, called only if a pattern skips something)
   at skipped paths."""
@@ -164,7 +213,7 @@ def initial_params(spec: str, abstract_params: Any, fresh_params_fn, skip: tuple
   fresh = _flat(fresh_params_fn()) if skipped else {}
 
   def pick(path, _):
-    key = tuple(checkpoints._key_name(k) for k in path)  # pylint: disable=protected-access
+    key = tuple(checkpoints._key_name(k) for k in path)
     return fresh[key] if key in skipped else restored[key]
 
   return jax.tree_util.tree_map_with_path(pick, abstract_params)
@@ -175,19 +224,25 @@ def initial_state(config, tx, abstract_state: Any, shardings: Any) -> dict:
 
   With LoRA (train.lora.rank > 0) the adapters start fresh (a source has none) and the optimizer
   state covers the trained params only."""
-  from nextstep_jax.model import lora  # pylint: disable=import-outside-toplevel
-  from nextstep_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.model import lora
+  from nextstep_jax.training import state as state_lib
+
   lora_cfg = lora.LoraConfig.from_config(config)
   skip = tuple(config.train.init_from_skip) + (lora.INIT_FROM_SKIP if lora_cfg else ())
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state['params'], shardings['params'])
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    abstract_state['params'],
+    shardings['params'],
+  )
 
   def fresh():
-    return jax.jit(lambda: state_lib.init_state(config, tx)['params'], out_shardings=shardings['params'])()
+    return jax.jit(
+      lambda: state_lib.init_state(config, tx)['params'], out_shardings=shardings['params']
+    )()
 
   params = initial_params(config.train.init_from, target, fresh, skip, config.model.param_dtype)
-  opt_state = jax.jit(lambda p: tx.init(lora.split_trainable(p, lora_cfg)[0]),
-                      out_shardings=shardings['opt_state'])(params)
+  opt_state = jax.jit(
+    lambda p: tx.init(lora.split_trainable(p, lora_cfg)[0]), out_shardings=shardings['opt_state']
+  )(params)
   step = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), shardings['step'])
   return {'params': params, 'opt_state': opt_state, 'step': step}
-

@@ -7,6 +7,7 @@ so the new word starts as "some word of this kind" (e.g. orange = the mean of th
 and the caption keeps the structure the model learned ('a', colour, shape). Every word must be
 one token of the run's tokenizer.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,8 +20,10 @@ def parse_rules(rules) -> list[tuple[str, tuple[str, ...]]]:
     new, sep, olds = str(rule).partition('=')
     sources = tuple(w.strip() for w in olds.split('+') if w.strip())
     if not sep or not new.strip() or not sources:
-      raise ValueError(f'train.init_word_rows entry {rule!r} must read "new=old1+old2+...", e.g. '
-                       '"orange=red+green+blue".')
+      raise ValueError(
+        f'train.init_word_rows entry {rule!r} must read "new=old1+old2+...", e.g. '
+        '"orange=red+green+blue".'
+      )
     parsed.append((new.strip(), sources))
   return parsed
 
@@ -29,8 +32,10 @@ def word_id(tok, word: str) -> int:
   """The single token id of `word` after a space ('▁word'); an error naming the fix otherwise."""
   ids = tok.encode(' ' + word)
   if len(ids) != 1:
-    raise ValueError(f'train.init_word_rows: {word!r} is {len(ids)} tokens ({ids}) in the run\'s text '
-                     'tokenizer; add it with text.extra_words or use words that are one token.')
+    raise ValueError(
+      f"train.init_word_rows: {word!r} is {len(ids)} tokens ({ids}) in the run's text "
+      'tokenizer; add it with text.extra_words or use words that are one token.'
+    )
   return ids[0]
 
 
@@ -45,7 +50,10 @@ def init_word_rows(params: nnx.State, tok, rules) -> nnx.State:
         continue
       table = flat[path].get_value()
       mean = jnp.take(table, old_ids, axis=axis).astype(jnp.float32).mean(axis=axis)
-      table = table.at[new_id].set(mean.astype(table.dtype)) if axis == 0 else (
-          table.at[:, new_id].set(mean.astype(table.dtype)))
+      table = (
+        table.at[new_id].set(mean.astype(table.dtype))
+        if axis == 0
+        else (table.at[:, new_id].set(mean.astype(table.dtype)))
+      )
       flat[path].set_value(jax.device_put(table, flat[path].get_value().sharding))
   return nnx.from_flat_state(flat)

@@ -26,6 +26,7 @@ Normalisation: each piece is a masked sum divided once by its count over the who
 microbatch sums under the whole batch's counts and gets the full-batch loss exactly in definition.
 The head's random draws (`head_draws`) are made for the whole batch's rows at once.
 """
+
 import dataclasses
 import math
 
@@ -50,11 +51,17 @@ class LossConfig:
   @classmethod
   def from_config(cls, config, placeholder_id: int) -> 'LossConfig':
     lc = config.loss
-    return cls(placeholder_id=placeholder_id, lm_loss_weight=lc.lm_loss_weight,
-               im_loss_weight=lc.im_loss_weight, fm_head_batch_mul=lc.fm_head_batch_mul,
-               time_mean=lc.time_mean, time_std=lc.time_std, head_objective=lc.get('head_objective', 'flow'),
-               shortcut_fraction=lc.get('shortcut_fraction', 0.25),
-               shortcut_max_steps=lc.get('shortcut_max_steps', 64))
+    return cls(
+      placeholder_id=placeholder_id,
+      lm_loss_weight=lc.lm_loss_weight,
+      im_loss_weight=lc.im_loss_weight,
+      fm_head_batch_mul=lc.fm_head_batch_mul,
+      time_mean=lc.time_mean,
+      time_std=lc.time_std,
+      head_objective=lc.get('head_objective', 'flow'),
+      shortcut_fraction=lc.get('shortcut_fraction', 0.25),
+      shortcut_max_steps=lc.get('shortcut_max_steps', 64),
+    )
 
 
 def placeholder_positions(image_token_mask: jax.Array, num_tokens: int) -> jax.Array:
@@ -111,15 +118,21 @@ def head_draws(key: jax.Array, num_rows: int, token_dim: int, cfg: LossConfig) -
   levels = int(math.log2(cfg.shortcut_max_steps))
   level = jax.random.randint(key_level, (num_rows,), 1, levels + 1)
   d = 2.0 ** -level.astype(jnp.float32)
-  grid_points = 2 ** level - 1  # t = j d with j = 0 .. 1/d - 2, so that t + 2d <= 1.
+  grid_points = 2**level - 1  # t = j d with j = 0 .. 1/d - 2, so that t + 2d <= 1.
   t_sc = jnp.floor(jax.random.uniform(key_grid, (num_rows,)) * grid_points) * d
   is_sc = jnp.arange(num_rows) < round(cfg.shortcut_fraction * num_rows)
-  return {'eps': eps, 't': jnp.where(is_sc, t_sc, t_flow), 'd': d,
-          'd_query': jnp.where(level == levels, 0.0, d), 'is_sc': is_sc}
+  return {
+    'eps': eps,
+    't': jnp.where(is_sc, t_sc, t_flow),
+    'd': d,
+    'd_query': jnp.where(level == levels, 0.0, d),
+    'is_sc': is_sc,
+  }
 
 
-def flow_matching_loss_sum(velocity_fn, x1: jax.Array, cond: jax.Array, mask: jax.Array, draws: dict,
-                           cfg: LossConfig) -> jax.Array:
+def flow_matching_loss_sum(
+  velocity_fn, x1: jax.Array, cond: jax.Array, mask: jax.Array, draws: dict, cfg: LossConfig
+) -> jax.Array:
   """x1 (M, T) clean tokens, cond (M, C) conditions, mask (M,), draws of M' = M fm_head_batch_mul
   rows (`head_draws`) -> masked sum over rows of the per-row mean squared error.
 
@@ -137,8 +150,9 @@ def flow_matching_loss_sum(velocity_fn, x1: jax.Array, cond: jax.Array, mask: ja
   return (per_token * mask).sum()
 
 
-def shortcut_loss_sum(velocity_fn, x1: jax.Array, cond: jax.Array, mask: jax.Array, draws: dict,
-                      cfg: LossConfig) -> jax.Array:
+def shortcut_loss_sum(
+  velocity_fn, x1: jax.Array, cond: jax.Array, mask: jax.Array, draws: dict, cfg: LossConfig
+) -> jax.Array:
   """Flow matching at d = 0 plus the shortcut self-consistency rows (see module doc); masked sum.
 
   velocity_fn(x_t (M', T), t (M',), cond (M', C), d (M',)) -> (M', T).
@@ -150,7 +164,9 @@ def shortcut_loss_sum(velocity_fn, x1: jax.Array, cond: jax.Array, mask: jax.Arr
   eps, t, d, d_query, is_sc = (draws[k] for k in ('eps', 't', 'd', 'd_query', 'is_sc'))
   x_t = t[:, None] * x1 + (1.0 - t[:, None]) * eps
   u_1 = jax.lax.stop_gradient(velocity_fn(x_t, t, cond, d_query).astype(jnp.float32))
-  u_2 = jax.lax.stop_gradient(velocity_fn(x_t + d[:, None] * u_1, t + d, cond, d_query).astype(jnp.float32))
+  u_2 = jax.lax.stop_gradient(
+    velocity_fn(x_t + d[:, None] * u_1, t + d, cond, d_query).astype(jnp.float32)
+  )
   target = jnp.where(is_sc[:, None], 0.5 * (u_1 + u_2), x1 - eps)
   v = velocity_fn(x_t, t, cond, jnp.where(is_sc, 2.0 * d, 0.0)).astype(jnp.float32)
   per_token = jnp.mean(jnp.square(v - target), axis=-1)
@@ -165,14 +181,18 @@ def loss_sums(model, batch: dict, draws: dict, cfg: LossConfig) -> dict:
   x = model.embed(input_ids, tokens, image_mask)
   hidden, _ = model(x, batch['positions'], batch['attention_mask'])
 
-  lm = lm_loss_sum(model.lm_logits(hidden[:, :-1]), batch['labels'][:, 1:], lm_target_mask(batch, cfg))
+  lm = lm_loss_sum(
+    model.lm_logits(hidden[:, :-1]), batch['labels'][:, 1:], lm_target_mask(batch, cfg)
+  )
 
   cond_positions = placeholder_positions(image_mask, n) - 1  # (B, N): predicts token k
   cond_hidden = jnp.take_along_axis(hidden, cond_positions[..., None], axis=1)
   cond = model.head_condition(cond_hidden, jnp.broadcast_to(jnp.arange(n), (b, n)))
   token_mask = token_loss_mask(batch).reshape(-1)
   head_loss = shortcut_loss_sum if cfg.head_objective == 'shortcut' else flow_matching_loss_sum
-  im = head_loss(model.image_head, tokens.reshape(b * n, -1), cond.reshape(b * n, -1), token_mask, draws, cfg)
+  im = head_loss(
+    model.image_head, tokens.reshape(b * n, -1), cond.reshape(b * n, -1), token_mask, draws, cfg
+  )
   return {'lm_sum': lm, 'im_sum': im}
 
 

@@ -11,6 +11,7 @@ the next step boundary is the stop step. Ctrl-C (single process) prints what wil
 Ctrl-C exits at once without saving (`nextstep_jax/signals.py`). Requests recorded before the
 watch started (while jax was importing) count as notices.
 """
+
 import signal
 import sys
 import threading
@@ -52,8 +53,12 @@ class PreemptionWatch:
     del frame
     if signum == signal.SIGINT:
       if not self._notice.is_set():
-        print('Ctrl-C: saving a checkpoint at the end of this step, then exiting '
-              '(Ctrl-C again exits at once without saving)', file=sys.stderr, flush=True)
+        print(
+          'Ctrl-C: saving a checkpoint at the end of this step, then exiting '
+          '(Ctrl-C again exits at once without saving)',
+          file=sys.stderr,
+          flush=True,
+        )
       self._notice.set()
       signals.count_interrupt()
     self._notice.set()

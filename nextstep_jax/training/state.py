@@ -6,6 +6,7 @@ model is static and rebuilt from the config. With LoRA (`train.lora.rank` > 0, m
 the params include the adapters and the optimizer state covers only the trained params
 (`lora.split_trainable`).
 """
+
 from typing import Any
 
 import jax
@@ -13,7 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nextstep_jax.model import lora, nextstep, quant
+from nextstep_jax.model import lora
+from nextstep_jax.model import nextstep
+from nextstep_jax.model import quant
 from nextstep_jax.parallel import rules as rules_lib
 
 DECAYED_PARAM_NAMES = ('kernel', 'embedding')  # Weight decay skips biases and norm weights.
@@ -34,27 +37,38 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
 
 def decay_mask(params) -> Any:
   """True for matrices (`kernel`, `embedding`), False for biases and norm weights."""
+
   def is_decayed(path, _):
     names = [str(getattr(k, 'key', getattr(k, 'name', ''))) for k in path]
     return any(name in DECAYED_PARAM_NAMES for name in names)
+
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """Global-norm clipping + AdamW with the config's schedule."""
   return optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip),
-      optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                  weight_decay=train_cfg.weight_decay, mask=decay_mask))
+    optax.clip_by_global_norm(train_cfg.grad_clip),
+    optax.adamw(
+      learning_rate_schedule(train_cfg),
+      b1=train_cfg.b1,
+      b2=train_cfg.b2,
+      eps=train_cfg.eps,
+      weight_decay=train_cfg.weight_decay,
+      mask=decay_mask,
+    ),
+  )
 
 
 def init_state(config, tx: optax.GradientTransformation) -> dict:
   """Fresh train state (unsharded; jit it with out_shardings to create it sharded)."""
   lora_cfg = lora.LoraConfig.from_config(config)
   if quant.QuantConfig.from_config(config.model).enabled and lora_cfg is None:
-    raise ValueError(f'model.quant.mode={config.model.quant.mode!r} quantizes weights for sampling; '
-                     "train with model.quant.mode='none' and quantize the trained params, or train "
-                     'LoRA adapters over the quantized base (QLoRA: train.lora.rank > 0).')
+    raise ValueError(
+      f'model.quant.mode={config.model.quant.mode!r} quantizes weights for sampling; '
+      "train with model.quant.mode='none' and quantize the trained params, or train "
+      'LoRA adapters over the quantized base (QLoRA: train.lora.rank > 0).'
+    )
   params = nnx.state(nextstep.build_model(config, config.seed), nnx.Param)
   trained, _ = lora.split_trainable(params, lora_cfg)
   return {'params': params, 'opt_state': tx.init(trained), 'step': jnp.zeros((), jnp.int32)}

@@ -18,6 +18,7 @@ objective's (copy, row, token) order, which each microbatch regroups like the ob
 tiling of the tokens); K = 1 runs the plain full-batch step, bit for bit the step without
 accumulation.
 """
+
 import functools
 import math
 
@@ -41,7 +42,7 @@ def split_microbatches(x: jax.Array, count: int, axis: int = 0) -> jax.Array:
   """Splits the batch dimension `axis` (size B) into `count` strided microbatches: (..., B, ...) ->
   (count, ..., B / count, ...), microbatch j holding rows j, j + count, j + 2 count, ..."""
   shape = x.shape
-  x = x.reshape(shape[:axis] + (shape[axis] // count, count) + shape[axis + 1:])
+  x = x.reshape(shape[:axis] + (shape[axis] // count, count) + shape[axis + 1 :])
   return jnp.moveaxis(x, axis + 1, 0)
 
 
@@ -62,9 +63,17 @@ def split_head_draws(x: jax.Array, count: int, b: int, n: int, rules) -> jax.Arr
   return nn.constrain(x, rules, None, None, 'batch', *([None] * (x.ndim - 3)))
 
 
-def microbatch_gradients(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig, microbatches: int,
-                         rules, grad_shardings, params, batch: dict, key: jax.Array,
-                         frozen=None) -> tuple:
+def microbatch_gradients(
+  graphdef: nnx.GraphDef,
+  loss_cfg: objective.LossConfig,
+  microbatches: int,
+  rules,
+  grad_shardings,
+  params,
+  batch: dict,
+  key: jax.Array,
+  frozen=None,
+) -> tuple:
   """(grads, metrics {loss, lm_loss, im_loss}) of the whole batch's loss, accumulated over
   `microbatches` strided microbatches in a lax.scan (see module docstring). Gradients are taken
   with respect to `params`; `frozen` (LoRA's base params) joins them in the model untrained."""
@@ -79,34 +88,53 @@ def microbatch_gradients(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig,
     row_draws = {k: v.reshape((-1,) + v.shape[3:]) for k, v in row_draws.items()}
 
     def loss_fn(p):
-      sums = objective.loss_sums(nnx.merge(graphdef, lora.join_params(p, frozen)), rows, row_draws, loss_cfg)
+      sums = objective.loss_sums(
+        nnx.merge(graphdef, lora.join_params(p, frozen)), rows, row_draws, loss_cfg
+      )
       return objective.combine_loss(sums, counts, loss_cfg)[0], sums
 
     (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc['grads'], grads)
-    return {'grads': jax.lax.with_sharding_constraint(grad_sum, grad_shardings),
-            'sums': jax.tree.map(jnp.add, acc['sums'], sums)}, None
+    return {
+      'grads': jax.lax.with_sharding_constraint(grad_sum, grad_shardings),
+      'sums': jax.tree.map(jnp.add, acc['sums'], sums),
+    }, None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  init = {'grads': jax.lax.with_sharding_constraint(zeros, grad_shardings),
-          'sums': {'lm_sum': jnp.zeros((), jnp.float32), 'im_sum': jnp.zeros((), jnp.float32)}}
-  xs = ({k: split_batch_rows(v, microbatches, rules) for k, v in batch.items()},
-        {k: split_head_draws(v, microbatches, b, n, rules) for k, v in draws.items()})
+  init = {
+    'grads': jax.lax.with_sharding_constraint(zeros, grad_shardings),
+    'sums': {'lm_sum': jnp.zeros((), jnp.float32), 'im_sum': jnp.zeros((), jnp.float32)},
+  }
+  xs = (
+    {k: split_batch_rows(v, microbatches, rules) for k, v in batch.items()},
+    {k: split_head_draws(v, microbatches, b, n, rules) for k, v in draws.items()},
+  )
   acc, _ = jax.lax.scan(accumulate, init, xs)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), acc['grads'], params)
   _, metrics = objective.combine_loss(acc['sums'], counts, loss_cfg)
   return grads, metrics
 
 
-def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: objective.LossConfig,
-                  schedule: optax.Schedule, seed: int, microbatches: int, rules, grad_shardings,
-                  state: dict, batch: dict, lora_cfg: lora.LoraConfig | None = None) -> tuple[dict, dict]:
+def train_step_fn(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  loss_cfg: objective.LossConfig,
+  schedule: optax.Schedule,
+  seed: int,
+  microbatches: int,
+  rules,
+  grad_shardings,
+  state: dict,
+  batch: dict,
+  lora_cfg: lora.LoraConfig | None = None,
+) -> tuple[dict, dict]:
   """Pure train step (see module docstring); grad_shardings: the params' shardings. With
   `lora_cfg` only `lora.split_trainable`'s trained params get gradients and updates."""
   step = state['step']
   key = jax.random.fold_in(jax.random.key(seed), step)
   trained, frozen = lora.split_trainable(state['params'], lora_cfg)
   if microbatches == 1:
+
     def loss_fn(params):
       model = nnx.merge(graphdef, lora.join_params(params, frozen))
       return objective.compute_loss(model, batch, key, loss_cfg)
@@ -114,11 +142,14 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
   else:
     grad_shardings, _ = lora.split_trainable(grad_shardings, lora_cfg)
-    grads, metrics = microbatch_gradients(graphdef, loss_cfg, microbatches, rules, grad_shardings,
-                                          trained, batch, key, frozen)
+    grads, metrics = microbatch_gradients(
+      graphdef, loss_cfg, microbatches, rules, grad_shardings, trained, batch, key, frozen
+    )
   updates, opt_state = tx.update(grads, state['opt_state'], trained)
   params = lora.join_params(optax.apply_updates(trained, updates), frozen)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=jnp.asarray(schedule(step), jnp.float32))
+  metrics = dict(
+    metrics, grad_norm=optax.tree.norm(grads), lr=jnp.asarray(schedule(step), jnp.float32)
+  )
   return {'params': params, 'opt_state': opt_state, 'step': step + 1}, metrics
 
 
@@ -133,38 +164,66 @@ def check_microbatches(config, mesh) -> None:
   per_device = batch_size // shards if batch_size % shards == 0 else 0
   divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
   raise configlib.ConfigError(
-      f'train.microbatches={k}: train.batch_size={batch_size} does not split into {shards} '
-      f'batch-sharding devices (mesh axes {" x ".join(axes) or "none"}) x {k} microbatches. Set '
-      f'train.batch_size to a multiple of {shards * k}'
-      + (f' or train.microbatches to one of {divisors} ({per_device} rows per device).' if divisors else '.'))
+    f'train.microbatches={k}: train.batch_size={batch_size} does not split into {shards} '
+    f'batch-sharding devices (mesh axes {" x ".join(axes) or "none"}) x {k} microbatches. Set '
+    f'train.batch_size to a multiple of {shards * k}'
+    + (
+      f' or train.microbatches to one of {divisors} ({per_device} rows per device).'
+      if divisors
+      else '.'
+    )
+  )
 
 
 def batch_shardings(config, mesh, batch_spec: dict) -> dict:
   """NamedShardings for a batch dict: leading dim over `batch`, the rest replicated."""
-  return {k: rules_lib.activation_spec(mesh, config.mesh.rules, 'batch', *([None] * (v.ndim - 1)))
-          for k, v in batch_spec.items()}
+  return {
+    k: rules_lib.activation_spec(mesh, config.mesh.rules, 'batch', *([None] * (v.ndim - 1)))
+    for k, v in batch_spec.items()
+  }
 
 
-def build_train_step(config, graphdef, tx, state_shardings, mesh, placeholder_id: int, batch_spec: dict):
+def build_train_step(
+  config, graphdef, tx, state_shardings, mesh, placeholder_id: int, batch_spec: dict
+):
   """jax.jit of the train step with explicit in/out shardings and the state donated.
 
   batch_spec: a dict of arrays or ShapeDtypeStructs with the batch's shapes (rank per key)."""
   if config.train.microbatches > 1:
     check_microbatches(config, mesh)
   loss_cfg = objective.LossConfig.from_config(config, placeholder_id)
-  fn = mesh_lib.in_mesh(functools.partial(
-      train_step_fn, graphdef, tx, loss_cfg, state_lib.learning_rate_schedule(config.train), config.seed,
-      config.train.microbatches, config.mesh.rules, state_shardings['params'],
-      lora_cfg=lora.LoraConfig.from_config(config)), mesh)
+  fn = mesh_lib.in_mesh(
+    functools.partial(
+      train_step_fn,
+      graphdef,
+      tx,
+      loss_cfg,
+      state_lib.learning_rate_schedule(config.train),
+      config.seed,
+      config.train.microbatches,
+      config.mesh.rules,
+      state_shardings['params'],
+      lora_cfg=lora.LoraConfig.from_config(config),
+    ),
+    mesh,
+  )
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(config, mesh, batch_spec)),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return jax.jit(
+    fn,
+    in_shardings=(state_shardings, batch_shardings(config, mesh, batch_spec)),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )
 
 
-EVAL_KEY_SALT = 0x5EED  # Eval noise is fold_in(key(seed), salt): fixed, and unlike any train step's.
+EVAL_KEY_SALT = (
+  0x5EED  # Eval noise is fold_in(key(seed), salt): fixed, and unlike any train step's.
+)
 
 
-def eval_step_fn(graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig, seed: int, params, batch: dict) -> dict:
+def eval_step_fn(
+  graphdef: nnx.GraphDef, loss_cfg: objective.LossConfig, seed: int, params, batch: dict
+) -> dict:
   """Loss pieces {loss, lm_loss, im_loss} of `params` on `batch` with fixed FM noise (no update)."""
   key = jax.random.fold_in(jax.random.key(seed), EVAL_KEY_SALT)
   _, metrics = objective.compute_loss(nnx.merge(graphdef, params), batch, key, loss_cfg)
@@ -176,5 +235,8 @@ def build_eval_step(config, graphdef, param_shardings, mesh, placeholder_id: int
   loss_cfg = objective.LossConfig.from_config(config, placeholder_id)
   fn = functools.partial(eval_step_fn, graphdef, loss_cfg, config.seed)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(config, mesh, batch_spec)),
-                 out_shardings=replicated)
+  return jax.jit(
+    fn,
+    in_shardings=(param_shardings, batch_shardings(config, mesh, batch_spec)),
+    out_shardings=replicated,
+  )

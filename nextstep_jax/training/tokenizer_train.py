@@ -15,13 +15,15 @@ grids/step_<7 digits>.png (held-out originals above reconstructions), metrics.js
 end release/ (config.json + vae.safetensors, the official layout; scaling/shift factors from the
 latent channel statistics) plus stats.json (per-channel mean/std of the training latents).
 """
+
 import dataclasses
 import functools
 import json
 import math
 import pathlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,27 +62,37 @@ def heldout_images(config, num: int) -> np.ndarray:
   """uint8 (num, S, S, 3) never trained on: shapes scenes of the held-out colour-shape pairs;
   the digits test split."""
   if config.data.dataset == 'shapes':
-    from nextstep_jax.data.builtin import shapes  # pylint: disable=g-import-not-at-top
-    return shapes.make_dataset(num, HELDOUT_SEED + config.seed, size=config.image.size, split='heldout')[0]
-  from nextstep_jax.data.builtin import digits  # pylint: disable=g-import-not-at-top
+    from nextstep_jax.data.builtin import shapes
+
+    return shapes.make_dataset(
+      num, HELDOUT_SEED + config.seed, size=config.image.size, split='heldout'
+    )[0]
+  from nextstep_jax.data.builtin import digits
+
   return digits.load_split('test', size=config.image.size)[0][:num]
 
 
 def make_optimizer(t) -> optax.GradientTransformation:
   """Adam (0.5, 0.9), linear warm-up then constant lr, global-norm clip 1.0 (LDM's recipe)."""
   schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1)), optax.constant_schedule(t.lr)],
-      [t.warmup_steps])
+    [optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1)), optax.constant_schedule(t.lr)],
+    [t.warmup_steps],
+  )
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=0.5, b2=0.9))
 
 
 def init_state(config, tx) -> dict:
   cfg = model_config(config)
   rngs = nnx.Rngs(config.seed)
-  state = {'params': nnx.state(vae.AutoEncoder(cfg, rngs), nnx.Param), 'step': jnp.zeros((), jnp.int32)}
+  state = {
+    'params': nnx.state(vae.AutoEncoder(cfg, rngs), nnx.Param),
+    'step': jnp.zeros((), jnp.int32),
+  }
   state['opt_state'] = tx.init(state['params'])
   if config.vae_train.disc_weight > 0:
-    disc = nnx.state(discriminator.PatchDiscriminator(config.vae_train.disc_ch, cfg, rngs), nnx.Param)
+    disc = nnx.state(
+      discriminator.PatchDiscriminator(config.vae_train.disc_ch, cfg, rngs), nnx.Param
+    )
     state.update(disc=disc, disc_opt_state=tx.init(disc))
   return state
 
@@ -88,7 +100,9 @@ def init_state(config, tx) -> dict:
 def _graphdefs(config):
   cfg = model_config(config)
   model = nnx.eval_shape(lambda: vae.AutoEncoder(cfg, nnx.Rngs(0)))
-  disc = nnx.eval_shape(lambda: discriminator.PatchDiscriminator(config.vae_train.disc_ch, cfg, nnx.Rngs(0)))
+  disc = nnx.eval_shape(
+    lambda: discriminator.PatchDiscriminator(config.vae_train.disc_ch, cfg, nnx.Rngs(0))
+  )
   return nnx.split(model, nnx.Param)[0], nnx.split(disc, nnx.Param)[0]
 
 
@@ -119,9 +133,13 @@ def train_step_fn(config, graphdef, disc_graphdef, tx, state: dict, images: jax.
       metrics['gan'] = gan
     return loss, (metrics, recon)
 
-  (loss, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state['params'])
+  (loss, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+    state['params']
+  )
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  new = dict(state, params=optax.apply_updates(state['params'], updates), opt_state=opt_state, step=step + 1)
+  new = dict(
+    state, params=optax.apply_updates(state['params'], updates), opt_state=opt_state, step=step + 1
+  )
   metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
   if use_disc:
     fake = jax.lax.stop_gradient(recon)
@@ -141,6 +159,7 @@ def train_step_fn(config, graphdef, disc_graphdef, tx, state: dict, images: jax.
 @dataclasses.dataclass(frozen=True)
 class _Program:
   """The jitted functions of one config (cached, so reruns and resumes in a process reuse them)."""
+
   mesh: jax.sharding.Mesh
   graphdef: nnx.GraphDef
   abstract: Any  # Train state of ShapeDtypeStructs with their shardings (restore target).
@@ -159,11 +178,19 @@ def _program(config_json: str) -> _Program:
   shardings = rules_lib.state_shardings(abstract, mesh, config.mesh.rules)
   batch_sharding = rules_lib.activation_spec(mesh, config.mesh.rules, 'batch', None, None, None)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step = jax.jit(lambda s, x: train_step_fn(config, graphdef, disc_graphdef, tx, s, x),
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
-                 donate_argnums=(0,))
-  return _Program(mesh, graphdef, rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules),
-                  jax.jit(lambda: init_state(config, tx), out_shardings=shardings), step)
+  step = jax.jit(
+    lambda s, x: train_step_fn(config, graphdef, disc_graphdef, tx, s, x),
+    in_shardings=(shardings, batch_sharding),
+    out_shardings=(shardings, replicated),
+    donate_argnums=(0,),
+  )
+  return _Program(
+    mesh,
+    graphdef,
+    rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules),
+    jax.jit(lambda: init_state(config, tx), out_shardings=shardings),
+    step,
+  )
 
 
 def batch_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
@@ -186,8 +213,10 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
   program = _program(configlib.config_to_json(config))
   mesh, graphdef = program.mesh, program.graphdef
   ckpt = checkpoints.Checkpointer(root / 'checkpoints', keep=t.keep_checkpoints)
-  restored = ckpt.restore_newest(program.abstract,  # Damaged newer steps are moved aside.
-                                 log=lambda line: print(f'warning: {line}', flush=True))
+  restored = ckpt.restore_newest(
+    program.abstract,  # Damaged newer steps are moved aside.
+    log=lambda line: print(f'warning: {line}', flush=True),
+  )
   if restored is None:
     state, start = program.init(), 0
   else:
@@ -195,7 +224,9 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
     print(f'resumed from step {start} in {root}', flush=True)
   step_fn = program.step
   writer = log_utils.MetricWriter(root / 'tb')
-  progress = log_utils.ProgressLogger(t.steps, t.log_every, start_step=start, items_per_step=t.batch_size)
+  progress = log_utils.ProgressLogger(
+    t.steps, t.log_every, start_step=start, items_per_step=t.batch_size
+  )
   host: dict = {}
   step = start
   t_start = time.monotonic()
@@ -210,8 +241,10 @@ def train(config, workdir: str, stop_at: int | None = None) -> dict:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         bad = {k: v for k, v in host.items() if not math.isfinite(v)}
         if bad:
-          raise TrainingDivergedError(f'step {step}: non-finite {bad}; lower vae_train.lr or '
-                                      'kl_weight and resume from the last checkpoint.')
+          raise TrainingDivergedError(
+            f'step {step}: non-finite {bad}; lower vae_train.lr or '
+            'kl_weight and resume from the last checkpoint.'
+          )
         writer.scalars(step, host)
         minutes = (time.monotonic() - t_start) / 60
         metrics_file.write(json.dumps({'step': step, 'minutes': minutes, **host}) + '\n')
@@ -245,11 +278,15 @@ def _posterior_mean(model: vae.AutoEncoder, images: jax.Array) -> jax.Array:
   return model.posterior(images)[0]
 
 
-def save_grid(graphdef, params, originals: np.ndarray, root: pathlib.Path, step: int, writer) -> str:
+def save_grid(
+  graphdef, params, originals: np.ndarray, root: pathlib.Path, step: int, writer
+) -> str:
   """Held-out originals (top row) above their reconstructions (bottom row) as a PNG."""
   model = _model(graphdef, params)
   recon = _reconstruct(model, tokenizers.uint8_to_unit(originals))
-  grid = image_utils.make_grid(np.concatenate([originals, image_utils.to_uint8(recon)]), ncols=len(originals))
+  grid = image_utils.make_grid(
+    np.concatenate([originals, image_utils.to_uint8(recon)]), ncols=len(originals)
+  )
   path = root / 'grids' / f'step_{step:07d}.png'
   image_utils.save_png(path, grid)
   writer.image(step, 'reconstructions', grid)
@@ -260,15 +297,18 @@ def finalize(config, graphdef, params, images: np.ndarray, root: pathlib.Path) -
   """Per-channel statistics of the posterior mean z on the first num_eval training images ->
   stats.json; the release/ export with the factors they imply."""
   model = _model(graphdef, params)
-  sample = tokenizers.uint8_to_unit(images[:config.vae_train.num_eval])
+  sample = tokenizers.uint8_to_unit(images[: config.vae_train.num_eval])
   latents = np.asarray(_posterior_mean(model, sample))
   stats = vae_tokenizer.channel_statistics(latents)
   (root / STATS_FILE).write_text(json.dumps(stats, indent=2))
-  cfg = dataclasses.replace(model.cfg, shift_factor=stats['shift_factor'],
-                            scaling_factor=stats['scaling_factor'])
+  cfg = dataclasses.replace(
+    model.cfg, shift_factor=stats['shift_factor'], scaling_factor=stats['scaling_factor']
+  )
   vae_tokenizer.export_release(root / vae_tokenizer.RELEASE_DIR, cfg, nnx.state(model, nnx.Param))
-  print(f'latent channel mean {np.round(stats["channel_mean"], 3).tolist()} std '
-        f'{np.round(stats["channel_std"], 3).tolist()} -> shift_factor {stats["shift_factor"]:.4f}, '
-        f'scaling_factor {stats["scaling_factor"]:.4f}; release in {root / vae_tokenizer.RELEASE_DIR}',
-        flush=True)
+  print(
+    f'latent channel mean {np.round(stats["channel_mean"], 3).tolist()} std '
+    f'{np.round(stats["channel_std"], 3).tolist()} -> shift_factor {stats["shift_factor"]:.4f}, '
+    f'scaling_factor {stats["scaling_factor"]:.4f}; release in {root / vae_tokenizer.RELEASE_DIR}',
+    flush=True,
+  )
   return {'shift_factor': stats['shift_factor'], 'scaling_factor': stats['scaling_factor']}

@@ -9,6 +9,7 @@ there the file alone decides, and a lock of a process on this host that no longe
 a lock from another host is reported with the fix (delete the file if that job is gone).
 Only process 0 of a job takes the lock.
 """
+
 import datetime
 import errno
 import json
@@ -28,8 +29,10 @@ class WorkdirLockedError(errors.UserError):
 
 
 def _describe(holder: dict) -> str:
-  return (f'host {holder.get("host", "?")}, pid {holder.get("pid", "?")}, started '
-          f'{holder.get("started", "?")}')
+  return (
+    f'host {holder.get("host", "?")}, pid {holder.get("pid", "?")}, started '
+    f'{holder.get("started", "?")}'
+  )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -49,9 +52,12 @@ class WorkdirLock:
     self.path = epath.Path(workdir) / LOCK_FILE
     self.enabled = enabled
     self._fd = None
-    self.info = {'host': socket.gethostname(), 'pid': os.getpid(),
-                 'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                 'command': ' '.join(sys.argv)[:500]}
+    self.info = {
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'command': ' '.join(sys.argv)[:500],
+    }
 
   def __enter__(self) -> 'WorkdirLock':
     if not self.enabled:
@@ -76,11 +82,13 @@ class WorkdirLock:
 
   def _refuse(self, holder: dict, extra: str = '') -> None:
     raise WorkdirLockedError(
-        f'workdir {self.path.parent} is in use by another trainer ({_describe(holder)}); wait for '
-        f'it to finish, stop it, or use another --workdir{extra}')
+      f'workdir {self.path.parent} is in use by another trainer ({_describe(holder)}); wait for '
+      f'it to finish, stop it, or use another --workdir{extra}'
+    )
 
   def _acquire_local(self) -> None:
-    import fcntl  # pylint: disable=g-import-not-at-top (POSIX only)
+    import fcntl  # POSIX only
+
     fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,8 +99,11 @@ class WorkdirLock:
       self._refuse(_read(self.path))
     previous = os.read(fd, 1 << 16)
     if previous.strip():
-      print(f'warning: replaced a stale lock {self.path} ({_describe(_parse(previous))}: that '
-            'process is gone)', flush=True)
+      print(
+        f'warning: replaced a stale lock {self.path} ({_describe(_parse(previous))}: that '
+        'process is gone)',
+        flush=True,
+      )
     os.lseek(fd, 0, os.SEEK_SET)
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(self.info).encode())
@@ -104,11 +115,14 @@ class WorkdirLock:
       holder = _read(self.path)
       same_host = holder.get('host') == self.info['host']
       if same_host and isinstance(holder.get('pid'), int) and not _pid_alive(holder['pid']):
-        print(f'warning: replaced a stale lock {self.path} ({_describe(holder)}: that process is '
-              'gone)', flush=True)
+        print(
+          f'warning: replaced a stale lock {self.path} ({_describe(holder)}: that process is gone)',
+          flush=True,
+        )
       else:
-        self._refuse(holder, '' if same_host else
-                     f'; if that job is no longer running, delete {self.path}')
+        self._refuse(
+          holder, '' if same_host else f'; if that job is no longer running, delete {self.path}'
+        )
     self.path.write_text(json.dumps(self.info))
 
 

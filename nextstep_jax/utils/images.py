@@ -1,4 +1,5 @@
 """Image conversions at the edges: model floats in [-1, 1] <-> uint8, grids, PNG files."""
+
 import math
 import pathlib
 
@@ -20,17 +21,19 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 0) 
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
-    raise ValueError(f'make_grid wants uint8 images (n, H, W, C) with n > 0, got '
-                     f'{images.dtype} {images.shape}.')
+    raise ValueError(
+      f'make_grid wants uint8 images (n, H, W, C) with n > 0, got {images.dtype} {images.shape}.'
+    )
   n, height, width, channels = images.shape
   cols = min(ncols, n)
   rows = math.ceil(n / cols)
-  grid = np.full((rows * (height + pad) + pad, cols * (width + pad) + pad, channels), pad_value,
-                 dtype=np.uint8)
+  grid = np.full(
+    (rows * (height + pad) + pad, cols * (width + pad) + pad, channels), pad_value, dtype=np.uint8
+  )
   for index, image in enumerate(images):
     top = pad + (index // cols) * (height + pad)
     left = pad + (index % cols) * (width + pad)
-    grid[top:top + height, left:left + width] = image
+    grid[top : top + height, left : left + width] = image
   return grid
 
 

@@ -1,9 +1,10 @@
 """Console progress lines and TensorBoard event files (via tensorboardX, no TensorFlow)."""
+
 import datetime
 import pathlib
 import struct
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -19,8 +20,14 @@ class ProgressLogger:
   Prints on JAX process 0 only.
   """
 
-  def __init__(self, total_steps: int, every: int, start_step: int = 0, items_per_step: int = 1,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    total_steps: int,
+    every: int,
+    start_step: int = 0,
+    items_per_step: int = 1,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     """`items_per_step`: e.g. the global batch size, so the rate reads in examples per second."""
     self.total_steps = total_steps
     self.every = every
@@ -40,9 +47,9 @@ class ProgressLogger:
     steps_per_second = (step - self._last_step) / max(now - self._last_time, 1e-9)
     remaining = (self.total_steps - step) / steps_per_second if steps_per_second > 0 else 0.0
     parts = [
-        f'step {step}/{self.total_steps}',
-        f'{steps_per_second * self.items_per_step:.1f} items/s',
-        f'eta {datetime.timedelta(seconds=round(remaining))}',
+      f'step {step}/{self.total_steps}',
+      f'{steps_per_second * self.items_per_step:.1f} items/s',
+      f'eta {datetime.timedelta(seconds=round(remaining))}',
     ]
     parts += [f'{name} {float(value):.4g}' for name, value in (metrics or {}).items()]
     self._last_step, self._last_time = step, now
@@ -56,8 +63,7 @@ class MetricWriter:
   """TensorBoard scalars and images under `logdir`; a no-op on JAX processes other than 0."""
 
   def __init__(self, logdir: str | pathlib.Path):
-    self._writer = (tensorboardX.SummaryWriter(str(logdir))
-                    if jax.process_index() == 0 else None)
+    self._writer = tensorboardX.SummaryWriter(str(logdir)) if jax.process_index() == 0 else None
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """Writes each scalar (python/numpy/jax number) under its name as tag."""
@@ -95,9 +101,9 @@ def _records(data: bytes):
   """TFRecord framing: u64 length, u32 length crc, payload, u32 payload crc (crcs unchecked)."""
   offset = 0
   while offset + 12 <= len(data):
-    (length,) = struct.unpack('<Q', data[offset:offset + 8])
+    (length,) = struct.unpack('<Q', data[offset : offset + 8])
     start = offset + 12
     if start + length + 4 > len(data):
       return  # A record still being written.
-    yield data[start:start + length]
+    yield data[start : start + length]
     offset = start + length + 4

@@ -1,4 +1,5 @@
 """nextstep-merge-lora: a LoRA run merged into plain params samples what the adapter run samples."""
+
 import numpy as np
 import pytest
 
@@ -14,9 +15,19 @@ TOKEN_ATOL = 1e-3
 
 
 def test_merged_run_samples_the_adapter_runs_tokens(tmp_path):
-  config = configlib.load_config('configs/tiny.py', [
-      f'data.cache_dir={tmp_path / "cache"}', 'train.steps=3', 'train.checkpoint_every=3', 'train.batch_size=8',
-      'train.warmup_steps=0', 'train.lr=1e-2', 'train.lora.rank=4', 'train.lora.alpha=8.0'])
+  config = configlib.load_config(
+    'configs/tiny.py',
+    [
+      f'data.cache_dir={tmp_path / "cache"}',
+      'train.steps=3',
+      'train.checkpoint_every=3',
+      'train.batch_size=8',
+      'train.warmup_steps=0',
+      'train.lr=1e-2',
+      'train.lora.rank=4',
+      'train.lora.alpha=8.0',
+    ],
+  )
   loop.train(config, str(tmp_path / 'run'))
   merge_lora.main(['--workdir', str(tmp_path / 'run'), '--out', str(tmp_path / 'merged')])
   adapter = pipeline.TextToImage.from_workdir(str(tmp_path / 'run'))

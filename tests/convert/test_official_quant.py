@@ -1,13 +1,14 @@
 """nextstep-convert --quantize: tensor-by-tensor quantization of a tiny official-layout release
 equals quantizing the float conversion at load time, and restores sharded onto another mesh."""
-import hf_testing
+
 import jax
 import ml_collections
 import numpy as np
 import pytest
-import torch_reference as tr
 from flax import nnx
 
+import hf_testing
+import torch_reference as tr
 from nextstep_jax import runs
 from nextstep_jax.cli import convert as convert_cli
 from nextstep_jax.convert import official
@@ -35,35 +36,67 @@ def leaves_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(np.asarray(x).astype(np.float32), np.asarray(y).astype(np.float32))
+    np.testing.assert_array_equal(
+      np.asarray(x).astype(np.float32), np.asarray(y).astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize('mode', ['int8', 'int4'])
 def test_convert_quantize_equals_load_time_quantization(release, mode):
   hf_dir, root = release
   float_dir, quant_dir = root / f'float_{mode}', root / f'quant_{mode}'
-  common = ['--hf-dir', str(hf_dir), '--dtype', 'float32', '--compute-dtype', 'float32',
-            '--image-tokenizer', 'pixels', '--image-size', '8', '--max-caption-tokens', '16']
+  common = [
+    '--hf-dir',
+    str(hf_dir),
+    '--dtype',
+    'float32',
+    '--compute-dtype',
+    'float32',
+    '--image-tokenizer',
+    'pixels',
+    '--image-size',
+    '8',
+    '--max-caption-tokens',
+    '16',
+  ]
   assert convert_cli.main([*common, '--out', str(float_dir)]) == 0
-  assert convert_cli.main([*common, '--out', str(quant_dir), '--quantize', mode, '--group-size', '32']) == 0
+  assert (
+    convert_cli.main([*common, '--out', str(quant_dir), '--quantize', mode, '--group-size', '32'])
+    == 0
+  )
 
   stored = runs.load_config(quant_dir)
   assert (stored.model.quant.mode, stored.model.quant.group_size) == (mode, 32)
   mesh = one_device_mesh(stored)
   graphdef_q, converted = official.load_params(quant_dir, mesh)
-  graphdef_l, loaded = official.load_params(float_dir, mesh, stored_with(runs.load_config(float_dir), mode))
+  graphdef_l, loaded = official.load_params(
+    float_dir, mesh, stored_with(runs.load_config(float_dir), mode)
+  )
   assert graphdef_q == graphdef_l
   leaves_equal(converted, loaded)
   gate = converted['decoder']['layers']['mlp']['gate_proj']['kernel']
   assert gate['qvalue'].get_value().dtype == quant.QTYPES[mode]
-  assert gate['scale'].get_value().shape == (2, 64 // 32 if mode == 'int4' else 1, tr.TINY_RELEASE['intermediate_size'])
+  assert gate['scale'].get_value().shape == (
+    2,
+    64 // 32 if mode == 'int4' else 1,
+    tr.TINY_RELEASE['intermediate_size'],
+  )
 
   # Restored onto 8 devices (fsdp 4 x tensor 2): same values, same velocities as on one device.
   cube = mesh_lib.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 4, 'tensor': 2}))
   _, sharded = official.load_params(quant_dir, cube)
   leaves_equal(converted, sharded)
-  assert sharded['decoder']['layers']['mlp']['gate_proj']['kernel']['qvalue'].get_value().sharding.mesh.shape == cube.shape
-  x, t, c = np.full((3, 12), 0.3, np.float32), np.full((3,), 0.4, np.float32), np.ones((3, 64), np.float32)
+  assert (
+    sharded['decoder']['layers']['mlp']['gate_proj']['kernel']['qvalue']
+    .get_value()
+    .sharding.mesh.shape
+    == cube.shape
+  )
+  x, t, c = (
+    np.full((3, 12), 0.3, np.float32),
+    np.full((3,), 0.4, np.float32),
+    np.ones((3, 64), np.float32),
+  )
   velocity = lambda params: jax.jit(lambda p: nnx.merge(graphdef_q, p).image_head(x, t, c))(params)
   np.testing.assert_allclose(velocity(sharded), velocity(converted), rtol=1e-5, atol=1e-6)
 
@@ -84,7 +117,9 @@ def test_quantized_conversion_cannot_be_requantized_and_samples_near_float(relea
 
   settings = {'num_steps': 3, 'batch_size': 2, 'cfg': 3.0}
   captions, seeds = ['a red circle', 'a cat on a sofa'], [0, 1]
-  reference = pipeline.TextToImage.from_converted(str(float_dir), mesh=one_device_mesh(config), **settings)
+  reference = pipeline.TextToImage.from_converted(
+    str(float_dir), mesh=one_device_mesh(config), **settings
+  )
   # Load-time int8 on the default sampling mesh (all 8 devices) and the int8 conversion.
   at_load = pipeline.TextToImage.from_converted(str(float_dir), quantize='int8', **settings)
   converted = pipeline.TextToImage.from_converted(str(int8_dir), **settings)
@@ -97,5 +132,9 @@ def test_quantized_conversion_cannot_be_requantized_and_samples_near_float(relea
     # int8 weights move the sampled pixels by a few levels on average (sharded float32 sums alone
     # move them by at most 2); another seed moves them by tens.
     assert np.abs(images - expected).mean() < 6, np.abs(images - expected).mean()
-  np.testing.assert_allclose(at_load(captions, seeds, grid=(2, 3)).astype(int),
-                             converted(captions, seeds, grid=(2, 3)).astype(int), atol=2, rtol=0)
+  np.testing.assert_allclose(
+    at_load(captions, seeds, grid=(2, 3)).astype(int),
+    converted(captions, seeds, grid=(2, 3)).astype(int),
+    atol=2,
+    rtol=0,
+  )

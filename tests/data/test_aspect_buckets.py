@@ -1,4 +1,5 @@
 """Tests of aspect-ratio buckets: assignment, the step schedule, process shards, resume, training."""
+
 import json
 
 import jax
@@ -26,21 +27,24 @@ def tok(tmp_path_factory):
   return data_testing.tokenizer(tmp_path_factory.mktemp('tok'))
 
 
-def _shards(tmp_path, num: int, truncated: tuple[int, ...] = (), garbage: tuple[int, ...] = ()) -> str:
+def _shards(
+  tmp_path, num: int, truncated: tuple[int, ...] = (), garbage: tuple[int, ...] = ()
+) -> str:
   """`num` PNG records of the SIZES in turn; `truncated` ones keep a readable header (they get a
   bucket, then fail to decode), `garbage` ones have none (left out of the buckets)."""
   recs = []
   for i in range(num):
     png = data_testing.image_bytes(data_testing.random_rgb(i, *SIZES[i % len(SIZES)]))
-    png = png[:len(png) // 2] if i in truncated else b'not an image' if i in garbage else png
+    png = png[: len(png) // 2] if i in truncated else b'not an image' if i in garbage else png
     recs.append(data_testing.image_record(png, data_testing.CAPTIONS[i % 4]))
   data_testing.write_shards(str(tmp_path / 'mixed'), recs, 2)
   return str(tmp_path / 'mixed-*.array_record')
 
 
 def _config(tmp_path, paths: str, **fields):
-  return data_testing.tiny_config(tmp_path, **{'source': 'arrayrecord', 'paths': paths,
-                                               'aspect_buckets': BUCKETS, **fields})
+  return data_testing.tiny_config(
+    tmp_path, **{'source': 'arrayrecord', 'paths': paths, 'aspect_buckets': BUCKETS, **fields}
+  )
 
 
 def test_area_strings_parse_and_records_go_to_the_nearest_aspect():
@@ -72,7 +76,9 @@ def test_schedule_uses_every_record_once_per_pass_of_its_bucket():
     n = len(members)
     assert len(streams[b]) == n * epochs, 'bucket batches in proportion to bucket size'
     for start in range(0, len(streams[b]), n):
-      assert sorted(streams[b][start:start + n]) == members, f'bucket {b} pass at {start} is not complete'
+      assert sorted(streams[b][start : start + n]) == members, (
+        f'bucket {b} pass at {start} is not complete'
+      )
   assert streams[0][:13] != streams[0][13:26], 'each pass of a bucket is reshuffled'
   assert {schedule.bucket_and_batch(s)[0] for s in range(steps)} == {0, 1, 2}
 
@@ -122,8 +128,13 @@ def test_bad_records_become_ignored_rows(tmp_path, tok, capsys):
 
 @pytest.mark.parametrize('worker_count', [0, 1])
 def test_resume_from_state_yields_exactly_the_uninterrupted_batches(tmp_path, tok, worker_count):
-  config = _config(tmp_path, _shards(tmp_path, 15, (TRUNCATED,), (GARBAGE,)), augment='hflip,random_crop',
-                   drop_text_prob=0.5, worker_count=worker_count)
+  config = _config(
+    tmp_path,
+    _shards(tmp_path, 15, (TRUNCATED,), (GARBAGE,)),
+    augment='hflip,random_crop',
+    drop_text_prob=0.5,
+    worker_count=worker_count,
+  )
   uninterrupted = grain_pipeline.GrainTrainingData(config, tok, 0, 1)
   for _ in range(3):
     uninterrupted.next_batch()
@@ -162,10 +173,12 @@ def test_the_latent_cache_stores_each_record_at_its_bucket_and_trains_the_same(t
 def test_bucket_configs_are_checked(tmp_path):
   config = _config(tmp_path, 'x-*.array_record')
   configlib.validate(config)
-  for fields, message in (({'aspect_buckets': ('2*2', '2x4')}, 'is not "h\\*w"'),
-                          ({'aspect_buckets': ('2*2', '2*2')}, 'lists a grid twice'),
-                          ({'source': 'builtin'}, 'needs the Grain pipeline'),
-                          ({'aspect_buckets': ('2*2', '2*20')}, 'max_seq_len')):
+  for fields, message in (
+    ({'aspect_buckets': ('2*2', '2x4')}, 'is not "h\\*w"'),
+    ({'aspect_buckets': ('2*2', '2*2')}, 'lists a grid twice'),
+    ({'source': 'builtin'}, 'needs the Grain pipeline'),
+    ({'aspect_buckets': ('2*2', '2*20')}, 'max_seq_len'),
+  ):
     bad = _config(tmp_path, 'x-*.array_record', **fields)
     with pytest.raises(configlib.ConfigError, match=message):
       configlib.validate(bad)
@@ -180,13 +193,24 @@ def test_non_square_training_runs(tmp_path):
   """configs/tiny.py (4-px tokens) on square and 4:1 (portrait) buckets: the loop compiles one step shape per
   bucket and trains (exact resume of the bucketed stream is tested above on the pipeline)."""
   paths = _shards(tmp_path, 24)
-  overrides = [f'data.cache_dir={tmp_path / "cache"}', 'data.source=arrayrecord', f'data.paths={paths}',
-               "data.aspect_buckets=('4*4', '8*2')", 'train.steps=3', 'train.batch_size=8',
-               'train.checkpoint_every=3', 'data.read_threads=1']
+  overrides = [
+    f'data.cache_dir={tmp_path / "cache"}',
+    'data.source=arrayrecord',
+    f'data.paths={paths}',
+    "data.aspect_buckets=('4*4', '8*2')",
+    'train.steps=3',
+    'train.batch_size=8',
+    'train.checkpoint_every=3',
+    'data.read_threads=1',
+  ]
   config = configlib.load_config('configs/tiny.py', overrides)
   schedule = grain_pipeline.bucket_schedule(config, grain_pipeline.open_raw_source(config), 1)
-  assert {schedule.bucket_and_batch(s)[0] for s in range(3)} == {0, 1}, 'the run must see both buckets'
+  assert {schedule.bucket_and_batch(s)[0] for s in range(3)} == {0, 1}, (
+    'the run must see both buckets'
+  )
   result = loop.train(config, str(tmp_path / 'run'))
-  assert result.step == 3 and all(np.isfinite(result.metrics[k]) for k in ('loss', 'lm_loss', 'im_loss'))
+  assert result.step == 3 and all(
+    np.isfinite(result.metrics[k]) for k in ('loss', 'lm_loss', 'im_loss')
+  )
   params, extra = multiprocess_testing.restore_on_one_device(tmp_path / 'run')
   assert extra['step'] == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))

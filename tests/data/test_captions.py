@@ -1,4 +1,5 @@
 """Tests of caption decoding and fitting to the token budget."""
+
 import pytest
 
 import data_testing
@@ -23,7 +24,7 @@ def test_fit_caption_truncates_to_the_longest_fitting_prefix(tok):
   fitted, fixes = captions.fit_caption(text, tok, 8, 'truncate')
   assert fixes == [bad_records.CAPTION_TRUNCATED]
   assert len(tok.encode(fitted)) <= 8 and text.startswith(fitted)
-  assert len(tok.encode(text[:len(fitted) + 1])) > 8 or fitted == text
+  assert len(tok.encode(text[: len(fitted) + 1])) > 8 or fitted == text
   assert captions.fit_caption('a red circle', tok, 20, 'truncate') == ('a red circle', [])
   with pytest.raises(bad_records.BadRecordError, match=bad_records.CAPTION_TOO_LONG):
     captions.fit_caption(text, tok, 8, 'skip')

@@ -1,4 +1,5 @@
 """Edit prompt rows: source block where `<image>` stands, target prefix last, 3 branch groups."""
+
 import numpy as np
 import pytest
 
@@ -21,15 +22,22 @@ def unpadded(row_ids, row_mask):
 
 def test_three_branch_rows(tok):
   captions = ['<image>make the sky green', 'a cat <image> on a sofa']
-  batch = edit_sequences.build_edit_prompt_batch(tok, captions, 2, 3, 3, 2, 12, negative_prompt='Copy original image.')
+  batch = edit_sequences.build_edit_prompt_batch(
+    tok, captions, 2, 3, 3, 2, 12, negative_prompt='Copy original image.'
+  )
   ids, mask, image_mask = batch['input_ids'], batch['attention_mask'], batch['image_token_mask']
   block = sequences.image_block_ids(tok, 2, 3)
   prefix = sequences.prompt_prefix_ids(tok, 3, 2)
   assert ids.shape == (6, 12 + len(block) + len(prefix))
   negative = tok.encode('Copy original image.')
-  expected = [block + tok.encode('make the sky green') + prefix,
-              tok.encode('a cat ') + block + tok.encode(' on a sofa') + prefix,
-              block + negative + prefix, block + negative + prefix, negative + prefix, negative + prefix]
+  expected = [
+    block + tok.encode('make the sky green') + prefix,
+    tok.encode('a cat ') + block + tok.encode(' on a sofa') + prefix,
+    block + negative + prefix,
+    block + negative + prefix,
+    negative + prefix,
+    negative + prefix,
+  ]
   for row, want in enumerate(expected):
     assert unpadded(ids[row], mask[row]) == want
     assert np.all(ids[row][~mask[row]] == tok.pad_id) and mask[row][-1]  # Left padded.
@@ -47,4 +55,6 @@ def test_image_tag_required_once(tok):
   with pytest.raises(ValueError, match='exactly one'):
     edit_sequences.build_edit_prompt_batch(tok, ['<image> and <image>'], 2, 2, 2, 2, 12)
   with pytest.raises(sequences.PromptTooLongError):
-    edit_sequences.build_edit_prompt_batch(tok, ['<image>' + 'make the sky green ' * 4], 2, 2, 2, 2, 12)
+    edit_sequences.build_edit_prompt_batch(
+      tok, ['<image>' + 'make the sky green ' * 4], 2, 2, 2, 2, 12
+    )

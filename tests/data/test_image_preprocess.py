@@ -1,4 +1,5 @@
 """Tests of image decoding/conversion, resize + centre crop and augmentation, against numpy."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -43,12 +44,18 @@ def test_palette_image_is_converted():
   assert image.shape == (8, 8, 3) and fixes == [bad_records.OTHER_MODE_CONVERTED]
 
 
-@pytest.mark.parametrize('data, reason', [
+@pytest.mark.parametrize(
+  'data, reason',
+  [
     (b'', bad_records.UNDECODABLE_IMAGE),
     (b'GIF89a nonsense', bad_records.UNDECODABLE_IMAGE),
-    (data_testing.image_bytes(data_testing.random_rgb(3, 32, 32))[:120], bad_records.TRUNCATED_IMAGE),
+    (
+      data_testing.image_bytes(data_testing.random_rgb(3, 32, 32))[:120],
+      bad_records.TRUNCATED_IMAGE,
+    ),
     (np.zeros((4, 4, 2), np.uint8), bad_records.UNDECODABLE_IMAGE),
-])
+  ],
+)
 def test_undecodable_data_raises_a_bad_record_error(data, reason):
   with pytest.raises(bad_records.BadRecordError) as error:
     image_preprocess.decode_image(data)
@@ -73,5 +80,5 @@ def test_augment_flips_and_crops_inside_the_covering_image():
   assert all((f == image).all() or (f == image[:, ::-1]).all() for f in flips)
   big = image_preprocess.resize_to_cover(image, 18, 18)
   crop = image_preprocess.augment(image, 16, 16, ('random_crop',), 1.125, np.random.default_rng(3))
-  windows = [big[t:t + 16, l:l + 16] for t in range(3) for l in range(3)]
+  windows = [big[t : t + 16, l : l + 16] for t in range(3) for l in range(3)]
   assert any((crop == w).all() for w in windows)

@@ -1,4 +1,5 @@
 """Tests of the latent cache: training from it equals encoding on the fly; variants."""
+
 import numpy as np
 import pytest
 
@@ -19,23 +20,31 @@ def tok(tmp_path_factory):
 
 def _raw_shards(tmp_path) -> str:
   """12 records of assorted sizes, one undecodable, one grayscale, one with an empty caption."""
-  recs = [data_testing.image_record(
-      data_testing.image_bytes(data_testing.random_rgb(i, 16 + i, 20)), data_testing.CAPTIONS[i % 4])
-          for i in range(12)]
+  recs = [
+    data_testing.image_record(
+      data_testing.image_bytes(data_testing.random_rgb(i, 16 + i, 20)), data_testing.CAPTIONS[i % 4]
+    )
+    for i in range(12)
+  ]
   recs[2] = data_testing.image_record(b'garbage', 'a red circle')
-  recs[5] = data_testing.image_record(data_testing.image_bytes(data_testing.random_rgb(5)[..., 1]),
-                                      'a blue square')
+  recs[5] = data_testing.image_record(
+    data_testing.image_bytes(data_testing.random_rgb(5)[..., 1]), 'a blue square'
+  )
   recs[7] = data_testing.image_record(data_testing.image_bytes(data_testing.random_rgb(7)), '')
   data_testing.write_shards(str(tmp_path / 'raw'), recs, 2)
   return str(tmp_path / 'raw-*.array_record')
 
 
 def test_training_from_the_cache_equals_encoding_on_the_fly(tmp_path, tok):
-  config = data_testing.tiny_config(tmp_path, source='arrayrecord', paths=_raw_shards(tmp_path),
-                                    drop_text_prob=0.5)
-  summary = latent_cache.build_latent_cache(config, str(tmp_path / 'latents'), num_shards=3,
-                                            batch_size=5)
-  assert summary['skipped'] == {bad_records.UNDECODABLE_IMAGE: 1}  # Captions are judged at read time.
+  config = data_testing.tiny_config(
+    tmp_path, source='arrayrecord', paths=_raw_shards(tmp_path), drop_text_prob=0.5
+  )
+  summary = latent_cache.build_latent_cache(
+    config, str(tmp_path / 'latents'), num_shards=3, batch_size=5
+  )
+  assert summary['skipped'] == {
+    bad_records.UNDECODABLE_IMAGE: 1
+  }  # Captions are judged at read time.
   raw = grain_pipeline.GrainTrainingData(config, tok, 0, 1)
   config.data.use_latent_cache = True
   config.data.latent_cache_paths = str(tmp_path / 'latents-*')
@@ -45,21 +54,35 @@ def test_training_from_the_cache_equals_encoding_on_the_fly(tmp_path, tok):
     for key in expected:
       np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
   assert cached.bad_record_counts == raw.bad_record_counts
-  assert {bad_records.UNDECODABLE_IMAGE, bad_records.EMPTY_CAPTION,
-          bad_records.GRAYSCALE_CONVERTED} <= set(raw.bad_record_counts)
+  assert {
+    bad_records.UNDECODABLE_IMAGE,
+    bad_records.EMPTY_CAPTION,
+    bad_records.GRAYSCALE_CONVERTED,
+  } <= set(raw.bad_record_counts)
 
 
 def test_cache_variants_are_the_plain_and_augmented_encodings(tmp_path, tok):
-  config = data_testing.tiny_config(tmp_path, source='arrayrecord', paths=_raw_shards(tmp_path),
-                                    augment='hflip,random_crop', cache_variants=3, shuffle_seed=7)
+  config = data_testing.tiny_config(
+    tmp_path,
+    source='arrayrecord',
+    paths=_raw_shards(tmp_path),
+    augment='hflip,random_crop',
+    cache_variants=3,
+    shuffle_seed=7,
+  )
   latent_cache.build_latent_cache(config, str(tmp_path / 'var'), num_shards=1)
-  stored = records.decode_record(records.read_all(records.resolve_paths(str(tmp_path / 'var-*')))[4])
+  stored = records.decode_record(
+    records.read_all(records.resolve_paths(str(tmp_path / 'var-*')))[4]
+  )
   assert stored.metadata['shape'] == [3, 16, 16, 3] and stored.metadata['source_index'] == 4
   latents = np.frombuffer(stored.payload, np.float32).reshape(3, 16, 16, 3)
   image = data_testing.random_rgb(4, 20, 20)
   expected = [image_preprocess.to_training_image(image, 16, 16)] + [
-      image_preprocess.augment(image, 16, 16, ('hflip', 'random_crop'), 1.125,
-                               np.random.default_rng([7, 4, k])) for k in (1, 2)]
+    image_preprocess.augment(
+      image, 16, 16, ('hflip', 'random_crop'), 1.125, np.random.default_rng([7, 4, k])
+    )
+    for k in (1, 2)
+  ]
   np.testing.assert_array_equal(latents, tokenizers.uint8_to_unit(np.stack(expected)))
   config.data.use_latent_cache = True
   config.data.latent_cache_paths = str(tmp_path / 'var-*')
@@ -73,13 +96,18 @@ def test_vae_config_trains_from_the_cache_by_one_config_change(tmp_path, tok):
   only in reading the cache; the cache of the built-in data gives the on-the-fly VAE batches."""
   shapes_vae = configlib.config_module('configs/shapes_vae.py')
   tokenizer_shapes = configlib.config_module('configs/tokenizer_shapes.py')
-  from nextstep_jax.data import training_data  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.data import training_data
 
   def small(arg):
     c = shapes_vae.get_config(arg)
     tokenizer_shapes.set_vae(c, 'tiny')
     c.image.vae.checkpoint = ''  # Random weights: the equality below does not need trained ones.
-    c.data.num_train, c.data.cache_dir, c.train.batch_size, c.data.read_threads = 12, str(tmp_path), 4, 1
+    c.data.num_train, c.data.cache_dir, c.train.batch_size, c.data.read_threads = (
+      12,
+      str(tmp_path),
+      4,
+      1,
+    )
     return c
 
   plain, cached = small(''), small('cached')

@@ -5,13 +5,15 @@ import os
 import pytest
 import sentencepiece as spm
 
-from nextstep_jax.data.text_tokenizer import SPECIAL_TOKENS, TextTokenizer, train_sentencepiece
+from nextstep_jax.data.text_tokenizer import SPECIAL_TOKENS
+from nextstep_jax.data.text_tokenizer import TextTokenizer
+from nextstep_jax.data.text_tokenizer import train_sentencepiece
 
 CAPTIONS = [
-    'a red circle to the left of a blue square',
-    'a handwritten digit seven',
-    'a green triangle above a yellow square',
-    'a small blue circle below a large red triangle',
+  'a red circle to the left of a blue square',
+  'a handwritten digit seven',
+  'a green triangle above a yellow square',
+  'a small blue circle below a large red triangle',
 ]
 VOCAB_SIZE = 400
 
@@ -24,9 +26,17 @@ def tok(tmp_path_factory):
 
 def test_special_tokens_are_the_official_ones_in_order():
   assert SPECIAL_TOKENS == (
-      '<|endoftext|>', '[PAD]', '<|image_area|>', '<|begin_of_image|>', '<|end_of_image|>',
-      '<|image_placeholder|>', '<|begin_of_prompt_refinement|>', '<|end_of_prompt_refinement|>',
-      '<|begin_of_thinking|>', '<|end_of_thinking|>')
+    '<|endoftext|>',
+    '[PAD]',
+    '<|image_area|>',
+    '<|begin_of_image|>',
+    '<|end_of_image|>',
+    '<|image_placeholder|>',
+    '<|begin_of_prompt_refinement|>',
+    '<|end_of_prompt_refinement|>',
+    '<|begin_of_thinking|>',
+    '<|end_of_thinking|>',
+  )
 
 
 def test_training_is_deterministic_and_atomic(tmp_path):
@@ -44,8 +54,14 @@ def test_special_tokens_are_single_ids_that_decode_back(tok):
   assert len({ids[0] for ids in special_ids}) == len(SPECIAL_TOKENS)
   for token, (token_id,) in zip(SPECIAL_TOKENS, special_ids):
     assert tok.decode([token_id]) == token
-  assert [tok.eos_id, tok.pad_id, tok.image_area_id, tok.boi_id, tok.eoi_id,
-          tok.image_placeholder_id] == [ids[0] for ids in special_ids[:6]]
+  assert [
+    tok.eos_id,
+    tok.pad_id,
+    tok.image_area_id,
+    tok.boi_id,
+    tok.eoi_id,
+    tok.image_placeholder_id,
+  ] == [ids[0] for ids in special_ids[:6]]
 
 
 def test_special_tokens_inside_text_are_matched(tok):
@@ -93,7 +109,12 @@ def test_too_small_vocab_names_the_config_field(tmp_path):
 
 def test_model_without_special_pieces_is_rejected(tmp_path):
   prefix = str(tmp_path / 'plain')
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_prefix=prefix,
-                                 vocab_size=40, hard_vocab_limit=False, minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(CAPTIONS),
+    model_prefix=prefix,
+    vocab_size=40,
+    hard_vocab_limit=False,
+    minloglevel=2,
+  )
   with pytest.raises(ValueError, match=r'<\|endoftext\|>.*not a single piece'):
     TextTokenizer.load(prefix + '.model')

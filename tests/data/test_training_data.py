@@ -1,4 +1,5 @@
 """Training-data interface: per-process rows of the global batch, exact continuation from a state."""
+
 import json
 
 import numpy as np

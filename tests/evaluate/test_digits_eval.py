@@ -1,4 +1,5 @@
 """Tests for the independent digit classifier and its Fréchet distance."""
+
 import numpy as np
 import pytest
 
@@ -56,7 +57,8 @@ def test_bad_input_raises_clear_errors(evaluator):
   with pytest.raises(ValueError, match='uint8'):
     evaluator.features(np.zeros((2, 32, 32, 3), np.float32))
   with pytest.raises(ValueError, match='at least 2'):
-    evaluator.frechet_distance(np.zeros((1, 32, 32, 3), np.uint8),
-                               np.zeros((5, 32, 32, 3), np.uint8))
+    evaluator.frechet_distance(
+      np.zeros((1, 32, 32, 3), np.uint8), np.zeros((5, 32, 32, 3), np.uint8)
+    )
   with pytest.raises(ValueError, match='labels'):
     evaluator.accuracy(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(3))

@@ -1,4 +1,5 @@
 """Evaluation runner: suites, headline keys, strict-JSON output, scoring of a perfect sampler."""
+
 import json
 import math
 
@@ -38,11 +39,18 @@ def test_a_sampler_drawing_the_truth_scores_one_and_noise_scores_zero():
   scores, images = run_eval.evaluate_shapes(true_sampler, 3)
   assert images['seen_two'].shape == (3, 32, 32, 3)
   assert run_eval.headline('shapes', scores) == {
-      'shapes_seen_accuracy_one': 1.0, 'shapes_seen_accuracy_two': 1.0, 'shapes_heldout_accuracy': 1.0}
+    'shapes_seen_accuracy_one': 1.0,
+    'shapes_seen_accuracy_two': 1.0,
+    'shapes_heldout_accuracy': 1.0,
+  }
   noise_scores, _ = run_eval.evaluate_shapes(noise_sampler, 3)
   assert all(v == 0.0 for v in run_eval.headline('shapes', noise_scores).values())
 
 
 def test_json_safe_replaces_non_finite_numbers():
   value = {'a': float('nan'), 'b': [np.float32(1.5), math.inf], 'c': 'x'}
-  assert json.loads(json.dumps(run_eval.json_safe(value), allow_nan=False)) == {'a': None, 'b': [1.5, None], 'c': 'x'}
+  assert json.loads(json.dumps(run_eval.json_safe(value), allow_nan=False)) == {
+    'a': None,
+    'b': [1.5, None],
+    'c': 'x',
+  }

@@ -1,16 +1,22 @@
 """Tests for the shapes-world detector and prompt scorer."""
+
 import dataclasses
 import math
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image
+from PIL import ImageFilter
 
 from nextstep_jax.data.builtin import shapes
 from nextstep_jax.evaluate import shapes_eval
 
-_OPPOSITE = {'to the left of': 'to the right of', 'to the right of': 'to the left of',
-             'above': 'below', 'below': 'above'}
+_OPPOSITE = {
+  'to the left of': 'to the right of',
+  'to the right of': 'to the left of',
+  'above': 'below',
+  'below': 'above',
+}
 
 
 def _scenes(num: int, num_objects: int, size: int, seed: int = 0) -> list[shapes.Scene]:
@@ -23,8 +29,9 @@ def _scenes(num: int, num_objects: int, size: int, seed: int = 0) -> list[shapes
 @pytest.mark.parametrize('split', ['train', 'heldout'])
 def test_real_renders_score_perfectly(size, num_objects, split):
   num = 300 if num_objects < 3 else 100
-  images, captions = shapes.make_dataset(num, seed=size + num_objects, size=size, split=split,
-                                         num_objects=(num_objects,))
+  images, captions = shapes.make_dataset(
+    num, seed=size + num_objects, size=size, split=split, num_objects=(num_objects,)
+  )
   result = shapes_eval.score(images, captions)
   assert result['n'] == num
   for key in ('accuracy', 'color', 'shape', 'count'):
@@ -41,8 +48,13 @@ def test_mildly_blurred_renders_still_score_perfectly(size):
 
 
 def test_detects_objects_with_positions():
-  scene = shapes.Scene((shapes.ShapeObject('green', 'triangle', 10, 20, 12),
-                        shapes.ShapeObject('magenta', 'circle', 24, 8, 10)), 'below')
+  scene = shapes.Scene(
+    (
+      shapes.ShapeObject('green', 'triangle', 10, 20, 12),
+      shapes.ShapeObject('magenta', 'circle', 24, 8, 10),
+    ),
+    'below',
+  )
   found = sorted(shapes_eval.detect_objects(shapes.render(scene, 32)), key=lambda o: o.color)
   assert [(o.color, o.shape) for o in found] == [('green', 'triangle'), ('magenta', 'circle')]
   assert abs(found[1].cx - 24) < 0.5 and abs(found[1].cy - 8) < 0.5
@@ -54,10 +66,16 @@ def test_rejects_swapped_colours_and_wrong_relation(size):
   for scene in _scenes(100, 2, size):
     first, second = scene.objects
     if first.color != second.color:
-      swapped = shapes.Scene((dataclasses.replace(first, color=second.color),
-                              dataclasses.replace(second, color=first.color)), scene.relation)
-      assert not shapes_eval.evaluate_image(shapes.render(swapped, size),
-                                            shapes.caption(scene))['correct']
+      swapped = shapes.Scene(
+        (
+          dataclasses.replace(first, color=second.color),
+          dataclasses.replace(second, color=first.color),
+        ),
+        scene.relation,
+      )
+      assert not shapes_eval.evaluate_image(shapes.render(swapped, size), shapes.caption(scene))[
+        'correct'
+      ]
     wrong = shapes.caption(dataclasses.replace(scene, relation=_OPPOSITE[scene.relation]))
     result = shapes_eval.evaluate_image(shapes.render(scene, size), wrong)
     assert result['count'] and result['color'] and result['shape']
@@ -68,8 +86,9 @@ def test_rejects_wrong_shape_and_extra_object():
   other_shape = {'circle': 'square', 'square': 'triangle', 'triangle': 'circle'}
   for scene in _scenes(100, 2, 32, seed=1):
     first = scene.objects[0]
-    changed = shapes.Scene((dataclasses.replace(first, shape=other_shape[first.shape]),
-                            scene.objects[1]), scene.relation)
+    changed = shapes.Scene(
+      (dataclasses.replace(first, shape=other_shape[first.shape]), scene.objects[1]), scene.relation
+    )
     result = shapes_eval.evaluate_image(shapes.render(changed, 32), shapes.caption(scene))
     assert not result['correct']
     image = shapes.render(scene, 32)
@@ -104,13 +123,16 @@ def test_bad_input_raises_clear_errors():
 @pytest.mark.parametrize('size', [32, 64])
 def test_new_concepts_on_real_renders_score_perfectly_in_extended_mode(size):
   images, captions = shapes.make_new_concept_dataset(400, seed=size, size=size, new_fraction=1.0)
-  assert {shapes.parse_caption(c, 'extended').objects[0] for c in captions} == set(shapes.NEW_CONCEPT_PAIRS)
+  assert {shapes.parse_caption(c, 'extended').objects[0] for c in captions} == set(
+    shapes.NEW_CONCEPT_PAIRS
+  )
   result = shapes_eval.score(images, captions, 'extended')
   assert result['accuracy'] == 1.0, result
   # The extended detector still reads every base render (1-3 objects) correctly.
   for num_objects in (1, 2, 3):
-    base_images, base_captions = shapes.make_dataset(150, seed=size + num_objects, size=size,
-                                                     num_objects=(num_objects,))
+    base_images, base_captions = shapes.make_dataset(
+      150, seed=size + num_objects, size=size, num_objects=(num_objects,)
+    )
     assert shapes_eval.score(base_images, base_captions, 'extended')['accuracy'] == 1.0
 
 
@@ -123,7 +145,9 @@ def test_mildly_blurred_new_concepts_still_score_perfectly(size):
 
 
 def test_new_concepts_are_told_apart_from_their_neighbours():
-  scene = lambda color, shape: shapes.Scene((shapes.ShapeObject(color, shape, 16.0, 16.0, 12.0),), None)
+  scene = lambda color, shape: shapes.Scene(
+    (shapes.ShapeObject(color, shape, 16.0, 16.0, 12.0),), None
+  )
   orange_circle = shapes.render(scene('orange', 'circle'), 32, 'extended')
   assert shapes_eval.evaluate_image(orange_circle, 'a orange circle', 'extended')['correct']
   assert not shapes_eval.evaluate_image(orange_circle, 'a red circle', 'extended')['color']

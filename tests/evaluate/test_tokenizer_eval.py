@@ -1,4 +1,5 @@
 """PSNR/SSIM against direct formulas; the robustness curve on the identity (pixels) tokenizer."""
+
 import math
 
 import numpy as np
@@ -20,11 +21,11 @@ def test_ssim_interior_matches_an_explicit_window():
   y = np.clip(x.astype(int) + rng.integers(-40, 41, x.shape), 0, 255).astype(np.uint8)
   ours = tokenizer_eval.ssim_map(x, y)
   offsets = np.arange(-5, 6)
-  window = np.exp(-(offsets[:, None]**2 + offsets[None, :]**2) / (2 * 1.5**2))
+  window = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * 1.5**2))
   window /= window.sum()
   fx, fy = x[0, ..., 0] / 255.0, y[0, ..., 0] / 255.0
   for i, j in [(5, 5), (9, 12), (14, 14)]:  # Windows fully inside the image.
-    px, py = fx[i - 5:i + 6, j - 5:j + 6], fy[i - 5:i + 6, j - 5:j + 6]
+    px, py = fx[i - 5 : i + 6, j - 5 : j + 6], fy[i - 5 : i + 6, j - 5 : j + 6]
     mx, my = (window * px).sum(), (window * py).sum()
     vx, vy = (window * px * px).sum() - mx**2, (window * py * py).sum() - my**2
     cxy = (window * px * py).sum() - mx * my

@@ -1,4 +1,5 @@
 """Compute-optimal study math: family shapes, isoFLOP selection, parabola and law fits, bootstrap, prediction."""
+
 import math
 
 import numpy as np
@@ -45,14 +46,18 @@ def test_isoflop_runs_split_the_budget_and_centre_on_the_prior():
   shapes = [scaling.family_shape(w) for w in (16, 32, 48, 64, 96, 128, 160, 192, 256)]
   count = lambda s: 12.0 * s.depth * s.width**2
   flops = lambda s: 6.0 * count(s) * 1000
-  budget = 6.0 * 20 * scaling.chinchilla_prior(1e13, 20.0)**2  # == 1e13.
-  picked = scaling.isoflop_runs(budget, shapes, flops, count, sizes=5, min_steps=10, max_steps=10**7)
+  budget = 6.0 * 20 * scaling.chinchilla_prior(1e13, 20.0) ** 2  # == 1e13.
+  picked = scaling.isoflop_runs(
+    budget, shapes, flops, count, sizes=5, min_steps=10, max_steps=10**7
+  )
   assert len(picked) == 5 and all(r.budget == budget for r in picked)
   assert [r.steps for r in picked] == [round(budget / flops(r.shape)) for r in picked]
   prior = scaling.chinchilla_prior(budget, 20.0)  # ~2.9e5: between w64 (98k) and w128 (786k).
   middle = count(picked[2].shape)
-  assert all(abs(math.log(middle) - math.log(prior)) <= abs(math.log(count(s)) - math.log(prior))
-             for s in shapes[2:-2])
+  assert all(
+    abs(math.log(middle) - math.log(prior)) <= abs(math.log(count(s)) - math.log(prior))
+    for s in shapes[2:-2]
+  )
   assert [r.shape.width for r in picked] == [48, 64, 96, 128, 160]
   # A step window narrower than the family leaves too few feasible shapes.
   with pytest.raises(ValueError, match='only 2 family shapes'):
@@ -61,13 +66,17 @@ def test_isoflop_runs_split_the_budget_and_centre_on_the_prior():
 
 def test_parabola_finds_the_vertex_and_refuses_curves_without_a_minimum():
   log_n = np.log([1e5, 2e5, 4e5, 8e5, 1.6e6])
-  loss = 2.0 + 0.3 * (log_n - math.log(3e5))**2
+  loss = 2.0 + 0.3 * (log_n - math.log(3e5)) ** 2
   vertex = scaling.fit_parabola(log_n, loss)
-  assert vertex['n_opt'] == pytest.approx(3e5, rel=1e-9) and vertex['loss_opt'] == pytest.approx(2.0, rel=1e-9)
+  assert vertex['n_opt'] == pytest.approx(3e5, rel=1e-9) and vertex['loss_opt'] == pytest.approx(
+    2.0, rel=1e-9
+  )
   assert vertex['interior'] and vertex['curvature'] == pytest.approx(0.3)
-  assert not scaling.fit_parabola(log_n, 2.0 + 0.3 * (log_n - math.log(3e6))**2)['interior']
-  assert scaling.fit_parabola(log_n, 2.0 + 0.3 * (log_n - math.log(1e9))**2) is None  # Far outside.
-  assert scaling.fit_parabola(log_n, 2.0 - 0.1 * (log_n - 12)**2) is None  # A maximum.
+  assert not scaling.fit_parabola(log_n, 2.0 + 0.3 * (log_n - math.log(3e6)) ** 2)['interior']
+  assert (
+    scaling.fit_parabola(log_n, 2.0 + 0.3 * (log_n - math.log(1e9)) ** 2) is None
+  )  # Far outside.
+  assert scaling.fit_parabola(log_n, 2.0 - 0.1 * (log_n - 12) ** 2) is None  # A maximum.
   assert scaling.fit_parabola(log_n[[0, 0, 1, 1]], loss[[0, 0, 1, 1]]) is None  # 2 distinct sizes.
 
 
@@ -76,8 +85,12 @@ def test_laws_recover_the_exponents():
   laws = scaling.fit_laws(budgets, log_n, loss)
   assert laws['n_opt_law']['exponent'] == pytest.approx(TRUE_A, abs=1e-6)
   assert laws['loss_law']['exponent'] == pytest.approx(TRUE_B, abs=1e-6)
-  assert scaling.law_value(laws['loss_law'], 1e15, falling=True) == pytest.approx(optimum(1e15)[1], rel=1e-6)
-  assert scaling.law_value(laws['n_opt_law'], 1e15, falling=False) == pytest.approx(optimum(1e15)[0], rel=1e-5)
+  assert scaling.law_value(laws['loss_law'], 1e15, falling=True) == pytest.approx(
+    optimum(1e15)[1], rel=1e-6
+  )
+  assert scaling.law_value(laws['n_opt_law'], 1e15, falling=False) == pytest.approx(
+    optimum(1e15)[0], rel=1e-5
+  )
 
 
 def test_bootstrap_intervals_cover_the_truth_and_shrink_with_less_noise():
@@ -124,16 +137,29 @@ def test_head_allocations_keep_the_total_while_the_head_grows():
   assert [s.width for s in shapes] == sorted((s.width for s in shapes), reverse=True)
   for s in shapes:  # Each backbone is the best available match of the target total.
     others = [count(scaling.family_shape(w, s.head_dim, s.head_layers)) for w in widths]
-    assert abs(math.log(count(s) / target)) == pytest.approx(min(abs(math.log(o / target)) for o in others))
+    assert abs(math.log(count(s) / target)) == pytest.approx(
+      min(abs(math.log(o / target)) for o in others)
+    )
 
 
 def test_curves_are_extended_past_an_edge_minimum():
   shapes = [scaling.family_shape(w) for w in (16, 32, 48, 64, 96, 128)]
   flops = lambda s: 1e6 * s.width
   on_curve = [scaling.PlannedRun('isoflop', 1e10, s, round(1e10 / flops(s))) for s in shapes[1:4]]
-  nxt = scaling.edge_extension(on_curve, [3.0, 2.0, 1.0], shapes, flops, 10, 10**6)  # Falls to the largest.
+  nxt = scaling.edge_extension(
+    on_curve, [3.0, 2.0, 1.0], shapes, flops, 10, 10**6
+  )  # Falls to the largest.
   assert nxt.shape.width == 96 and nxt.steps == round(1e10 / 96e6) and nxt.budget == 1e10
-  assert scaling.edge_extension(on_curve, [1.0, 2.0, 3.0], shapes, flops, 10, 10**6).shape.width == 16
-  assert scaling.edge_extension(on_curve, [2.0, 1.0, 3.0], shapes, flops, 10, 10**6) is None  # Bracketed.
-  assert scaling.edge_extension(on_curve, [3.0, 2.0, 1.0], shapes, flops, 150, 10**6) is None  # 104 steps: too few.
-  assert scaling.edge_extension(on_curve[::-1], [1.0, 2.0, 3.0], shapes, flops, 10, 10**6).shape.width == 96
+  assert (
+    scaling.edge_extension(on_curve, [1.0, 2.0, 3.0], shapes, flops, 10, 10**6).shape.width == 16
+  )
+  assert (
+    scaling.edge_extension(on_curve, [2.0, 1.0, 3.0], shapes, flops, 10, 10**6) is None
+  )  # Bracketed.
+  assert (
+    scaling.edge_extension(on_curve, [3.0, 2.0, 1.0], shapes, flops, 150, 10**6) is None
+  )  # 104 steps: too few.
+  assert (
+    scaling.edge_extension(on_curve[::-1], [1.0, 2.0, 3.0], shapes, flops, 10, 10**6).shape.width
+    == 96
+  )

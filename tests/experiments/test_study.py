@@ -1,4 +1,5 @@
 """Study orchestration: planner FLOPs, plans per stage, launch lines, resuming and collecting from records."""
+
 import json
 import math
 
@@ -13,9 +14,17 @@ FIXED = ('train.batch_size=8',)
 
 
 def small_spec(**changes) -> study.StudySpec:
-  fields = {'base': 'configs/shapes.py', 'fixed': FIXED, 'widths': (16, 32, 48, 64), 'budgets': (2e9, 4e9, 8e9),
-            'sizes_per_budget': 3, 'min_steps': 4, 'max_steps': 60, 'predict_factor': 4.0,
-            'heads': ((16, 1), (32, 2))}
+  fields = {
+    'base': 'configs/shapes.py',
+    'fixed': FIXED,
+    'widths': (16, 32, 48, 64),
+    'budgets': (2e9, 4e9, 8e9),
+    'sizes_per_budget': 3,
+    'min_steps': 4,
+    'max_steps': 60,
+    'predict_factor': 4.0,
+    'heads': ((16, 1), (32, 2)),
+  }
   return study.StudySpec(**(fields | changes))
 
 
@@ -36,7 +45,11 @@ def test_spec_refuses_too_few_budgets_and_shrinking_predictions():
 def test_schedule_follows_the_run_length():
   spec = small_spec()
   config = study.shape_config(spec, scaling.family_shape(32), steps=400)
-  assert (config.train.steps, config.train.warmup_steps, config.train.checkpoint_every) == (400, 20, 100)
+  assert (config.train.steps, config.train.warmup_steps, config.train.checkpoint_every) == (
+    400,
+    20,
+    100,
+  )
   assert config.train.batch_size == 8 and config.model.hidden_size == 32
 
 
@@ -50,17 +63,25 @@ def test_plans_and_launch_lines(capsys, tmp_path):
   heads = study.plan_heads(spec, cost, isoflop)
   assert [(r.shape.head_dim, r.shape.head_layers) for r in heads] == [(16, 1), (32, 2)]
   assert all(r.budget == 8e9 for r in heads)
-  laws = {'n_opt_law': {'coefficient': 1.0, 'exponent': 0.5}, 'loss_law': {'coefficient': 1.0, 'exponent': 0.1}}
+  laws = {
+    'n_opt_law': {'coefficient': 1.0, 'exponent': 0.5},
+    'loss_law': {'coefficient': 1.0, 'exponent': 0.1},
+  }
   run, n_opt = study.plan_prediction(spec, cost, laws)
   assert run.budget == 3.2e10 and n_opt == pytest.approx(3.2e10**0.5)
   assert run.shape == scaling.nearest_shape(study.family(spec), n_opt, cost.non_embedding)
   runs_dir = str(tmp_path / 'runs')
-  assert study.run_study(spec, str(tmp_path / 'out'), runs_dir, launch_only='train --name {name}') is None
+  assert (
+    study.run_study(spec, str(tmp_path / 'out'), runs_dir, launch_only='train --name {name}')
+    is None
+  )
   lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('train')]
   assert len(lines) == len({study.run_key(r) for r in isoflop + heads})  # The shared head run once.
   first = isoflop[0]
-  assert lines[0].startswith(f'train --name {study.run_key(first).replace(".", "-")} --config configs/shapes.py '
-                             f'--workdir {runs_dir}/{study.run_key(first)} --config.train.batch_size=8')
+  assert lines[0].startswith(
+    f'train --name {study.run_key(first).replace(".", "-")} --config configs/shapes.py '
+    f'--workdir {runs_dir}/{study.run_key(first)} --config.train.batch_size=8'
+  )
   assert f'--config.train.steps={first.steps}' in lines[0]
 
 
@@ -73,6 +94,7 @@ def test_finished_runs_are_read_back_not_retrained(tmp_path, monkeypatch):
   record = {'name': study.run_key(run), 'steps': run.steps, 'eval_loss': 1.25}
   (workdir / study.RECORD_FILE).write_text(json.dumps(record))
   from nextstep_jax.training import loop
+
   monkeypatch.setattr(loop, 'train', lambda *a, **k: pytest.fail('a finished run was retrained'))
   assert study.execute(spec, cost, run, str(tmp_path), train=True, label='') == record
   # A record of another step count (the run was replanned) is not this run's result.
@@ -88,22 +110,38 @@ def test_study_fits_predicts_and_plots_from_run_records(tmp_path, monkeypatch):
   spec = small_spec(bootstrap_samples=100, sizes_per_budget=4, max_steps=120)
 
   def fake_loss(budget, n):  # Vertex at N* = 1.5 C^0.5 (among each budget's sizes), L* = 20 C^-0.1.
-    return 20.0 * budget**-0.1 + 0.05 * (math.log(n) - math.log(1.5 * budget**0.5))**2
+    return 20.0 * budget**-0.1 + 0.05 * (math.log(n) - math.log(1.5 * budget**0.5)) ** 2
 
   def fake_execute(spec_, cost_, run, runs_dir, train, label, scorer):
     del spec_, runs_dir, train, label, scorer
     n = cost_.non_embedding(run.shape)
     counts = cost_.counts(run.shape)
-    return {'name': study.run_key(run), 'budget': run.budget, 'width': run.shape.width, 'depth': run.shape.depth,
-            'fm_head_dim': run.shape.head_dim, 'fm_head_layers': run.shape.head_layers, 'steps': run.steps,
-            **counts, 'backbone_params': counts['non_embedding_params'] - counts['head_params'],
-            'train_flops': run.steps * cost_.flops_per_step(run.shape), 'eval_loss': fake_loss(run.budget, n),
-            'eval_im_loss': 0.0, 'shapes_seen_accuracy_one': 0.5, 'shapes_seen_accuracy_two': 0.25,
-            'shapes_heldout_accuracy': 0.1, 'train_seconds_this_invocation': 1.0}
+    return {
+      'name': study.run_key(run),
+      'budget': run.budget,
+      'width': run.shape.width,
+      'depth': run.shape.depth,
+      'fm_head_dim': run.shape.head_dim,
+      'fm_head_layers': run.shape.head_layers,
+      'steps': run.steps,
+      **counts,
+      'backbone_params': counts['non_embedding_params'] - counts['head_params'],
+      'train_flops': run.steps * cost_.flops_per_step(run.shape),
+      'eval_loss': fake_loss(run.budget, n),
+      'eval_im_loss': 0.0,
+      'shapes_seen_accuracy_one': 0.5,
+      'shapes_seen_accuracy_two': 0.25,
+      'shapes_heldout_accuracy': 0.1,
+      'train_seconds_this_invocation': 1.0,
+    }
 
   monkeypatch.setattr(study, 'execute', fake_execute)
   summary = study.run_study(spec, str(tmp_path), str(tmp_path / 'runs'), stem='s')
-  isoflop = [r for r in summary['runs'] if r['name'] in {n for b in summary['isoflop_budgets'] for n in b['runs']}]
+  isoflop = [
+    r
+    for r in summary['runs']
+    if r['name'] in {n for b in summary['isoflop_budgets'] for n in b['runs']}
+  ]
   assert len(summary['isoflop_budgets']) == 3 and len(isoflop) == 12
   for budget in summary['isoflop_budgets']:
     curve = [r for r in isoflop if r['name'] in budget['runs']]
@@ -116,9 +154,10 @@ def test_study_fits_predicts_and_plots_from_run_records(tmp_path, monkeypatch):
   assert lo <= summary['exponent_n_opt']['value'] <= hi
   p = summary['prediction']
   assert p['budget'] == pytest.approx(4 * 8e9)
-  assert p['predicted_eval_loss'] == pytest.approx(20.0 * p['budget']**-0.1, rel=0.02)
-  assert p['relative_error'] == pytest.approx(abs(p['predicted_eval_loss'] - p['measured_eval_loss'])
-                                              / p['measured_eval_loss'])
+  assert p['predicted_eval_loss'] == pytest.approx(20.0 * p['budget'] ** -0.1, rel=0.02)
+  assert p['relative_error'] == pytest.approx(
+    abs(p['predicted_eval_loss'] - p['measured_eval_loss']) / p['measured_eval_loss']
+  )
   table = summary['head_allocation']  # The head runs and the family's own head on the middle shape.
   middle = summary['isoflop_budgets'][-1]['runs'][len(summary['isoflop_budgets'][-1]['runs']) // 2]
   assert middle in [r['name'] for r in table] and len({r['name'] for r in table}) == len(table)
@@ -134,13 +173,50 @@ def test_study_fits_predicts_and_plots_from_run_records(tmp_path, monkeypatch):
 
 def test_cli_compute_optimal_launch_lines(capsys, tmp_path):
   from nextstep_jax.cli import sweep as sweep_cli
-  assert sweep_cli.main(['--base', 'configs/shapes.py', '--budgets', '2e9,4e9,8e9', '--widths', '16,32,48,64',
-                         '--sizes-per-budget', '3', '--min-steps', '4', '--max-steps', '60', '--set',
-                         'train.batch_size=8', '--out', str(tmp_path), '--launch-cmd-only', '--launcher', 'go']) == 0
+
+  assert (
+    sweep_cli.main(
+      [
+        '--base',
+        'configs/shapes.py',
+        '--budgets',
+        '2e9,4e9,8e9',
+        '--widths',
+        '16,32,48,64',
+        '--sizes-per-budget',
+        '3',
+        '--min-steps',
+        '4',
+        '--max-steps',
+        '60',
+        '--set',
+        'train.batch_size=8',
+        '--out',
+        str(tmp_path),
+        '--launch-cmd-only',
+        '--launcher',
+        'go',
+      ]
+    )
+    == 0
+  )
   lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('go ')]
   assert len(lines) >= 9 and all(f'--workdir {tmp_path}/runs/c' in l for l in lines)
-  assert sweep_cli.main(['--base', 'configs/shapes.py', '--budgets', '1e12', '--grid', 'model.num_layers=1,2',
-                         '--out', str(tmp_path)]) == 2  # Usage error: one mode at a time.
+  assert (
+    sweep_cli.main(
+      [
+        '--base',
+        'configs/shapes.py',
+        '--budgets',
+        '1e12',
+        '--grid',
+        'model.num_layers=1,2',
+        '--out',
+        str(tmp_path),
+      ]
+    )
+    == 2
+  )  # Usage error: one mode at a time.
   assert 'either --grid' in capsys.readouterr().err
 
 
@@ -149,7 +225,10 @@ def test_a_preempted_run_stops_the_study_with_a_resume_hint(tmp_path, monkeypatc
   cost = study.Costs(spec)
   run = study.plan_isoflop(spec, cost)[0]
   from nextstep_jax.training import loop
-  monkeypatch.setattr(loop, 'train', lambda config, workdir: loop.TrainResult(workdir, 3, {}, 0.1, preempted=True))
+
+  monkeypatch.setattr(
+    loop, 'train', lambda config, workdir: loop.TrainResult(workdir, 3, {}, 0.1, preempted=True)
+  )
   with pytest.raises(study.StudyInterrupted, match=f'step 3 of {run.steps}.*rerun'):
     study.execute(spec, cost, run, str(tmp_path), train=True, label='')
 
@@ -157,14 +236,26 @@ def test_a_preempted_run_stops_the_study_with_a_resume_hint(tmp_path, monkeypatc
 def test_curves_without_a_minimum_keep_their_runs_and_say_why(tmp_path, monkeypatch):
   spec = small_spec(sizes_per_budget=4, max_steps=120, max_extensions=0)
 
-  def falling_execute(spec_, cost_, run, runs_dir, train, label, scorer):  # Bigger is always better.
+  def falling_execute(
+    spec_, cost_, run, runs_dir, train, label, scorer
+  ):  # Bigger is always better.
     del spec_, runs_dir, train, label, scorer
     counts = cost_.counts(run.shape)
-    return {'name': study.run_key(run), 'budget': run.budget, 'width': run.shape.width, 'depth': run.shape.depth,
-            'fm_head_dim': run.shape.head_dim, 'fm_head_layers': run.shape.head_layers, 'steps': run.steps,
-            **counts, 'backbone_params': counts['non_embedding_params'] - counts['head_params'],
-            'train_flops': run.budget, 'eval_loss': 10.0 / math.log(counts['non_embedding_params']),
-            'eval_im_loss': 0.0, 'train_seconds_this_invocation': 1.0}
+    return {
+      'name': study.run_key(run),
+      'budget': run.budget,
+      'width': run.shape.width,
+      'depth': run.shape.depth,
+      'fm_head_dim': run.shape.head_dim,
+      'fm_head_layers': run.shape.head_layers,
+      'steps': run.steps,
+      **counts,
+      'backbone_params': counts['non_embedding_params'] - counts['head_params'],
+      'train_flops': run.budget,
+      'eval_loss': 10.0 / math.log(counts['non_embedding_params']),
+      'eval_im_loss': 0.0,
+      'train_seconds_this_invocation': 1.0,
+    }
 
   monkeypatch.setattr(study, 'execute', falling_execute)
   summary = study.run_study(spec, str(tmp_path), str(tmp_path / 'runs'), stem='s')

@@ -1,4 +1,5 @@
 """Patchify / unpatchify in the official (c, py, px) channel-major order (docs/model.md §3)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,17 +17,24 @@ def value_encoded_latent(height, width, channels=C):
 
 def expected_token(row, col, channels=C, patch=PATCH):
   """Feature f = c p^2 + py p + px of the patch at (row, col), built independently of the code."""
-  return np.array([1000 * c + 10 * (row * patch + py) + (col * patch + px)
-                   for c in range(channels) for py in range(patch) for px in range(patch)],
-                  np.float32)
+  return np.array(
+    [
+      1000 * c + 10 * (row * patch + py) + (col * patch + px)
+      for c in range(channels)
+      for py in range(patch)
+      for px in range(patch)
+    ],
+    np.float32,
+  )
 
 
 def test_value_encoded_token_order():
   h, w = 3, 4
   tokens = P.patchify(value_encoded_latent(h * PATCH, w * PATCH), PATCH)
   assert tokens.shape == (1, h * w, C * PATCH * PATCH)
-  np.testing.assert_array_equal(tokens[0, 0, :12], [0, 1, 10, 11, 1000, 1001, 1010, 1011,
-                                                    2000, 2001, 2010, 2011])
+  np.testing.assert_array_equal(
+    tokens[0, 0, :12], [0, 1, 10, 11, 1000, 1001, 1010, 1011, 2000, 2001, 2010, 2011]
+  )
   # Raster order: token n = row * w + col.
   np.testing.assert_array_equal(tokens[0, 1, :4], [2, 3, 12, 13])
   np.testing.assert_array_equal(tokens[0, w, :4], [20, 21, 30, 31])
@@ -41,8 +49,9 @@ def test_not_flux_order():
   assert tokens[0, 0, 1] == 1 and tokens[0, 0, 4] == 1000
 
 
-@pytest.mark.parametrize('h, w, patch, channels', [(3, 5, 2, 16), (5, 2, 2, 3), (2, 3, 4, 3),
-                                                    (4, 1, 1, 7)])
+@pytest.mark.parametrize(
+  'h, w, patch, channels', [(3, 5, 2, 16), (5, 2, 2, 3), (2, 3, 4, 3), (4, 1, 1, 7)]
+)
 def test_round_trip_non_square(h, w, patch, channels):
   rng = np.random.default_rng(0)
   latent = rng.standard_normal((2, h * patch, w * patch, channels)).astype(np.float32)
@@ -52,7 +61,8 @@ def test_round_trip_non_square(h, w, patch, channels):
   # Inverse the other way round as well, and on jax arrays.
   np.testing.assert_array_equal(P.patchify(P.unpatchify(tokens, h, w, patch), patch), tokens)
   np.testing.assert_array_equal(
-      np.asarray(P.unpatchify(P.patchify(jnp.asarray(latent), patch), h, w, patch)), latent)
+    np.asarray(P.unpatchify(P.patchify(jnp.asarray(latent), patch), h, w, patch)), latent
+  )
 
 
 def test_unpatchify_uses_explicit_grid():

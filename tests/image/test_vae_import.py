@@ -1,6 +1,7 @@
 """Official-layout PyTorch autoencoder (written here from docs/model.md §2/§8) vs our import of its
 torch.save'd state_dict: posterior mean/logvar, normalised latents, decoded images; and the
 restricted unpickler rejecting anything but tensor records."""
+
 import pytest
 
 pytest.importorskip('torch', reason='the PyTorch references need the parity extra')
@@ -23,9 +24,20 @@ pytestmark = pytest.mark.torch
 
 # float32 on both sides; differences come from conv/attention summation order through ~20 layers.
 ATOL = 2e-4
-TINY = dict(resolution=16, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2, 2], num_res_blocks=1,
-            z_channels=4, scaling_factor=0.7, shift_factor=0.1, deterministic=True,
-            encoder_norm=True, psz=2)
+TINY = dict(
+  resolution=16,
+  in_channels=3,
+  ch=32,
+  out_ch=3,
+  ch_mult=[1, 2, 2],
+  num_res_blocks=1,
+  z_channels=4,
+  scaling_factor=0.7,
+  shift_factor=0.1,
+  deterministic=True,
+  encoder_norm=True,
+  psz=2,
+)
 
 
 def group_norm(c):
@@ -33,7 +45,6 @@ def group_norm(c):
 
 
 class ResnetBlock(nn.Module):
-
   def __init__(self, cin, cout):
     super().__init__()
     self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
@@ -48,7 +59,6 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-
   def __init__(self, c):
     super().__init__()
     self.norm = group_norm(c)
@@ -63,7 +73,6 @@ class AttnBlock(nn.Module):
 
 
 class Down(nn.Module):
-
   def __init__(self, c):
     super().__init__()
     self.conv = nn.Conv2d(c, c, 3, stride=2)
@@ -73,7 +82,6 @@ class Down(nn.Module):
 
 
 class Up(nn.Module):
-
   def __init__(self, c):
     super().__init__()
     self.conv = nn.Conv2d(c, c, 3, padding=1)
@@ -102,7 +110,8 @@ class TorchAutoEncoder(nn.Module):
     for i in range(len(mult)):
       level = nn.Module()
       level.block = nn.ModuleList(
-          [ResnetBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1]) for j in range(nrb)])
+        [ResnetBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1]) for j in range(nrb)]
+      )
       if i != len(mult) - 1:
         level.downsample = Down(widths[i + 1])
       self.encoder.down.append(level)
@@ -202,7 +211,8 @@ def test_import_matches_torch_reference(release):
   latents = ours.encode(x)
   np.testing.assert_allclose(latents, nhwc(ref_latents), atol=ATOL)
   # Each 2x2 patch of the mean is LayerNormed over its 16 values.
-  from nextstep_jax.image import patchify  # pylint: disable=import-outside-toplevel
+  from nextstep_jax.image import patchify
+
   tokens = np.asarray(patchify.patchify(np.asarray(mean), 2))
   np.testing.assert_allclose(tokens.mean(-1), 0, atol=1e-5)
   np.testing.assert_allclose(ours.decode(nhwc(ref_latents)), nhwc(ref_images), atol=ATOL)
@@ -241,11 +251,13 @@ def test_mismatched_checkpoint_lists_names(release, tmp_path):
     vae_import.load_release(tmp_path)
   message = str(error.value)
   assert 'decoder.conv_out.bias' in message and 'encoder.extra.weight' in message
-  assert 'encoder.conv_in.weight: checkpoint (32, 3, 5, 5), expected (torch layout) (32, 3, 3, 3)' in message
+  assert (
+    'encoder.conv_in.weight: checkpoint (32, 3, 5, 5), expected (torch layout) (32, 3, 3, 3)'
+    in message
+  )
 
 
 class _Exploit:
-
   def __reduce__(self):
     return (os.system, ('echo pwned',))
 
@@ -261,21 +273,35 @@ def test_malicious_pickle_is_rejected(tmp_path):
 
 def test_official_size_layout_matches_the_release_names():
   """docs/model.md §8: the f8ch16 key set, by shape evaluation only."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+
   model = nnx.eval_shape(lambda: vae.AutoEncoder(vae.AutoEncoderConfig(), nnx.Rngs(0)))
-  shapes = {vae_import.official_name(path): vae_import.torch_shape(var.get_value().shape)
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  shapes = {
+    vae_import.official_name(path): vae_import.torch_shape(var.get_value().shape)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
   assert shapes['encoder.conv_in.weight'] == (128, 3, 3, 3)
   assert shapes['encoder.conv_out.weight'] == (32, 512, 3, 3)
   assert shapes['decoder.conv_in.weight'] == (512, 16, 3, 3)
   assert shapes['decoder.conv_out.weight'] == (3, 128, 3, 3)
   assert shapes['encoder.mid.attn_1.q.weight'] == (512, 512, 1, 1)
   assert sorted(n for n in shapes if 'nin_shortcut.weight' in n) == [
-      'decoder.up.0.block.0.nin_shortcut.weight', 'decoder.up.1.block.0.nin_shortcut.weight',
-      'encoder.down.1.block.0.nin_shortcut.weight', 'encoder.down.2.block.0.nin_shortcut.weight']
+    'decoder.up.0.block.0.nin_shortcut.weight',
+    'decoder.up.1.block.0.nin_shortcut.weight',
+    'encoder.down.1.block.0.nin_shortcut.weight',
+    'encoder.down.2.block.0.nin_shortcut.weight',
+  ]
   assert sorted(n for n in shapes if 'sample' in n and n.endswith('weight')) == [
-      'decoder.up.1.upsample.conv.weight', 'decoder.up.2.upsample.conv.weight',
-      'decoder.up.3.upsample.conv.weight', 'encoder.down.0.downsample.conv.weight',
-      'encoder.down.1.downsample.conv.weight', 'encoder.down.2.downsample.conv.weight']
-  assert {n.split('.block.')[1][0] for n in shapes if n.startswith('decoder.up.3.block.')} == {'0', '1', '2'}
+    'decoder.up.1.upsample.conv.weight',
+    'decoder.up.2.upsample.conv.weight',
+    'decoder.up.3.upsample.conv.weight',
+    'encoder.down.0.downsample.conv.weight',
+    'encoder.down.1.downsample.conv.weight',
+    'encoder.down.2.downsample.conv.weight',
+  ]
+  assert {n.split('.block.')[1][0] for n in shapes if n.startswith('decoder.up.3.block.')} == {
+    '0',
+    '1',
+    '2',
+  }
   assert not any('quant_conv' in n for n in shapes)

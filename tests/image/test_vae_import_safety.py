@@ -2,15 +2,16 @@
 files from the hardening report), in one line naming the tensor; a random-mutation fuzz of a valid
 file, run in a subprocess, never crashes and never loads anything but the record's own values;
 safetensors damage names the file."""
+
 import json
 import os
 import subprocess
 import sys
 
+import checkpoint_fuzz
 import numpy as np
 import pytest
 
-import checkpoint_fuzz
 from nextstep_jax.image import vae_import
 
 FUZZ_CASES = 400
@@ -33,19 +34,33 @@ def test_valid_file_loads_exactly(tmp_path):
   loaded = vae_import.read_torch_checkpoint(_crafted(tmp_path))
   for name, record in records.items():
     np.testing.assert_array_equal(loaded[name], checkpoint_fuzz.reference(storages, record))
-  np.testing.assert_array_equal(loaded['conv.weight_t'], loaded['conv.weight'].reshape(-1)[:6].reshape(2, 3).T)
+  np.testing.assert_array_equal(
+    loaded['conv.weight_t'], loaded['conv.weight'].reshape(-1)[:6].reshape(2, 3).T
+  )
 
 
-@pytest.mark.parametrize('changes, says', [
+@pytest.mark.parametrize(
+  'changes, says',
+  [
     ({'norm.weight': {'size': (4096,)}}, "'norm.weight': its last element"),  # Leaked 16 KB before.
-    ({'conv.bias': {'stride': (2 ** 40,)}}, "'conv.bias': its last element"),  # SIGSEGV before.
+    ({'conv.bias': {'stride': (2**40,)}}, "'conv.bias': its last element"),  # SIGSEGV before.
     ({'conv.bias': {'offset': -1}}, "'conv.bias': offset -1"),
     ({'step': {'offset': 5}}, "'step': its last element"),
-    ({'conv.weight': {'stride': (12, 4, 2)}}, "'conv.weight': size (2, 3, 2, 2) and stride (12, 4, 2) differ"),
-    ({'norm.weight': {'storage': 'FloatStorage'}}, "'norm.weight': storage '1' declares 6 elements"),
+    (
+      {'conv.weight': {'stride': (12, 4, 2)}},
+      "'conv.weight': size (2, 3, 2, 2) and stride (12, 4, 2) differ",
+    ),
+    (
+      {'norm.weight': {'storage': 'FloatStorage'}},
+      "'norm.weight': storage '1' declares 6 elements",
+    ),
     ({'conv.bias': {'numel': 4096}}, "'conv.bias': storage '0' declares 4096 elements"),
-    ({'step': {'storage': 'HalfStorage'}}, "'step': storage '2' declares 5 elements but holds 20 of float16"),
-])
+    (
+      {'step': {'storage': 'HalfStorage'}},
+      "'step': storage '2' declares 5 elements but holds 20 of float16",
+    ),
+  ],
+)
 def test_out_of_bounds_records_are_refused_naming_the_tensor(tmp_path, changes, says):
   with pytest.raises(vae_import.UnsafeCheckpointError) as error:
     vae_import.read_torch_checkpoint(_crafted(tmp_path, **changes))
@@ -55,9 +70,14 @@ def test_out_of_bounds_records_are_refused_naming_the_tensor(tmp_path, changes, 
 def test_fuzzed_records_load_exactly_or_are_refused_in_a_subprocess(tmp_path):
   out = tmp_path / 'fuzz.json'
   result = subprocess.run(
-      [sys.executable, FUZZ_SCRIPT, '--cases', str(FUZZ_CASES),
-       '--json', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}, check=False)
+    [sys.executable, FUZZ_SCRIPT, '--cases', str(FUZZ_CASES), '--json', str(out)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'},
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]  # 139 would be a SIGSEGV.
   summary = json.loads(out.read_text())
   assert summary['wrong'] == 0 and summary['unexpected'] == 0, summary['examples']
@@ -74,11 +94,14 @@ def test_damaged_safetensors_names_the_file(tmp_path):
     vae_import.read_safetensors(path)
 
 
-@pytest.mark.parametrize('release, says', [
+@pytest.mark.parametrize(
+  'release, says',
+  [
     ({'psz': None, 'encoder_norm': True}, 'psz=null'),
     ({'ch': 'wide'}, "ch='wide' must be a positive integer"),
     ({'ch_mult': 4}, 'ch_mult=4 must be a list'),
-])
+  ],
+)
 def test_release_config_errors_are_one_line(release, says):
   with pytest.raises(vae_import.CheckpointFormatError, match=says):
     vae_import.config_from_release(release)

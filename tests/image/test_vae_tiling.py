@@ -1,5 +1,6 @@
 """Spatially tiled VAE decode/encode: tile layout, blending, exactness with one tile, measured
 deviation and seams of a small random VAE, and the VaeTokenizer switching to tiles by size."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def test_tile_layout_covers_evenly_and_weights_sum_to_one():
     total = np.zeros(length * 3)
     for start, w in zip(starts, weights):
       assert (w > 0).all()
-      total[start * 3:(start + size) * 3] += w
+      total[start * 3 : (start + size) * 3] += w
     np.testing.assert_allclose(total, 1.0, atol=1e-6)
   with pytest.raises(ValueError, match='overlap < size'):
     vae_tiling.Tiling(8, 8).check()
@@ -70,8 +71,10 @@ def test_one_tile_equals_untiled_exactly():
   for tiling in (vae_tiling.Tiling(16, 4), vae_tiling.Tiling(32, 8)):  # Tile = and > the latent.
     np.testing.assert_array_equal(decode(model, latents, tiling), untiled)
   tiling = vae_tiling.Tiling(16, 4)
-  np.testing.assert_array_equal(nnx.jit(lambda m, x: m.encode(x, tiling=tiling))(model, images),
-                                nnx.jit(lambda m, x: m.encode(x))(model, images))
+  np.testing.assert_array_equal(
+    nnx.jit(lambda m, x: m.encode(x, tiling=tiling))(model, images),
+    nnx.jit(lambda m, x: m.encode(x))(model, images),
+  )
 
 
 def test_tiled_decode_deviation_and_seams():
@@ -88,14 +91,24 @@ def test_tiled_decode_deviation_and_seams():
   hard = vae_tiling.Tiling(8, 0)  # Two abutting tiles, no blending: the seam must show.
   cut = vae_tiling.seam_positions(16, hard, 2)
   assert cut == [16]
-  assert tokenizer_eval.seam_ratio(decode(model, latents, hard), untiled, cut, cut) > MIN_HARD_CUT_SEAM_RATIO
+  assert (
+    tokenizer_eval.seam_ratio(decode(model, latents, hard), untiled, cut, cut)
+    > MIN_HARD_CUT_SEAM_RATIO
+  )
 
 
 def test_tokenizer_tiles_above_tile_size():
   c = base.get_base_config()
   c.image.tokenizer, c.image.size = 'vae', 32
   v = c.image.vae
-  v.ch, v.ch_mult, v.num_res_blocks, v.z_channels, v.norm_groups, v.batch_chunk = 8, (1, 2), 1, 4, 4, 1
+  v.ch, v.ch_mult, v.num_res_blocks, v.z_channels, v.norm_groups, v.batch_chunk = (
+    8,
+    (1, 2),
+    1,
+    4,
+    4,
+    1,
+  )
   v.tile_size, v.tile_overlap = 8, 4
   c.model.latent_channels, c.model.latent_patch_size = 4, 2
   configlib.validate(c)
@@ -106,7 +119,9 @@ def test_tokenizer_tiles_above_tile_size():
   tiling = vae_tiling.Tiling(8, 4)
   direct = nnx.jit(lambda m, x: m.encode(x, tiling=tiling))(model, images)
   np.testing.assert_allclose(latents, direct, atol=1e-5)
-  np.testing.assert_allclose(tok.decode(latents), np.clip(decode(model, latents, tiling), -1, 1), atol=1e-5)
+  np.testing.assert_allclose(
+    tok.decode(latents), np.clip(decode(model, latents, tiling), -1, 1), atol=1e-5
+  )
   small = tok.decode(latents[:, :8, :8])  # One tile: untiled.
   np.testing.assert_allclose(small, np.clip(decode(model, latents[:, :8, :8]), -1, 1), atol=1e-5)
   v.tile_overlap = 8

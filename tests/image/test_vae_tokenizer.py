@@ -1,4 +1,5 @@
 """VaeTokenizer: sharded chunked encode/decode equals the plain model call; export round trip."""
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -46,10 +47,14 @@ def test_chunked_sharded_equals_direct_and_round_trips(tmp_path):
   direct = nnx.jit(lambda m, z: m.decode(z))(model, latents)
   np.testing.assert_allclose(decoded, np.clip(direct, -1, 1), atol=ATOL)
 
-  vae_tokenizer.export_release(tmp_path / vae_tokenizer.RELEASE_DIR, model.cfg, nnx.state(model, nnx.Param))
+  vae_tokenizer.export_release(
+    tmp_path / vae_tokenizer.RELEASE_DIR, model.cfg, nnx.state(model, nnx.Param)
+  )
   reloaded = vae_tokenizer.load_model(tiny_config(str(tmp_path)))
-  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
-                               nnx.to_flat_state(nnx.state(reloaded, nnx.Param))):
+  for (path, a), (_, b) in zip(
+    nnx.to_flat_state(nnx.state(model, nnx.Param)),
+    nnx.to_flat_state(nnx.state(reloaded, nnx.Param)),
+  ):
     np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(path))
 
   wrong = tiny_config(str(tmp_path))
@@ -59,11 +64,20 @@ def test_chunked_sharded_equals_direct_and_round_trips(tmp_path):
 
 
 def test_posterior_sampling_and_normalisation():
-  cfg = vae.AutoEncoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, norm_groups=4,
-                              deterministic=False, scaling_factor=2.0, shift_factor=0.5)
+  cfg = vae.AutoEncoderConfig(
+    ch=8,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    z_channels=4,
+    norm_groups=4,
+    deterministic=False,
+    scaling_factor=2.0,
+    shift_factor=0.5,
+  )
   model = vae.AutoEncoder(cfg, nnx.Rngs(0))
   images = np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
+
   mean, _ = model.posterior(images)
   np.testing.assert_allclose(model.encode(images), (np.asarray(mean) - 0.5) * 2.0, atol=1e-6)
   sampled = model.encode(images, jax.random.key(0))

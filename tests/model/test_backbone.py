@@ -1,4 +1,5 @@
 """The Qwen2-style decoder (docs/model.md §1): RoPE, GQA attention, RMSNorm, KV cache, padding, remat."""
+
 import dataclasses
 
 import jax
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model_testing import randomize
 from nextstep_jax import nn as L
 from nextstep_jax.model import backbone as BB
-from model_testing import randomize
 
 ROPE_ATOL = 1e-5  # float32 cos/sin of angles up to ~40 rad (positions < 40) vs float64.
 REF_RTOL = 1e-4  # float32 attention / decoder vs float64 numpy: softmax + 2 layers of rounding.
@@ -21,10 +22,21 @@ PAD_ATOL = 2e-5  # Padded vs unpadded row: pads get exactly 0 weight (exp(-1e30)
 REMAT_ATOL = 1e-5  # Remat recomputes the same float32 ops but XLA may fuse / reorder them:
 #                   ~1e-6 relative to the largest gradient entries (~5).
 
-CFG = BB.BackboneConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                        intermediate_size=96, rms_norm_eps=1e-5, rope_theta=1e4, attention_bias=True,
-                        o_attention_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                        remat_policy='none')
+CFG = BB.BackboneConfig(
+  hidden_size=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  intermediate_size=96,
+  rms_norm_eps=1e-5,
+  rope_theta=1e4,
+  attention_bias=True,
+  o_attention_bias=False,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  remat_policy='none',
+)
 
 
 @pytest.fixture(scope='module')
@@ -43,8 +55,10 @@ def cached_forward():
 
 
 def np_params(module):
-  return {'.'.join(map(str, p)): np.asarray(v.get_value(), np.float64)
-          for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  return {
+    '.'.join(map(str, p)): np.asarray(v.get_value(), np.float64)
+    for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
+  }
 
 
 # ----- numpy references -----
@@ -56,7 +70,7 @@ def np_rope(x, positions, theta):
   inv_freq = theta ** (-2.0 * np.arange(e // 2) / e)
   ang = np.asarray(positions, np.float64)[..., None] * inv_freq
   ang = np.concatenate([ang, ang], -1)[:, :, None, :]
-  rot = np.concatenate([-x[..., e // 2:], x[..., :e // 2]], -1)
+  rot = np.concatenate([-x[..., e // 2 :], x[..., : e // 2]], -1)
   return x * np.cos(ang) + rot * np.sin(ang)
 
 
@@ -93,11 +107,15 @@ def np_decoder(p, x, positions, key_valid, cfg=CFG):
   """Pre-norm blocks h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h)); final RMSNorm."""
   silu = lambda z: z / (1 + np.exp(-z))
   for i in range(cfg.num_layers):
-    lp = {k[len('layers.'):]: v[i] for k, v in p.items() if k.startswith('layers.')}
+    lp = {k[len('layers.') :]: v[i] for k, v in p.items() if k.startswith('layers.')}
     n = np_rms_norm(x, lp['input_layernorm.weight'], cfg.rms_norm_eps)
     h = x + np_attention(lp, n, positions, key_valid, prefix='self_attn.')
     n = np_rms_norm(h, lp['post_attention_layernorm.weight'], cfg.rms_norm_eps)
-    x = h + (silu(n @ lp['mlp.gate_proj.kernel']) * (n @ lp['mlp.up_proj.kernel'])) @ lp['mlp.down_proj.kernel']
+    x = (
+      h
+      + (silu(n @ lp['mlp.gate_proj.kernel']) * (n @ lp['mlp.up_proj.kernel']))
+      @ lp['mlp.down_proj.kernel']
+    )
   return np_rms_norm(x, p['norm.weight'], cfg.rms_norm_eps)
 
 
@@ -129,7 +147,9 @@ def test_rope_is_relative():
   def dot(pq, pk):
     cq, sq = BB.rope_cos_sin(jnp.array([[pq]]), 16, 1e4, jnp.float32)
     ck, sk = BB.rope_cos_sin(jnp.array([[pk]]), 16, 1e4, jnp.float32)
-    return float(jnp.sum(BB.apply_rope(jnp.asarray(q), cq, sq) * BB.apply_rope(jnp.asarray(k), ck, sk)))
+    return float(
+      jnp.sum(BB.apply_rope(jnp.asarray(q), cq, sq) * BB.apply_rope(jnp.asarray(k), ck, sk))
+    )
 
   assert dot(9, 4) == pytest.approx(dot(5, 0), abs=ROPE_ATOL)
   assert dot(9, 4) != pytest.approx(dot(9, 3), abs=1e-3)
@@ -144,8 +164,12 @@ def test_rms_norm_float32_reference():
   norm = L.RMSNorm(64, 1e-5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   w = (1 + rng.standard_normal(64)).astype(np.float32)
   norm.weight.set_value(jnp.asarray(w))
-  np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), np_rms_norm(x.astype(np.float64), w, 1e-5),
-                             rtol=REF_RTOL, atol=REF_ATOL)
+  np.testing.assert_allclose(
+    np.asarray(norm(jnp.asarray(x))),
+    np_rms_norm(x.astype(np.float64), w, 1e-5),
+    rtol=REF_RTOL,
+    atol=REF_ATOL,
+  )
 
 
 def test_rms_norm_order_in_bfloat16():
@@ -164,7 +188,7 @@ def test_rms_norm_order_in_bfloat16():
   official = (normed.astype(bf16).astype(np.float32) * w.astype(np.float32)).astype(bf16)
   wrong_order = (normed * w.astype(np.float32)).astype(bf16)
   # One bf16 ulp of slack for the float32 rsqrt vs sqrt + divide before the first rounding.
-  ulp = np.abs(official.astype(np.float32)) * 2.0 ** -7
+  ulp = np.abs(official.astype(np.float32)) * 2.0**-7
   diff = np.abs(out.astype(np.float32) - official.astype(np.float32))
   assert np.all(diff <= ulp + 1e-30)
   assert (out == official).mean() > 0.97
@@ -184,7 +208,9 @@ def test_attention_matches_gqa_reference(decoder, with_padding):
     key_valid[0, :3] = False  # Left padding.
     key_valid[1, 4] = False  # A hole in the middle.
   p = np_params(decoder)
-  lp = {k[len('layers.self_attn.'):]: v[0] for k, v in p.items() if k.startswith('layers.self_attn.')}
+  lp = {
+    k[len('layers.self_attn.') :]: v[0] for k, v in p.items() if k.startswith('layers.self_attn.')
+  }
   stacked = decoder.layers.self_attn  # Params (layers, ...): take layer 0.
   attn = nnx.merge(nnx.graphdef(stacked), jax.tree.map(lambda a: a[0], nnx.state(stacked)))
   cos, sin = BB.rope_cos_sin(jnp.asarray(positions), CFG.head_dim, CFG.rope_theta, jnp.float32)
@@ -194,8 +220,9 @@ def test_attention_matches_gqa_reference(decoder, with_padding):
   ref = np_attention(lp, x.astype(np.float64), positions, key_valid)
   np.testing.assert_allclose(out, ref, rtol=REF_RTOL, atol=REF_ATOL)
   # The reference is sensitive to the GQA mapping: j % K instead of j // G differs.
-  interleaved = np_attention(lp, x.astype(np.float64), positions, key_valid,
-                             kv_of=lambda j: j % CFG.num_kv_heads)
+  interleaved = np_attention(
+    lp, x.astype(np.float64), positions, key_valid, kv_of=lambda j: j % CFG.num_kv_heads
+  )
   assert np.abs(interleaved - ref).max() > 1e-3
 
 
@@ -225,7 +252,9 @@ def test_cached_decoding_equals_full_forward(decoder, forward, cached_forward, p
   full = np.asarray(forward(decoder, x, positions, valid))
 
   cache = decoder.init_cache(b, l + 2)  # Spare slots must stay invisible.
-  hidden, cache = cached_forward(decoder, x[:, :prefill], positions[:, :prefill], valid[:, :prefill], cache)
+  hidden, cache = cached_forward(
+    decoder, x[:, :prefill], positions[:, :prefill], valid[:, :prefill], cache
+  )
   outs = [np.asarray(hidden)]
   start = prefill
   for size in chunks:
@@ -255,9 +284,12 @@ def test_left_padding_does_not_change_results(decoder, forward, cached_forward, 
   x_pad = np.concatenate([pads, x], axis=1)
   valid_pad = np.r_[np.zeros(pad, bool), np.ones(n, bool)][None]
   pos_pad = np.arange(pad + n, dtype=np.int32)[None]  # Raw slots (padding not subtracted).
-  plain = np.asarray(forward(decoder, jnp.asarray(x), jnp.arange(n, dtype=jnp.int32)[None],
-                             jnp.ones((1, n), bool)))
-  padded = np.asarray(forward(decoder, jnp.asarray(x_pad), jnp.asarray(pos_pad), jnp.asarray(valid_pad)))
+  plain = np.asarray(
+    forward(decoder, jnp.asarray(x), jnp.arange(n, dtype=jnp.int32)[None], jnp.ones((1, n), bool))
+  )
+  padded = np.asarray(
+    forward(decoder, jnp.asarray(x_pad), jnp.asarray(pos_pad), jnp.asarray(valid_pad))
+  )
   np.testing.assert_allclose(padded[:, pad:], plain, atol=PAD_ATOL, rtol=PAD_ATOL)
   # Batched with the unpadded row (the sampler's situation) and through the cache.
   # Row 1: the same row with zero pad embeddings.
@@ -266,10 +298,20 @@ def test_left_padding_does_not_change_results(decoder, forward, cached_forward, 
   pos_b = np.concatenate([pos_pad, pos_pad])
   cache = decoder.init_cache(2, pad + n)
   split = pad + n - 2
-  h1, cache = cached_forward(decoder, jnp.asarray(x_b[:, :split]), jnp.asarray(pos_b[:, :split]),
-                             jnp.asarray(valid_b[:, :split]), cache)
-  h2, cache = cached_forward(decoder, jnp.asarray(x_b[:, split:]), jnp.asarray(pos_b[:, split:]),
-                             jnp.asarray(valid_b[:, split:]), cache)
+  h1, cache = cached_forward(
+    decoder,
+    jnp.asarray(x_b[:, :split]),
+    jnp.asarray(pos_b[:, :split]),
+    jnp.asarray(valid_b[:, :split]),
+    cache,
+  )
+  h2, cache = cached_forward(
+    decoder,
+    jnp.asarray(x_b[:, split:]),
+    jnp.asarray(pos_b[:, split:]),
+    jnp.asarray(valid_b[:, split:]),
+    cache,
+  )
   both = np.concatenate([np.asarray(h1), np.asarray(h2)], axis=1)
   for row in range(2):
     np.testing.assert_allclose(both[row, pad:], plain[0], atol=PAD_ATOL, rtol=PAD_ATOL)
@@ -284,8 +326,9 @@ REMAT_B, REMAT_L = 2, 6
 def _value_and_grads(model, x):
   positions = jnp.broadcast_to(jnp.arange(REMAT_L, dtype=jnp.int32), (REMAT_B, REMAT_L))
   valid = jnp.ones((REMAT_B, REMAT_L), bool).at[1, 0].set(False)
-  weights = jnp.asarray(np.random.default_rng(10).standard_normal((REMAT_B, REMAT_L, CFG.hidden_size)),
-                        jnp.float32)
+  weights = jnp.asarray(
+    np.random.default_rng(10).standard_normal((REMAT_B, REMAT_L, CFG.hidden_size)), jnp.float32
+  )
 
   def loss(model, x):
     return jnp.sum(model(x, positions, valid)[0] * weights)
@@ -307,5 +350,7 @@ def test_remat_policies_match_none(decoder, remat_reference, policy):
   v1, (g1, gx1) = _value_and_grads(other, x)
   assert float(v1) == pytest.approx(float(v0), rel=REMAT_ATOL, abs=REMAT_ATOL)
   np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), atol=REMAT_ATOL, rtol=REMAT_ATOL)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=REMAT_ATOL, rtol=REMAT_ATOL), g1, g0)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=REMAT_ATOL, rtol=REMAT_ATOL), g1, g0
+  )
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-3

@@ -1,4 +1,5 @@
 """The flow-matching head against a numpy reference of docs/model.md §5."""
+
 import math
 
 import jax
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nextstep_jax.model import flow_head as FH
 from model_testing import randomize
+from nextstep_jax.model import flow_head as FH
 
 EMBED_ATOL = 2e-6  # float32 cos/sin of arguments <= 1 vs float64: a few ulps.
 HEAD_RTOL = 2e-5  # float32 head (2 blocks, width 32) vs float64 numpy: accumulated rounding.
@@ -19,13 +20,22 @@ T_DIM, C_DIM, WIDTH, DEPTH = 12, 20, 32, 2
 
 
 def head_config(**kw):
-  return FH.FlowHeadConfig(token_dim=T_DIM, cond_dim=C_DIM, width=WIDTH, depth=DEPTH,
-                           dtype=jnp.float32, param_dtype=jnp.float32, **kw)
+  return FH.FlowHeadConfig(
+    token_dim=T_DIM,
+    cond_dim=C_DIM,
+    width=WIDTH,
+    depth=DEPTH,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    **kw,
+  )
 
 
 def np_params(module):
-  return {'.'.join(map(str, p)): np.asarray(v.get_value(), np.float64)
-          for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  return {
+    '.'.join(map(str, p)): np.asarray(v.get_value(), np.float64)
+    for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
+  }
 
 
 def np_timestep_embedding(t):
@@ -48,15 +58,17 @@ def np_layer_norm(x, eps=1e-6):
 def np_head(p, x_t, t, c):
   """§5 written out: y = time_embed(t) + cond_embed(c); x = input_proj(x_t); AdaLN blocks with
   (shift, scale, gate); final layer (shift, scale) on a non-affine LayerNorm."""
-  lin = lambda x, name, i=None: (x @ (p[name + '.kernel'] if i is None else p[name + '.kernel'][i])
-                                 + (p[name + '.bias'] if i is None else p[name + '.bias'][i]))
+  lin = lambda x, name, i=None: (
+    x @ (p[name + '.kernel'] if i is None else p[name + '.kernel'][i])
+    + (p[name + '.bias'] if i is None else p[name + '.bias'][i])
+  )
   temb = lin(np_silu(lin(np_timestep_embedding(t), 'time_embed.mlp_0')), 'time_embed.mlp_2')
   y = temb + lin(c, 'cond_embed')
   x = lin(x_t, 'input_proj')
   ya = np_silu(y)
   for i in range(DEPTH):
     mod = lin(ya, 'res_blocks.adaLN_modulation_1', i)
-    shift, scale, gate = mod[:, :WIDTH], mod[:, WIDTH:2 * WIDTH], mod[:, 2 * WIDTH:]
+    shift, scale, gate = mod[:, :WIDTH], mod[:, WIDTH : 2 * WIDTH], mod[:, 2 * WIDTH :]
     h = np_layer_norm(x) * p['res_blocks.in_ln.weight'][i] + p['res_blocks.in_ln.bias'][i]
     h = h * (1 + scale) + shift
     x = x + gate * lin(np_silu(lin(h, 'res_blocks.mlp_0', i)), 'res_blocks.mlp_2', i)
@@ -88,10 +100,20 @@ def test_timestep_embedding():
 def test_zero_init_gives_zero_velocity():
   head = FH.FlowHead(head_config(), rngs=nnx.Rngs(0))
   p = np_params(head)
-  for name in ('res_blocks.adaLN_modulation_1', 'final_layer.adaLN_modulation_1', 'final_layer.linear'):
+  for name in (
+    'res_blocks.adaLN_modulation_1',
+    'final_layer.adaLN_modulation_1',
+    'final_layer.linear',
+  ):
     assert not p[name + '.kernel'].any() and not p[name + '.bias'].any(), name
-  for name in ('time_embed.mlp_0', 'time_embed.mlp_2', 'cond_embed', 'input_proj',
-               'res_blocks.mlp_0', 'res_blocks.mlp_2'):
+  for name in (
+    'time_embed.mlp_0',
+    'time_embed.mlp_2',
+    'cond_embed',
+    'input_proj',
+    'res_blocks.mlp_0',
+    'res_blocks.mlp_2',
+  ):
     assert not p[name + '.bias'].any(), name  # Biases 0.
   for name in ('time_embed.mlp_0', 'time_embed.mlp_2'):
     assert p[name + '.kernel'].std() == pytest.approx(0.02, rel=INIT_STD_RTOL), name
@@ -117,7 +139,9 @@ def test_head_matches_numpy_reference():
   assert np.abs(ref).mean() > 0.1  # Non-trivial outputs.
   np.testing.assert_allclose(out, ref, rtol=HEAD_RTOL, atol=HEAD_ATOL)
   # The split entry points agree with __call__.
-  split = head.velocity_from_condition(jnp.asarray(x_t), jnp.asarray(t), head.condition(jnp.asarray(c)))
+  split = head.velocity_from_condition(
+    jnp.asarray(x_t), jnp.asarray(t), head.condition(jnp.asarray(c))
+  )
   np.testing.assert_allclose(np.asarray(split), out, rtol=HEAD_RTOL, atol=HEAD_ATOL)
   # Each input matters.
   for i, arr in enumerate((x_t, t, c)):
@@ -135,8 +159,10 @@ def test_adaln_chunk_order_matters():
   x_t, t, c = inputs(4, seed=1)
   q = dict(p)
   k = p['res_blocks.adaLN_modulation_1.kernel'].copy()
-  k[:, :, :WIDTH], k[:, :, WIDTH:2 * WIDTH] = p['res_blocks.adaLN_modulation_1.kernel'][:, :, WIDTH:2 * WIDTH], \
-      p['res_blocks.adaLN_modulation_1.kernel'][:, :, :WIDTH]
+  k[:, :, :WIDTH], k[:, :, WIDTH : 2 * WIDTH] = (
+    p['res_blocks.adaLN_modulation_1.kernel'][:, :, WIDTH : 2 * WIDTH],
+    p['res_blocks.adaLN_modulation_1.kernel'][:, :, :WIDTH],
+  )
   q['res_blocks.adaLN_modulation_1.kernel'] = k
   assert np.abs(np_head(q, x_t, t, c) - np_head(p, x_t, t, c)).max() > 1e-3
 
@@ -151,10 +177,12 @@ def test_remat_policy_same_output(policy):
   loss = lambda m: jnp.sum(jnp.sin(m(x_t, t, c)))
   g_base = nnx.jit(nnx.grad(loss))(base)
   g_other = nnx.jit(nnx.grad(loss))(other)
-  np.testing.assert_allclose(np.asarray(other(x_t, t, c)), np.asarray(base(x_t, t, c)),
-                             rtol=HEAD_RTOL, atol=HEAD_ATOL)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=HEAD_RTOL, atol=HEAD_ATOL),
-               g_other, g_base)
+  np.testing.assert_allclose(
+    np.asarray(other(x_t, t, c)), np.asarray(base(x_t, t, c)), rtol=HEAD_RTOL, atol=HEAD_ATOL
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=HEAD_RTOL, atol=HEAD_ATOL), g_other, g_base
+  )
 
 
 # ----- few-step heads: the zero-initialised step-size embedding -----
@@ -175,10 +203,16 @@ def test_step_conditioning_starts_as_the_official_head():
   rng = np.random.default_rng(0)
   x, c = rng.standard_normal((5, T_DIM)), rng.standard_normal((5, C_DIM))
   t = rng.uniform(0, 1, 5)
-  want = np.asarray(official(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(c, jnp.float32)))
+  want = np.asarray(
+    official(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(c, jnp.float32))
+  )
   for d in (None, 0.0, 0.25, 1.0):
     step = None if d is None else jnp.full((5,), d, jnp.float32)
-    got = np.asarray(stepped(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(c, jnp.float32), step))
+    got = np.asarray(
+      stepped(
+        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(c, jnp.float32), step
+      )
+    )
     np.testing.assert_array_equal(got, want)
 
 
@@ -192,10 +226,15 @@ def test_step_size_changes_a_trained_step_embedding():
 def test_scalar_time_equals_per_row_time():
   """t of shape () (embedded once per step, the sampler's path) equals t broadcast to rows."""
   head = randomize(FH.FlowHead(head_config(), rngs=nnx.Rngs(0)), seed=5)
-  x, c = jnp.asarray(np.random.default_rng(1).standard_normal((4, T_DIM)), jnp.float32), jnp.ones((4, C_DIM))
+  x, c = (
+    jnp.asarray(np.random.default_rng(1).standard_normal((4, T_DIM)), jnp.float32),
+    jnp.ones((4, C_DIM)),
+  )
   cond_emb = head.condition(c)
-  np.testing.assert_array_equal(np.asarray(head.velocity_from_condition(x, jnp.float32(0.7), cond_emb)),
-                                np.asarray(head.velocity_from_condition(x, jnp.full((4,), 0.7), cond_emb)))
+  np.testing.assert_array_equal(
+    np.asarray(head.velocity_from_condition(x, jnp.float32(0.7), cond_emb)),
+    np.asarray(head.velocity_from_condition(x, jnp.full((4,), 0.7), cond_emb)),
+  )
 
 
 def test_step_modulations_give_the_velocity_of_each_point():
@@ -209,8 +248,16 @@ def test_step_modulations_give_the_velocity_of_each_point():
   cond_emb = head.condition(jnp.asarray(rng.standard_normal((5, C_DIM)), jnp.float32))
   t, d = jnp.asarray([0.0, 0.37, 0.9]), jnp.asarray([0.37, 0.53, 0.04])
   table = head.step_modulations(t, cond_emb, d)
-  assert table['blocks'].shape == (3, DEPTH, 5, 3 * WIDTH) and table['final'].shape == (3, 5, 2 * WIDTH)
+  assert table['blocks'].shape == (3, DEPTH, 5, 3 * WIDTH) and table['final'].shape == (
+    3,
+    5,
+    2 * WIDTH,
+  )
   for e in range(3):
     split = head.velocity_from_modulations(x, jax.tree.map(lambda a, e=e: a[e], table))
-    np.testing.assert_allclose(np.asarray(split), np.asarray(head.velocity_from_condition(x, t[e], cond_emb, d[e])),
-                               rtol=HEAD_RTOL, atol=HEAD_ATOL)
+    np.testing.assert_allclose(
+      np.asarray(split),
+      np.asarray(head.velocity_from_condition(x, t[e], cond_emb, d[e])),
+      rtol=HEAD_RTOL,
+      atol=HEAD_ATOL,
+    )

@@ -1,16 +1,19 @@
 """LoRA through qwix (model/lora.py): zero-initialised adapters leave the model unchanged, merged
 adapters equal the adapter model, the adapter term is W + (alpha / r) a @ b per an independent numpy
 reference, and LoRA training updates only the adapters (plus the flow head with train_head)."""
+
 import jax
 import jax.numpy as jnp
-import model_testing
 import numpy as np
 import pytest
 from flax import nnx
 
+import model_testing
 from nextstep_jax import configlib
 from nextstep_jax.data import builtin_source
-from nextstep_jax.model import lora, nextstep, quant
+from nextstep_jax.model import lora
+from nextstep_jax.model import nextstep
+from nextstep_jax.model import quant
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import state as state_lib
@@ -81,15 +84,20 @@ def test_nonzero_adapters_change_the_output_and_merge_to_the_same_model():
 
 def test_merged_kernel_matches_a_numpy_reference():
   adapted = randomize_adapters(lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0)), 4)
-  flat = {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(adapted, nnx.Param))}
-  merged = {path: np.asarray(v.get_value())
-            for path, v in nnx.to_flat_state(lora.merge_adapters(nnx.state(adapted, nnx.Param), CFG))}
+  flat = {
+    path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(adapted, nnx.Param))
+  }
+  merged = {
+    path: np.asarray(v.get_value())
+    for path, v in nnx.to_flat_state(lora.merge_adapters(nnx.state(adapted, nnx.Param), CFG))
+  }
   prefix = ('decoder', 'layers', 'self_attn', 'k_proj')
   w, a, b = (flat[prefix + (n,)] for n in ('kernel', 'kernel_lora_a', 'kernel_lora_b'))
   want = w.astype(np.float64) + 2.0 * np.einsum('lir,lro->lio', a, b).reshape(w.shape)
   np.testing.assert_allclose(merged[prefix + ('kernel',)], want, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(merged[('image_head', 'input_proj', 'kernel')],
-                                flat[('image_head', 'input_proj', 'kernel')])
+  np.testing.assert_array_equal(
+    merged[('image_head', 'input_proj', 'kernel')], flat[('image_head', 'input_proj', 'kernel')]
+  )
 
 
 def test_targets_select_layers_and_bad_patterns_are_refused():
@@ -102,9 +110,17 @@ def test_targets_select_layers_and_bad_patterns_are_refused():
 
 
 def lora_config(cache_dir, *extra):
-  return configlib.load_config('configs/tiny.py', [
-      f'data.cache_dir={cache_dir}', 'train.batch_size=4', 'train.warmup_steps=0',
-      'train.lora.rank=4', 'train.lora.alpha=8.0', *extra])
+  return configlib.load_config(
+    'configs/tiny.py',
+    [
+      f'data.cache_dir={cache_dir}',
+      'train.batch_size=4',
+      'train.warmup_steps=0',
+      'train.lora.rank=4',
+      'train.lora.alpha=8.0',
+      *extra,
+    ],
+  )
 
 
 def train_two_steps(config):
@@ -118,9 +134,13 @@ def train_two_steps(config):
   flat = lambda s: {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(s)}
   before = flat(state['params'])
   batch = source.batch(0)
-  train_step = step_lib.build_train_step(config, graphdef, tx, shardings, mesh, tok.image_placeholder_id, batch)
+  train_step = step_lib.build_train_step(
+    config, graphdef, tx, shardings, mesh, tok.image_placeholder_id, batch
+  )
   for step in range(2):
-    state, metrics = train_step(state, rules_lib.shard_batch(source.batch(step), mesh, config.mesh.rules))
+    state, metrics = train_step(
+      state, rules_lib.shard_batch(source.batch(step), mesh, config.mesh.rules)
+    )
     assert np.isfinite(float(metrics['loss']))
   return before, flat(state['params']), state['opt_state']
 
@@ -160,11 +180,15 @@ INT8 = quant.QuantConfig(mode='int8', head=False)
 
 def test_qlora_zero_adapters_equal_the_quantized_base_and_add_the_lora_term():
   want = forward(quant.quantize_model(model_testing.tiny_model(), INT8))
-  qlora = quant.quantize_model(lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0), True), INT8)
+  qlora = quant.quantize_model(
+    lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0), True), INT8
+  )
   for got, ref in zip(forward(qlora), want):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
   # Nonzero adapters add the float LoRA model's change up to int8 rounding of the base kernels.
-  adapted = lambda for_q: randomize_adapters(lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0), for_q), 3)
+  adapted = lambda for_q: randomize_adapters(
+    lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0), for_q), 3
+  )
   qlora_change = forward(quant.quantize_model(adapted(True), INT8))[0] - want[0]
   float_change = forward(adapted(False))[0] - forward(model_testing.tiny_model())[0]
   mismatch = float(jnp.abs(qlora_change - float_change).max())

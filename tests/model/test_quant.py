@@ -11,17 +11,20 @@ this is the noise floor of 4 bits, not a trained model's quality: benchmarks/qua
 measures that). Per kernel, dequantized weights are within 0.8% (int8) and 12% (int4) relative
 RMS of the float weights (Gaussian weights: ~0.7% and ~9% expected).
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
-import model_testing
 import numpy as np
 import pytest
 import qwix
 from flax import nnx
 
-from nextstep_jax import checkpoints, configlib
-from nextstep_jax.model import nextstep, quant
+import model_testing
+from nextstep_jax import checkpoints
+from nextstep_jax import configlib
+from nextstep_jax.model import nextstep
+from nextstep_jax.model import quant
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.training import state as state_lib
@@ -37,31 +40,42 @@ def numpy_quantize(w: np.ndarray, contract_axis: int, mode: str, group: int):
   """Independent reference: symmetric absmax per output channel (int8) or per group of `group`
   along the contracted axis (int4, when the group divides it), scale = absmax / (qmax + 1/2),
   round half to even, saturate; returns (q, scale broadcast to w's shape)."""
-  w = np.asarray(w, np.float32)  # float32 arithmetic: the value/scale ratio at +-absmax rounds alike.
+  w = np.asarray(
+    w, np.float32
+  )  # float32 arithmetic: the value/scale ratio at +-absmax rounds alike.
   dim = w.shape[contract_axis]
   groups = dim // group if mode == 'int4' and dim % group == 0 and dim > group else 1
   moved = np.moveaxis(w, contract_axis, 0)
   split = moved.reshape(groups, dim // groups, *moved.shape[1:])
   absmax = np.abs(split).max(axis=1, keepdims=True)
-  scale = absmax / np.float32(QMAX[mode] + 0.5)  # The top bucket is [qmax - 0.5, qmax + 0.5), as in qwix.
+  scale = absmax / np.float32(
+    QMAX[mode] + 0.5
+  )  # The top bucket is [qmax - 0.5, qmax + 0.5), as in qwix.
   scale = np.where(scale == 0, np.float32(1), scale)
   q = np.clip(np.round(split / scale), -QMAX[mode] - 1, QMAX[mode])
   scale_full = np.broadcast_to(scale, split.shape).reshape(moved.shape)
-  return np.moveaxis(q.reshape(moved.shape), 0, contract_axis), np.moveaxis(scale_full, 0, contract_axis)
+  return np.moveaxis(q.reshape(moved.shape), 0, contract_axis), np.moveaxis(
+    scale_full, 0, contract_axis
+  )
 
 
 def forward(model, ids, tokens, t):
   """Decoder hidden states on text ids, the head's velocity at the last position, LM logits."""
   b, l = ids.shape
-  hidden, _ = model(model.embed(ids, None, None), jnp.broadcast_to(jnp.arange(l), (b, l)), jnp.ones((b, l), bool))
+  hidden, _ = model(
+    model.embed(ids, None, None), jnp.broadcast_to(jnp.arange(l), (b, l)), jnp.ones((b, l), bool)
+  )
   velocity = model.image_head(tokens, t, model.head_condition(hidden[:, -1]))
   return {'hidden': hidden, 'velocity': velocity, 'logits': model.lm_logits(hidden)}
 
 
 def inputs(token_dim=12):
   rng = np.random.default_rng(0)
-  return (jnp.asarray(rng.integers(0, 512, (2, 12))), jnp.asarray(rng.standard_normal((2, token_dim)), jnp.float32),
-          jnp.asarray([0.3, 0.8], jnp.float32))
+  return (
+    jnp.asarray(rng.integers(0, 512, (2, 12))),
+    jnp.asarray(rng.standard_normal((2, token_dim)), jnp.float32),
+    jnp.asarray([0.3, 0.8], jnp.float32),
+  )
 
 
 def tiny_model():
@@ -88,16 +102,24 @@ def test_kernels_match_numpy_reference(qcfg):
   float_model, model = tiny_model(), quantized_tiny(qcfg)
   float_params = dict(nnx.to_flat_state(nnx.state(float_model, nnx.Param)))
   paths = quant.quantized_paths(model)
-  assert len(paths) == 7 + 2 + 9 + 2  # Decoder q/k/v/o/gate/up/down, projectors, head, vocab tables.
+  assert (
+    len(paths) == 7 + 2 + 9 + 2
+  )  # Decoder q/k/v/o/gate/up/down, projectors, head, vocab tables.
   for path, axis in paths.items():
     value = nnx.state(model, nnx.Param)
     for key in path:
       value = value[key]
     w = np.asarray(float_params[path].get_value())
     stacked = path[1] in ('layers', 'res_blocks')
-    q_ref, scale_ref = zip(*[numpy_quantize(x, axis - stacked, qcfg.mode, qcfg.group_size)
-                             for x in (w if stacked else [w])])
-    q_ref, scale_ref = (np.stack(q_ref), np.stack(scale_ref)) if stacked else (q_ref[0], scale_ref[0])
+    q_ref, scale_ref = zip(
+      *[
+        numpy_quantize(x, axis - stacked, qcfg.mode, qcfg.group_size)
+        for x in (w if stacked else [w])
+      ]
+    )
+    q_ref, scale_ref = (
+      (np.stack(q_ref), np.stack(scale_ref)) if stacked else (q_ref[0], scale_ref[0])
+    )
     qvalue = np.asarray(value['qvalue'].get_value()).astype(np.int32)
     assert value['qvalue'].get_value().dtype == quant.QTYPES[qcfg.mode]
     # Exact except at rounding ties (value/scale within 1e-3 of k + 1/2, e.g. -absmax itself),
@@ -105,17 +127,27 @@ def test_kernels_match_numpy_reference(qcfg):
     w_stacked = np.asarray(w, np.float32)
     ratio = w_stacked / scale_ref
     tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) < 1e-3
-    np.testing.assert_array_equal(np.where(tie, 0, qvalue), np.where(tie, 0, q_ref), err_msg=str(path))
+    np.testing.assert_array_equal(
+      np.where(tie, 0, qvalue), np.where(tie, 0, q_ref), err_msg=str(path)
+    )
     assert np.abs(qvalue - q_ref).max() <= 1, path
     dequantized = np.asarray(qwix_dequantize(value))
-    np.testing.assert_allclose(dequantized, qvalue * scale_ref, rtol=1e-6, atol=0, err_msg=str(path))
-    rms = np.sqrt(np.mean((dequantized - w) ** 2) / np.mean(w ** 2))
+    np.testing.assert_allclose(
+      dequantized, qvalue * scale_ref, rtol=1e-6, atol=0, err_msg=str(path)
+    )
+    rms = np.sqrt(np.mean((dequantized - w) ** 2) / np.mean(w**2))
     assert rms < WEIGHT_RMS[qcfg.mode], (path, rms)
 
 
 def qwix_dequantize(value):
-  return qwix.dequantize(qwix.QArray(value['qvalue'].get_value(), value['scale'].get_value(), None,
-                                     value['qvalue'].get_value().dtype))
+  return qwix.dequantize(
+    qwix.QArray(
+      value['qvalue'].get_value(),
+      value['scale'].get_value(),
+      None,
+      value['qvalue'].get_value().dtype,
+    )
+  )
 
 
 @pytest.mark.parametrize('qcfg', [INT8, INT4], ids=['int8', 'int4'])
@@ -140,14 +172,19 @@ def test_quantized_model_runs_dequantized_weights_and_stays_close(qcfg):
   dequantized = jit_forward(reference_model)
   unquantized = jit_forward(tiny_model())
   for name in ('hidden', 'velocity', 'logits'):
-    np.testing.assert_allclose(quantized[name], dequantized[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(
+      quantized[name], dequantized[name], rtol=1e-4, atol=1e-4, err_msg=name
+    )
     error = relative_error(quantized[name], unquantized[name])
     assert 1e-4 < error < CLOSE_TO_FLOAT[qcfg.mode], (name, error)
 
 
 def test_options_choose_layers_and_scales_carry_channel_axes():
-  base = {p for p in quant.quantized_paths(quantized_tiny(quant.QuantConfig(mode='int8', head=False)))}
-  assert all(p[0] in ('decoder', 'image_in_projector', 'image_out_projector') for p in base) and len(base) == 9
+  base = set(quant.quantized_paths(quantized_tiny(quant.QuantConfig(mode='int8', head=False))))
+  assert (
+    all(p[0] in ('decoder', 'image_in_projector', 'image_out_projector') for p in base)
+    and len(base) == 9
+  )
   model = quantized_tiny(INT4)
   down = model.decoder.layers.mlp.down_proj.kernel
   assert down.qvalue.get_metadata()['out_sharding'] == ('layers', 'mlp', 'embed')
@@ -170,12 +207,21 @@ def test_quantize_params_equals_quantize_model():
   assert jax.tree.structure(direct) == jax.tree.structure(streamed)
   for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(streamed)):
     assert a.dtype == b.dtype
-    np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
+    np.testing.assert_array_equal(
+      np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32)
+    )
 
 
-SIZES = ['model.hidden_size=64', 'model.num_heads=4', 'model.num_kv_heads=4', 'model.intermediate_size=128',
-         'model.fm_head_dim=64', 'model.quant.mode=int4', 'model.quant.group_size=32',
-         'model.quant.embedding=True']
+SIZES = [
+  'model.hidden_size=64',
+  'model.num_heads=4',
+  'model.num_kv_heads=4',
+  'model.intermediate_size=128',
+  'model.fm_head_dim=64',
+  'model.quant.mode=int4',
+  'model.quant.group_size=32',
+  'model.quant.embedding=True',
+]
 
 
 def test_quantized_checkpoint_restores_onto_another_mesh(tmp_path):
@@ -185,7 +231,9 @@ def test_quantized_checkpoint_restores_onto_another_mesh(tmp_path):
   float_config = configlib.load_config('configs/tiny.py', [*SIZES[:-3]])
   graphdef, abstract = nnx.split(nextstep.abstract_model(config), nnx.Param)
   float_params = nnx.state(quant_free_model(float_config), nnx.Param)
-  params = quant.quantize_params(float_params, nextstep.abstract_model(config), quant.QuantConfig.from_config(config.model))
+  params = quant.quantize_params(
+    float_params, nextstep.abstract_model(config), quant.QuantConfig.from_config(config.model)
+  )
   ckpt = checkpoints.Checkpointer(tmp_path / 'params', keep=1, async_save=False)
   ckpt.save(0, params)
   ckpt.wait()
@@ -193,15 +241,21 @@ def test_quantized_checkpoint_restores_onto_another_mesh(tmp_path):
   run = lambda p: jax.jit(lambda s: forward(nnx.merge(graphdef, s), ids, tokens, t))(p)
   expected = run(params)
   for fsdp, tensor in ((2, 4), (8, 1)):
-    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': fsdp, 'tensor': tensor}))
-    restored, _ = ckpt.restore(0, rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules))
+    mesh = mesh_lib.make_mesh(
+      ml_collections.ConfigDict({'data': 1, 'fsdp': fsdp, 'tensor': tensor})
+    )
+    restored, _ = ckpt.restore(
+      0, rules_lib.abstract_with_shardings(abstract, mesh, config.mesh.rules)
+    )
     gate = restored['decoder']['layers']['mlp']['gate_proj']['kernel']
     assert gate['qvalue'].get_value().sharding.mesh.shape == mesh.shape
     shard = gate['qvalue'].get_value().addressable_shards[0].data.shape
     assert shard == (2, 64 // fsdp, 128 // tensor), shard
     assert gate['scale'].get_value().addressable_shards[0].data.shape == (2, 2, 128 // tensor)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
-      np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
+      np.testing.assert_array_equal(
+        np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32)
+      )
     got = run(restored)
     for name in expected:
       np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
@@ -213,8 +267,10 @@ def quant_free_model(config):
 
 
 def test_config_validation_and_training_refusal():
-  for override, message in (('model.quant.mode=int3', 'model.quant.mode'),
-                            ('model.quant.group_size=0', 'model.quant.group_size')):
+  for override, message in (
+    ('model.quant.mode=int3', 'model.quant.mode'),
+    ('model.quant.group_size=0', 'model.quant.group_size'),
+  ):
     with pytest.raises(configlib.ConfigError, match=message):
       configlib.validate(configlib.load_config('configs/tiny.py', [override]))
   config = configlib.load_config('configs/tiny.py', ['model.quant.mode=int8'])

@@ -1,4 +1,5 @@
 """Mesh construction and logical-axis sharding on the 8 CPU devices."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,18 +26,23 @@ class Tiny(nnx.Module):
   def __init__(self, rngs: nnx.Rngs):
     self.w = nnx.Param(jnp.ones((8, 16)), out_sharding=('embed', 'mlp'))
     self.proj = nnx.Linear(
-        16, 32, kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
-                                                  ('mlp', 'vocab')),
-        rngs=rngs)
+      16,
+      32,
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ('mlp', 'vocab')),
+      rngs=rngs,
+    )
     self.scale = nnx.Param(jnp.ones((8,)))
 
 
-@pytest.mark.parametrize('sizes, expected', [
+@pytest.mark.parametrize(
+  'sizes, expected',
+  [
     ((-1, 1, 1), (8, 1, 1)),
     ((2, 2, 2), (2, 2, 2)),
     ((2, -1, 2), (2, 2, 2)),
     ((1, 1, -1), (1, 1, 8)),
-])
+  ],
+)
 def test_make_mesh_shapes(sizes, expected):
   mesh = mesh_lib.make_mesh(mesh_config(*sizes))
   assert mesh.axis_names == ('data', 'fsdp', 'tensor')
@@ -49,23 +55,28 @@ def test_make_mesh_on_a_device_subset():
   assert tuple(mesh.shape.values()) == (2, 2, 1)
 
 
-@pytest.mark.parametrize('sizes, message', [
+@pytest.mark.parametrize(
+  'sizes, message',
+  [
     ((3, -1, 1), 'does not divide the 8 devices'),
     ((2, 2, 1), 'multiply to 4 but there are 8 devices'),
     ((-1, -1, 1), 'at most one -1'),
     ((0, 1, -1), 'must be positive'),
-])
+  ],
+)
 def test_make_mesh_errors(sizes, message):
   with pytest.raises(ValueError, match=message):
     mesh_lib.make_mesh(mesh_config(*sizes))
 
 
 def test_logical_to_spec():
-  assert rules_lib.logical_to_spec(('batch', 'length', None), RULES) == P(('data', 'fsdp'), None,
-                                                                           None)
+  assert rules_lib.logical_to_spec(('batch', 'length', None), RULES) == P(
+    ('data', 'fsdp'), None, None
+  )
   assert rules_lib.logical_to_spec(('embed', 'mlp'), RULES) == P('fsdp', 'tensor')
   assert rules_lib.logical_to_spec(('layers', 'embed', 'heads', 'head_dim'), RULES) == P(
-      None, 'fsdp', 'tensor', None)
+    None, 'fsdp', 'tensor', None
+  )
 
 
 def test_logical_to_spec_drops_reused_mesh_axes():
@@ -131,8 +142,11 @@ def test_state_shardings_errors_name_the_path():
   with pytest.raises(ValueError, match=r"\['layer'\].*1 names but the array has shape \(4, 4\)"):
     rules_lib.state_shardings(wrong_rank, mesh, RULES)
   indivisible = {'layer': nnx.Param(jnp.ones((4, 12)), out_sharding=('embed', 'mlp'))}
-  with pytest.raises(ValueError, match=r"\['layer'\].*size 12, not divisible .*'tensor',\) of "
-                                       r'total size 8'):
+  with pytest.raises(
+    ValueError,
+    match=r"\['layer'\].*size 12, not divisible .*'tensor',\) of "
+    r'total size 8',
+  ):
     rules_lib.state_shardings(indivisible, mesh, RULES)
 
 

@@ -1,6 +1,7 @@
 """SIGTERM to one of 2 processes (x 4 CPU devices) mid-training: both stop at one agreed step with a
 checkpoint (model, optimizer, both data iterators) and exit 0; the restarted job ends exactly where
 an uninterrupted job does."""
+
 import json
 import re
 import signal
@@ -60,7 +61,9 @@ def test_sigterm_to_one_process_checkpoints_an_agreed_step_and_resumes_exactly(t
   assert stops == [stop, stop] and SIGNAL_AFTER_STEP < stop < STEPS, stops
   assert multiprocess_testing.checkpoint_steps(run) == [stop]
   for i in range(2):
-    saved = json.loads((run / 'checkpoints' / str(stop) / 'data' / f'process_{i}-of-2.json').read_text())
+    saved = json.loads(
+      (run / 'checkpoints' / str(stop) / 'data' / f'process_{i}-of-2.json').read_text()
+    )
     assert saved == {'kind': 'builtin', 'step': stop}
 
   outputs = run_to_completion(run, overrides)
@@ -69,5 +72,7 @@ def test_sigterm_to_one_process_checkpoints_an_agreed_step_and_resumes_exactly(t
   resumed, extra = multiprocess_testing.restore_on_one_device(run)
   straight, _ = multiprocess_testing.restore_on_one_device(tmp_path / 'straight')
   assert extra['step'] == STEPS
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(resumed), jax.tree_util.tree_leaves(straight)):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(resumed), jax.tree_util.tree_leaves(straight)
+  ):
     np.testing.assert_allclose(a, b, atol=RESUME_ATOL, rtol=0, err_msg=jax.tree_util.keystr(path))

@@ -1,5 +1,6 @@
 """AOT planner: a tiny config compiled for a v5e:2x2 TPU slice (libtpu, no TPU): train and sample
 reports, the layer calibration of the cost analysis, and the not-fitting error naming its knobs."""
+
 import json
 
 import pytest
@@ -14,8 +15,13 @@ from nextstep_jax.planning import costs
 pytestmark = pytest.mark.tpu_aot
 
 TOPOLOGY = 'v5e:2x2'
-TRAIN = ['model.num_layers=3', 'model.attention=splash', 'model.remat_policy=dots_saveable',
-         'mesh.data=2', 'mesh.fsdp=-1']
+TRAIN = [
+  'model.num_layers=3',
+  'model.attention=splash',
+  'model.remat_policy=dots_saveable',
+  'mesh.data=2',
+  'mesh.fsdp=-1',
+]
 
 
 def tiny(*overrides):
@@ -61,8 +67,9 @@ def test_layer_calibration_matches_an_unrolled_deep_compile(devices):
   mesh = aot.make_mesh(config, devices)
   compile_train = lambda c, options=None: aot.compile_train(c, mesh, options)
   calibrated = aot.calibrated_cost(config, compile_train, {'model__num_layers': 4})
-  unrolled_compiled = compile_train(aot.with_overrides(config, model__scan_unroll=True),
-                                    aot.CALIBRATION_OPTIONS)
+  unrolled_compiled = compile_train(
+    aot.with_overrides(config, model__scan_unroll=True), aot.CALIBRATION_OPTIONS
+  )
   assert aot.while_loops(unrolled_compiled) == 0
   unrolled = aot.cost(unrolled_compiled)
   scanned = aot.cost(compile_train(config))
@@ -71,8 +78,9 @@ def test_layer_calibration_matches_an_unrolled_deep_compile(devices):
   assert scanned[0] < 0.8 * unrolled[0]
   # Full remat recomputes the forward in the backward: unrolled layers keep that recomputation
   # (prevent_cse), so the calibrated cost grows by about a third of the layers' 3x forward.
-  remat = aot.calibrated_cost(aot.with_overrides(config, model__remat_policy='full'), compile_train,
-                              {'model__num_layers': 4})
+  remat = aot.calibrated_cost(
+    aot.with_overrides(config, model__remat_policy='full'), compile_train, {'model__num_layers': 4}
+  )
   assert remat[0] > 1.1 * calibrated[0]
   # All devices together: the model's 6ND plus the forward again (4/3) plus elementwise work.
   assert 1.2 < remat[0] * len(devices) / costs.train_model_flops(config) < 1.5
@@ -82,14 +90,26 @@ def test_step_calibration_from_base_two_matches_an_unrolled_compile(devices):
   """The sampling token step calibrated over layers and integration steps from a base of 2 steps
   (TABLE_STEPS_BASE) predicts the loop-free compile at 3 layers x 6 steps (integration steps
   unrolled by model.scan_unroll)."""
-  config = tiny('model.num_layers=3', 'sample.num_steps=6', 'sample.solver=euler', 'sample.batch_size=4',
-                'mesh.data=-1')
+  config = tiny(
+    'model.num_layers=3',
+    'sample.num_steps=6',
+    'sample.solver=euler',
+    'sample.batch_size=4',
+    'mesh.data=-1',
+  )
   mesh = aot.make_mesh(config, devices)
-  compile_token = lambda c, options: aot.compile_sample(c, mesh, options, ('token_step',))['token_step']
-  calibrated = aot.calibrated_cost(config, compile_token, {'model__num_layers': 3, 'sample__num_steps': 6},
-                                   bases={'sample__num_steps': aot.TABLE_STEPS_BASE})
-  unrolled_compiled = compile_token(aot.with_overrides(config, model__scan_unroll=True),
-                                    aot.CALIBRATION_OPTIONS)
+  compile_token = lambda c, options: aot.compile_sample(c, mesh, options, ('token_step',))[
+    'token_step'
+  ]
+  calibrated = aot.calibrated_cost(
+    config,
+    compile_token,
+    {'model__num_layers': 3, 'sample__num_steps': 6},
+    bases={'sample__num_steps': aot.TABLE_STEPS_BASE},
+  )
+  unrolled_compiled = compile_token(
+    aot.with_overrides(config, model__scan_unroll=True), aot.CALIBRATION_OPTIONS
+  )
   assert aot.while_loops(unrolled_compiled) == 0
   unrolled = aot.cost(unrolled_compiled)
   # Per-step FLOPs vary by ~1.5% with the fusion of the step's elementwise work (seen: 1.1% off).
@@ -104,8 +124,10 @@ def test_calibration_rejects_compiles_with_loops(devices):
   costed once: a calibration compile that holds any loop is refused, not extrapolated."""
   config = tiny('model.num_layers=2', 'mesh.data=1', 'mesh.fsdp=-1')
   mesh = aot.make_mesh(config, devices)
-  collective_matmuls = {'xla_tpu_all_gather_collective_matmul_mode': 'post_spmd',
-                        'xla_tpu_reduce_scatter_collective_matmul_mode': 'post_spmd'}
+  collective_matmuls = {
+    'xla_tpu_all_gather_collective_matmul_mode': 'post_spmd',
+    'xla_tpu_reduce_scatter_collective_matmul_mode': 'post_spmd',
+  }
   compile_with_loops = lambda c, options: aot.compile_train(c, mesh, options | collective_matmuls)
   with pytest.raises(aot.CalibrationError, match='while loops'):
     aot.calibrated_cost(config, compile_with_loops, {'model__num_layers': 2})
@@ -135,36 +157,64 @@ def test_sample_plan_reports_fields(devices):
   assert plan.compiler_to_model_flops >= 1 and plan.mfu_estimate is not None
   assert f'step = prefill + {h * w} token steps' in plan.notes
   with pytest.raises(ValueError, match='sample.batch_size=2 images must be divisible by the 4'):
-    aot.plan(tiny('sample.batch_size=2'), TOPOLOGY, 'sample', calibrate=False, log=lambda line: None)
+    aot.plan(
+      tiny('sample.batch_size=2'), TOPOLOGY, 'sample', calibrate=False, log=lambda line: None
+    )
 
 
 def test_not_fitting_names_the_knobs(tmp_path, capsys):
   out = tmp_path / 'plan.json'
-  code = aot_cli.main(['--config', 'configs/tiny.py', '--topology', TOPOLOGY, '--hbm-gib', '0.0001',
-                       '--no-calibrate', '--json', str(out), '--config.mesh.data=4'])
+  code = aot_cli.main(
+    [
+      '--config',
+      'configs/tiny.py',
+      '--topology',
+      TOPOLOGY,
+      '--hbm-gib',
+      '0.0001',
+      '--no-calibrate',
+      '--json',
+      str(out),
+      '--config.mesh.data=4',
+    ]
+  )
   err = capsys.readouterr().err
   assert code == 1
   assert 'does not fit v5e:2x2' in err
-  for knob in ('--config.mesh.fsdp=-1', '--config.train.batch_size', '--config.model.remat_policy=full'):
+  for knob in (
+    '--config.mesh.fsdp=-1',
+    '--config.train.batch_size',
+    '--config.model.remat_policy=full',
+  ):
     assert knob in err
   record = json.loads(out.read_text())
   assert record['fits'] is False and record['total_bytes'] > record['hbm_bytes']
 
 
 def test_cli_rejects_bad_config():
-  assert aot_cli.main(['--config', 'configs/tiny.py', '--topology', TOPOLOGY,
-                       '--config.model.attention=flash']) == 2
+  assert (
+    aot_cli.main(
+      ['--config', 'configs/tiny.py', '--topology', TOPOLOGY, '--config.model.attention=flash']
+    )
+    == 2
+  )
 
 
 def test_not_fitting_suggests_gradient_accumulation():
   mesh = {'data': 1, 'fsdp': 4, 'tensor': 1}
   message = aot.knobs_message(tiny('train.batch_size=16'), mesh, 'train', 'train does not fit.')
-  assert ('--config.train.microbatches=2 (now 1; activations of 2 of the 4 rows per data/fsdp device'
-          in message)
-  message = aot.knobs_message(tiny('train.batch_size=24', 'train.microbatches=2'), mesh, 'train', '')
+  assert (
+    '--config.train.microbatches=2 (now 1; activations of 2 of the 4 rows per data/fsdp device'
+    in message
+  )
+  message = aot.knobs_message(
+    tiny('train.batch_size=24', 'train.microbatches=2'), mesh, 'train', ''
+  )
   assert '--config.train.microbatches=6 (now 2; activations of 1 of the 6 rows' in message
   # One row per device and microbatch already: only the other knobs remain.
-  message = aot.knobs_message(tiny('train.batch_size=16', 'train.microbatches=4'), mesh, 'train', '')
+  message = aot.knobs_message(
+    tiny('train.batch_size=16', 'train.microbatches=4'), mesh, 'train', ''
+  )
   assert 'microbatches' not in message and '--config.train.batch_size' in message
 
 

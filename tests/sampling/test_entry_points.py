@@ -1,18 +1,17 @@
 """Every entry point runs the one sampling program and reproduces the images the sampler made before
 it (testdata/entry_points.npz, written by entry_points_testing.py from the earlier code): TextToImage
 on a converted release (one device and the default tensor-parallel mesh), editing, nextstep-sample."""
-import json
-import pathlib
 
+import json
+
+import entry_points_testing as ep
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-import entry_points_testing as ep
 from nextstep_jax import runs
 from nextstep_jax.cli import sample as sample_cli
-from nextstep_jax.convert import official
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.sampling import generate
 from nextstep_jax.sampling import pipeline
@@ -53,13 +52,20 @@ def program_calls(monkeypatch):
 def check(got: dict, expected: dict):
   for name, value in got.items():
     atol = PIXEL_ATOL if value.dtype == np.uint8 else TOKEN_ATOL
-    np.testing.assert_allclose(value.astype(np.float64), expected[name].astype(np.float64), atol=atol, rtol=0,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      value.astype(np.float64), expected[name].astype(np.float64), atol=atol, rtol=0, err_msg=name
+    )
 
 
 @pytest.mark.parametrize('devices', [1, 8])
-def test_text_to_image_and_edit_reproduce_the_earlier_images(converted, expected, program_calls, devices):
-  mesh = (mesh_lib.make_mesh(runs.load_config(converted).mesh, jax.devices()[:1]) if devices == 1 else None)
+def test_text_to_image_and_edit_reproduce_the_earlier_images(
+  converted, expected, program_calls, devices
+):
+  mesh = (
+    mesh_lib.make_mesh(runs.load_config(converted).mesh, jax.devices()[:1])
+    if devices == 1
+    else None
+  )
   sampler = pipeline.TextToImage.from_converted(str(converted), mesh=mesh, **ep.SETTINGS)
   assert 'lm_head' not in sampler.params  # Image-only sampling never places the LM head.
   kernel = sampler.params['decoder']['layers']['mlp']['gate_proj']['kernel'][...]
@@ -70,12 +76,34 @@ def test_text_to_image_and_edit_reproduce_the_earlier_images(converted, expected
 
 
 def test_sample_cli_reproduces_the_earlier_images(converted, expected, program_calls, tmp_path):
-  argv = ['--converted', str(converted), '--out', str(tmp_path), '--seed', '0', '--num-steps', '3',
-          '--batch-size', '2', '--cfg', '3.0', '--height', '4', '--width', '6']
+  argv = [
+    '--converted',
+    str(converted),
+    '--out',
+    str(tmp_path),
+    '--seed',
+    '0',
+    '--num-steps',
+    '3',
+    '--batch-size',
+    '2',
+    '--cfg',
+    '3.0',
+    '--height',
+    '4',
+    '--width',
+    '6',
+  ]
   for caption in ep.CAPTIONS:
     argv += ['--prompt', caption]
   assert sample_cli.main(argv) == 0
-  images = np.stack([np.asarray(Image.open(tmp_path / f'{n:04d}.png')) for n in range(len(ep.CAPTIONS))])
-  np.testing.assert_allclose(images.astype(int), expected['t2i_images'].astype(int), atol=PIXEL_ATOL, rtol=0)
-  assert [json.loads(line)['seed'] for line in (tmp_path / 'samples.jsonl').read_text().splitlines()] == ep.SEEDS
+  images = np.stack(
+    [np.asarray(Image.open(tmp_path / f'{n:04d}.png')) for n in range(len(ep.CAPTIONS))]
+  )
+  np.testing.assert_allclose(
+    images.astype(int), expected['t2i_images'].astype(int), atol=PIXEL_ATOL, rtol=0
+  )
+  assert [
+    json.loads(line)['seed'] for line in (tmp_path / 'samples.jsonl').read_text().splitlines()
+  ] == ep.SEEDS
   assert program_calls

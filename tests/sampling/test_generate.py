@@ -1,4 +1,5 @@
 """The scanned, KV-cached sampler against a step-by-step no-cache reference (docs/model.md §7)."""
+
 import dataclasses
 
 import jax
@@ -7,28 +8,36 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model_testing import TINY_MODEL
+from model_testing import randomize
+from model_testing import tiny_model
 from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.model import nextstep as ns
 from nextstep_jax.sampling import generate as G
 from nextstep_jax.sampling import integrators as I
-from model_testing import TINY_MODEL, randomize, tiny_model
 
 # Scanned + KV-cached float32 sampler vs the float64 no-cache reference (|tokens| ~ 5):
 FIRST_TOKEN_ATOL = 3e-5  # Token 0: float32 rounding only (observed <= 1e-5).
-REF_ATOL = 2e-3  # Later tokens condition on earlier ones: error grows ~2-3x/token under CFG 3 (obs. 6e-4).
+REF_ATOL = (
+  2e-3  # Later tokens condition on earlier ones: error grows ~2-3x/token under CFG 3 (obs. 6e-4).
+)
 CFG_ONE_ATOL = 5e-5  # cfg = 1: v_u + 1 (v_c - v_u) != v_c in float32 (~1e-7 relative on |v| ~ 10),
 #                      fed back through 6 tokens (observed 5e-6).
-BATCH_ATOL = 1e-5  # Same image alone vs in a batch of 3: only batched-matmul reduction order differs.
+BATCH_ATOL = (
+  1e-5  # Same image alone vs in a batch of 3: only batched-matmul reduction order differs.
+)
 NORM_ATOL = 1e-4  # LayerNorm output: mean ~1e-7; var = v / (v + 1e-6) with v ~ O(1).
 
 GRID_H, GRID_W = 2, 3
 N = GRID_H * GRID_W
 TOKEN_DIM = 12  # 3 channels x 2 x 2 patch.
 VOCAB, PROMPT_WIDTH = TINY_MODEL['vocab_size'], 7
-INTEGRATOR = I.IntegratorConfig(num_steps=4, solver='sde', time_grid='A', timestep_shift=3.2,
-                                last_step_size=0.04, temperature=0.9)
-SAMPLER = G.SamplerConfig(grid_h=GRID_H, grid_w=GRID_W, integrator=INTEGRATOR, num_branches=2,
-                          cfg=3.0)
+INTEGRATOR = I.IntegratorConfig(
+  num_steps=4, solver='sde', time_grid='A', timestep_shift=3.2, last_step_size=0.04, temperature=0.9
+)
+SAMPLER = G.SamplerConfig(
+  grid_h=GRID_H, grid_w=GRID_W, integrator=INTEGRATOR, num_branches=2, cfg=3.0
+)
 
 
 @pytest.fixture(scope='module')
@@ -52,8 +61,9 @@ def make_rows(num_rows, seed, pads=None):
 
 def make_prompt(ids, mask):
   positions = np.broadcast_to(np.arange(PROMPT_WIDTH, dtype=np.int32), ids.shape).copy()
-  return dict(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-              positions=jnp.asarray(positions))
+  return dict(
+    input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions)
+  )
 
 
 def branch_major(*branches):
@@ -75,8 +85,9 @@ def _full_forward_last(model, ids, mask, positions, tokens, tokens_valid):
   x = model.embed(ids, None, None)
   if tokens is not None:
     x = jnp.concatenate([x, model.embed_image_tokens(tokens)], axis=1)
-  hidden, _ = model(x, positions, jnp.concatenate([mask, tokens_valid], axis=1)
-                    if tokens is not None else mask)
+  hidden, _ = model(
+    x, positions, jnp.concatenate([mask, tokens_valid], axis=1) if tokens is not None else mask
+  )
   return hidden[:, -1]
 
 
@@ -104,21 +115,31 @@ def reference_generate(model, ids, mask, seeds, cfg):
   for k in range(N):
     positions = np.arange(width + k, dtype=np.int32)[None].repeat(rows, 0)
     so_far = jnp.asarray(np.tile(np.stack(tokens, 1), (nb, 1, 1))) if tokens else None
-    last = _full_forward_last(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
-                              so_far, jnp.ones((rows, k), bool) if tokens else None)
+    last = _full_forward_last(
+      model,
+      jnp.asarray(ids),
+      jnp.asarray(mask),
+      jnp.asarray(positions),
+      so_far,
+      jnp.ones((rows, k), bool) if tokens else None,
+    )
     cond_emb = _condition(model, last)
     token_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(image_keys, k)
     scale = cfg.cfg if cfg.cfg_schedule == 'constant' else 1 + (cfg.cfg - 1) * (N - k) / N
 
     def velocity(x, t):
-      v = np.asarray(_velocity(model, jnp.asarray(np.tile(x, (nb, 1))), jnp.full((rows,), t, jnp.float32),
-                               cond_emb), np.float64)
+      v = np.asarray(
+        _velocity(
+          model, jnp.asarray(np.tile(x, (nb, 1))), jnp.full((rows,), t, jnp.float32), cond_emb
+        ),
+        np.float64,
+      )
       if nb == 1:
         return v
       if nb == 2:
         v_c, v_u = v[:b], v[b:]
         return v_u + scale * (v_c - v_u)
-      v_full, v_img, v_none = v[:b], v[b:2 * b], v[2 * b:]
+      v_full, v_img, v_none = v[:b], v[b : 2 * b], v[2 * b :]
       return v_none + cfg.cfg_img * (v_img - v_none) + scale * (v_full - v_img)
 
     x = integ.temperature * np.asarray(I.row_normal(token_keys, 0, (TOKEN_DIM,)), np.float64)
@@ -146,7 +167,9 @@ def assert_tokens_close(tokens, ref):
 @pytest.fixture(scope='module')
 def two_way(split):
   """3 images, 2-way CFG: rows [cond x 3; uncond x 3], different left pads per row."""
-  ids, mask = branch_major(make_rows(3, seed=10, pads=[0, 2, 3]), make_rows(3, seed=11, pads=[5, 4, 1]))
+  ids, mask = branch_major(
+    make_rows(3, seed=10, pads=[0, 2, 3]), make_rows(3, seed=11, pads=[5, 4, 1])
+  )
   seeds = [5, 6, 7]
   return ids, mask, seeds, generate(split, make_prompt(ids, mask), seeds, SAMPLER)
 
@@ -186,8 +209,12 @@ def test_cfg_one_equals_conditional_model(split):
   ids, mask = branch_major(make_rows(2, seed=20), make_rows(2, seed=21))
   seeds = [1, 2]
   two = generate(split, make_prompt(ids, mask), seeds, dataclasses.replace(SAMPLER, cfg=1.0))
-  one = generate(split, make_prompt(ids[:2], mask[:2]), seeds,
-                 dataclasses.replace(SAMPLER, cfg=1.0, num_branches=1))
+  one = generate(
+    split,
+    make_prompt(ids[:2], mask[:2]),
+    seeds,
+    dataclasses.replace(SAMPLER, cfg=1.0, num_branches=1),
+  )
   np.testing.assert_allclose(two, one, atol=CFG_ONE_ATOL, rtol=CFG_ONE_ATOL)
   # The unconditional rows do matter once cfg != 1.
   guided = generate(split, make_prompt(ids, mask), seeds, SAMPLER)
@@ -196,7 +223,9 @@ def test_cfg_one_equals_conditional_model(split):
 
 def test_use_norm_tokens_are_standardised(split):
   ids, mask = branch_major(make_rows(2, seed=30), make_rows(2, seed=31))
-  tokens = generate(split, make_prompt(ids, mask), [3, 4], dataclasses.replace(SAMPLER, use_norm=True))
+  tokens = generate(
+    split, make_prompt(ids, mask), [3, 4], dataclasses.replace(SAMPLER, use_norm=True)
+  )
   np.testing.assert_allclose(tokens.mean(-1), 0.0, atol=NORM_ATOL)
   np.testing.assert_allclose(tokens.var(-1), 1.0, atol=NORM_ATOL)
 
@@ -227,8 +256,9 @@ def test_sampler_config_validation():
 def test_sampling_on_a_sharded_mesh_equals_unsharded(model, split):
   """Params sharded by the logical rules over a (2, 2, 2) mesh and prompt rows over `batch`: the
   same jitted generator (shardings follow its inputs) gives the unsharded tokens."""
-  from nextstep_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from nextstep_jax.parallel import rules as rules_lib  # pylint: disable=g-import-not-at-top
+  from nextstep_jax.parallel import mesh as mesh_lib
+  from nextstep_jax.parallel import rules as rules_lib
+
   config = get_base_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -237,7 +267,9 @@ def test_sampling_on_a_sharded_mesh_equals_unsharded(model, split):
   sharded_state = jax.device_put(state, shardings)
   ids, mask = branch_major(make_rows(4, seed=30), make_rows(4, seed=31))
   prompt = make_prompt(ids, mask)
-  sharded_prompt = rules_lib.shard_batch({k: np.asarray(v) for k, v in prompt.items()}, mesh, config.mesh.rules)
+  sharded_prompt = rules_lib.shard_batch(
+    {k: np.asarray(v) for k, v in prompt.items()}, mesh, config.mesh.rules
+  )
   seeds = [3, 4, 5, 6]
   unsharded = generate(split, prompt, seeds, SAMPLER)
   sharded = generate((graphdef, sharded_state), sharded_prompt, seeds, SAMPLER)
@@ -265,12 +297,17 @@ def test_one_guided_step_of_size_one_is_the_closed_form():
   prompt = make_prompt(ids, mask)
   seeds = [5, 6]
   tokens = generate(nnx.split(model), prompt, seeds, cfg)[:, 0]
-  last = _full_forward_last(model, prompt['input_ids'], prompt['attention_mask'], prompt['positions'], None, None)
+  last = _full_forward_last(
+    model, prompt['input_ids'], prompt['attention_mask'], prompt['positions'], None, None
+  )
   cond_emb = _condition(model, last)
   keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(G.image_keys_from_seeds(seeds), 0)
   x0 = np.asarray(I.row_normal(keys, 0, (TOKEN_DIM,)))
-  u = np.asarray(model.image_head.velocity_from_condition(
-      jnp.asarray(np.tile(x0, (2, 1))), jnp.zeros((4,)), cond_emb, jnp.ones((4,))))
+  u = np.asarray(
+    model.image_head.velocity_from_condition(
+      jnp.asarray(np.tile(x0, (2, 1))), jnp.zeros((4,)), cond_emb, jnp.ones((4,))
+    )
+  )
   want = x0 + u[2:] + 2.5 * (u[:2] - u[2:])
   np.testing.assert_allclose(tokens, want, atol=FIRST_TOKEN_ATOL)
   official = dataclasses.replace(cfg, integrator=dataclasses.replace(integ, times=(0.0, 0.5, 1.0)))
@@ -285,10 +322,19 @@ def test_annealed_token_steps(split):
   base = dataclasses.replace(SAMPLER, integrator=dataclasses.replace(INTEGRATOR, num_steps=2))
   annealed = generate(split, prompt, seeds, dataclasses.replace(base, token_steps=(2, 1)))
   two = generate(split, prompt, seeds, base)
-  one = generate(split, prompt, seeds, dataclasses.replace(base, integrator=dataclasses.replace(INTEGRATOR, num_steps=1)))
-  np.testing.assert_allclose(annealed[:, :N // 2], two[:, :N // 2], atol=BATCH_ATOL)
-  assert np.abs(annealed[:, N // 2:] - two[:, N // 2:]).max() > 1e-3
-  assert np.abs(annealed[:, N // 2:] - one[:, N // 2:]).max() > 1e-3  # Late tokens see other prefixes.
-  np.testing.assert_array_equal(generate(split, prompt, seeds, dataclasses.replace(base, token_steps=(2,))), two)
+  one = generate(
+    split,
+    prompt,
+    seeds,
+    dataclasses.replace(base, integrator=dataclasses.replace(INTEGRATOR, num_steps=1)),
+  )
+  np.testing.assert_allclose(annealed[:, : N // 2], two[:, : N // 2], atol=BATCH_ATOL)
+  assert np.abs(annealed[:, N // 2 :] - two[:, N // 2 :]).max() > 1e-3
+  assert (
+    np.abs(annealed[:, N // 2 :] - one[:, N // 2 :]).max() > 1e-3
+  )  # Late tokens see other prefixes.
+  np.testing.assert_array_equal(
+    generate(split, prompt, seeds, dataclasses.replace(base, token_steps=(2,))), two
+  )
   segments = dataclasses.replace(base, token_steps=(3, 2, 1)).token_segments()
   assert [(a, b, i.num_steps) for a, b, i in segments] == [(0, 2, 3), (2, 4, 2), (4, 6, 1)]

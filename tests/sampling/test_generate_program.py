@@ -1,6 +1,7 @@
 """The sampling program (generate.SamplingProgram) with explicit shardings on a (2, 2, 2) mesh: the
 same tokens as on one device; prefill + token steps reproduce the whole generation; guidance,
 temperature and timestep shift are traced (no recompile); decode blocks read less, change nothing."""
+
 import dataclasses
 
 import jax
@@ -10,13 +11,14 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from model_testing import TINY_MODEL
+from model_testing import tiny_model
 from nextstep_jax import configlib
 from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.sampling import generate as G
 from nextstep_jax.sampling import integrators as I
-from model_testing import TINY_MODEL, tiny_model
 
 FIRST_TOKEN_ATOL = 3e-5  # Token 0: sharded reductions only reorder float32 sums.
 # Later tokens feed back through CFG 3, which amplifies float32 reordering noise ~2-3x per token
@@ -25,8 +27,12 @@ ALL_TOKENS_ATOL = 4e-3
 
 IMAGES, WIDTH = 4, 7
 SAMPLER = G.SamplerConfig(
-    grid_h=2, grid_w=3, num_branches=2, cfg=3.0,
-    integrator=I.IntegratorConfig(num_steps=4, solver='sde', time_grid='A', timestep_shift=3.2))
+  grid_h=2,
+  grid_w=3,
+  num_branches=2,
+  cfg=3.0,
+  integrator=I.IntegratorConfig(num_steps=4, solver='sde', time_grid='A', timestep_shift=3.2),
+)
 
 
 @pytest.fixture(scope='module')
@@ -39,9 +45,11 @@ def setup():
   rng = np.random.default_rng(0)
   rows = SAMPLER.num_branches * IMAGES
   pads = rng.integers(0, 4, rows)
-  prompt = {'input_ids': jnp.asarray(rng.integers(0, TINY_MODEL['vocab_size'], (rows, WIDTH)), jnp.int32),
-            'attention_mask': jnp.asarray(np.arange(WIDTH)[None] >= pads[:, None]),
-            'positions': jnp.asarray(np.broadcast_to(np.arange(WIDTH, dtype=np.int32), (rows, WIDTH)))}
+  prompt = {
+    'input_ids': jnp.asarray(rng.integers(0, TINY_MODEL['vocab_size'], (rows, WIDTH)), jnp.int32),
+    'attention_mask': jnp.asarray(np.arange(WIDTH)[None] >= pads[:, None]),
+    'positions': jnp.asarray(np.broadcast_to(np.arange(WIDTH, dtype=np.int32), (rows, WIDTH))),
+  }
   keys = G.image_keys_from_seeds([3, 4, 5, 6])
   unsharded = np.asarray(G.generate_tokens(graphdef, params, prompt, keys, SAMPLER))
   return config, mesh, graphdef, params, shardings, prompt, keys, unsharded
@@ -53,7 +61,9 @@ def test_sharded_generate_equals_unsharded(setup):
   tokens = program(jax.device_put(params, shardings), prompt, keys, SAMPLER)
   assert tokens.sharding.spec == P(('data', 'fsdp'), None, None)
   assert len(tokens.sharding.device_set) == 8
-  np.testing.assert_allclose(np.asarray(tokens)[:, 0], unsharded[:, 0], atol=FIRST_TOKEN_ATOL, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(tokens)[:, 0], unsharded[:, 0], atol=FIRST_TOKEN_ATOL, rtol=0
+  )
   np.testing.assert_allclose(np.asarray(tokens), unsharded, atol=ALL_TOKENS_ATOL, rtol=0)
 
 
@@ -70,11 +80,17 @@ def test_prefill_and_token_steps_reproduce_generate(setup):
   next_position = prompt['positions'][:, -1:] + 1
   tokens = []
   for k in range(SAMPLER.num_tokens - 1):  # The last token needs no decoder step after it.
-    cache, hidden, token = token_step(sharded_params, cache, hidden, next_position, jnp.int32(k), keys, SAMPLER)
+    cache, hidden, token = token_step(
+      sharded_params, cache, hidden, next_position, jnp.int32(k), keys, SAMPLER
+    )
     tokens.append(np.asarray(token))
   model = nnx.merge(graphdef, params)
   token_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, SAMPLER.num_tokens - 1)
-  tokens.append(np.asarray(G.sample_token(model, hidden, jnp.int32(SAMPLER.num_tokens - 1), token_keys, SAMPLER)))
+  tokens.append(
+    np.asarray(
+      G.sample_token(model, hidden, jnp.int32(SAMPLER.num_tokens - 1), token_keys, SAMPLER)
+    )
+  )
   # Same ops, called per token instead of scanned: XLA fuses them differently (seen: 3e-4 by the
   # last token, the CFG amplification above).
   got = np.stack(tokens, axis=1)
@@ -87,14 +103,24 @@ def test_sampling_mesh_is_tensor_parallel_as_far_as_the_model_divides():
   tiny = configlib.config_module('configs/tiny.py')
   large = nextstep1_large.get_config()  # 40 heads, 8 kv heads, MLP 13824, vocab 152064, head 1536.
   assert dict(G.sampling_mesh(large).shape) == {'data': 1, 'fsdp': 1, 'tensor': 8}
-  assert dict(G.sampling_mesh(large, jax.devices()[:4]).shape) == {'data': 1, 'fsdp': 1, 'tensor': 4}
+  assert dict(G.sampling_mesh(large, jax.devices()[:4]).shape) == {
+    'data': 1,
+    'fsdp': 1,
+    'tensor': 4,
+  }
   small = tiny.get_config()  # 2 kv heads: tensor 2 at most, the other devices FSDP.
   assert dict(G.sampling_mesh(small).shape) == {'data': 1, 'fsdp': 4, 'tensor': 2}
-  assert dict(G.sampling_mesh(small, jax.devices()[:1]).shape) == {'data': 1, 'fsdp': 1, 'tensor': 1}
+  assert dict(G.sampling_mesh(small, jax.devices()[:1]).shape) == {
+    'data': 1,
+    'fsdp': 1,
+    'tensor': 1,
+  }
   with small.unlocked():
     small.model.hidden_size, small.model.num_heads, small.model.num_kv_heads = 63, 7, 7
     small.model.head_dim, small.model.intermediate_size = 8, 63
-  with pytest.raises(ValueError, match='no .fsdp, tensor. split of 8 devices divides the model.*not divisible'):
+  with pytest.raises(
+    ValueError, match='no .fsdp, tensor. split of 8 devices divides the model.*not divisible'
+  ):
     G.sampling_mesh(small)
 
 
@@ -106,21 +132,30 @@ def test_new_guidance_temperature_and_shift_do_not_recompile(setup):
   run = program.generate_program(prompt['input_ids'].shape[0], IMAGES)
   sharded_params = jax.device_put(params, shardings)
   first = np.asarray(program(sharded_params, prompt, keys, SAMPLER))
-  assert run._cache_size() == 1  # pylint: disable=protected-access
+  assert run._cache_size() == 1
   outputs = [first]
   for cfg, temperature, shift in ((4.5, 0.9, 3.2), (3.0, 0.7, 3.2), (3.0, 1.0, 1.5)):
-    changed = dataclasses.replace(SAMPLER, cfg=cfg, integrator=dataclasses.replace(
-        SAMPLER.integrator, temperature=temperature, timestep_shift=shift))
+    changed = dataclasses.replace(
+      SAMPLER,
+      cfg=cfg,
+      integrator=dataclasses.replace(
+        SAMPLER.integrator, temperature=temperature, timestep_shift=shift
+      ),
+    )
     outputs.append(np.asarray(program(sharded_params, prompt, keys, changed)))
-  assert run._cache_size() == 1  # pylint: disable=protected-access
+  assert run._cache_size() == 1
   for other in outputs[1:]:
     assert np.abs(other - first).max() > 1e-2  # Each value is live, not ignored.
-  edit = G.SamplerConfig(grid_h=2, grid_w=3, num_branches=2, cfg=3.0, cfg_img=1.5, integrator=SAMPLER.integrator)
+  edit = G.SamplerConfig(
+    grid_h=2, grid_w=3, num_branches=2, cfg=3.0, cfg_img=1.5, integrator=SAMPLER.integrator
+  )
   program(sharded_params, prompt, keys, edit)
-  assert run._cache_size() == 1  # pylint: disable=protected-access
-  fewer_steps = dataclasses.replace(SAMPLER, integrator=dataclasses.replace(SAMPLER.integrator, num_steps=2))
+  assert run._cache_size() == 1
+  fewer_steps = dataclasses.replace(
+    SAMPLER, integrator=dataclasses.replace(SAMPLER.integrator, num_steps=2)
+  )
   program(sharded_params, prompt, keys, fewer_steps)
-  assert run._cache_size() == 2  # pylint: disable=protected-access
+  assert run._cache_size() == 2
 
 
 def test_decode_blocks_read_less_and_sample_the_same_tokens(setup):
@@ -135,7 +170,9 @@ def test_decode_blocks_read_less_and_sample_the_same_tokens(setup):
   got = np.asarray(program(sharded_params, prompt, keys, blocks))
   np.testing.assert_allclose(got[:, 0], want[:, 0], atol=FIRST_TOKEN_ATOL, rtol=0)
   np.testing.assert_allclose(got, want, atol=ALL_TOKENS_ATOL, rtol=0)
-  lowered = program.generate_program(prompt['input_ids'].shape[0], IMAGES).lower(sharded_params, prompt, keys, blocks)
+  lowered = program.generate_program(prompt['input_ids'].shape[0], IMAGES).lower(
+    sharded_params, prompt, keys, blocks
+  )
   text = lowered.as_text()
   rows = 2 * IMAGES
   for read in (WIDTH + 2, WIDTH + 4, WIDTH + 5):  # One layer's (1, R, read, K, E) cache window.

@@ -1,4 +1,5 @@
 """Per-token integrators, time grids and guidance (docs/model.md §7)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,8 +54,9 @@ def test_grid_b(shift):
   assert grid.shape == (n + 1,)
   assert grid[-1] == 1.0  # Exactly 1.
   assert grid[0] == 0.0
-  np.testing.assert_allclose(grid[:-1], shift_np(np.linspace(0, 1, n + 1)[:-1], shift),
-                             rtol=GRID_RTOL, atol=GRID_RTOL)
+  np.testing.assert_allclose(
+    grid[:-1], shift_np(np.linspace(0, 1, n + 1)[:-1], shift), rtol=GRID_RTOL, atol=GRID_RTOL
+  )
 
 
 def test_bad_integrator_config():
@@ -80,14 +82,22 @@ def _keys(m, seed=0):
 
 
 # Heun on grid B would evaluate the straight field at t = 1 (0/0), so B is checked with Euler only.
-@pytest.mark.parametrize('solver, grid, shift', [('euler', 'A', 1.0), ('euler', 'A', 3.2),
-                                                 ('euler', 'B', 3.2), ('heun', 'A', 1.0),
-                                                 ('heun', 'A', 3.2)])
+@pytest.mark.parametrize(
+  'solver, grid, shift',
+  [
+    ('euler', 'A', 1.0),
+    ('euler', 'A', 3.2),
+    ('euler', 'B', 3.2),
+    ('heun', 'A', 1.0),
+    ('heun', 'A', 3.2),
+  ],
+)
 def test_ode_follows_straight_path(solver, grid, shift):
   rng = np.random.default_rng(1)
   x0, x1 = rng.standard_normal((2, 3, 8)).astype(np.float32)
-  cfg = I.IntegratorConfig(num_steps=12, solver=solver, time_grid=grid, timestep_shift=shift,
-                           last_step_size=0.04)
+  cfg = I.IntegratorConfig(
+    num_steps=12, solver=solver, time_grid=grid, timestep_shift=shift, last_step_size=0.04
+  )
   out = np.asarray(I.integrate(straight_field(rows(x0), rows(x1)), rows(x0), _keys(3), cfg))
   if grid == 'B' or shift == 1.0:
     t_end = 1.0  # B ends at 1; A with s = 1 ends at (1 - delta) + delta.
@@ -115,11 +125,21 @@ def test_linear_ode_closed_form(n):
   grid_cfg = dict(num_steps=n, time_grid='B', timestep_shift=2.0)
   dts = np.diff(np.asarray(I.time_grid(I.IntegratorConfig(**grid_cfg)), np.float64))
   field = lambda x, t, d: lam * x
-  euler = np.asarray(I.integrate(field, rows(x0), _keys(1), I.IntegratorConfig(solver='euler', **grid_cfg)))
-  heun = np.asarray(I.integrate(field, rows(x0), _keys(1), I.IntegratorConfig(solver='heun', **grid_cfg)))
-  np.testing.assert_allclose(euler, x0 * np.prod(1 + lam * dts), rtol=CLOSED_FORM_RTOL, atol=CLOSED_FORM_ATOL)
-  np.testing.assert_allclose(heun, x0 * np.prod(1 + lam * dts + (lam * dts) ** 2 / 2),
-                             rtol=CLOSED_FORM_RTOL, atol=CLOSED_FORM_ATOL)
+  euler = np.asarray(
+    I.integrate(field, rows(x0), _keys(1), I.IntegratorConfig(solver='euler', **grid_cfg))
+  )
+  heun = np.asarray(
+    I.integrate(field, rows(x0), _keys(1), I.IntegratorConfig(solver='heun', **grid_cfg))
+  )
+  np.testing.assert_allclose(
+    euler, x0 * np.prod(1 + lam * dts), rtol=CLOSED_FORM_RTOL, atol=CLOSED_FORM_ATOL
+  )
+  np.testing.assert_allclose(
+    heun,
+    x0 * np.prod(1 + lam * dts + (lam * dts) ** 2 / 2),
+    rtol=CLOSED_FORM_RTOL,
+    atol=CLOSED_FORM_ATOL,
+  )
   exact = x0 * np.exp(lam)
   assert np.abs(heun - exact).max() < np.abs(euler - exact).max() / 4
 
@@ -130,7 +150,9 @@ def test_heun_error_order():
 
   def err(solver, n):
     cfg = I.IntegratorConfig(num_steps=n, solver=solver, time_grid='B')
-    return np.abs(np.asarray(I.integrate(lambda x, t, d: lam * x, rows(x0), _keys(1), cfg)) - np.exp(lam)).max()
+    return np.abs(
+      np.asarray(I.integrate(lambda x, t, d: lam * x, rows(x0), _keys(1), cfg)) - np.exp(lam)
+    ).max()
 
   assert 1.7 < err('euler', 8) / err('euler', 16) < 2.3  # First order.
   assert 3.4 < err('heun', 8) / err('heun', 16) < 4.6  # Second order.
@@ -151,23 +173,32 @@ def reference_em(velocity, x0, row_keys, cfg):
     v = np.asarray(velocity(jnp.asarray(x), jnp.float32(t), dt))
     score = (t * v - x) / (1 - t)
     drift = v + (1 - t) * score
-    z = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:], jnp.float32))
-                  for k in row_keys])
+    z = np.stack(
+      [
+        np.asarray(jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:], jnp.float32))
+        for k in row_keys
+      ]
+    )
     x = x + drift * dt + np.sqrt(2 * (1 - t)) * np.sqrt(dt) * cfg.temperature * z
   if cfg.time_grid == 'A':
-    x = x + cfg.last_step_size * np.asarray(velocity(jnp.asarray(x), jnp.float32(times[-1]), cfg.last_step_size))
+    x = x + cfg.last_step_size * np.asarray(
+      velocity(jnp.asarray(x), jnp.float32(times[-1]), cfg.last_step_size)
+    )
   return x
 
 
-@pytest.mark.parametrize('grid, shift, temperature', [('A', 3.2, 1.0), ('A', 1.0, 0.7), ('B', 2.0, 1.0)])
+@pytest.mark.parametrize(
+  'grid, shift, temperature', [('A', 3.2, 1.0), ('A', 1.0, 0.7), ('B', 2.0, 1.0)]
+)
 def test_sde_equals_hand_written_euler_maruyama(grid, shift, temperature):
   rng = np.random.default_rng(3)
   a = rows(rng.standard_normal((12,)))
   velocity = lambda x, t, d: jnp.sin(x) * a + t  # Arbitrary smooth field depending on x and t.
   keys = _keys(3, seed=7)
   x0 = I.row_normal(keys, 0, (12,))
-  cfg = I.IntegratorConfig(num_steps=4, solver='sde', time_grid=grid, timestep_shift=shift,
-                           temperature=temperature)
+  cfg = I.IntegratorConfig(
+    num_steps=4, solver='sde', time_grid=grid, timestep_shift=shift, temperature=temperature
+  )
   out = np.asarray(jax.jit(lambda x, k: I.integrate(velocity, x, k, cfg))(x0, keys))
   np.testing.assert_allclose(out, reference_em(velocity, x0, keys, cfg), atol=EM_ATOL, rtol=EM_ATOL)
   # The noise matters (a different key gives a different result).
@@ -181,7 +212,8 @@ def test_row_normal_is_per_row():
   assert full.shape == (4, 5)
   np.testing.assert_array_equal(np.asarray(I.row_normal(keys[2:3], 3, (5,)))[0], full[2])
   np.testing.assert_array_equal(
-      full[1], np.asarray(jax.random.normal(jax.random.fold_in(keys[1], 3), (5,), jnp.float32)))
+    full[1], np.asarray(jax.random.normal(jax.random.fold_in(keys[1], 3), (5,), jnp.float32))
+  )
   assert not np.allclose(full, np.asarray(I.row_normal(keys, 4, (5,))))
 
 
@@ -195,8 +227,9 @@ def test_combine_two_way():
   for cfg in (1.0, 3.0, 7.5):
     out = np.asarray(guidance.combine_two_way(jnp.asarray(v), jnp.float32(cfg)))
     np.testing.assert_allclose(out, v_u + cfg * (v_c - v_u), atol=GUIDANCE_ATOL * cfg)
-  np.testing.assert_allclose(np.asarray(guidance.combine_two_way(jnp.asarray(v), jnp.float32(1.0))),
-                             v_c, atol=GUIDANCE_ATOL)
+  np.testing.assert_allclose(
+    np.asarray(guidance.combine_two_way(jnp.asarray(v), jnp.float32(1.0))), v_c, atol=GUIDANCE_ATOL
+  )
 
 
 def test_combine_three_way():
@@ -204,9 +237,12 @@ def test_combine_three_way():
   v = rng.standard_normal((6, 5)).astype(np.float32)  # [full; image-only; none], 2 images each.
   v_full, v_img, v_none = v[:2], v[2:4], v[4:]
   cfg, cfg_img = 7.5, 2.0
-  out = np.asarray(guidance.combine_three_way(jnp.asarray(v), jnp.float32(cfg), jnp.float32(cfg_img)))
-  np.testing.assert_allclose(out, v_none + cfg_img * (v_img - v_none) + cfg * (v_full - v_img),
-                             atol=GUIDANCE_ATOL * 10)
+  out = np.asarray(
+    guidance.combine_three_way(jnp.asarray(v), jnp.float32(cfg), jnp.float32(cfg_img))
+  )
+  np.testing.assert_allclose(
+    out, v_none + cfg_img * (v_img - v_none) + cfg * (v_full - v_img), atol=GUIDANCE_ATOL * 10
+  )
   ones = np.asarray(guidance.combine_three_way(jnp.asarray(v), jnp.float32(1.0), jnp.float32(1.0)))
   np.testing.assert_allclose(ones, v_full, atol=GUIDANCE_ATOL * 10)
 
@@ -238,7 +274,9 @@ def test_one_step_of_size_one_is_the_closed_form():
 
   cfg = I.IntegratorConfig(solver='euler', times=(0.0, 1.0))
   out = np.asarray(I.integrate(head, x0, _keys(x0.shape[0]), cfg))
-  np.testing.assert_allclose(out, np.asarray(x0) + np.cos(np.asarray(x0)) + 2.0, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    out, np.asarray(x0) + np.cos(np.asarray(x0)) + 2.0, rtol=1e-6, atol=1e-6
+  )
   assert cfg.velocity_calls == 1
 
 
@@ -251,9 +289,12 @@ def test_explicit_schedule_passes_each_step_size():
     return x * 0 + d  # x moves by d * d per step.
 
   x0 = rows(np.zeros((1, 3)))
-  out = np.asarray(jax.jit(lambda x, k: I.integrate(head, x, k, I.IntegratorConfig(solver='euler', times=times)))(
-      x0, _keys(x0.shape[0])))
-  np.testing.assert_allclose(out, 0.5 ** 2 + 0.25 ** 2 + 0.25 ** 2, rtol=1e-6)
+  out = np.asarray(
+    jax.jit(lambda x, k: I.integrate(head, x, k, I.IntegratorConfig(solver='euler', times=times)))(
+      x0, _keys(x0.shape[0])
+    )
+  )
+  np.testing.assert_allclose(out, 0.5**2 + 0.25**2 + 0.25**2, rtol=1e-6)
   assert I.uniform_times(4) == (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -266,10 +307,15 @@ def test_bad_schedule_is_rejected(times):
 # ----- conditioned velocities (the table of per-point work built once per token) -----
 
 
-@pytest.mark.parametrize('solver, grid_kw', [('sde', dict(time_grid='A', timestep_shift=2.0)),
-                                             ('euler', dict(time_grid='B')),
-                                             ('heun', dict(time_grid='A')),
-                                             ('heun', dict(times=(0.0, 0.3, 0.55, 1.0)))])
+@pytest.mark.parametrize(
+  'solver, grid_kw',
+  [
+    ('sde', dict(time_grid='A', timestep_shift=2.0)),
+    ('euler', dict(time_grid='B')),
+    ('heun', dict(time_grid='A')),
+    ('heun', dict(times=(0.0, 0.3, 0.55, 1.0))),
+  ],
+)
 def test_conditioned_velocity_equals_the_plain_field(solver, grid_kw):
   """A field split into a (t, d) table and an x-part integrates exactly like the same field
   given as one function, for every solver and grid (each point's (t, d) lands on its step)."""
@@ -277,13 +323,18 @@ def test_conditioned_velocity_equals_the_plain_field(solver, grid_kw):
   a, b = rows(rng.standard_normal((12,))), rows(rng.standard_normal((12,)))
   plain = lambda x, t, d: jnp.sin(x) * a + jnp.cos(3 * t) * b + d * x
   split = I.ConditionedVelocity(
-      condition=lambda t, d: {'time': jnp.cos(3 * t)[:, None] * b, 'size': d},
-      apply=lambda x, row: jnp.sin(x) * a + row['time'] + row['size'] * x)
+    condition=lambda t, d: {'time': jnp.cos(3 * t)[:, None] * b, 'size': d},
+    apply=lambda x, row: jnp.sin(x) * a + row['time'] + row['size'] * x,
+  )
   cfg = I.IntegratorConfig(num_steps=5, solver=solver, **grid_kw)
   keys, x0 = _keys(3, seed=2), rows(rng.standard_normal((3, 12)))
   expected = np.asarray(I.integrate(plain, x0, keys, cfg))
-  np.testing.assert_allclose(np.asarray(jax.jit(lambda x: I.integrate(split, x, keys, cfg))(x0)), expected,
-                             rtol=GUIDANCE_ATOL, atol=GUIDANCE_ATOL)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(lambda x: I.integrate(split, x, keys, cfg))(x0)),
+    expected,
+    rtol=GUIDANCE_ATOL,
+    atol=GUIDANCE_ATOL,
+  )
 
 
 @pytest.mark.parametrize('solver', ['euler', 'heun', 'sde'])

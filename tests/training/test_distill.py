@@ -1,13 +1,15 @@
 """Per-token distillation into a few-step head: teacher data, the student loss, frozen backbone."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from model_testing import TINY_MODEL
+from model_testing import tiny_model
 from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.sampling import guidance
 from nextstep_jax.training import distill as D
-from model_testing import TINY_MODEL, tiny_model
 
 COND_ATOL = 1e-5  # Same float32 forward at a different sequence length: reduction order only.
 TRAJ_ATOL = 1e-5  # Scanned Euler vs a Python loop of the same float32 calls.
@@ -24,7 +26,11 @@ def prompt_rows(rows, seed=0):
   ids = rng.integers(0, TINY_MODEL['vocab_size'], (rows, PROMPT_WIDTH)).astype(np.int32)
   mask = np.arange(PROMPT_WIDTH)[None] >= rng.integers(0, 3, rows)[:, None]
   positions = np.broadcast_to(np.arange(PROMPT_WIDTH, dtype=np.int32), ids.shape).copy()
-  return {'input_ids': jnp.asarray(ids), 'attention_mask': jnp.asarray(mask), 'positions': jnp.asarray(positions)}
+  return {
+    'input_ids': jnp.asarray(ids),
+    'attention_mask': jnp.asarray(mask),
+    'positions': jnp.asarray(positions),
+  }
 
 
 def test_token_conditions_match_prefix_forwards(teacher):
@@ -35,7 +41,9 @@ def test_token_conditions_match_prefix_forwards(teacher):
   cond = np.asarray(D.token_conditions(teacher, prompt, tokens, 2))
   fed = jnp.tile(tokens, (2, 1, 1))
   for k in range(N):
-    x = jnp.concatenate([teacher.embed(prompt['input_ids'], None, None), teacher.embed_image_tokens(fed[:, :k])], 1)
+    x = jnp.concatenate(
+      [teacher.embed(prompt['input_ids'], None, None), teacher.embed_image_tokens(fed[:, :k])], 1
+    )
     positions = jnp.broadcast_to(jnp.arange(PROMPT_WIDTH + k), (4, PROMPT_WIDTH + k))
     valid = jnp.concatenate([prompt['attention_mask'], jnp.ones((4, k), bool)], 1)
     hidden, _ = teacher(x, positions, valid)
@@ -47,7 +55,9 @@ def test_teacher_trajectories_are_the_guided_euler_ode(teacher):
   cfg = D.DistillConfig(teacher_steps=4, teacher_solver='euler', max_student_steps=2)
   head = teacher.image_head
   rng = np.random.default_rng(2)
-  cond_emb = head.condition(jnp.asarray(rng.standard_normal((6, TINY_MODEL['hidden_size'])), jnp.float32))
+  cond_emb = head.condition(
+    jnp.asarray(rng.standard_normal((6, TINY_MODEL['hidden_size'])), jnp.float32)
+  )
   x = jnp.asarray(rng.standard_normal((3, TOKEN_DIM)), jnp.float32)
   states = np.asarray(D.teacher_trajectories(head, cond_emb, x, 2.0, cfg))
   assert states.shape == (3, 3, TOKEN_DIM)
@@ -75,11 +85,14 @@ def test_distillation_trains_the_head_only(teacher, fold_guidance):
   m = 96
   cond = rng.standard_normal((2, m, TINY_MODEL['hidden_size'])).astype(np.float32)  # [text; uncond]
   x, t = jnp.asarray(rng.standard_normal((m, TOKEN_DIM)), jnp.float32), jnp.full((m,), 0.5)
-  np.testing.assert_array_equal(np.asarray(student.image_head(x, t, jnp.asarray(cond[0]), jnp.full((m,), 0.25))),
-                                np.asarray(teacher.image_head(x, t, jnp.asarray(cond[0]))))
+  np.testing.assert_array_equal(
+    np.asarray(student.image_head(x, t, jnp.asarray(cond[0]), jnp.full((m,), 0.25))),
+    np.asarray(teacher.image_head(x, t, jnp.asarray(cond[0]))),
+  )
   # One level (d = 1) and whole-set batches: a deterministic regression whose loss must fall.
-  cfg = D.DistillConfig(teacher_steps=2, teacher_solver='euler', max_student_steps=1, steps=40, batch_size=m,
-                        lr=3e-3)
+  cfg = D.DistillConfig(
+    teacher_steps=2, teacher_solver='euler', max_student_steps=1, steps=40, batch_size=m, lr=3e-3
+  )
   cond_emb = teacher.image_head.condition(jnp.asarray(cond.reshape(2 * m, -1)))
   states = np.asarray(D.teacher_trajectories(teacher.image_head, cond_emb, x, 1.5, cfg))
   if fold_guidance:

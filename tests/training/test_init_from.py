@@ -1,4 +1,5 @@
 """train.init_from: params of another run or a converted release, restored onto the training mesh."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +7,6 @@ import pytest
 from flax import nnx
 
 import multiprocess_testing
-
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax.convert import official
@@ -17,12 +17,16 @@ from nextstep_jax.training import state as state_lib
 
 
 def tiny_config(tmp_path, *overrides):
-  return configlib.load_config('configs/tiny.py', [f'data.cache_dir={tmp_path / "cache"}', *overrides])
+  return configlib.load_config(
+    'configs/tiny.py', [f'data.cache_dir={tmp_path / "cache"}', *overrides]
+  )
 
 
 def numpy_params(params) -> dict:
-  return {init_from.param_name(tuple(str(k) for k in path)): np.asarray(v.get_value())
-          for path, v in nnx.to_flat_state(params)}
+  return {
+    init_from.param_name(tuple(str(k) for k in path)): np.asarray(v.get_value())
+    for path, v in nnx.to_flat_state(params)
+  }
 
 
 def save_source(config, directory, step: int, kind: str, dtype=None, seed: int = 7):
@@ -69,8 +73,9 @@ def test_restores_the_exact_params_onto_a_sharded_mesh(tmp_path, kind):
   for leaf, sharding in zip(jax.tree.leaves(state['params']), jax.tree.leaves(shardings['params'])):
     assert leaf.sharding == sharding
   assert int(state['step']) == 0
-  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(state['opt_state'])
-             if x.ndim > 0)  # Fresh Adam moments.
+  assert all(
+    float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(state['opt_state']) if x.ndim > 0
+  )  # Fresh Adam moments.
 
 
 def test_skip_patterns_keep_the_random_init(tmp_path):
@@ -78,7 +83,9 @@ def test_skip_patterns_keep_the_random_init(tmp_path):
   leaves the head at the config's own init."""
   source_config = tiny_config(tmp_path, 'model.fm_head_dim=32')
   expected = save_source(source_config, tmp_path / 'src', 2, 'run')
-  config = tiny_config(tmp_path, f'train.init_from={tmp_path / "src"}', "train.init_from_skip=('image_head.*',)")
+  config = tiny_config(
+    tmp_path, f'train.init_from={tmp_path / "src"}', "train.init_from_skip=('image_head.*',)"
+  )
   tx = state_lib.make_optimizer(config.train)
   mesh = mesh_lib.make_mesh(config.mesh)
   _, abstract_state, shardings = state_lib.state_shardings(config, tx, mesh)
@@ -107,7 +114,12 @@ def test_bad_init_from_is_one_clear_error(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(init_from.InitFromError, match='neither a converted release'):
     start(str(tmp_path / 'empty'))
-  save_source(tiny_config(tmp_path, 'model.hidden_size=32', 'model.fm_head_layers=3'), tmp_path / 'other', 4, 'run')
+  save_source(
+    tiny_config(tmp_path, 'model.hidden_size=32', 'model.fm_head_layers=3'),
+    tmp_path / 'other',
+    4,
+    'run',
+  )
   with pytest.raises(init_from.InitFromError, match=r'no checkpoint 9 .*steps: \[4\]'):
     start(f'{tmp_path / "other"}@9')
   with pytest.raises(init_from.InitFromError) as error:
@@ -117,7 +129,7 @@ def test_bad_init_from_is_one_clear_error(tmp_path):
   assert 'params with another shape' in message and 'embed_tokens.embedding (512, 32)' in message
   assert 'decoder.layers.mlp.up_proj.kernel' in message
   assert 'image_head.res_blocks.in_ln.weight (3, 64) in the source vs (2, 64)' in message
-  assert "init_from_skip patterns matching no param:\n    nothing.*" in message
+  assert 'init_from_skip patterns matching no param:\n    nothing.*' in message
 
 
 @pytest.mark.slow
@@ -126,7 +138,9 @@ def test_resume_uses_the_runs_own_checkpoint(tmp_path, capsys):
   ends where an uninterrupted fine-tune ends."""
   base = tiny_config(tmp_path, 'train.steps=4', 'train.checkpoint_every=2')
   loop.train(base, str(tmp_path / 'base'))
-  config = tiny_config(tmp_path, 'train.steps=6', 'train.checkpoint_every=3', f'train.init_from={tmp_path / "base"}@2')
+  config = tiny_config(
+    tmp_path, 'train.steps=6', 'train.checkpoint_every=3', f'train.init_from={tmp_path / "base"}@2'
+  )
   loop.train(config, str(tmp_path / 'straight'))
   loop.train(config, str(tmp_path / 'resumed'), stop_at=3)
   assert 'initialised from' in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """End-to-end training loop on the tiny config: learning, exact resume, divergence stop, CLIs."""
+
 import json
 
 import jax
@@ -7,7 +8,6 @@ import pytest
 from etils import epath
 
 import multiprocess_testing
-
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax import runs
@@ -22,8 +22,9 @@ RESUME_ATOL = 0.0
 
 
 def tiny_config(tmp_path, *overrides):
-  return configlib.load_config('configs/tiny.py', [f'data.cache_dir={tmp_path / "cache"}',
-                                                   *overrides])
+  return configlib.load_config(
+    'configs/tiny.py', [f'data.cache_dir={tmp_path / "cache"}', *overrides]
+  )
 
 
 restored_params = multiprocess_testing.restore_on_one_device  # (train state as numpy, extra).
@@ -42,8 +43,9 @@ def test_few_steps_lower_the_loss(tmp_path):
   assert list((tmp_path / 'run' / 'tb').iterdir()), 'no TensorBoard events written'
 
 
-@pytest.mark.parametrize('pipeline_overrides', [(), ('data.grain_builtin=True',)],
-                         ids=['in_memory', 'grain'])
+@pytest.mark.parametrize(
+  'pipeline_overrides', [(), ('data.grain_builtin=True',)], ids=['in_memory', 'grain']
+)
 def test_resume_is_exact(tmp_path, pipeline_overrides):
   """Through the in-memory source (state = step) and the Grain pipeline (state = Grain's iterator
   state, saved in the same checkpoint): a run stopped at step 6 and resumed ends bitwise equal."""
@@ -60,8 +62,14 @@ def test_resume_is_exact(tmp_path, pipeline_overrides):
 
 
 def test_divergence_stops_with_last_good_checkpoint(tmp_path):
-  config = tiny_config(tmp_path, 'train.steps=30', 'train.checkpoint_every=5', 'train.lr=1e30',
-                       'train.warmup_steps=1', 'train.grad_clip=1e30')
+  config = tiny_config(
+    tmp_path,
+    'train.steps=30',
+    'train.checkpoint_every=5',
+    'train.lr=1e30',
+    'train.warmup_steps=1',
+    'train.grad_clip=1e30',
+  )
   with pytest.raises(loop.TrainingDivergedError, match='non-finite'):
     loop.train(config, str(tmp_path / 'run'))
   ckpt = checkpoints.Checkpointer(tmp_path / 'run' / runs.CHECKPOINT_DIR, keep=100)
@@ -74,17 +82,47 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path):
 
 def test_train_and_sample_clis(tmp_path, capsys):
   workdir = tmp_path / 'run'
-  assert train_cli.main(['--config', 'configs/tiny.py', '--workdir', str(workdir),
-                         f'--config.data.cache_dir={tmp_path / "cache"}',
-                         '--config.train.steps=4', '--config.train.checkpoint_every=4']) == 0
+  assert (
+    train_cli.main(
+      [
+        '--config',
+        'configs/tiny.py',
+        '--workdir',
+        str(workdir),
+        f'--config.data.cache_dir={tmp_path / "cache"}',
+        '--config.train.steps=4',
+        '--config.train.checkpoint_every=4',
+      ]
+    )
+    == 0
+  )
   assert f'workdir: {workdir}' in capsys.readouterr().out
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('a red circle\n\na blue square above a green circle\na yellow triangle\n')
   out = tmp_path / 'out'
-  assert sample_cli.main(['--workdir', str(workdir), '--prompts', str(prompts), '--out', str(out),
-                          '--seed', '7', '--num-steps', '3']) == 0
+  assert (
+    sample_cli.main(
+      [
+        '--workdir',
+        str(workdir),
+        '--prompts',
+        str(prompts),
+        '--out',
+        str(out),
+        '--seed',
+        '7',
+        '--num-steps',
+        '3',
+      ]
+    )
+    == 0
+  )
   records = [json.loads(l) for l in (out / 'samples.jsonl').read_text().splitlines()]
-  assert [r['prompt'] for r in records] == ['a red circle', 'a blue square above a green circle', 'a yellow triangle']
+  assert [r['prompt'] for r in records] == [
+    'a red circle',
+    'a blue square above a green circle',
+    'a yellow triangle',
+  ]
   assert [r['seed'] for r in records] == [7, 8, 9]
   assert all((out / r['file']).exists() for r in records)
   assert records[0]['settings']['num_steps'] == 3
@@ -121,9 +159,13 @@ def test_bad_configs_fail_before_training(tmp_path):
 
 
 def test_workdir_with_other_model_is_refused(tmp_path):
-  loop.train(tiny_config(tmp_path, 'train.steps=1', 'train.checkpoint_every=1'), str(tmp_path / 'run'))
+  loop.train(
+    tiny_config(tmp_path, 'train.steps=1', 'train.checkpoint_every=1'), str(tmp_path / 'run')
+  )
   with pytest.raises(ValueError, match='different model config'):
-    loop.train(tiny_config(tmp_path, 'train.steps=1', 'model.hidden_size=128'), str(tmp_path / 'run'))
+    loop.train(
+      tiny_config(tmp_path, 'train.steps=1', 'model.hidden_size=128'), str(tmp_path / 'run')
+    )
 
 
 @pytest.mark.parametrize('appendable', [True, False])  # Local files append; object stores rewrite.

@@ -1,5 +1,6 @@
 """The training objective against a hand-computed numpy reference on a real tiny batch
 (docs/model.md §4, §6)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,19 +8,24 @@ import optax
 import pytest
 from flax import nnx
 
+from model_testing import TINY_MODEL
+from model_testing import tiny_model
 from nextstep_jax.config_defaults import get_base_config
 from nextstep_jax.data import sequences
-from nextstep_jax.data.text_tokenizer import TextTokenizer, train_sentencepiece
+from nextstep_jax.data.text_tokenizer import TextTokenizer
+from nextstep_jax.data.text_tokenizer import train_sentencepiece
 from nextstep_jax.model import nextstep as ns
 from nextstep_jax.training import objective as O
-from model_testing import TINY_MODEL, tiny_model
 
 LOSS_RTOL = 2e-5  # float32 losses (logsumexp over 512, masked means) vs float64 numpy.
 INVARIANCE_RTOL = 1e-6  # The same float32 computation on unchanged inputs; only reduction order.
 TOTAL_RTOL = 1e-6  # total vs w_lm lm + w_im im recombined in Python: one float32 rounding.
 
-CAPTIONS = ['a red circle to the left of a blue square', 'a handwritten digit seven',
-            'a green triangle above a yellow square']
+CAPTIONS = [
+  'a red circle to the left of a blue square',
+  'a handwritten digit seven',
+  'a green triangle above a yellow square',
+]
 H, W = 2, 3
 N = H * W
 MAX_CAPTION_TOKENS = 12
@@ -41,8 +47,14 @@ def model():
 
 @pytest.fixture(scope='module')
 def batch(tok):
-  b = sequences.build_training_batch(tok, ['a red circle', 'a blue square', 'a digit seven'], H, W,
-                                     MAX_CAPTION_TOKENS, drop_text=np.array([False, True, False]))
+  b = sequences.build_training_batch(
+    tok,
+    ['a red circle', 'a blue square', 'a digit seven'],
+    H,
+    W,
+    MAX_CAPTION_TOKENS,
+    drop_text=np.array([False, True, False]),
+  )
   rng = np.random.default_rng(2)
   b['image_tokens'] = rng.standard_normal((3, N, TOKEN_DIM)).astype(np.float32)
   b['image_valid'] = np.array([True, True, False])  # Row 2 is a padding row for the FM loss.
@@ -55,7 +67,9 @@ def loss_config(tok, **kw):
 
 @pytest.fixture(scope='module')
 def loss_fn():
-  return nnx.jit(lambda model, batch, key, cfg: O.compute_loss(model, batch, key, cfg), static_argnums=3)
+  return nnx.jit(
+    lambda model, batch, key, cfg: O.compute_loss(model, batch, key, cfg), static_argnums=3
+  )
 
 
 def to_jax(batch):
@@ -63,8 +77,10 @@ def to_jax(batch):
 
 
 def np_params(model):
-  return {'.'.join(map(str, p)): np.asarray(v.get_value(), np.float64)
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+    '.'.join(map(str, p)): np.asarray(v.get_value(), np.float64)
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 @nnx.jit
@@ -82,9 +98,15 @@ def reference_losses(model, batch, key, cfg, tok):
   ids, labels = batch['input_ids'], batch['labels']
   ph = tok.image_placeholder_id
   mask = ids == ph
-  hidden = np.asarray(_hidden(model, *map(jnp.asarray, (ids, batch['image_tokens'], mask,
-                                                        batch['positions'], batch['attention_mask']))),
-                      np.float64)
+  hidden = np.asarray(
+    _hidden(
+      model,
+      *map(
+        jnp.asarray, (ids, batch['image_tokens'], mask, batch['positions'], batch['attention_mask'])
+      ),
+    ),
+    np.float64,
+  )
   p = np_params(model)
   b, length, _ = hidden.shape
 
@@ -105,7 +127,9 @@ def reference_losses(model, batch, key, cfg, tok):
   cond = []
   for r in range(b):
     for pos in np.nonzero(mask[r])[0]:
-      cond.append(hidden[r, pos - 1] @ p['image_out_projector.kernel'] + p['image_out_projector.bias'])
+      cond.append(
+        hidden[r, pos - 1] @ p['image_out_projector.kernel'] + p['image_out_projector.bias']
+      )
   cond = np.stack(cond)  # (M, D), row-major (row, token).
   m = b * N
   x1 = batch['image_tokens'].reshape(m, -1).astype(np.float64)
@@ -119,12 +143,20 @@ def reference_losses(model, batch, key, cfg, tok):
   eps = np.asarray(jax.random.normal(key_eps, x1.shape, jnp.float32), np.float64)
   x_t = t[:, None] * x1 + (1 - t[:, None]) * eps
   target = x1 - eps
-  v = np.asarray(_velocity(model, jnp.asarray(x_t, jnp.float32), jnp.asarray(t, jnp.float32),
-                           jnp.asarray(cond, jnp.float32)), np.float64)
+  v = np.asarray(
+    _velocity(
+      model,
+      jnp.asarray(x_t, jnp.float32),
+      jnp.asarray(t, jnp.float32),
+      jnp.asarray(cond, jnp.float32),
+    ),
+    np.float64,
+  )
   per_token = ((v - target) ** 2).mean(-1)
   im = (per_token * token_mask).sum() / (token_mask.sum() + 1e-8)
-  return dict(lm_loss=lm, im_loss=im, loss=cfg.lm_loss_weight * lm + cfg.im_loss_weight * im,
-              num_lm=count)
+  return dict(
+    lm_loss=lm, im_loss=im, loss=cfg.lm_loss_weight * lm + cfg.im_loss_weight * im, num_lm=count
+  )
 
 
 def test_batch_layout(tok, batch):
@@ -135,11 +167,20 @@ def test_batch_layout(tok, batch):
   assert (batch['input_ids'][np.arange(3), first - 1] == tok.boi_id).all()
 
 
-@pytest.mark.parametrize('mul, time_mean, time_std, lm_w, im_w', [(4, 0.0, 1.0, 0.01, 1.0),
-                                                                   (2, 0.3, 0.7, 0.5, 2.0)])
-def test_loss_matches_numpy_reference(tok, model, batch, loss_fn, mul, time_mean, time_std, lm_w, im_w):
-  cfg = loss_config(tok, fm_head_batch_mul=mul, time_mean=time_mean, time_std=time_std,
-                    lm_loss_weight=lm_w, im_loss_weight=im_w)
+@pytest.mark.parametrize(
+  'mul, time_mean, time_std, lm_w, im_w', [(4, 0.0, 1.0, 0.01, 1.0), (2, 0.3, 0.7, 0.5, 2.0)]
+)
+def test_loss_matches_numpy_reference(
+  tok, model, batch, loss_fn, mul, time_mean, time_std, lm_w, im_w
+):
+  cfg = loss_config(
+    tok,
+    fm_head_batch_mul=mul,
+    time_mean=time_mean,
+    time_std=time_std,
+    lm_loss_weight=lm_w,
+    im_loss_weight=im_w,
+  )
   key = jax.random.key(3)
   total, pieces = loss_fn(model, to_jax(batch), key, cfg)
   ref = reference_losses(model, batch, key, cfg, tok)
@@ -148,7 +189,8 @@ def test_loss_matches_numpy_reference(tok, model, batch, loss_fn, mul, time_mean
     assert float(pieces[name]) == pytest.approx(ref[name], rel=LOSS_RTOL), name
   assert float(total) == float(pieces['loss'])
   assert float(pieces['loss']) == pytest.approx(
-      lm_w * float(pieces['lm_loss']) + im_w * float(pieces['im_loss']), rel=TOTAL_RTOL)
+    lm_w * float(pieces['lm_loss']) + im_w * float(pieces['im_loss']), rel=TOTAL_RTOL
+  )
 
 
 def test_default_loss_weights(tok):
@@ -217,9 +259,15 @@ def test_gradients_finite(tok, model, batch):
   flat = {'.'.join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(g)}
   for name, arr in flat.items():
     assert np.isfinite(arr).all(), name
-  for name in ('lm_head.kernel', 'embed_tokens.embedding', 'image_in_projector.kernel',
-               'image_out_projector.kernel', 'decoder.layers.self_attn.q_proj.kernel',
-               'image_head.res_blocks.mlp_0.kernel', 'image_head.final_layer.linear.kernel'):
+  for name in (
+    'lm_head.kernel',
+    'embed_tokens.embedding',
+    'image_in_projector.kernel',
+    'image_out_projector.kernel',
+    'decoder.layers.self_attn.q_proj.kernel',
+    'image_head.res_blocks.mlp_0.kernel',
+    'image_head.final_layer.linear.kernel',
+  ):
     assert np.abs(flat[name]).max() > 0, name
 
 
@@ -230,8 +278,13 @@ def test_shortcut_rows_follow_the_documented_targets():
   """A spy field u = t + 3 d records every call: self-consistency rows query (t, d') then
   (t + d, d') and are trained at 2d with t on the d grid and t + 2d <= 1 (d' = 0 at the finest
   level); flow rows at d = 0; the loss equals the one recomputed from the recorded calls."""
-  cfg = O.LossConfig(placeholder_id=0, fm_head_batch_mul=8, head_objective='shortcut', shortcut_fraction=0.5,
-                     shortcut_max_steps=8)
+  cfg = O.LossConfig(
+    placeholder_id=0,
+    fm_head_batch_mul=8,
+    head_objective='shortcut',
+    shortcut_fraction=0.5,
+    shortcut_max_steps=8,
+  )
   calls = []
 
   def spy(x, t, c, d):
@@ -267,7 +320,9 @@ def test_shortcut_loss_finite_and_decreasing_on_a_tiny_run(tok, batch):
 
   @nnx.jit
   def train_step(model, optimizer, batch, key):
-    loss, grads = nnx.value_and_grad(lambda m: O.compute_loss(m, batch, key, cfg)[1]['im_loss'])(model)
+    loss, grads = nnx.value_and_grad(lambda m: O.compute_loss(m, batch, key, cfg)[1]['im_loss'])(
+      model
+    )
     optimizer.update(model, grads)
     return loss
 

@@ -1,5 +1,6 @@
 """Single-process preemption: SIGTERM or Ctrl-C (SIGINT) mid-training checkpoints the next step
 boundary and returns; rerunning ends exactly where an uninterrupted run does."""
+
 import os
 import signal
 import threading
@@ -22,9 +23,15 @@ RESUME_ATOL = 0.0  # Same programs on the same inputs: bitwise equal.
 
 
 def config_for(tmp_path):
-  return configlib.load_config('configs/tiny.py', [
-      f'data.cache_dir={tmp_path / "cache"}', f'train.steps={STEPS}', f'train.checkpoint_every={STEPS}',
-      'train.log_every=1'])
+  return configlib.load_config(
+    'configs/tiny.py',
+    [
+      f'data.cache_dir={tmp_path / "cache"}',
+      f'train.steps={STEPS}',
+      f'train.checkpoint_every={STEPS}',
+      'train.log_every=1',
+    ],
+  )
 
 
 def final_state(workdir):
@@ -46,13 +53,16 @@ def signal_when_logged(metrics_path, records: int, signum=signal.SIGTERM) -> thr
         os.kill(os.getpid(), signum)
         return
       time.sleep(0.005)
+
   thread = threading.Thread(target=watch, daemon=True)
   thread.start()
   return thread
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['sigterm', 'sigint'])
-def test_stop_signal_checkpoints_the_next_step_and_rerun_continues_exactly(tmp_path, signum, capsys):
+def test_stop_signal_checkpoints_the_next_step_and_rerun_continues_exactly(
+  tmp_path, signum, capsys
+):
   config = config_for(tmp_path)
   loop.train(config, str(tmp_path / 'straight'))
   late_signals = []  # A signal arriving after training returned must not kill pytest.
@@ -64,7 +74,8 @@ def test_stop_signal_checkpoints_the_next_step_and_rerun_continues_exactly(tmp_p
     assert not late_signals, 'the run ended before the signal arrived'
     assert stopped.preempted and SIGNAL_AFTER_RECORDS <= stopped.step < STEPS
     assert signal.getsignal(signum) is not None and not isinstance(
-        getattr(signal.getsignal(signum), '__self__', None), preemption.PreemptionWatch)
+      getattr(signal.getsignal(signum), '__self__', None), preemption.PreemptionWatch
+    )
   finally:
     signal.signal(signum, previous)
   if signum == signal.SIGINT:
@@ -77,5 +88,7 @@ def test_stop_signal_checkpoints_the_next_step_and_rerun_continues_exactly(tmp_p
   resumed, steps = final_state(tmp_path / 'run')
   straight, _ = final_state(tmp_path / 'straight')
   assert steps == [stopped.step, STEPS]
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(resumed), jax.tree_util.tree_leaves(straight)):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(resumed), jax.tree_util.tree_leaves(straight)
+  ):
     np.testing.assert_allclose(a, b, atol=RESUME_ATOL, rtol=0, err_msg=jax.tree_util.keystr(path))

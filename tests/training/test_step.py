@@ -1,6 +1,7 @@
 """Gradient accumulation (train.microbatches): the same loss pieces, grad norm and updated params as
 the full-batch step, on one device and on a (2, 2, 2) mesh, with less temporary memory; bad values
 are refused with the fix named."""
+
 import jax
 import numpy as np
 import pytest
@@ -29,9 +30,18 @@ OVERRIDES = ['train.batch_size=16', 'train.warmup_steps=0']
 
 def config_for(cache_dir, microbatches, sizes=(1, 1, 1), *extra):
   data, fsdp, tensor = sizes
-  return configlib.load_config('configs/tiny.py', [
-      f'data.cache_dir={cache_dir}', *OVERRIDES, f'train.microbatches={microbatches}',
-      f'mesh.data={data}', f'mesh.fsdp={fsdp}', f'mesh.tensor={tensor}', *extra])
+  return configlib.load_config(
+    'configs/tiny.py',
+    [
+      f'data.cache_dir={cache_dir}',
+      *OVERRIDES,
+      f'train.microbatches={microbatches}',
+      f'mesh.data={data}',
+      f'mesh.fsdp={fsdp}',
+      f'mesh.tensor={tensor}',
+      *extra,
+    ],
+  )
 
 
 def run_steps(config, tok, batches, devices):
@@ -41,8 +51,13 @@ def run_steps(config, tok, batches, devices):
   tx = state_lib.make_optimizer(config.train)
   graphdef, state, shardings = state_lib.create_sharded_state(config, tx, mesh)
   shard = lambda batch: rules_lib.shard_batch(batch, mesh, config.mesh.rules)
-  compiled = step_lib.build_train_step(config, graphdef, tx, shardings, mesh, tok.image_placeholder_id,
-                                       batches[0]).lower(state, shard(batches[0])).compile()
+  compiled = (
+    step_lib.build_train_step(
+      config, graphdef, tx, shardings, mesh, tok.image_placeholder_id, batches[0]
+    )
+    .lower(state, shard(batches[0]))
+    .compile()
+  )
   metrics = []
   for batch in batches:
     state, m = compiled(state, shard(batch))
@@ -65,12 +80,16 @@ def assert_same_run(got, want):
   for step, (g, w) in enumerate(zip(got_metrics, want_metrics)):
     assert g.keys() == w.keys() == {'loss', 'lm_loss', 'im_loss', 'grad_norm', 'lr'}
     for key in w:
-      np.testing.assert_allclose(g[key], w[key], rtol=RTOL, atol=0, err_msg=f'step {step} metric {key}')
+      np.testing.assert_allclose(
+        g[key], w[key], rtol=RTOL, atol=0, err_msg=f'step {step} metric {key}'
+      )
   flat_want = dict(jax.tree_util.tree_flatten_with_path(want_params)[0])
   flat_got = dict(jax.tree_util.tree_flatten_with_path(got_params)[0])
   assert flat_got.keys() == flat_want.keys()
   for path, w in flat_want.items():
-    np.testing.assert_allclose(flat_got[path], w, rtol=RTOL, atol=PARAM_ATOL, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      flat_got[path], w, rtol=RTOL, atol=PARAM_ATOL, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 def test_microbatches_match_the_full_batch_on_one_device(setup):
@@ -96,8 +115,9 @@ def test_split_is_strided():
   for j in range(4):
     np.testing.assert_array_equal(parts[j], x[j::4])
   draws = np.arange(2 * 8 * 5).reshape(2, 8, 5)  # (copy, row, token)
-  np.testing.assert_array_equal(np.asarray(step_lib.split_microbatches(draws, 2, axis=1))[1],
-                                draws[:, 1::2])
+  np.testing.assert_array_equal(
+    np.asarray(step_lib.split_microbatches(draws, 2, axis=1))[1], draws[:, 1::2]
+  )
 
 
 def test_microbatch_split_moves_no_data_between_devices(tmp_path):
@@ -105,10 +125,17 @@ def test_microbatch_split_moves_no_data_between_devices(tmp_path):
   config = config_for(tmp_path, MICROBATCHES, (2, 2, 2))
   mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices())
   rules = config.mesh.rules
-  rows = jax.ShapeDtypeStruct((16, 7, 5), np.float32, sharding=rules_lib.activation_spec(mesh, rules, 'batch', None, None))
+  rows = jax.ShapeDtypeStruct(
+    (16, 7, 5), np.float32, sharding=rules_lib.activation_spec(mesh, rules, 'batch', None, None)
+  )
   draws = jax.ShapeDtypeStruct((4 * 16 * 7, 5), np.float32)
-  split = mesh_lib.in_mesh(lambda x, d: (step_lib.split_batch_rows(x, MICROBATCHES, rules),
-                                         step_lib.split_head_draws(d, MICROBATCHES, 16, 7, rules)), mesh)
+  split = mesh_lib.in_mesh(
+    lambda x, d: (
+      step_lib.split_batch_rows(x, MICROBATCHES, rules),
+      step_lib.split_head_draws(d, MICROBATCHES, 16, 7, rules),
+    ),
+    mesh,
+  )
   compiled = jax.jit(split).lower(rows, draws).compile()
   split_rows, split_draws = compiled.output_shardings
   assert split_rows.spec == P(None, ('data', 'fsdp'))
@@ -124,8 +151,10 @@ def test_microbatches_that_do_not_split_each_devices_rows_are_refused(tmp_path):
   config = config_for(tmp_path, 4, (4, 2, 1))
   configlib.validate(config)
   mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices())
-  with pytest.raises(configlib.ConfigError,
-                     match=r'batch_size=16 does not split into 8 batch-sharding devices \(mesh axes data x fsdp\) '
-                           r'x 4 microbatches. Set train.batch_size to a multiple of 32 or '
-                           r'train.microbatches to one of \[1, 2\]'):
+  with pytest.raises(
+    configlib.ConfigError,
+    match=r'batch_size=16 does not split into 8 batch-sharding devices \(mesh axes data x fsdp\) '
+    r'x 4 microbatches. Set train.batch_size to a multiple of 32 or '
+    r'train.microbatches to one of \[1, 2\]',
+  ):
     step_lib.check_microbatches(config, mesh)

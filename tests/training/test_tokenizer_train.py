@@ -1,5 +1,6 @@
 """Tokenizer training on the tiny config (noise regularisation + GAN on): learning, files, exact
 resume, the eval CLI, and the AR model training and sampling on the trained tokenizer's latents."""
+
 import json
 
 import numpy as np
@@ -61,8 +62,23 @@ def test_resume_is_exact(trained, tmp_path):
 def test_eval_cli(trained, tmp_path):
   trained, _ = trained
   out = tmp_path / 'eval.json'
-  eval_tokenizer.main(['--workdir', str(trained), '--labels', 'tiny', '--num', '8', '--sigmas', '0', '0.5',
-                       '--out', str(out), '--plot', str(tmp_path / 'curve.png')])
+  eval_tokenizer.main(
+    [
+      '--workdir',
+      str(trained),
+      '--labels',
+      'tiny',
+      '--num',
+      '8',
+      '--sigmas',
+      '0',
+      '0.5',
+      '--out',
+      str(out),
+      '--plot',
+      str(tmp_path / 'curve.png'),
+    ]
+  )
   result = json.loads(out.read_text())['tiny']
   assert result['n'] == 8 and set(result['robustness']) == {'0', '0.5'}
   assert result['robustness']['0'] == pytest.approx(result['psnr'])
@@ -72,11 +88,23 @@ def test_eval_cli(trained, tmp_path):
 
 def test_ar_model_trains_and_samples_on_the_tokenizer(trained, tmp_path):
   trained, _ = trained
-  config = configlib.load_config('configs/tiny.py', [
-      f'data.cache_dir={tmp_path / "cache"}', 'image.tokenizer=vae', 'image.vae.ch=8',
-      'image.vae.ch_mult=(1, 2)', 'image.vae.z_channels=4', 'image.vae.norm_groups=4',
-      'model.latent_channels=4', 'model.latent_patch_size=2', 'image.use_norm=True',
-      f'image.vae.checkpoint={trained}', 'train.steps=2', 'train.checkpoint_every=2'])
+  config = configlib.load_config(
+    'configs/tiny.py',
+    [
+      f'data.cache_dir={tmp_path / "cache"}',
+      'image.tokenizer=vae',
+      'image.vae.ch=8',
+      'image.vae.ch_mult=(1, 2)',
+      'image.vae.z_channels=4',
+      'image.vae.norm_groups=4',
+      'model.latent_channels=4',
+      'model.latent_patch_size=2',
+      'image.use_norm=True',
+      f'image.vae.checkpoint={trained}',
+      'train.steps=2',
+      'train.checkpoint_every=2',
+    ],
+  )
   assert configlib.image_grid(config) == (4, 4)
   result = loop.train(config, str(tmp_path / 'ar'))
   assert result.step == 2 and np.isfinite(result.metrics['im_loss'])

@@ -1,4 +1,5 @@
 """Progress lines, TensorBoard event files, image grids and PNG conversion."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,7 +9,6 @@ from nextstep_jax.utils import logging as logging_lib
 
 
 class FakeClock:
-
   def __init__(self):
     self.now = 0.0
 

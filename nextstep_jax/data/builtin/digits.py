@@ -5,12 +5,14 @@ Images are white digits on black, upsampled from 8x8 with PIL bicubic interpolat
 `train_test_split(test_size=0.2, random_state=0)` gives 1437 train and 360 test images.
 Captions read "a handwritten digit seven".
 """
+
 import functools
 import re
 
 import numpy as np
 from PIL import Image
-from sklearn import datasets, model_selection
+from sklearn import datasets
+from sklearn import model_selection
 
 DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 SPLITS = ('train', 'test')
@@ -36,8 +38,10 @@ def parse_caption(text: str) -> int:
   normalised = ' '.join(text.strip().lower().removesuffix('.').split())
   match = _CAPTION.fullmatch(normalised)
   if match is None:
-    raise ValueError(f'Cannot parse caption {text!r}: expected "a handwritten digit WORD" with '
-                     f'WORD in {DIGIT_WORDS}.')
+    raise ValueError(
+      f'Cannot parse caption {text!r}: expected "a handwritten digit WORD" with '
+      f'WORD in {DIGIT_WORDS}.'
+    )
   return DIGIT_WORDS.index(match.group(1))
 
 
@@ -52,10 +56,12 @@ def _split_sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   digits = datasets.load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
   train_index, test_index = model_selection.train_test_split(
-      np.arange(len(images)), test_size=TEST_FRACTION, random_state=SPLIT_SEED,
-      stratify=digits.target)
-  return {split: (images[index], digits.target[index].astype(np.int64))
-          for split, index in (('train', train_index), ('test', test_index))}
+    np.arange(len(images)), test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=digits.target
+  )
+  return {
+    split: (images[index], digits.target[index].astype(np.int64))
+    for split, index in (('train', train_index), ('test', test_index))
+  }
 
 
 def _upsample(image: np.ndarray, side: int) -> np.ndarray:
@@ -90,7 +96,9 @@ def _augment(rng: np.random.Generator, source: np.ndarray, size: int) -> np.ndar
   digit = _upsample(source, side)
   rows = slice(max(top, 0), min(top + side, size))
   cols = slice(max(left, 0), min(left + side, size))
-  canvas[rows, cols] = digit[rows.start - top:rows.stop - top, cols.start - left:cols.stop - left]
+  canvas[rows, cols] = digit[
+    rows.start - top : rows.stop - top, cols.start - left : cols.stop - left
+  ]
   return canvas
 
 

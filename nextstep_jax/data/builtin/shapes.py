@@ -36,6 +36,7 @@ default, keeps the base vocabulary and every base result unchanged). NEW_CONCEPT
 pairs with a new colour or a new shape; `make_new_concept_dataset` mixes one-object scenes of them
 with base training scenes (replay), and eval_prompts(split='new') asks for one of them.
 """
+
 import dataclasses
 import functools
 import re
@@ -43,12 +44,12 @@ import re
 import numpy as np
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    'red': (255, 0, 0),
-    'green': (0, 255, 0),
-    'blue': (0, 0, 255),
-    'yellow': (255, 255, 0),
-    'magenta': (255, 0, 255),
-    'cyan': (0, 255, 255),
+  'red': (255, 0, 0),
+  'green': (0, 255, 0),
+  'blue': (0, 0, 255),
+  'yellow': (255, 255, 0),
+  'magenta': (255, 0, 255),
+  'cyan': (0, 255, 255),
 }
 SHAPES: tuple[str, ...] = ('circle', 'square', 'triangle')
 NEW_COLORS: dict[str, tuple[int, int, int]] = {'orange': (255, 128, 0)}
@@ -56,7 +57,8 @@ NEW_SHAPES: tuple[str, ...] = ('diamond',)
 CONCEPT_SETS = ('base', 'extended')
 RELATIONS: tuple[str, ...] = ('to the left of', 'to the right of', 'above', 'below')
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
-    {('red', 'triangle'), ('yellow', 'square'), ('blue', 'circle')})
+  {('red', 'triangle'), ('yellow', 'square'), ('blue', 'circle')}
+)
 
 SPLITS = ('train', 'heldout')
 EVAL_SPLITS = ('seen', 'heldout', 'new')
@@ -70,8 +72,11 @@ _PLACEMENT_TRIES = 50
 _TRAIN_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
 _HELDOUT_LIST = tuple(sorted(HELDOUT_PAIRS))
 NEW_CONCEPT_PAIRS: tuple[tuple[str, str], ...] = tuple(
-    (c, s) for c in (*COLORS, *NEW_COLORS) for s in (*SHAPES, *NEW_SHAPES)
-    if c in NEW_COLORS or s in NEW_SHAPES)
+  (c, s)
+  for c in (*COLORS, *NEW_COLORS)
+  for s in (*SHAPES, *NEW_SHAPES)
+  if c in NEW_COLORS or s in NEW_SHAPES
+)
 
 
 def vocabulary(concepts: str = 'base') -> tuple[dict[str, tuple[int, int, int]], tuple[str, ...]]:
@@ -86,6 +91,7 @@ def vocabulary(concepts: str = 'base') -> tuple[dict[str, tuple[int, int, int]],
 @dataclasses.dataclass(frozen=True)
 class ShapeObject:
   """One object: colour and shape names, box centre (cx, cy) and box side `size`, in pixels."""
+
   color: str
   shape: str
   cx: float
@@ -96,6 +102,7 @@ class ShapeObject:
 @dataclasses.dataclass(frozen=True)
 class Scene:
   """Objects in caption order; `relation` links objects[0] to objects[1] (2 objects only)."""
+
   objects: tuple[ShapeObject, ...]
   relation: str | None
 
@@ -103,12 +110,14 @@ class Scene:
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
   """What a caption asks for: (colour, shape) per object in order, and the relation or None."""
+
   objects: tuple[tuple[str, str], ...]
   relation: str | None
 
 
-def relation_holds(first_xy: tuple[float, float], second_xy: tuple[float, float],
-                   relation: str) -> bool:
+def relation_holds(
+  first_xy: tuple[float, float], second_xy: tuple[float, float], relation: str
+) -> bool:
   """Whether `first RELATION second` holds for two (x, y) positions (y grows downwards).
 
   The displacement along the relation's axis must have the right sign and exceed the one across it.
@@ -151,7 +160,7 @@ def _object_mask(obj: ShapeObject, xs: np.ndarray, ys: np.ndarray) -> np.ndarray
   """bool (S, S): pixels whose centre lies inside the object."""
   half = obj.size / 2
   if obj.shape == 'circle':
-    return (xs - obj.cx)**2 + (ys - obj.cy)**2 <= half**2
+    return (xs - obj.cx) ** 2 + (ys - obj.cy) ** 2 <= half**2
   if obj.shape == 'square':
     return (np.abs(xs - obj.cx) <= half) & (np.abs(ys - obj.cy) <= half)
   if obj.shape == 'diamond':
@@ -187,14 +196,16 @@ def format_prompt(spec: PromptSpec, concepts: str = 'base') -> str:
   if len(phrases) == 3 and spec.relation is None:
     return f'{phrases[0]}, {phrases[1]} and {phrases[2]}'
   raise ValueError(
-      f'No caption for {len(phrases)} objects with relation {spec.relation!r}: 1 and 3 objects '
-      f'take no relation, 2 objects need one of {RELATIONS}.')
+    f'No caption for {len(phrases)} objects with relation {spec.relation!r}: 1 and 3 objects '
+    f'take no relation, 2 objects need one of {RELATIONS}.'
+  )
 
 
 def caption(scene: Scene, concepts: str = 'base') -> str:
   """The caption of a scene, e.g. 'a red circle to the left of a blue square'."""
   return format_prompt(
-      PromptSpec(tuple((o.color, o.shape) for o in scene.objects), scene.relation), concepts)
+    PromptSpec(tuple((o.color, o.shape) for o in scene.objects), scene.relation), concepts
+  )
 
 
 _OBJECT_PATTERN = r'a (\w+) (\w+)'
@@ -216,9 +227,10 @@ def parse_caption(text: str, concepts: str = 'base') -> PromptSpec:
     words, relation = match.groups(), None
   else:
     raise ValueError(
-        f'Cannot parse caption {text!r}: expected "a COLOUR SHAPE", '
-        f'"a COLOUR SHAPE RELATION a COLOUR SHAPE" or "a COLOUR SHAPE, a COLOUR SHAPE and a '
-        f'COLOUR SHAPE" with RELATION in {RELATIONS}.')
+      f'Cannot parse caption {text!r}: expected "a COLOUR SHAPE", '
+      f'"a COLOUR SHAPE RELATION a COLOUR SHAPE" or "a COLOUR SHAPE, a COLOUR SHAPE and a '
+      f'COLOUR SHAPE" with RELATION in {RELATIONS}.'
+    )
   pairs = tuple(zip(words[0::2], words[1::2]))
   for color, shape in pairs:
     try:
@@ -228,8 +240,7 @@ def parse_caption(text: str, concepts: str = 'base') -> PromptSpec:
   return PromptSpec(pairs, relation)
 
 
-def _sample_pairs(rng: np.random.Generator, num_objects: int,
-                  split: str) -> list[tuple[str, str]]:
+def _sample_pairs(rng: np.random.Generator, num_objects: int, split: str) -> list[tuple[str, str]]:
   """Distinct (colour, shape) pairs for one scene of the split."""
   if split == 'train':
     picks = rng.choice(len(_TRAIN_PAIRS), size=num_objects, replace=False)
@@ -241,8 +252,9 @@ def _sample_pairs(rng: np.random.Generator, num_objects: int,
   return pairs
 
 
-def _place_related_pair(rng: np.random.Generator, relation: str,
-                        image_size: int) -> list[tuple[float, float, float]]:
+def _place_related_pair(
+  rng: np.random.Generator, relation: str, image_size: int
+) -> list[tuple[float, float, float]]:
   """(cx, cy, side) of objects[0] and objects[1] such that `relation` clearly holds."""
   border, margin = image_size / 32, image_size / 16
   low, high = SIDE_FRACTIONS[2]
@@ -257,8 +269,9 @@ def _place_related_pair(rng: np.random.Generator, relation: str,
   # Across it: within the canvas and at most MAX_ACROSS_RATIO * distance apart (always feasible).
   across0 = rng.uniform(border + sides[0] / 2, image_size - border - sides[0] / 2)
   across1 = rng.uniform(
-      max(border + sides[1] / 2, across0 - MAX_ACROSS_RATIO * distance),
-      min(image_size - border - sides[1] / 2, across0 + MAX_ACROSS_RATIO * distance))
+    max(border + sides[1] / 2, across0 - MAX_ACROSS_RATIO * distance),
+    min(image_size - border - sides[1] / 2, across0 + MAX_ACROSS_RATIO * distance),
+  )
   if relation in ('to the left of', 'to the right of'):
     placed = [(along[0], across0, sides[0]), (along[1], across1, sides[1])]
   else:
@@ -266,8 +279,9 @@ def _place_related_pair(rng: np.random.Generator, relation: str,
   return placed if relation in ('to the left of', 'above') else placed[::-1]
 
 
-def _place_free(rng: np.random.Generator, num_objects: int,
-                image_size: int) -> list[tuple[float, float, float]]:
+def _place_free(
+  rng: np.random.Generator, num_objects: int, image_size: int
+) -> list[tuple[float, float, float]]:
   """(cx, cy, side) per object: inside the canvas, boxes S/16 apart (rejection sampling)."""
   border, margin = image_size / 32, image_size / 16
   low, high = SIDE_FRACTIONS[num_objects]
@@ -285,8 +299,9 @@ def _place_free(rng: np.random.Generator, num_objects: int,
       return placed
 
 
-def sample_scene(rng: np.random.Generator, num_objects: int, split: str = 'train',
-                 size: int = 32) -> Scene:
+def sample_scene(
+  rng: np.random.Generator, num_objects: int, split: str = 'train', size: int = 32
+) -> Scene:
   """A random scene of `num_objects` (1-3) objects for an image of side `size`.
 
   split 'train' avoids HELDOUT_PAIRS; 'heldout' contains exactly one held-out pair, so each
@@ -305,14 +320,20 @@ def sample_scene(rng: np.random.Generator, num_objects: int, split: str = 'train
     relation = None
     boxes = _place_free(rng, num_objects, size)
   objects = tuple(
-      ShapeObject(color, shape, float(cx), float(cy), float(side))
-      for (color, shape), (cx, cy, side) in zip(pairs, boxes))
+    ShapeObject(color, shape, float(cx), float(cy), float(side))
+    for (color, shape), (cx, cy, side) in zip(pairs, boxes)
+  )
   return Scene(objects, relation)
 
 
-def make_dataset(num: int, seed: int, size: int = 32, split: str = 'train',
-                 num_objects: tuple[int, ...] = (1, 2),
-                 probs: tuple[float, ...] | None = None) -> tuple[np.ndarray, list[str]]:
+def make_dataset(
+  num: int,
+  seed: int,
+  size: int = 32,
+  split: str = 'train',
+  num_objects: tuple[int, ...] = (1, 2),
+  probs: tuple[float, ...] | None = None,
+) -> tuple[np.ndarray, list[str]]:
   """`num` scenes with object counts drawn from `num_objects` (weights `probs`, default uniform).
 
   Returns images uint8 (num, size, size, 3) and their captions; deterministic in `seed`.
@@ -321,12 +342,16 @@ def make_dataset(num: int, seed: int, size: int = 32, split: str = 'train',
   if num < 0:
     raise ValueError(f'num must be >= 0, got {num}.')
   if not num_objects or any(k not in SIDE_FRACTIONS for k in num_objects):
-    raise ValueError(f'num_objects must be a non-empty tuple of values in '
-                     f'{tuple(SIDE_FRACTIONS)}, got {num_objects!r}.')
-  if probs is not None and (len(probs) != len(num_objects) or min(probs) < 0 or
-                            not np.isclose(sum(probs), 1.0)):
-    raise ValueError(f'probs must be {len(num_objects)} non-negative weights summing to 1, '
-                     f'got {probs!r}.')
+    raise ValueError(
+      f'num_objects must be a non-empty tuple of values in '
+      f'{tuple(SIDE_FRACTIONS)}, got {num_objects!r}.'
+    )
+  if probs is not None and (
+    len(probs) != len(num_objects) or min(probs) < 0 or not np.isclose(sum(probs), 1.0)
+  ):
+    raise ValueError(
+      f'probs must be {len(num_objects)} non-negative weights summing to 1, got {probs!r}.'
+    )
   rng = np.random.default_rng(seed)
   counts = rng.choice(np.asarray(num_objects), size=num, p=probs)
   images = np.zeros((num, size, size, 3), np.uint8)
@@ -347,14 +372,19 @@ def eval_prompts(num: int, num_objects: int, split: str, seed: int) -> list[str]
   if split == 'new':
     if num_objects != 1:
       raise ValueError(f"split 'new' has one-object prompts only, got num_objects={num_objects}.")
-    order = np.concatenate([rng.permutation(len(NEW_CONCEPT_PAIRS)) for _ in range(-(-num // len(NEW_CONCEPT_PAIRS)))])
-    return [format_prompt(PromptSpec((NEW_CONCEPT_PAIRS[i],), None), 'extended') for i in order[:num]]
+    order = np.concatenate(
+      [rng.permutation(len(NEW_CONCEPT_PAIRS)) for _ in range(-(-num // len(NEW_CONCEPT_PAIRS)))]
+    )
+    return [
+      format_prompt(PromptSpec((NEW_CONCEPT_PAIRS[i],), None), 'extended') for i in order[:num]
+    ]
   scene_split = 'train' if split == 'seen' else 'heldout'
   return [caption(sample_scene(rng, num_objects, scene_split)) for _ in range(num)]
 
 
-def make_new_concept_dataset(num: int, seed: int, size: int = 32,
-                             new_fraction: float = 0.5) -> tuple[np.ndarray, list[str]]:
+def make_new_concept_dataset(
+  num: int, seed: int, size: int = 32, new_fraction: float = 0.5
+) -> tuple[np.ndarray, list[str]]:
   """`num` fine-tuning scenes: a share `new_fraction` are one-object scenes of NEW_CONCEPT_PAIRS
   (drawn uniformly), the rest base training scenes of 1 or 2 objects (replay against forgetting).
 
@@ -369,7 +399,7 @@ def make_new_concept_dataset(num: int, seed: int, size: int = 32,
   for i in range(num):
     if rng.random() < new_fraction:
       color, shape = NEW_CONCEPT_PAIRS[rng.integers(len(NEW_CONCEPT_PAIRS))]
-      (cx, cy, side), = _place_free(rng, 1, size)
+      ((cx, cy, side),) = _place_free(rng, 1, size)
       scene = Scene((ShapeObject(color, shape, float(cx), float(cy), float(side)),), None)
     else:
       scene = sample_scene(rng, int(rng.integers(1, 3)), 'train', size)

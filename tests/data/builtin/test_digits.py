@@ -1,4 +1,5 @@
 """Tests for the sklearn handwritten digits dataset."""
+
 import numpy as np
 import pytest
 from sklearn import datasets
@@ -65,11 +66,14 @@ def test_eval_prompts_are_balanced_and_seeded():
   assert prompts != digits.eval_prompts(100, seed=1)
 
 
-@pytest.mark.parametrize('call, message', [
+@pytest.mark.parametrize(
+  'call, message',
+  [
     (lambda: digits.load_split('valid'), 'split'),
     (lambda: digits.load_split('train', 4), 'size'),
     (lambda: digits.make_dataset(-1, 0), 'num'),
-])
+  ],
+)
 def test_bad_input_raises_clear_errors(call, message):
   with pytest.raises(ValueError, match=message):
     call()

@@ -1,4 +1,5 @@
 """Tests for the procedural shapes world."""
+
 import itertools
 
 import numpy as np
@@ -73,17 +74,22 @@ def test_caption_parse_round_trip():
 def test_caption_grammar_examples():
   assert shapes.parse_caption('a red circle') == shapes.PromptSpec((('red', 'circle'),), None)
   assert shapes.parse_caption(' A red circle to the left of a blue square. ') == shapes.PromptSpec(
-      (('red', 'circle'), ('blue', 'square')), 'to the left of')
+    (('red', 'circle'), ('blue', 'square')), 'to the left of'
+  )
   assert shapes.parse_caption('a red circle, a blue square and a green triangle') == (
-      shapes.PromptSpec((('red', 'circle'), ('blue', 'square'), ('green', 'triangle')), None))
+    shapes.PromptSpec((('red', 'circle'), ('blue', 'square'), ('green', 'triangle')), None)
+  )
 
 
-@pytest.mark.parametrize('text, message', [
+@pytest.mark.parametrize(
+  'text, message',
+  [
     ('a orange circle', 'unknown colour'),
     ('a red hexagon', 'unknown shape'),
     ('a red circle near a blue square', 'cannot parse'),
     ('', 'cannot parse'),
-])
+  ],
+)
 def test_parse_caption_rejects_bad_text(text, message):
   with pytest.raises(ValueError, match=f'(?i){message}'):
     shapes.parse_caption(text)
@@ -109,8 +115,13 @@ def test_two_object_relation_is_unambiguous_and_objects_do_not_overlap(size):
 
 
 def test_render_draws_each_object_in_its_colour():
-  scene = shapes.Scene((shapes.ShapeObject('red', 'square', 8, 8, 8),
-                        shapes.ShapeObject('blue', 'circle', 24, 24, 10)), 'above')
+  scene = shapes.Scene(
+    (
+      shapes.ShapeObject('red', 'square', 8, 8, 8),
+      shapes.ShapeObject('blue', 'circle', 24, 24, 10),
+    ),
+    'above',
+  )
   image = shapes.render(scene, 32)
   np.testing.assert_array_equal(image[4:12, 4:12], np.broadcast_to((255, 0, 0), (8, 8, 3)))
   np.testing.assert_array_equal(image[24, 24], (0, 0, 255))
@@ -118,11 +129,21 @@ def test_render_draws_each_object_in_its_colour():
   assert shapes.caption(scene) == 'a red square above a blue circle'
 
 
-@pytest.mark.parametrize('call, message', [
-    (lambda: shapes.render(shapes.Scene((shapes.ShapeObject('red', 'circle', 3, 16, 10),), None),
-                           32), 'does not fit'),
-    (lambda: shapes.render(shapes.Scene((shapes.ShapeObject('teal', 'circle', 16, 16, 10),), None),
-                           32), 'unknown colour'),
+@pytest.mark.parametrize(
+  'call, message',
+  [
+    (
+      lambda: shapes.render(
+        shapes.Scene((shapes.ShapeObject('red', 'circle', 3, 16, 10),), None), 32
+      ),
+      'does not fit',
+    ),
+    (
+      lambda: shapes.render(
+        shapes.Scene((shapes.ShapeObject('teal', 'circle', 16, 16, 10),), None), 32
+      ),
+      'unknown colour',
+    ),
     (lambda: shapes.render(shapes.Scene((), None), 8), 'image size'),
     (lambda: shapes.sample_scene(np.random.default_rng(0), 4), 'num_objects'),
     (lambda: shapes.sample_scene(np.random.default_rng(0), 1, split='test'), 'split'),
@@ -130,7 +151,8 @@ def test_render_draws_each_object_in_its_colour():
     (lambda: shapes.eval_prompts(4, 1, 'train', 0), 'evaluation split'),
     (lambda: shapes.format_prompt(shapes.PromptSpec((('red', 'circle'),) * 2, None)), 'relation'),
     (lambda: shapes.relation_holds((0, 0), (1, 1), 'near'), 'relation'),
-])
+  ],
+)
 def test_bad_input_raises_clear_errors(call, message):
   with pytest.raises(ValueError, match=f'(?i){message}'):
     call()
@@ -158,4 +180,6 @@ def test_new_concept_dataset_mixes_new_pairs_with_replay():
   again = shapes.make_new_concept_dataset(400, seed=1, size=32, new_fraction=0.5)
   np.testing.assert_array_equal(again[0], images)
   prompts = shapes.eval_prompts(20, 1, 'new', 0)
-  assert {shapes.parse_caption(p, 'extended').objects[0] for p in prompts} == set(shapes.NEW_CONCEPT_PAIRS)
+  assert {shapes.parse_caption(p, 'extended').objects[0] for p in prompts} == set(
+    shapes.NEW_CONCEPT_PAIRS
+  )
