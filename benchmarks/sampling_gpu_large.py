@@ -8,7 +8,8 @@ depend on their values), 512x512 images (32x32 = 1024 image tokens), 2-way CFG, 
 Each side runs in its own subprocess (one framework holds the GPU at a time):
   jax          generate.SamplingProgram (the one sampling program): one jitted call per batch of
                images (prefill, lax.scan over the 1024 tokens, each a lax.scan over the 50 SDE
-               steps, both CFG rows in one head call); whole images timed, compile separately; --batches images per call.
+               steps, both CFG rows in one head call); whole images timed, compile separately;
+               --batches images per call.
   torch_eager  tests/torch_reference.generate, the official loop: transformers' Qwen2Model (sdpa
                attention) with a DynamicCache, per token an eager Python loop of Euler–Maruyama
                steps with CFG in the head, bf16 weights on the GPU, one image per call. A whole image
