@@ -347,6 +347,23 @@ def build(
 ) -> dict:
   """Writes `items` as image-record shards `<out_prefix>-SSSSS-of-NNNNN.array_record`; returns
   (and writes to `<out_prefix>.summary.json`) the build summary."""
+  return build_shards(
+    items, out_prefix, _image_shard, 'build', num_shards, workers, source, extra_counts
+  )
+
+
+def build_shards(
+  items: Sequence,
+  out_prefix: str,
+  shard_fn: Callable,
+  label: str,
+  num_shards: int = 0,
+  workers: int = 1,
+  source: str = '',
+  extra_counts: dict | None = None,
+) -> dict:
+  """Writes `items` as shards, each by `shard_fn(job, items of the job)` (e.g. `_image_shard`), on
+  `workers` processes; writes and returns the summary, printed as one `label:` line."""
   if not items:
     raise DatasetInputError(f'nothing to build for {source}: no items')
   out_prefix = os.path.abspath(out_prefix)
@@ -356,7 +373,7 @@ def build(
   start = time.monotonic()
   jobs = shard_jobs(out_prefix, len(items), num_shards)
   summaries, reused = run_jobs(
-    jobs, _image_shard, lambda job: (job, items[job.start : job.end]), workers, 'build'
+    jobs, shard_fn, lambda job: (job, items[job.start : job.end]), workers, label
   )
   summary = total_summary(
     summaries,
@@ -368,7 +385,7 @@ def build(
   )
   records.write_json_atomically(out_prefix + records.SUMMARY_SUFFIX, summary)
   print(
-    f'build: {summary["records"]} records, {summary["bytes"]} bytes in {num_shards} shards; '
+    f'{label}: {summary["records"]} records, {summary["bytes"]} bytes in {num_shards} shards; '
     f'{bad_records.describe({**summary["skipped"], **summary["fixed"]})}',
     flush=True,
   )

@@ -14,7 +14,6 @@ import dataclasses
 import io
 import json
 import os
-import time
 from collections.abc import Sequence
 
 from PIL import Image
@@ -146,27 +145,6 @@ def build_edits(
 ) -> dict:
   """Writes edit-record shards `<out_prefix>-SSSSS-of-NNNNN.array_record`; returns (and writes to
   `<out_prefix>.summary.json`) the build summary."""
-  if not items:
-    raise ValueError(f'nothing to build for {source}: no edits')
-  out_prefix = os.path.abspath(out_prefix)
-  num_shards = num_shards or max(1, -(-len(items) // builder.RECORDS_PER_SHARD))
-  start = time.monotonic()
-  jobs = builder.shard_jobs(out_prefix, len(items), num_shards)
-  summaries, reused = builder.run_jobs(
-    jobs, _edit_shard, lambda job: (job, items[job.start : job.end]), workers, 'build edits'
+  return builder.build_shards(
+    items, out_prefix, _edit_shard, 'build edits', num_shards, workers, source, extra_counts
   )
-  summary = builder.total_summary(
-    summaries,
-    extra_counts or {},
-    reused,
-    time.monotonic() - start,
-    source,
-    [job.path for job in jobs],
-  )
-  records.write_json_atomically(out_prefix + records.SUMMARY_SUFFIX, summary)
-  print(
-    f'build edits: {summary["records"]} records, {summary["bytes"]} bytes in {num_shards} shards; '
-    f'{bad_records.describe({**summary["skipped"], **summary["fixed"]})}',
-    flush=True,
-  )
-  return summary
