@@ -94,17 +94,15 @@ class Dense(nnx.Module):
     elif quantized is not None:  # Sub-channel groups along the contraction (int4).
       kernel = quantized.astype(self.dtype)
       y = qwix.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
-      if hasattr(
-        self, 'kernel_lora_a'
-      ):  # QLoRA: qwix's adapters (model/lora.py) on a quantized kernel.
-        low = jnp.tensordot(
-          x.astype(self.dtype), self.kernel_lora_a[...].astype(self.dtype), axes=1
-        )
-        low = jnp.tensordot(low, self.kernel_lora_b[...].astype(self.dtype), axes=1)
-        y = y + (self.lora_scale * low).reshape(y.shape)
     else:
       kernel = self.kernel[...].astype(self.dtype)
       y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
+    if quantized is not None and hasattr(self, 'kernel_lora_a'):
+      # QLoRA: qwix's adapters (model/lora.py) on a quantized kernel, which qwix cannot intercept.
+      x_dtype = x.astype(self.dtype)
+      low = jnp.tensordot(x_dtype, self.kernel_lora_a[...].astype(self.dtype), axes=1)
+      low = jnp.tensordot(low, self.kernel_lora_b[...].astype(self.dtype), axes=1)
+      y = y + (self.lora_scale * low).reshape(y.shape)
     out_rank = kernel.ndim - 1
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype).reshape(

@@ -18,23 +18,24 @@ from nextstep_jax import checkpoints
 from nextstep_jax import configlib
 from nextstep_jax import runs
 from nextstep_jax.model import lora
-from nextstep_jax.sampling import pipeline
 from nextstep_jax.training import state as state_lib
 
 
 def merge_run(workdir: str, out: str, step: int | None = None) -> int:
   """Writes the merged run to `out`; returns the step merged."""
   source = epath.Path(workdir)
-  adapter = pipeline.TextToImage.from_workdir(workdir, step)
-  cfg = lora.LoraConfig.from_config(adapter.config)
+  runs.check_files(workdir)
+  # Every param of the run (the LM head too), in its stored dtype: the merged run trains on.
+  restored = runs.restore_run(workdir, step, params_only=True)
+  cfg = lora.LoraConfig.from_config(restored.config)
   if cfg is None:
     raise ValueError(f'{workdir} is not a LoRA run (train.lora.rank is 0): nothing to merge.')
-  config = adapter.config.copy_and_resolve_references()
+  config = configlib.with_base_defaults(restored.config).copy_and_resolve_references()
   with config.unlocked():
     config.train.lora.rank = 0
-  merged = lora.merge_adapters(adapter.params, cfg)
+  merged = lora.merge_adapters(restored.state, cfg)
   tx = state_lib.make_optimizer(config.train)
-  step = step if step is not None else runs.checkpoint_steps(workdir)[-1]
+  step = restored.step
   target = epath.Path(out)
   target.mkdir(parents=True, exist_ok=True)
   (target / runs.CONFIG_FILE).write_text(configlib.config_to_json(config))

@@ -98,14 +98,14 @@ def lora_provider(cfg: LoraConfig) -> qwix.LoraProvider:
 
 
 def _layer_call_inputs(bb: backbone.BackboneConfig) -> tuple:
-  """Placeholder inputs of one decoder layer (one token, cache of one slot): qwix runs the layer
-  once on them to create the adapters (XLA attention path, no splash kernel)."""
+  """Placeholder inputs of one decoder layer (one token, no cache: the layer's keys are its own):
+  qwix runs the layer once on them to create the adapters (XLA attention path, no splash kernel)."""
   x = jnp.zeros((1, 1, bb.hidden_size), bb.dtype)
   rope = jnp.zeros((1, 1, bb.head_dim), bb.dtype)
-  cache = jnp.zeros((1, 1, bb.num_kv_heads, bb.head_dim), bb.dtype)
   valid = jnp.ones((1, 1), bool)
   slots = jnp.zeros((1, 1), jnp.int32)
-  return x, rope, rope, slots, cache, cache, valid, jnp.zeros((), jnp.int32), valid
+  index = jnp.zeros((), jnp.int32)
+  return x, rope, rope, slots, None, index, valid, index, valid
 
 
 def add_adapters(

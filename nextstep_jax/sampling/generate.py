@@ -471,9 +471,25 @@ class SamplingProgram:
     """Tokens (B, N, T) float32 of one generation (see `generate_tokens_fn`). Prompt and keys are
     put on the program's row shardings first (a no-op when they are there already)."""
     rows, images = prompt['input_ids'].shape[0], image_keys.shape[0]
-    prompt = jax.device_put(prompt, self._spec(rows, 'batch'))
-    image_keys = jax.device_put(image_keys, self._spec(images, 'batch'))
+    prompt = jax.tree.map(lambda x: _put_global(x, self._spec(rows, 'batch')), prompt)
+    image_keys = _put_global(image_keys, self._spec(images, 'batch'))
     return self.generate_program(rows, images)(state, prompt, image_keys, cfg)
+
+
+def _put_global(x, sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """`x`, which every process holds in full (prompt rows, image keys), on `sharding`: one
+  device_put within a process; on a multi-process mesh each process fills its own shards."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x  # Already global: the program's in_shardings lay it out.
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data_sharding = jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec, None)
+    )
+    return jax.random.wrap_key_data(_put_global(jax.random.key_data(x), data_sharding))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def generate_tokens(

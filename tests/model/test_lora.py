@@ -183,8 +183,9 @@ def test_qlora_zero_adapters_equal_the_quantized_base_and_add_the_lora_term():
   qlora = quant.quantize_model(
     lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0), True), INT8
   )
+  # Zero adapters add exactly 0; the extra low-rank dot only regroups XLA's fusions (f32 rounding).
   for got, ref in zip(forward(qlora), want):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
   # Nonzero adapters add the float LoRA model's change up to int8 rounding of the base kernels.
   adapted = lambda for_q: randomize_adapters(
     lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0), for_q), 3
