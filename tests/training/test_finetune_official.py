@@ -242,7 +242,7 @@ def test_export_cli_reports_bad_runs(tmp_path, capsys):
     convert_cli.main(['--export-run', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'out')])
     == 1
   )
-  assert 'is not a run' in capsys.readouterr().err
+  assert 'is not a training run' in capsys.readouterr().err
   (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
   (tmp_path / 'run' / 'config.json').write_text(
     configlib.config_to_json(configlib.load_config('configs/tiny.py'))
