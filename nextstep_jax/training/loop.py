@@ -368,7 +368,8 @@ def _write_run_files(config, workdir: epath.Path, tok) -> None:
   text = configlib.config_to_json(config)
   if (
     config_path.exists()
-    and configlib.config_from_json(config_path.read_text()).model != config.model
+    and configlib.with_base_defaults(configlib.config_from_json(config_path.read_text())).model
+    != config.model
   ):
     raise configlib.ConfigError(
       f'{workdir} holds a run with a different model config; use a new '

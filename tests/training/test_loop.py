@@ -168,6 +168,18 @@ def test_workdir_with_other_model_is_refused(tmp_path):
     )
 
 
+def test_run_recorded_before_a_model_field_existed_resumes(tmp_path):
+  """A config.json written by an older release lacks newer model fields (here model.quant);
+  resuming fills them from the package defaults instead of calling the model different."""
+  run = tmp_path / 'run'
+  loop.train(tiny_config(tmp_path, 'train.steps=1', 'train.checkpoint_every=1'), str(run))
+  record = json.loads((run / 'config.json').read_text())
+  del record['model']['quant']
+  (run / 'config.json').write_text(json.dumps(record))
+  result = loop.train(tiny_config(tmp_path, 'train.steps=2', 'train.checkpoint_every=1'), str(run))
+  assert result.step == 2 and 'quant' in json.loads((run / 'config.json').read_text())['model']
+
+
 @pytest.mark.parametrize('appendable', [True, False])  # Local files append; object stores rewrite.
 def test_metrics_log_keeps_earlier_records(tmp_path, appendable):
   path = epath.Path(tmp_path / 'metrics.jsonl')
