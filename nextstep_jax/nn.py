@@ -10,6 +10,7 @@ A weight-only quantized kernel or embedding table (model/quant.py) is a `qwix.QA
 (dequantized to the compute dtype inside the matmul), activations unchanged.
 """
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -75,40 +76,42 @@ class Dense(nnx.Module):
   ):
     out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
     self.dtype = dtype
+    self.out_shape = out_shape
     self.kernel = annotated_param(rngs, kernel_init, (in_features, *out_shape), axes, param_dtype)
     self.bias = (
       annotated_param(rngs, bias_init, out_shape, axes[1:], param_dtype) if use_bias else None
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    contract = ((x.ndim - 1,), (0,))
     quantized = unbox_quantized(self.kernel) if isinstance(self.kernel, qwix.QArray) else None
-    if quantized is not None and quantized.scale.shape[0] == 1:
+    if quantized is None:
+      kernel = self.kernel[...].astype(self.dtype)
+      y = jnp.tensordot(x, kernel, axes=contract)
+      if self.bias is not None:
+        y = y + self.bias[...].astype(self.dtype)
+      return y
+    # A quantized kernel is stored (I, prod(out_shape)) (model/quant.py flat_shape); the output
+    # is reshaped to out_shape at the end.
+    flat = (quantized.shape[0], math.prod(self.out_shape))
+    if quantized.scale.shape[0] == 1:
       # One scale per output channel: it factors out of the contraction, y = (x @ q) * s, so the
       # matmul reads the int8 kernel itself (its convert fuses into the dot) and no dequantized
       # copy of the weights is written (qwix's float path materialises q * s first).
-      kernel = quantized
-      y = jnp.tensordot(
-        x.astype(self.dtype), kernel.qvalue.astype(self.dtype), axes=((x.ndim - 1,), (0,))
-      )
-      y = y * kernel.scale[0].astype(self.dtype)
-    elif quantized is not None:  # Sub-channel groups along the contraction (int4).
-      kernel = quantized.astype(self.dtype)
-      y = qwix.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    else:
-      kernel = self.kernel[...].astype(self.dtype)
-      y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
-    if quantized is not None and hasattr(self, 'kernel_lora_a'):
+      y = jnp.tensordot(x, quantized.qvalue.reshape(flat).astype(self.dtype), axes=contract)
+      y = y * quantized.scale.reshape(flat[1]).astype(self.dtype)
+    else:  # Sub-channel groups along the contraction (int4).
+      kernel = quantized.reshape(flat).astype(self.dtype)
+      y = qwix.dot_general(x, kernel, (contract, ((), ())))
+    if hasattr(self, 'kernel_lora_a'):
       # QLoRA: qwix's adapters (model/lora.py) on a quantized kernel, which qwix cannot intercept.
-      x_dtype = x.astype(self.dtype)
-      low = jnp.tensordot(x_dtype, self.kernel_lora_a[...].astype(self.dtype), axes=1)
+      low = jnp.tensordot(x, self.kernel_lora_a[...].astype(self.dtype), axes=1)
       low = jnp.tensordot(low, self.kernel_lora_b[...].astype(self.dtype), axes=1)
       y = y + (self.lora_scale * low).reshape(y.shape)
-    out_rank = kernel.ndim - 1
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype).reshape(
-        (1,) * (y.ndim - out_rank) + kernel.shape[1:]
-      )
-    return y
+      y = y + self.bias[...].astype(self.dtype).reshape(flat[1])
+    return y.reshape(*y.shape[:-1], *self.out_shape)
 
 
 def unbox_quantized(value: qwix.QArray) -> qwix.QArray:

@@ -1,7 +1,8 @@
 """Weight-only quantization of a NextStep model with qwix (config `model.quant`).
 
 A quantized linear layer keeps its module and its name: `Dense.kernel` (or `nnx.Embed.embedding`)
-becomes a `qwix.QArray` whose `qvalue` (int8 or int4, the kernel's shape) and `scale` are Params,
+becomes a `qwix.QArray` whose `qvalue` (int8 or int4; the kernel's shape with its output axes
+merged into one, `flat_shape`) and `scale` are Params,
 so the state paths are `<layer>.kernel.qvalue` / `<layer>.kernel.scale`. Layers run it through
 `qwix.dot_general` (nextstep_jax/nn.py), which dequantizes into the compute dtype inside the matmul; the
 activations stay in `model.dtype`. This works wherever the model runs: inside jit, the layer
@@ -31,6 +32,7 @@ conversion (convert/official.py).
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -120,8 +122,20 @@ def quantize_tensor(
   """One float kernel (or a per-layer slice of a stacked one: drop the layer axis from
   `contract_axis`) -> QArray (qvalue in QTYPES[mode], scale in `scale_dtype`). Slices of a stacked
   kernel quantize exactly like the whole (every layer has its own scales)."""
+  value = value.reshape(flat_shape(value.shape, contract_axis))
   how = _how(value.shape, contract_axis, qcfg)
   return qwix.quantize(value, QTYPES[qcfg.mode], scale_dtype=scale_dtype, **how)
+
+
+def flat_shape(shape: tuple[int, ...], contract_axis: int) -> tuple[int, ...]:
+  """The stored shape of a quantized kernel: its output axes (after the contracted one) merged
+  into one, e.g. a q_proj kernel (layers, D, heads, head_dim) -> (layers, D, heads * head_dim).
+  TPUs tile int8/int4 arrays in (32, 128) blocks over the two minor axes; a (heads, head_dim)
+  minor pair gets another layout than the matmul wants and XLA would copy every stacked q/k/v
+  kernel on every decode step. A row-major (D, heads * head_dim) kernel is the matmul's layout."""
+  if len(shape) - contract_axis <= 2:  # At most one output axis (or a vocab table's rows).
+    return tuple(shape)
+  return (*shape[: contract_axis + 1], math.prod(shape[contract_axis + 1 :]))
 
 
 def _quantized_variable(
@@ -134,6 +148,10 @@ def _quantized_variable(
   qvalue = param.replace(q.qvalue)
   scale = param.replace(q.scale)
   if names:
+    # Merged output axes keep the name of the major one (heads): sharding heads * head_dim over
+    # the mesh axis of heads splits it between whole heads, as the float kernel is split.
+    names = tuple(names[: len(q.qvalue.shape)])
+    qvalue.set_metadata('out_sharding', names)
     scale.set_metadata(
       'out_sharding', tuple(None if a == contract_axis else n for a, n in enumerate(names))
     )

@@ -109,7 +109,10 @@ def test_kernels_match_numpy_reference(qcfg):
     value = nnx.state(model, nnx.Param)
     for key in path:
       value = value[key]
+    # Stored with the output axes merged (q/k/v: heads * head_dim), the layout TPU matmuls want.
     w = np.asarray(float_params[path].get_value())
+    w = w.reshape(quant.flat_shape(w.shape, axis))
+    assert value['qvalue'].get_value().shape == w.shape, path
     stacked = path[1] in ('layers', 'res_blocks')
     q_ref, scale_ref = zip(
       *[
@@ -167,7 +170,7 @@ def test_quantized_model_runs_dequantized_weights_and_stays_close(qcfg):
     scale = np.asarray(value['scale'].get_value())
     for axis, (n, s) in enumerate(zip(qvalue.shape, scale.shape)):
       scale = np.repeat(scale, n // s, axis=axis)
-    flat[path].set_value(jnp.asarray(qvalue * scale))
+    flat[path].set_value(jnp.asarray((qvalue * scale).reshape(flat[path].get_value().shape)))
   nnx.update(reference_model, nnx.from_flat_state(list(flat.items())))
   dequantized = jit_forward(reference_model)
   unquantized = jit_forward(tiny_model())
