@@ -533,11 +533,13 @@ def convert(
   vae_dir: str | pathlib.Path | None = None,
   quantize: str | None = None,
   group_size: int | None = None,
+  quantize_embedding: bool = True,
 ) -> ml_collections.ConfigDict:
   """Converts the release in `hf_dir` into `out_dir` (see the module docstring); returns the config.
 
   quantize='int8' | 'int4' stores weight-only quantized kernels (model.quant, model/quant.py;
-  `group_size` sets model.quant.group_size), quantized tensor by tensor as they are read.
+  `group_size` sets model.quant.group_size), quantized tensor by tensor as they are read;
+  `quantize_embedding` quantizes the vocab tables too, one scale per row (model.quant.embedding).
 
   With image_tokenizer='vae' the VAE comes from `vae_dir` or the release's `vae/`; when neither
   exists the config's image.vae.checkpoint stays '' and `TextToImage.from_converted` asks for one."""
@@ -576,6 +578,7 @@ def convert(
     _attach_vae(config, vae_release, hf.get('use_norm'))
   if quantize is not None:
     config.model.quant.mode = quantize
+    config.model.quant.embedding = quantize_embedding
   if group_size is not None:
     config.model.quant.group_size = group_size
   configlib.validate(config)

@@ -67,6 +67,7 @@ def test_convert_quantize_equals_load_time_quantization(release, mode):
 
   stored = runs.load_config(quant_dir)
   assert (stored.model.quant.mode, stored.model.quant.group_size) == (mode, 32)
+  assert stored.model.quant.embedding  # Vocab tables too by default: the v5e-1 int8 fit needs it.
   mesh = one_device_mesh(stored)
   graphdef_q, converted = official.load_params(quant_dir, mesh)
   graphdef_l, loaded = official.load_params(
@@ -74,6 +75,15 @@ def test_convert_quantize_equals_load_time_quantization(release, mode):
   )
   assert graphdef_q == graphdef_l
   leaves_equal(converted, loaded)
+  flat = {'/'.join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(converted)}
+  assert any('embed_tokens' in k and k.endswith('qvalue') for k in flat), sorted(flat)
+  # q/k/v kernels are stored (layers, D, heads * head_dim) (quant.flat_shape).
+  r = tr.TINY_RELEASE
+  assert flat['decoder/layers/self_attn/q_proj/kernel/qvalue'].shape == (
+    2,
+    r['hidden_size'],
+    r['num_attention_heads'] * r['head_dim'],
+  )
   gate = converted['decoder']['layers']['mlp']['gate_proj']['kernel']
   assert gate['qvalue'].get_value().dtype == quant.QTYPES[mode]
   assert gate['scale'].get_value().shape == (
@@ -103,6 +113,7 @@ def test_convert_quantize_equals_load_time_quantization(release, mode):
 
 def stored_with(config, mode):
   config.model.quant.mode, config.model.quant.group_size = mode, 32
+  config.model.quant.embedding = True
   return config
 
 
