@@ -185,6 +185,7 @@ def _damage(step_dir, how):
       target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'how', ['missing_manifest', 'missing_metadata', 'missing_data', 'truncated_data']
 )

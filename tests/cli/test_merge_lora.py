@@ -14,6 +14,7 @@ from nextstep_jax.training import loop
 TOKEN_ATOL = 1e-3
 
 
+@pytest.mark.slow
 def test_merged_run_samples_the_adapter_runs_tokens(tmp_path):
   config = configlib.load_config(
     'configs/tiny.py',

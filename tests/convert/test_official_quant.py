@@ -41,6 +41,7 @@ def leaves_equal(a, b):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['int8', 'int4'])
 def test_convert_quantize_equals_load_time_quantization(release, mode):
   hf_dir, root = release
@@ -117,6 +118,7 @@ def stored_with(config, mode):
   return config
 
 
+@pytest.mark.slow
 def test_quantized_conversion_cannot_be_requantized_and_samples_near_float(release):
   hf_dir, root = release
   float_dir, int8_dir = root / 'float_sampler', root / 'int8_sampler'

@@ -126,6 +126,7 @@ def test_bad_records_become_ignored_rows(tmp_path, tok, capsys):
   assert seen_truncated and data.bad_record_counts[bad_records.TRUNCATED_IMAGE] == seen_truncated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('worker_count', [0, 1])
 def test_resume_from_state_yields_exactly_the_uninterrupted_batches(tmp_path, tok, worker_count):
   config = _config(

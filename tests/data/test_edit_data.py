@@ -158,6 +158,7 @@ def test_rows_are_the_official_edit_rows_of_the_records(edits, tmp_path):
   np.testing.assert_array_equal(data.next_batch()['input_ids'], batch['input_ids'])
 
 
+@pytest.mark.slow
 def test_training_on_edits_runs(edits, tmp_path):
   config = tiny_edit_config(
     edits,

@@ -62,6 +62,7 @@ def test_rows_are_the_records_they_claim(tmp_path, tok):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('worker_count', [0, 1])
 def test_resume_from_state_yields_exactly_the_uninterrupted_batches(tmp_path, tok, worker_count):
   config = data_testing.tiny_config(

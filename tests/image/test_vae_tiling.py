@@ -63,6 +63,7 @@ def test_per_pixel_function_is_tile_invariant():
   np.testing.assert_allclose(tiled, pool(images), atol=BLEND_ATOL)
 
 
+@pytest.mark.slow
 def test_one_tile_equals_untiled_exactly():
   model = small_vae()
   latents = np.random.default_rng(1).standard_normal((2, 16, 16, 4)).astype(np.float32)
@@ -97,6 +98,7 @@ def test_tiled_decode_deviation_and_seams():
   )
 
 
+@pytest.mark.slow
 def test_tokenizer_tiles_above_tile_size():
   c = base.get_base_config()
   c.image.tokenizer, c.image.size = 'vae', 32

@@ -35,6 +35,7 @@ def test_downsample_follows_ch_mult():
     configlib.validate(c)
 
 
+@pytest.mark.slow
 def test_chunked_sharded_equals_direct_and_round_trips(tmp_path):
   c = tiny_config()
   tok = tokenizers.get_tokenizer(c)
@@ -63,6 +64,7 @@ def test_chunked_sharded_equals_direct_and_round_trips(tmp_path):
     vae_tokenizer.load_model(wrong)
 
 
+@pytest.mark.slow
 def test_posterior_sampling_and_normalisation():
   cfg = vae.AutoEncoderConfig(
     ch=8,

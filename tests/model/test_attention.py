@@ -123,6 +123,7 @@ def decoder_inputs(seed=2):
   return x, jnp.asarray(positions), jnp.asarray(valid)
 
 
+@pytest.mark.slow
 def test_decoder_full_pass_splash_equals_xla(xla_and_splash_models):
   xla_model, splash_model = xla_and_splash_models
   x, positions, valid = decoder_inputs()
@@ -134,6 +135,7 @@ def test_decoder_full_pass_splash_equals_xla(xla_and_splash_models):
   )
 
 
+@pytest.mark.slow
 def test_decoder_gradients_splash_equal_xla(xla_and_splash_models):
   xla_model, splash_model = xla_and_splash_models
   x, positions, valid = decoder_inputs(4)
@@ -156,6 +158,7 @@ def test_decoder_gradients_splash_equal_xla(xla_and_splash_models):
     )
 
 
+@pytest.mark.slow
 def test_prefill_with_cache_splash_equals_xla(xla_and_splash_models):
   """The sampler's prefill (left-padded prompts into an empty cache) and one decode step."""
   xla_model, splash_model = xla_and_splash_models

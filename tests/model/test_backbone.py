@@ -198,6 +198,7 @@ def test_rms_norm_order_in_bfloat16():
 # ----- attention -----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('with_padding', [False, True])
 def test_attention_matches_gqa_reference(decoder, with_padding):
   b, l = 2, 9
@@ -240,6 +241,7 @@ def test_decoder_matches_numpy_reference(decoder, forward):
 # ----- KV cache -----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('prefill, chunks', [(5, [1, 1, 1, 1, 1, 1, 1]), (3, [2, 4, 3]), (1, [11])])
 def test_cached_decoding_equals_full_forward(decoder, forward, cached_forward, prefill, chunks):
   b, l = 3, 12
@@ -275,6 +277,7 @@ def test_cached_decoding_equals_full_forward(decoder, forward, cached_forward, p
 # ----- left padding -----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pad', [1, 4])
 def test_left_padding_does_not_change_results(decoder, forward, cached_forward, pad):
   n = 7
@@ -342,6 +345,7 @@ def remat_reference(decoder):
   return x, _value_and_grads(decoder, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy', [p for p in L.REMAT_POLICIES if p != 'none'])
 def test_remat_policies_match_none(decoder, remat_reference, policy):
   other = BB.Decoder(dataclasses.replace(CFG, remat_policy=policy), rngs=nnx.Rngs(0))

@@ -167,6 +167,7 @@ def test_adaln_chunk_order_matters():
   assert np.abs(np_head(q, x_t, t, c) - np_head(p, x_t, t, c)).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy', ['full', 'dots_saveable'])
 def test_remat_policy_same_output(policy):
   base = FH.FlowHead(head_config(), rngs=nnx.Rngs(5))
@@ -188,6 +189,7 @@ def test_remat_policy_same_output(policy):
 # ----- few-step heads: the zero-initialised step-size embedding -----
 
 
+@pytest.mark.slow
 def test_step_conditioning_starts_as_the_official_head():
   """An official head's params copied into a step-conditioned head: same velocity for any d; the
   new params are exactly `step_embed.*` with a zero output layer."""

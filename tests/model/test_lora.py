@@ -47,6 +47,7 @@ def randomize_adapters(model, seed):
   return model
 
 
+@pytest.mark.slow
 def test_adapters_are_stacked_lora_params_of_every_target():
   model = lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0))
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
@@ -68,6 +69,7 @@ def test_zero_initialised_adapters_equal_the_base_model():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
+@pytest.mark.slow
 def test_nonzero_adapters_change_the_output_and_merge_to_the_same_model():
   adapted = randomize_adapters(lora.add_adapters(model_testing.tiny_model(), CFG, nnx.Rngs(0)), 3)
   base_out = forward(model_testing.tiny_model())
@@ -145,6 +147,7 @@ def train_two_steps(config):
   return before, flat(state['params']), state['opt_state']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('train_head', [False, True])
 def test_lora_training_updates_only_the_adapters(tmp_path, train_head):
   config = lora_config(tmp_path / 'cache', f'train.lora.train_head={train_head}')
@@ -178,6 +181,7 @@ def test_lora_fraction_counts_only_the_adapters(tmp_path):
 INT8 = quant.QuantConfig(mode='int8', head=False)
 
 
+@pytest.mark.slow
 def test_qlora_zero_adapters_equal_the_quantized_base_and_add_the_lora_term():
   want = forward(quant.quantize_model(model_testing.tiny_model(), INT8))
   qlora = quant.quantize_model(
@@ -196,6 +200,7 @@ def test_qlora_zero_adapters_equal_the_quantized_base_and_add_the_lora_term():
   assert mismatch < 0.1 * float(jnp.abs(float_change).max()), mismatch
 
 
+@pytest.mark.slow
 def test_qlora_training_updates_only_the_adapters(tmp_path):
   config = lora_config(tmp_path / 'cache', 'model.quant.mode=int8', 'model.quant.head=False')
   before, after, opt_state = train_two_steps(config)

@@ -97,6 +97,7 @@ def relative_error(a, b):
   return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('qcfg', [INT8, INT4], ids=['int8', 'int4'])
 def test_kernels_match_numpy_reference(qcfg):
   float_model, model = tiny_model(), quantized_tiny(qcfg)
@@ -153,6 +154,7 @@ def qwix_dequantize(value):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('qcfg', [INT8, INT4], ids=['int8', 'int4'])
 def test_quantized_model_runs_dequantized_weights_and_stays_close(qcfg):
   model = quantized_tiny(qcfg)
@@ -227,6 +229,7 @@ SIZES = [
 ]
 
 
+@pytest.mark.slow
 def test_quantized_checkpoint_restores_onto_another_mesh(tmp_path):
   """Quantize on one device, save; restore onto 8 devices as (fsdp 2, tensor 4) and (fsdp 8):
   the same values, really re-laid out, and the same forward outputs."""

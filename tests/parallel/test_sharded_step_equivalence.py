@@ -78,6 +78,7 @@ def setup(tmp_path_factory):
   return cache_dir, tok, batches, metrics, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sizes', MESHES, ids=lambda s: 'x'.join(map(str, s)))
 def test_sharded_step_matches_single_device(setup, sizes):
   cache_dir, tok, batches, ref_metrics, ref_params = setup

@@ -57,6 +57,7 @@ def check(got: dict, expected: dict):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('devices', [1, 8])
 def test_text_to_image_and_edit_reproduce_the_earlier_images(
   converted, expected, program_calls, devices
@@ -75,6 +76,7 @@ def test_text_to_image_and_edit_reproduce_the_earlier_images(
   assert program_calls[0].mesh.size == devices
 
 
+@pytest.mark.slow
 def test_sample_cli_reproduces_the_earlier_images(converted, expected, program_calls, tmp_path):
   argv = [
     '--converted',

@@ -174,6 +174,7 @@ def two_way(split):
   return ids, mask, seeds, generate(split, make_prompt(ids, mask), seeds, SAMPLER)
 
 
+@pytest.mark.slow
 def test_scanned_sampler_equals_step_by_step_reference(model, two_way):
   ids, mask, seeds, tokens = two_way
   assert tokens.shape == (3, N, TOKEN_DIM) and tokens.dtype == np.float32
@@ -197,6 +198,7 @@ def test_same_seed_same_tokens_different_seed_different(split, two_way):
   assert np.abs(reseeded[1] - tokens[1]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_image_independent_of_batch(split, two_way):
   ids, mask, seeds, tokens = two_way
   for b in (1, 2):
@@ -205,6 +207,7 @@ def test_image_independent_of_batch(split, two_way):
     np.testing.assert_allclose(alone[0], tokens[b], atol=BATCH_ATOL, rtol=BATCH_ATOL)
 
 
+@pytest.mark.slow
 def test_cfg_one_equals_conditional_model(split):
   ids, mask = branch_major(make_rows(2, seed=20), make_rows(2, seed=21))
   seeds = [1, 2]
@@ -230,6 +233,7 @@ def test_use_norm_tokens_are_standardised(split):
   np.testing.assert_allclose(tokens.var(-1), 1.0, atol=NORM_ATOL)
 
 
+@pytest.mark.slow
 def test_three_way_cfg(model, split):
   """Edit CFG: 3 rows per image [full; image + negative text; negative text only]; the linear
   schedule on cfg; checked against the reference loop."""
@@ -253,6 +257,7 @@ def test_sampler_config_validation():
   assert cfg.num_tokens == 6 and cfg.num_branches == (1 if c.sample.cfg == 1.0 else 2)
 
 
+@pytest.mark.slow
 def test_sampling_on_a_sharded_mesh_equals_unsharded(model, split):
   """Params sharded by the logical rules over a (2, 2, 2) mesh and prompt rows over `batch`: the
   same jitted generator (shardings follow its inputs) gives the unsharded tokens."""
@@ -285,6 +290,7 @@ def test_sampling_on_a_sharded_mesh_equals_unsharded(model, split):
 # ----- few-step sampling: step-conditioned heads, guidance, annealed schedules -----
 
 
+@pytest.mark.slow
 def test_one_guided_step_of_size_one_is_the_closed_form():
   """A step-conditioned head, one Euler step on times (0, 1) with text CFG: token = x0 + u_u +
   s (u_c - u_u), every u = u(x0, t=0, d=1 | c of its branch)."""
@@ -314,6 +320,7 @@ def test_one_guided_step_of_size_one_is_the_closed_form():
   assert np.abs(generate(nnx.split(model), prompt, seeds, official)[:, 0] - tokens).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_annealed_token_steps(split):
   """token_steps (2, 1): the first half of the tokens equals generation with 2 steps throughout
   (tokens only see earlier tokens); one segment equals the plain sampler."""

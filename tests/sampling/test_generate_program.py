@@ -55,6 +55,7 @@ def setup():
   return config, mesh, graphdef, params, shardings, prompt, keys, unsharded
 
 
+@pytest.mark.slow
 def test_sharded_generate_equals_unsharded(setup):
   config, mesh, graphdef, params, shardings, prompt, keys, unsharded = setup
   program = G.SamplingProgram(graphdef, shardings, mesh, config.mesh.rules)
@@ -67,6 +68,7 @@ def test_sharded_generate_equals_unsharded(setup):
   np.testing.assert_allclose(np.asarray(tokens), unsharded, atol=ALL_TOKENS_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_prefill_and_token_steps_reproduce_generate(setup):
   config, mesh, graphdef, params, shardings, prompt, keys, _ = setup
   rules = config.mesh.rules
@@ -124,6 +126,7 @@ def test_sampling_mesh_is_tensor_parallel_as_far_as_the_model_divides():
     G.sampling_mesh(small)
 
 
+@pytest.mark.slow
 def test_new_guidance_temperature_and_shift_do_not_recompile(setup):
   """The SamplerConfig's scalars are traced: new values reuse the compiled generation (counted by
   the jitted function's cache); a structural change (step count) compiles a new one."""
@@ -158,6 +161,7 @@ def test_new_guidance_temperature_and_shift_do_not_recompile(setup):
   assert run._cache_size() == 2
 
 
+@pytest.mark.slow
 def test_decode_blocks_read_less_and_sample_the_same_tokens(setup):
   """decode_blocks=3: three token scans, each attending only the cache slots filled by its end
   (static lengths P + 2, P + 4, P + 5): the same tokens as one scan over the whole cache."""

@@ -187,6 +187,7 @@ def reference_em(velocity, x0, row_keys, cfg):
   return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'grid, shift, temperature', [('A', 3.2, 1.0), ('A', 1.0, 0.7), ('B', 2.0, 1.0)]
 )

@@ -33,6 +33,7 @@ def prompt_rows(rows, seed=0):
   }
 
 
+@pytest.mark.slow
 def test_token_conditions_match_prefix_forwards(teacher):
   """Condition k from one teacher-forced pass == head_condition of the last hidden of a forward
   over prompt + tokens < k (what the sampler conditions token k on)."""
@@ -70,6 +71,7 @@ def test_teacher_trajectories_are_the_guided_euler_ode(teacher):
   np.testing.assert_allclose(states, np.stack(want), atol=TRAJ_ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fold_guidance', [True, False])
 def test_distillation_trains_the_head_only(teacher, fold_guidance):
   """The student starts at the teacher's velocity; training lowers the student loss, changes the

@@ -61,6 +61,7 @@ def finetune_config(converted, *overrides):
   return configlib.load_config(f'configs/nextstep1_finetune.py:tiny,{converted}', list(overrides))
 
 
+@pytest.mark.slow
 def test_release_fields_are_read_or_refused(release, tmp_path):
   _, release_dir, converted = release
   config = finetune_config(converted, 'data.latent_cache_paths=x')
@@ -128,6 +129,7 @@ def torch_training_loss(
   return float(lm_weight * lm + im_weight * im)
 
 
+@pytest.mark.slow
 def test_first_training_step_loss_matches_the_official_forward(release):
   torch_model, _, converted = release
   config = finetune_config(converted, 'data.latent_cache_paths=x', 'model.dtype=float32')

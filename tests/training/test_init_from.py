@@ -51,6 +51,7 @@ def save_source(config, directory, step: int, kind: str, dtype=None, seed: int =
   return numpy_params(state['params'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['run', 'converted'])
 def test_restores_the_exact_params_onto_a_sharded_mesh(tmp_path, kind):
   """Saved on one device, restored onto a (data 2, fsdp 2, tensor 2) mesh: every param equal
@@ -78,6 +79,7 @@ def test_restores_the_exact_params_onto_a_sharded_mesh(tmp_path, kind):
   )  # Fresh Adam moments.
 
 
+@pytest.mark.slow
 def test_skip_patterns_keep_the_random_init(tmp_path):
   """A source whose head differs in width: skipping image_head.* restores everything else and
   leaves the head at the config's own init."""
@@ -98,6 +100,7 @@ def test_skip_patterns_keep_the_random_init(tmp_path):
       np.testing.assert_array_equal(value, expected[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_bad_init_from_is_one_clear_error(tmp_path):
   config = tiny_config(tmp_path)
   tx = state_lib.make_optimizer(config.train)

@@ -30,6 +30,7 @@ def tiny_config(tmp_path, *overrides):
 restored_params = multiprocess_testing.restore_on_one_device  # (train state as numpy, extra).
 
 
+@pytest.mark.slow
 def test_few_steps_lower_the_loss(tmp_path):
   config = tiny_config(tmp_path, 'train.steps=40', 'train.log_every=5', 'train.lr=3e-3')
   result = loop.train(config, str(tmp_path / 'run'))
@@ -43,6 +44,7 @@ def test_few_steps_lower_the_loss(tmp_path):
   assert list((tmp_path / 'run' / 'tb').iterdir()), 'no TensorBoard events written'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'pipeline_overrides', [(), ('data.grain_builtin=True',)], ids=['in_memory', 'grain']
 )
@@ -61,6 +63,7 @@ def test_resume_is_exact(tmp_path, pipeline_overrides):
     np.testing.assert_allclose(x, y, atol=RESUME_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_last_good_checkpoint(tmp_path):
   config = tiny_config(
     tmp_path,
@@ -80,6 +83,7 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params['params']))
 
 
+@pytest.mark.slow
 def test_train_and_sample_clis(tmp_path, capsys):
   workdir = tmp_path / 'run'
   assert (
@@ -128,6 +132,7 @@ def test_train_and_sample_clis(tmp_path, capsys):
   assert records[0]['settings']['num_steps'] == 3
 
 
+@pytest.mark.slow
 def test_sampler_is_deterministic_and_batch_independent(tmp_path):
   config = tiny_config(tmp_path, 'train.steps=2', 'train.checkpoint_every=2')
   loop.train(config, str(tmp_path / 'run'))
@@ -141,6 +146,7 @@ def test_sampler_is_deterministic_and_batch_independent(tmp_path):
   assert np.abs(alone[0].astype(int) - in_batch[1].astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_too_long_prompt_fails_clearly(tmp_path):
   config = tiny_config(tmp_path, 'train.steps=2', 'train.checkpoint_every=2')
   loop.train(config, str(tmp_path / 'run'))
@@ -158,6 +164,7 @@ def test_bad_configs_fail_before_training(tmp_path):
     tiny_config(tmp_path, 'train.stepz=3')
 
 
+@pytest.mark.slow
 def test_workdir_with_other_model_is_refused(tmp_path):
   loop.train(
     tiny_config(tmp_path, 'train.steps=1', 'train.checkpoint_every=1'), str(tmp_path / 'run')
@@ -168,6 +175,7 @@ def test_workdir_with_other_model_is_refused(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_run_recorded_before_a_model_field_existed_resumes(tmp_path):
   """A config.json written by an older release lacks newer model fields (here model.quant);
   resuming fills them from the package defaults instead of calling the model different."""

@@ -53,6 +53,7 @@ def runs(tmp_path_factory):
   return {dtype: run_one_step(cache_dir, dtype) for dtype in ('float32', 'bfloat16')}
 
 
+@pytest.mark.slow
 def test_bf16_step_close_to_f32(runs):
   _, _, f32_state, f32_metrics, _, _ = runs['float32']
   _, _, bf16_state, bf16_metrics, _, _ = runs['bfloat16']
@@ -80,6 +81,7 @@ def test_params_and_optimizer_state_stay_f32(runs):
   assert all(np.asarray(v).dtype == np.float32 for v in metrics.values())
 
 
+@pytest.mark.slow
 def test_bf16_compute_f32_outputs(runs):
   """Matmuls of the decoder and head run in bf16; logits, velocities and the loss are f32."""
   _, graphdef, state, _, _, batch = runs['bfloat16']

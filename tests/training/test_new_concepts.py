@@ -50,6 +50,7 @@ def test_extra_words_are_one_piece_each_and_nothing_else_changes(tokenizers):
     text_tokenizer.add_words(extended.path, ['orange'], extended.path + '.again')
 
 
+@pytest.mark.slow
 def test_init_word_rows_sets_the_mean_of_the_old_rows(tmp_path, tokenizers):
   _, tok = tokenizers
   model = nextstep.build_model(tiny_config(tmp_path), 0)
@@ -76,6 +77,7 @@ def test_init_word_rows_sets_the_mean_of_the_old_rows(tmp_path, tokenizers):
     new_words.init_word_rows(params, tok, ['orangeade=red'])
 
 
+@pytest.mark.slow
 def test_lora_starts_from_init_from_with_fresh_adapters(tmp_path):
   source = tiny_config(tmp_path, 'train.steps=1', 'train.checkpoint_every=1', 'train.batch_size=8')
   from nextstep_jax.training import loop

@@ -167,6 +167,7 @@ def test_batch_layout(tok, batch):
   assert (batch['input_ids'][np.arange(3), first - 1] == tok.boi_id).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'mul, time_mean, time_std, lm_w, im_w', [(4, 0.0, 1.0, 0.01, 1.0), (2, 0.3, 0.7, 0.5, 2.0)]
 )
@@ -200,6 +201,7 @@ def test_default_loss_weights(tok):
   assert from_config == cfg
 
 
+@pytest.mark.slow
 def test_padding_rows_do_not_contribute_to_fm(tok, model, batch, loss_fn):
   cfg = loss_config(tok)
   key = jax.random.key(5)
@@ -248,6 +250,7 @@ def test_fresh_noise_per_copy_and_key(tok, model, batch, loss_fn):
   assert float(a['lm_loss']) == float(b['lm_loss'])
 
 
+@pytest.mark.slow
 def test_gradients_finite(tok, model, batch):
   cfg = loss_config(tok)
 
@@ -274,6 +277,7 @@ def test_gradients_finite(tok, model, batch):
 # ----- few-step head: the shortcut self-consistency objective -----
 
 
+@pytest.mark.slow
 def test_shortcut_rows_follow_the_documented_targets():
   """A spy field u = t + 3 d records every call: self-consistency rows query (t, d') then
   (t + d, d') and are trained at 2d with t on the d grid and t + 2d <= 1 (d' = 0 at the finest
@@ -311,6 +315,7 @@ def test_shortcut_rows_follow_the_documented_targets():
   assert sc_err.sum() / 128 <= loss  # Flow rows add the rest of the mean.
 
 
+@pytest.mark.slow
 def test_shortcut_loss_finite_and_decreasing_on_a_tiny_run(tok, batch):
   m = get_base_config().model
   m.update(TINY_MODEL, fm_head_step_cond=True)

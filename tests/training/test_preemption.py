@@ -59,6 +59,7 @@ def signal_when_logged(metrics_path, records: int, signum=signal.SIGTERM) -> thr
   return thread
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['sigterm', 'sigint'])
 def test_stop_signal_checkpoints_the_next_step_and_rerun_continues_exactly(
   tmp_path, signum, capsys

@@ -92,6 +92,7 @@ def assert_same_run(got, want):
     )
 
 
+@pytest.mark.slow
 def test_microbatches_match_the_full_batch_on_one_device(setup):
   cache_dir, tok, batches, full = setup
   micro = run_steps(config_for(cache_dir, MICROBATCHES), tok, batches, jax.devices()[:1])
@@ -102,6 +103,7 @@ def test_microbatches_match_the_full_batch_on_one_device(setup):
   assert micro_temp < 0.75 * full_temp, (micro_temp, full_temp)
 
 
+@pytest.mark.slow
 def test_microbatches_match_the_full_batch_on_a_2x2x2_mesh(setup):
   cache_dir, tok, batches, full = setup
   micro = run_steps(config_for(cache_dir, MICROBATCHES, (2, 2, 2)), tok, batches, jax.devices())

@@ -30,6 +30,7 @@ def trained(tmp_path_factory):
   return root / 'run', overrides
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_a_release(trained):
   run, _ = trained
   records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
@@ -46,6 +47,7 @@ def test_training_learns_and_writes_a_release(trained):
   assert list((run / 'tb').iterdir())
 
 
+@pytest.mark.slow
 def test_resume_is_exact(trained, tmp_path):
   straight, overrides = trained
   config = configlib.load_config(TINY, overrides)
@@ -59,6 +61,7 @@ def test_resume_is_exact(trained, tmp_path):
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_eval_cli(trained, tmp_path):
   trained, _ = trained
   out = tmp_path / 'eval.json'
@@ -86,6 +89,7 @@ def test_eval_cli(trained, tmp_path):
   assert (tmp_path / 'curve.png').stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_ar_model_trains_and_samples_on_the_tokenizer(trained, tmp_path):
   trained, _ = trained
   config = configlib.load_config(
