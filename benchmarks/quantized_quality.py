@@ -79,6 +79,7 @@ def quantized_sampler(
   """The same sampler with its params quantized (float params kept for the unquantized runs)."""
   config = quantized_config(sampler.config, mode, group_size)
   model = nextstep.abstract_model(config)
+  model.lm_head = None  # As the sampler holds the model (generate.for_sampling).
   params = quant.quantize_params(
     sampler.params, model, quant.QuantConfig.from_config(config.model), delete_float=False
   )

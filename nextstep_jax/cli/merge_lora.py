@@ -16,9 +16,15 @@ from etils import epath
 
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import errors
 from nextstep_jax import runs
+from nextstep_jax.cli import entry
 from nextstep_jax.model import lora
 from nextstep_jax.training import state as state_lib
+
+
+class NotALoraRunError(errors.UsageError, ValueError):
+  """The run has no adapters to merge."""
 
 
 def merge_run(workdir: str, out: str, step: int | None = None) -> int:
@@ -29,7 +35,10 @@ def merge_run(workdir: str, out: str, step: int | None = None) -> int:
   restored = runs.restore_run(workdir, step, params_only=True)
   cfg = lora.LoraConfig.from_config(restored.config)
   if cfg is None:
-    raise ValueError(f'{workdir} is not a LoRA run (train.lora.rank is 0): nothing to merge.')
+    raise NotALoraRunError(
+      f'{workdir} is not a LoRA run (train.lora.rank is 0): nothing to merge; sample or '
+      'export it as it is.'
+    )
   config = configlib.with_base_defaults(restored.config).copy_and_resolve_references()
   with config.unlocked():
     config.train.lora.rank = 0
@@ -37,6 +46,8 @@ def merge_run(workdir: str, out: str, step: int | None = None) -> int:
   tx = state_lib.make_optimizer(config.train)
   step = restored.step
   target = epath.Path(out)
+  if (target / runs.CHECKPOINT_DIR).exists():
+    raise errors.UsageError(f'{target / runs.CHECKPOINT_DIR} exists; choose an empty --out.')
   target.mkdir(parents=True, exist_ok=True)
   (target / runs.CONFIG_FILE).write_text(configlib.config_to_json(config))
   for name in (runs.TOKENIZER_FILE, runs.HF_TOKENIZER_FILE):
@@ -54,7 +65,11 @@ def merge_run(workdir: str, out: str, step: int | None = None) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
+  return entry.run(_main, argv)
+
+
+def _main(argv) -> int:
+  parser = entry.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument('--workdir', required=True, help='a LoRA training run')
@@ -62,7 +77,7 @@ def main(argv=None) -> int:
     '--step', type=int, default=None, help='checkpoint to merge (default: latest)'
   )
   parser.add_argument('--out', required=True, help='directory of the merged run')
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(argv)
   step = merge_run(args.workdir, args.out, args.step)
   print(f'merged the adapters of {args.workdir} step {step} into {args.out}')
   return 0

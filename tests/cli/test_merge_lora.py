@@ -15,7 +15,7 @@ TOKEN_ATOL = 1e-3
 
 
 @pytest.mark.slow
-def test_merged_run_samples_the_adapter_runs_tokens(tmp_path):
+def test_merged_run_samples_the_adapter_runs_tokens(tmp_path, capsys):
   config = configlib.load_config(
     'configs/tiny.py',
     [
@@ -40,3 +40,11 @@ def test_merged_run_samples_the_adapter_runs_tokens(tmp_path):
   np.testing.assert_allclose(got, want, atol=TOKEN_ATOL, rtol=0)
   with pytest.raises(ValueError, match='not a LoRA run'):
     merge_lora.merge_run(str(tmp_path / 'merged'), str(tmp_path / 'again'))
+  # The console script: one error line each, exit 2, no traceback (not LoRA; --out taken).
+  capsys.readouterr()
+  merged_run, again = str(tmp_path / 'merged'), str(tmp_path / 'again')
+  assert merge_lora.main(['--workdir', merged_run, '--out', again]) == 2
+  assert merge_lora.main(['--workdir', str(tmp_path / 'run'), '--out', merged_run]) == 2
+  err = capsys.readouterr().err
+  assert err.count('error: ') == 2 and 'Traceback' not in err, err
+  assert 'not a LoRA run' in err and 'choose an empty --out' in err
