@@ -135,6 +135,13 @@ def load_text_tokenizer(workdir: str):
   return text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
 
 
+def drop_lm_head(model, drop: bool = True):
+  """`model` (an abstract NextStep) without its LM head when `drop`; returns it."""
+  if drop:
+    model.lm_head = None
+  return model
+
+
 def restore_run(
   workdir: str,
   step: int | None = None,
@@ -146,6 +153,7 @@ def restore_run(
   config: ml_collections.ConfigDict | None = None,
   abstract_state: Any = None,
   checkpointer: checkpoints.Checkpointer | None = None,
+  without_lm_head: bool = False,
 ) -> RestoredRun:
   """Restores a training run or converted release, arrays read straight onto their shardings.
 
@@ -163,6 +171,8 @@ def restore_run(
     abstract_state: the abstract full train state (required for a full restore; the optimizer
       that shapes it belongs to training), sharded here like the params.
     checkpointer: an open Checkpointer on the run's checkpoints to use (and leave open).
+    without_lm_head: (params_only) neither read nor place the LM head: image sampling never
+      evaluates it (0.78B params at 14B, which a one-chip load could not hold next to the rest).
 
   Returns:
     RestoredRun(config, graphdef, state, step, extra).
@@ -187,10 +197,13 @@ def restore_run(
     )
   if not params_only and abstract_state is None:
     raise ValueError('a full restore needs abstract_state (training.state.abstract_train_state).')
-  quantized_model = nextstep.abstract_model(config)
+  if without_lm_head and not params_only:
+    raise ValueError('without_lm_head restores params only; pass params_only=True.')
+  quantized_model = drop_lm_head(nextstep.abstract_model(config), without_lm_head)
   graphdef, abstract_params = nnx.split(quantized_model, nnx.Param)
   if quantize_now:  # Read the float params; quantized below.
-    abstract_params = nnx.state(nextstep.abstract_model(config, quantized=False), nnx.Param)
+    float_model = drop_lm_head(nextstep.abstract_model(config, quantized=False), without_lm_head)
+    abstract_params = nnx.state(float_model, nnx.Param)
   if params_only:
     if dtype is not None:
       abstract_params = jax.tree.map(
@@ -211,7 +224,7 @@ def restore_run(
     )
   ckpt = checkpointer or checkpoints.Checkpointer(checkpoint_dir(workdir), keep=1_000_000)
   try:
-    partial = params_only and not converted
+    partial = params_only and (without_lm_head or not converted)
     if converted:
       step = 0 if step is None else step
     if step is None:

@@ -619,10 +619,15 @@ def convert(
   return config
 
 
-def load_params(converted_dir: str | pathlib.Path, mesh, config=None) -> tuple[Any, Any]:
+def load_params(
+  converted_dir: str | pathlib.Path, mesh, config=None, without_lm_head: bool = False
+) -> tuple[Any, Any]:
   """(graphdef, params) of a converted checkpoint, params restored straight onto their
   shardings under `mesh` and `config.mesh.rules` (only the params: no optimizer memory); a
-  `config` asking for `model.quant` quantizes a float conversion as it loads (runs.restore_run)."""
+  `config` asking for `model.quant` quantizes a float conversion as it loads (runs.restore_run).
+  without_lm_head: the LM head is not read (image sampling)."""
   root = pathlib.Path(converted_dir).absolute()
-  restored = runs.restore_run(str(root), params_only=True, mesh=mesh, config=config)
+  restored = runs.restore_run(
+    str(root), params_only=True, mesh=mesh, config=config, without_lm_head=without_lm_head
+  )
   return restored.graphdef, restored.state

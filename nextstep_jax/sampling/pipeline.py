@@ -93,6 +93,7 @@ class TextToImage:
       mesh=generate.sampling_mesh(config),
       dtype=jnp.dtype(config.model.dtype),
       config=config,
+      without_lm_head=True,
     )
     graphdef, params = generate.for_sampling(restored.graphdef, restored.state)
     return cls(config, graphdef, params, tok, **overrides)
@@ -129,7 +130,7 @@ class TextToImage:
       )
     mesh = mesh or generate.sampling_mesh(config)
     graphdef, params = generate.for_sampling(
-      *official.load_params(directory, mesh, config), config.model.dtype
+      *official.load_params(directory, mesh, config, without_lm_head=True), config.model.dtype
     )
     tok = hf_tokenizer.HFTokenizer.load(
       str(pathlib.Path(directory) / runs.CONVERTED_TOKENIZER_FILE)
