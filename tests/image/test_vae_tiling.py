@@ -78,6 +78,7 @@ def test_one_tile_equals_untiled_exactly():
   )
 
 
+@pytest.mark.slow
 def test_tiled_decode_deviation_and_seams():
   model = small_vae()
   latents = np.random.default_rng(1).standard_normal((4, 16, 16, 4)).astype(np.float32)

@@ -61,6 +61,7 @@ def test_adapters_are_stacked_lora_params_of_every_target():
   assert meta['out_sharding'] == ('layers', 'mlp', None)
 
 
+@pytest.mark.slow
 def test_zero_initialised_adapters_equal_the_base_model():
   base = model_testing.tiny_model()
   want = forward(base)

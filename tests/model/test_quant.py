@@ -184,6 +184,7 @@ def test_quantized_model_runs_dequantized_weights_and_stays_close(qcfg):
     assert 1e-4 < error < CLOSE_TO_FLOAT[qcfg.mode], (name, error)
 
 
+@pytest.mark.slow
 def test_options_choose_layers_and_scales_carry_channel_axes():
   base = set(quant.quantized_paths(quantized_tiny(quant.QuantConfig(mode='int8', head=False))))
   assert (

@@ -72,6 +72,7 @@ def test_bf16_step_close_to_f32(runs):
     )
 
 
+@pytest.mark.slow
 def test_params_and_optimizer_state_stay_f32(runs):
   _, _, state, metrics, _, _ = runs['bfloat16']
   leaves = jax.tree.leaves(state['params']) + [
