@@ -112,8 +112,9 @@ def markdown_table(rows: dict) -> str:
   ]
   for key, row in rows.items():
     if 'total_bytes' not in row:
+      fits = 'no' if row.get('fits') is False else 'not compiled'
       lines.append(
-        f'| {key} | {row.get("topology")} | | no | {row.get("error", "")[:100]} | | | | | |'
+        f'| {key} | {row.get("topology")} | | {fits} | {row.get("error", "")[:100]} | | | | | |'
       )
       continue
     mesh = row['mesh']
