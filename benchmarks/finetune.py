@@ -129,7 +129,7 @@ def merged_sampler(workdir: str) -> tuple[pipeline.TextToImage, pipeline.TextToI
   merged_config = adapter.config.copy_and_resolve_references()
   with merged_config.unlocked():
     merged_config.train.lora.rank = 0
-  graphdef = nnx.graphdef(runs.drop_lm_head(nextstep.abstract_model(merged_config)))
+  graphdef = nnx.graphdef(nextstep.abstract_model(merged_config, lm_head=False))
   merged = lora.merge_adapters(adapter.params, cfg)
   return pipeline.TextToImage(merged_config, graphdef, merged, adapter.tok), adapter
 

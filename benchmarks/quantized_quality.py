@@ -78,8 +78,7 @@ def quantized_sampler(
 ) -> pipeline.TextToImage:
   """The same sampler with its params quantized (float params kept for the unquantized runs)."""
   config = quantized_config(sampler.config, mode, group_size)
-  model = nextstep.abstract_model(config)
-  model.lm_head = None  # As the sampler holds the model (generate.for_sampling).
+  model = nextstep.abstract_model(config, lm_head=False)  # As the sampler holds it.
   params = quant.quantize_params(
     sampler.params, model, quant.QuantConfig.from_config(config.model), delete_float=False
   )

@@ -135,13 +135,6 @@ def load_text_tokenizer(workdir: str):
   return text_tokenizer.TextTokenizer.load(local_copy(root / TOKENIZER_FILE))
 
 
-def drop_lm_head(model, drop: bool = True):
-  """`model` (an abstract NextStep) without its LM head when `drop`; returns it."""
-  if drop:
-    model.lm_head = None
-  return model
-
-
 def restore_run(
   workdir: str,
   step: int | None = None,
@@ -199,10 +192,10 @@ def restore_run(
     raise ValueError('a full restore needs abstract_state (training.state.abstract_train_state).')
   if without_lm_head and not params_only:
     raise ValueError('without_lm_head restores params only; pass params_only=True.')
-  quantized_model = drop_lm_head(nextstep.abstract_model(config), without_lm_head)
+  quantized_model = nextstep.abstract_model(config, lm_head=not without_lm_head)
   graphdef, abstract_params = nnx.split(quantized_model, nnx.Param)
   if quantize_now:  # Read the float params; quantized below.
-    float_model = drop_lm_head(nextstep.abstract_model(config, quantized=False), without_lm_head)
+    float_model = nextstep.abstract_model(config, quantized=False, lm_head=not without_lm_head)
     abstract_params = nnx.state(float_model, nnx.Param)
   if params_only:
     if dtype is not None:

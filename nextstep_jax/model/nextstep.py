@@ -189,8 +189,12 @@ def build_model(config, seed: int, quantized: bool = True) -> NextStep:
   return quant.quantize_model(model, qcfg)
 
 
-def abstract_model(config, quantized: bool = True) -> NextStep:
+def abstract_model(config, quantized: bool = True, lm_head: bool = True) -> NextStep:
   """The model with ShapeDtypeStruct params (no memory); its graphdef is the static half. With
   `config.model.quant.mode` set (and `quantized`) its linear layers hold quantized kernels
-  (model/quant.py); quantized=False gives the float model the quantized one is made from."""
-  return nnx.eval_shape(lambda: build_model(config, 0, quantized))
+  (model/quant.py); quantized=False gives the float model the quantized one is made from.
+  lm_head=False: the model as image sampling holds it, without the LM head (never evaluated)."""
+  model = nnx.eval_shape(lambda: build_model(config, 0, quantized))
+  if not lm_head:
+    model.lm_head = None
+  return model
