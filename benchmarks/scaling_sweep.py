@@ -20,7 +20,7 @@ from nextstep_jax.evaluate import run_eval
 from nextstep_jax.experiments import study
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-WIDTHS = (16, 32, 48, 64, 96, 128, 160, 192, 256)
+WIDTHS = (16, 48, 96, 128, 160, 192, 256)
 BUDGETS = (1e12, 3e12, 1e13)
 FIXED = (
   'train.batch_size=32',
@@ -30,7 +30,9 @@ FIXED = (
   'train.num_grid_samples=4',
   'train.keep_checkpoints=1',
   'sample.num_steps=20',
+  'loss.fm_head_batch_mul=1',
 )
+HEADS = ((64, 2), (128, 2), (192, 1), (192, 2), (256, 2), (384, 2))  # (width, layers).
 
 
 def spec() -> study.StudySpec:
@@ -40,9 +42,12 @@ def spec() -> study.StudySpec:
     WIDTHS,
     BUDGETS,
     sizes_per_budget=5,
-    min_steps=100,
+    min_steps=70,
     max_steps=20000,
+    tokens_per_param=0.3,
     predict_factor=4.0,
+    head_budget=3e12,
+    heads=HEADS,
   )
 
 
@@ -51,7 +56,7 @@ def main(argv=None) -> int:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument(
-    '--runs-dir', default='/work/runs/scaling_study', help='run workdirs (gs:// works)'
+    '--runs-dir', default='runs/scaling_sweep', help='run workdirs (gs:// works)'
   )
   parser.add_argument('--out', default=RESULTS, help='where scaling_sweep.json and the PNGs go')
   parser.add_argument(

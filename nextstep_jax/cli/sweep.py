@@ -10,13 +10,15 @@ Fields that must change together: --grid model.hidden_size,model.intermediate_si
 name); afterwards --collect-only evaluates the finished workdirs and fits without training.
 
 Compute-optimal mode (--budgets instead of --grid; `experiments/study.py`): for every budget C
-(training FLOPs, the planner's model), family shapes of the --widths (depth and flow head scale
-with the width) train for C / (FLOPs per step) steps along the isoFLOP curve; flow-head
-allocations run at the largest budget; parabola and power-law fits with bootstrap intervals
-predict the optimal size and loss at --predict-factor x the largest budget, and that run is
-trained and compared. Writes DIR/scaling_study.json and _isoflop/_laws/_head_allocation PNGs:
-  nextstep-sweep --base configs/shapes.py --budgets 1e12,3e12,1e13 --widths 16,32,48,64,96,128,160,192,256 \
-    --set train.batch_size=32 --out DIR
+(training FLOPs, the planner's model), family shapes of the --widths (depth scales with the
+width; the flow head is max(token width, width / 2) wide) train for C / (FLOPs per step) steps
+along the isoFLOP curve; flow-head allocations (--heads) run at --head-budget; parabola and
+power-law fits with bootstrap intervals predict the optimal size and loss at --predict-factor x
+the largest budget, and that run is trained and compared. Writes DIR/scaling_study.json and
+_isoflop/_laws/_head_allocation PNGs (benchmarks/scaling_sweep.py is this study on the shapes):
+  nextstep-sweep --base configs/shapes.py --budgets 1e12,3e12,1e13 --widths 16,48,96,128,160,192,256 \
+    --set train.batch_size=32 --set loss.fm_head_batch_mul=1 --min-steps 70 --tokens-per-param 0.3 \
+    --heads 64x2,128x2,192x1,192x2,256x2,384x2 --head-budget 3e12 --out DIR
 With --launch-cmd-only it prints the unfinished runs' commands (the prediction run once the
 isoFLOP runs are collected); --collect-only reads finished workdirs (local or gs://).
 """
@@ -61,6 +63,27 @@ def _main(argv) -> int:
   )
   parser.add_argument(
     '--predict-factor', type=float, default=4.0, help='prediction budget / largest budget'
+  )
+  parser.add_argument(
+    '--tokens-per-param',
+    type=float,
+    default=20.0,
+    help='centres each budget\'s sizes at sqrt(C / (6 x this)) (the fitted vertex decides)',
+  )
+  parser.add_argument(
+    '--min-head-dim',
+    type=int,
+    default=None,
+    help='narrowest family flow head (default: the image token width; narrower heads cap the '
+    'rank of the velocity)',
+  )
+  parser.add_argument(
+    '--heads',
+    default=None,
+    help='head allocations WIDTHxLAYERS,... at --head-budget, e.g. 64x2,192x1,192x2,384x2',
+  )
+  parser.add_argument(
+    '--head-budget', type=float, default=None, help='budget of the head runs (default: largest)'
   )
   parser.add_argument(
     '--eval-prompts', type=int, default=50, help='shapes evaluator prompts per suite'
@@ -138,6 +161,14 @@ def _main(argv) -> int:
   return 0
 
 
+def _parse_heads(text: str) -> tuple[tuple[int, int], ...]:
+  """'64x2,192x1' -> ((64, 2), (192, 1))."""
+  try:
+    return tuple(tuple(int(v) for v in item.split('x')) for item in text.split(','))
+  except ValueError:
+    raise ValueError(f'--heads {text!r}: expected WIDTHxLAYERS,... e.g. 64x2,192x2') from None
+
+
 def spec_is_shapes(spec) -> bool:
   from nextstep_jax import configlib
 
@@ -163,9 +194,13 @@ def _study(parser, args) -> int:
       args.sizes_per_budget,
       args.min_steps,
       args.max_steps,
+      tokens_per_param=args.tokens_per_param,
       predict_factor=args.predict_factor,
+      head_budget=args.head_budget,
       eval_sequences=args.eval_sequences,
       eval_prompts=args.eval_prompts,
+      min_head_dim=args.min_head_dim,
+      **({'heads': _parse_heads(args.heads)} if args.heads else {}),
     )
     study.plan_isoflop(spec, study.Costs(spec))
   except (ValueError, configlib.ConfigError) as error:

@@ -53,13 +53,19 @@ class Shape:
     )
 
 
-def family_shape(width: int, head_dim: int | None = None, head_layers: int = 2) -> Shape:
+def family_shape(
+  width: int, head_dim: int | None = None, head_layers: int = 2, min_head_dim: int = 32
+) -> Shape:
   """The family member of `width` (a multiple of HEAD_DIM): depth round(width / 32) (at least 1),
-  flow head width max(32, width / 2) unless `head_dim` is given."""
+  flow head width max(min_head_dim, width / 2) unless `head_dim` is given.
+
+  Studies pass the image token's dimension as `min_head_dim`: the head maps its width back to the
+  token, so a narrower head caps the rank of the predicted velocity below the token's and the
+  flow loss stalls near the noise floor however long it trains."""
   if width <= 0 or width % HEAD_DIM:
     raise ValueError(f'family width {width} must be a positive multiple of {HEAD_DIM}')
   depth = max(1, round(width / WIDTH_PER_LAYER))
-  return Shape(width, depth, head_dim or max(32, width // 2), head_layers)
+  return Shape(width, depth, head_dim or max(min_head_dim, width // 2), head_layers)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,7 @@ class StudySpec:
   eval_prompts: int = 50
   bootstrap_samples: int = 1000
   max_extensions: int = 2  # Sizes added per curve whose lowest loss is at a sampled edge.
+  min_head_dim: int | None = None  # Narrowest family flow head; default the base's token width.
 
   def __post_init__(self):
     if len(self.budgets) < 3:
@@ -83,9 +84,10 @@ class StudySpec:
       )
 
 
-def shape_config(spec: StudySpec, shape: scaling.Shape, steps: int | None = None):
-  """The locked, validated config of `shape` trained for `steps` (default: the base's)."""
-  overrides = [*spec.fixed, *shape.overrides()]
+def shape_config(spec: StudySpec, shape: scaling.Shape | None, steps: int | None = None):
+  """The locked, validated config of `shape` (None: the base's model) trained for `steps`
+  (default: the base's)."""
+  overrides = [*spec.fixed, *(shape.overrides() if shape else ())]
   if steps is not None:
     overrides += schedule_overrides(spec, steps)
   config = configlib.load_config(spec.base, overrides)
@@ -124,7 +126,9 @@ class Costs:
 
 
 def family(spec: StudySpec) -> list[scaling.Shape]:
-  return [scaling.family_shape(w) for w in spec.widths]
+  """The family over `spec.widths`, flow heads at least `min_head_dim` (or the token) wide."""
+  min_head_dim = spec.min_head_dim or configlib.token_dim(shape_config(spec, None))
+  return [scaling.family_shape(w, min_head_dim=min_head_dim) for w in spec.widths]
 
 
 def plan_isoflop(spec: StudySpec, cost: Costs) -> list[scaling.PlannedRun]:

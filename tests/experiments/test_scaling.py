@@ -31,6 +31,8 @@ def synthetic_runs(budgets, noise, seed=0, sizes=7):
 def test_family_scales_width_and_depth_together_and_is_a_valid_config():
   assert [scaling.family_shape(w).depth for w in (16, 32, 64, 96, 256)] == [1, 1, 2, 3, 8]
   assert scaling.family_shape(256).head_dim == 128 and scaling.family_shape(32).head_dim == 32
+  assert scaling.family_shape(32, min_head_dim=192).head_dim == 192
+  assert scaling.family_shape(512, min_head_dim=192).head_dim == 256
   shape = scaling.family_shape(96, head_dim=16, head_layers=1)
   config = configlib.load_config('configs/shapes.py', list(shape.overrides()))
   configlib.validate(config)

@@ -24,8 +24,18 @@ def small_spec(**changes) -> study.StudySpec:
     'max_steps': 60,
     'predict_factor': 4.0,
     'heads': ((16, 1), (32, 2)),
+    'min_head_dim': 32,  # Small heads keep these plans cheap; the default is the token width.
   }
   return study.StudySpec(**(fields | changes))
+
+
+def test_family_heads_are_at_least_the_token_width_by_default():
+  config = configlib.load_config('configs/shapes.py', list(FIXED))
+  token = configlib.token_dim(config)
+  assert token == 192
+  default = study.family(small_spec(min_head_dim=None, widths=(16, 256, 512)))
+  assert [s.head_dim for s in default] == [token, token, 256]
+  assert [s.head_dim for s in study.family(small_spec())] == [32, 32, 32, 32]
 
 
 def test_flops_per_step_is_the_planners_model():
@@ -191,6 +201,10 @@ def test_cli_compute_optimal_launch_lines(capsys, tmp_path):
         '60',
         '--set',
         'train.batch_size=8',
+        '--min-head-dim',
+        '32',
+        '--heads',
+        '16x1,32x2',
         '--out',
         str(tmp_path),
         '--launch-cmd-only',
@@ -218,6 +232,9 @@ def test_cli_compute_optimal_launch_lines(capsys, tmp_path):
     == 2
   )  # Usage error: one mode at a time.
   assert 'either --grid' in capsys.readouterr().err
+  bad_heads = ['--base', 'configs/shapes.py', '--budgets', '1e12,2e12,4e12', '--heads', '64-2']
+  assert sweep_cli.main([*bad_heads, '--out', str(tmp_path)]) == 2
+  assert 'WIDTHxLAYERS' in capsys.readouterr().err
 
 
 def test_a_preempted_run_stops_the_study_with_a_resume_hint(tmp_path, monkeypatch):
