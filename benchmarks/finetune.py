@@ -1,11 +1,13 @@
 """Fine-tuning benchmark: teach a trained shapes model a new colour and a new shape, full and LoRA.
 
   python benchmarks/finetune.py --base /work/runs/shapes_base [--steps 200] [--lora-steps 200]
-      [--num-train 400] [--prompts 100] [--workdir runs/finetune]
+      [--num-train 400] [--new-fraction 0.5] [--prompts 100] [--workdir runs/finetune]
 
 The base run (configs/shapes.py) never saw orange or diamonds. Both fine-tunes start from its
-params (`train.init_from`) on `data.dataset=shapes_new`: `--num-train` images, half one-object
-scenes of the 10 new (colour, shape) pairs, half base scenes (replay). The base sentencepiece model
+params (`train.init_from`) on `data.dataset=shapes_new`: `--num-train` images, a share
+`--new-fraction` one-object scenes of the 10 new (colour, shape) pairs, the rest base scenes of one
+or two objects (replay: a small replay set seen many times is memorised, and two-object scenes are
+what the model forgets first, so more distinct replay scenes keep it). The base sentencepiece model
 gets the two words as one piece each (`text.extra_words`), and their embedding and lm_head rows
 start at the mean of the trained colour (shape) words (`train.init_word_rows`), so the new caption
 'a orange diamond' has the structure of the trained ones. The LoRA run (`train.lora`, rank
@@ -60,13 +62,13 @@ def finetune_overrides(args, base_config) -> list[str]:
   return [
     'data.dataset=shapes_new',
     f'data.num_train={args.num_train}',
-    'data.new_concept_fraction=0.5',
+    f'data.new_concept_fraction={args.new_fraction}',
     f'text.spm_path={args.base}/tokenizer.model',
     f'text.extra_words={NEW_WORDS!r}',
     f'train.init_from={args.base}' + (f'@{args.base_step}' if args.base_step else ''),
     f'train.init_word_rows={WORD_ROWS!r}',
     f'train.batch_size={args.batch_size}',
-    'train.lr_schedule=constant',
+    f'train.lr_schedule={args.schedule}',
     f'train.warmup_steps={args.warmup}',
     'train.log_every=25',
     'train.sample_every=0',
@@ -148,6 +150,15 @@ def main() -> int:
   parser.add_argument('--base-step', type=int, default=0, help='checkpoint of --base (0 = latest)')
   parser.add_argument('--workdir', default='runs/finetune')
   parser.add_argument('--num-train', type=int, default=400)
+  parser.add_argument(
+    '--new-fraction',
+    type=float,
+    default=0.5,
+    help='share of new-concept scenes in the --num-train images (the rest: base-scene replay)',
+  )
+  parser.add_argument(
+    '--schedule', default='constant', choices=('constant', 'cosine'), help='learning-rate schedule'
+  )
   parser.add_argument('--steps', type=int, default=200, help='full fine-tune steps')
   parser.add_argument('--lora-steps', type=int, default=200)
   parser.add_argument('--batch-size', type=int, default=32)
@@ -234,6 +245,8 @@ def main() -> int:
       'base': args.base,
       'base_step': args.base_step or 'latest',
       'num_train': args.num_train,
+      'new_fraction': args.new_fraction,
+      'schedule': args.schedule,
       'full_steps': full.step,
       'lora_steps': lora_run.step,
       'batch_size': args.batch_size,

@@ -23,8 +23,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 WIDTHS = (16, 48, 96, 128, 160, 192, 256)
 BUDGETS = (1e12, 3e12, 1e13)
 FIXED = (
-  'train.batch_size=32',
-  'train.lr=1e-3',
+  'train.batch_size=8',
+  'train.lr=5e-4',
   'train.log_every=100',
   'train.sample_every=0',
   'train.num_grid_samples=4',
@@ -42,7 +42,7 @@ def spec() -> study.StudySpec:
     WIDTHS,
     BUDGETS,
     sizes_per_budget=5,
-    min_steps=70,
+    min_steps=150,
     max_steps=20000,
     tokens_per_param=0.3,
     predict_factor=4.0,

@@ -8,6 +8,7 @@ Method (also in benchmarks/README.md):
 - Cost: `compiled.cost_analysis()` counts a while-loop body once, so the scanned layer stack is
   off by the layer count. We compile the same step with 1 and 2 decoder layers, every scan
   unrolled (`model.scan_unroll`), and extrapolate linearly: C(L) = C(1) + (L - 1) (C(2) - C(1)).
+  (The sampling token step, small enough to compile whole, is unrolled at its real depth.)
   At 14B the TPU SPMD partitioner also rewrites the large FSDP matmuls as windowed einsums
   (collective matmuls: a while loop over the gathered shards), which the cost analysis would
   again count once (a 1-layer 14B compile on v5p-64 had 20 such loops and reported less than
@@ -384,6 +385,10 @@ CALIBRATION_OPTIONS = {
 }
 
 
+# The sampling token step is calibrated with every decoder layer unrolled (a 48-layer 14B token
+# step compiles in ~80 s): extrapolating 1- and 2-layer compiles charged each layer the first
+# layers' extra fusions (benchmarks/decode_bytes_by_layers.py: 1 -> 2 layers +0.42 GB, the mean
+# layer of 48 +0.35 GB, so an 18% overstatement at 48 layers).
 # Step calibration of sampling starts at 2 head evaluations per token: with one, the per-token
 # modulation table (FlowHead.step_modulations) has a single row and compiles to other fusions than
 # at E >= 2 (on v5e tensor-parallel the 1 -> 2 difference charged ~27 MB per device of table
@@ -628,8 +633,9 @@ def plan(
     )
     if calibrate:
       log(
-        '[aot] calibrating the cost analysis (1-/2-layer and '
-        f'{TABLE_STEPS_BASE}-/{TABLE_STEPS_BASE + 1}-step unrolled compiles)'
+        '[aot] calibrating the cost analysis (prefill: 1-/2-layer unrolled compiles; token step: '
+        f'all {m.num_layers} layers unrolled at {TABLE_STEPS_BASE} and {TABLE_STEPS_BASE + 1} '
+        'head evaluations)'
       )
       try:
         prefill_cost = calibrated_cost(
@@ -644,7 +650,7 @@ def plan(
             'model__num_layers': m.num_layers,
             'sample__num_steps': costs.sample_shapes(config)[3].integrator.velocity_calls,
           },
-          bases={'sample__num_steps': TABLE_STEPS_BASE},
+          bases={'model__num_layers': m.num_layers, 'sample__num_steps': TABLE_STEPS_BASE},
         )
       except CalibrationError as error:
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'

@@ -119,6 +119,41 @@ def test_step_calibration_from_base_two_matches_an_unrolled_compile(devices):
   assert aot.cost(compile_token(config, None))[0] < 0.8 * unrolled[0]
 
 
+def test_calibration_at_the_real_depth_compiles_no_extrapolated_layers():
+  """A base equal to the real count (the sampling token step's layers) compiles that count
+  itself; only the other axes extrapolate: C = C(48, 2) + 48 (C(48, 3) - C(48, 2))."""
+  import ml_collections
+
+  config = ml_collections.ConfigDict(
+    {'model': {'num_layers': 48, 'scan_unroll': False}, 'sample': {'num_steps': 50}}
+  )
+  compiled_at = []
+
+  class Compiled:
+    def __init__(self, layers, steps):
+      self.layers, self.steps = layers, steps
+
+    def as_text(self):
+      return 'HloModule m'
+
+    def cost_analysis(self):
+      return {'flops': 1.0, 'bytes accessed': 10.0 * self.layers + 3.0 * self.steps + 0.5}
+
+  def compile_fn(c, options):
+    assert c.model.scan_unroll and options == aot.CALIBRATION_OPTIONS
+    compiled_at.append((c.model.num_layers, c.sample.num_steps))
+    return Compiled(c.model.num_layers, c.sample.num_steps)
+
+  total = aot.calibrated_cost(
+    config,
+    compile_fn,
+    {'model__num_layers': 48, 'sample__num_steps': 50},
+    bases={'model__num_layers': 48, 'sample__num_steps': aot.TABLE_STEPS_BASE},
+  )
+  assert compiled_at == [(48, 2), (48, 3)]
+  assert total[1] == 10.0 * 48 + 3.0 * 50 + 0.5
+
+
 def test_calibration_rejects_compiles_with_loops(devices):
   """Collective matmuls (here forced with the post-SPMD mode) are while loops over the FSDP shards,
   costed once: a calibration compile that holds any loop is refused, not extrapolated."""
