@@ -1,14 +1,19 @@
 """Compute-optimal scaling study on this CPU: shapes world, 3 isoFLOP budgets, a 4x prediction, head allocation.
 
-  python benchmarks/scaling_sweep.py [--runs-dir /work/runs/scaling_study] [--collect-only]
+  python benchmarks/scaling_sweep.py [--runs-dir runs/scaling_sweep] [--collect-only]
 
-Family: width w in WIDTHS, depth round(w / 32), attention heads of 16, flow head max(32, w / 2) x 2
-layers (`experiments/scaling.py`). Budgets 1e12, 3e12, 1e13 training FLOPs (the planner's model):
-5 sizes per budget centred on sqrt(C / 120), each trained for C / (FLOPs per step) steps with its
-own cosine schedule; 5 flow-head allocations at 1e13; the fitted laws then predict the optimal size
-and eval loss at 4e13 and that run is trained. About 1.5e14 FLOPs and 20 runs: roughly an hour on a
-quiet 2-core CPU. Every run resumes from its checkpoints; rerunning the command skips finished runs.
-Writes benchmarks/results/scaling_sweep.json and scaling_sweep_{isoflop,laws,head_allocation}.png.
+Family (`experiments/scaling.py`): backbone width w in WIDTHS, depth round(w / 32), attention heads
+of 16; the flow head is 192 x 2 layers for every member: the image token is 192 wide (8x8 RGB
+patches) and a head narrower than its token caps the rank of the predicted velocity, so the flow
+loss stalls near the noise floor (the study's first family, with 32-wide heads, sat at ~0.97 at
+every size). Fixed: batch 8, lr 5e-4 (cosine, 5% warm-up), one head sample per token
+(`loss.fm_head_batch_mul=1`). Budgets 1e12, 3e12, 1e13 training FLOPs (the planner's model):
+5 sizes per budget, each trained for C / (FLOPs per step) steps with its own schedule (runs under
+150 steps are left off); 6 flow-head allocations (64 x 2 to 384 x 2) at 3e12; the fitted laws
+then predict the optimal size and eval loss at 4e13 and that run is trained. About 1e14 FLOPs
+and 22 runs: about an hour on a quiet 2-core CPU. Every run resumes from its checkpoints;
+rerunning the command skips finished runs. Writes benchmarks/results/scaling_sweep.json and
+scaling_sweep_{isoflop,laws,head_allocation}.png.
 """
 
 import argparse
