@@ -8,10 +8,11 @@ patches) and a head narrower than its token caps the rank of the predicted veloc
 loss stalls near the noise floor (the study's first family, with 32-wide heads, sat at ~0.97 at
 every size). Fixed: batch 8, lr 5e-4 (cosine, 5% warm-up), one head sample per token
 (`loss.fm_head_batch_mul=1`). Budgets 1e12, 3e12, 1e13 training FLOPs (the planner's model):
-5 sizes per budget, each trained for C / (FLOPs per step) steps with its own schedule (runs under
-150 steps are left off); 6 flow-head allocations (64 x 2 to 384 x 2) at 3e12; the fitted laws
-then predict the optimal size and eval loss at 4e13 and that run is trained. About 1e14 FLOPs
-and 22 runs: about an hour on a quiet 2-core CPU. Every run resumes from its checkpoints;
+the same five family shapes (w16 to w160) on every budget (`tokens_per_param` centres the window
+there: with the head fixed, the loss-optimal backbone stayed at the smallest widths), each
+trained for C / (FLOPs per step) steps with its own schedule; 6 flow-head allocations (64 x 2 to
+384 x 2) at 3e12; the fitted laws then predict the optimal size and eval loss at 4e13 and that
+run is trained. About 1e14 FLOPs and 21 runs: about an hour on this 2-core CPU. Every run resumes from its checkpoints;
 rerunning the command skips finished runs. Writes benchmarks/results/scaling_sweep.json and
 scaling_sweep_{isoflop,laws,head_allocation}.png.
 """
