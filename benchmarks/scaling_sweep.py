@@ -61,9 +61,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument(
-    '--runs-dir', default='runs/scaling_sweep', help='run workdirs (gs:// works)'
-  )
+  parser.add_argument('--runs-dir', default='runs/scaling_sweep', help='run workdirs (gs:// works)')
   parser.add_argument('--out', default=RESULTS, help='where scaling_sweep.json and the PNGs go')
   parser.add_argument(
     '--collect-only', action='store_true', help='read finished runs, train nothing'

@@ -68,7 +68,7 @@ def _main(argv) -> int:
     '--tokens-per-param',
     type=float,
     default=20.0,
-    help='centres each budget\'s sizes at sqrt(C / (6 x this)) (the fitted vertex decides)',
+    help="centres each budget's sizes at sqrt(C / (6 x this)) (the fitted vertex decides)",
   )
   parser.add_argument(
     '--min-head-dim',
