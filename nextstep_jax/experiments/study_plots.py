@@ -148,9 +148,18 @@ def head_allocation(path: epath.Path, summary: dict) -> None:
   ax.set_xlabel('flow head share of non-embedding parameters')
   ax.set_ylabel('held-out eval loss', color='C0')
   twin = ax.twinx()
-  accuracy = [r['shapes_seen_accuracy_two'] for r in rows]
-  twin.plot(share, [math.nan if a is None else a for a in accuracy], 's--', color='C1')
-  twin.set_ylabel('evaluator accuracy (seen two-object prompts)', color='C1')
+  suites = (
+    ('shapes_seen_accuracy_one', 'seen one-object', 's--'),
+    ('shapes_seen_accuracy_two', 'seen two-object', '^:'),
+    ('shapes_heldout_accuracy', 'held-out', 'v-.'),
+  )
+  for (key, label, style), color in zip(suites, ('C1', 'C2', 'C3'), strict=True):
+    accuracy = [r.get(key) for r in rows]
+    twin.plot(
+      share, [math.nan if a is None else a for a in accuracy], style, color=color, label=label
+    )
+  twin.set_ylabel('evaluator prompt accuracy')
+  twin.legend(fontsize=7, loc='upper right')
   ax.set_title(f'head vs backbone at C = {rows[0]["budget"]:.2g} FLOPs', fontsize=8)
   _save(fig, path)
 
