@@ -101,7 +101,18 @@ class Dense(nnx.Module):
       # copy of the weights is written (qwix's float path materialises q * s first).
       y = jnp.tensordot(x, quantized.qvalue.reshape(flat).astype(self.dtype), axes=contract)
       y = y * quantized.scale.reshape(flat[1]).astype(self.dtype)
-    else:  # Sub-channel groups along the contraction (int4).
+    elif math.prod(x.shape[:-1]) <= GROUPED_MATMUL_MAX_ROWS:
+      # Sub-channel groups along the contraction (int4), few rows (a decode step): contract each
+      # group with its int4 block, then scale and sum the groups, y = sum_g (x_g @ q_g) * s_g, so
+      # the matmul reads the int4 kernel itself; the (rows, groups, outputs) partials are small.
+      groups = quantized.scale.shape[0]
+      xg = x.reshape(*x.shape[:-1], groups, flat[0] // groups)
+      qg = quantized.qvalue.reshape(groups, flat[0] // groups, flat[1]).astype(self.dtype)
+      partial = jnp.einsum('...gk,gkn->...gn', xg, qg)
+      y = jnp.einsum(
+        '...gn,gn->...n', partial, quantized.scale.reshape(groups, flat[1]).astype(self.dtype)
+      )
+    else:  # Many rows (prefill, training): qwix dequantizes the kernel once for the matmul.
       kernel = quantized.reshape(flat).astype(self.dtype)
       y = qwix.dot_general(x, kernel, (contract, ((), ())))
     if hasattr(self, 'kernel_lora_a'):
@@ -112,6 +123,13 @@ class Dense(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype).reshape(flat[1])
     return y.reshape(*y.shape[:-1], *self.out_shape)
+
+
+# Up to this many rows an int4 (grouped) matmul contracts group by group instead of dequantizing
+# the kernel: at decode (2 CFG rows) the dequantized bf16 copy written and read on every token was
+# 9x the int4 weights' bytes (v5e-1, 14B); at prefill the (rows, groups, outputs) partials would be
+# the larger cost.
+GROUPED_MATMUL_MAX_ROWS = 64
 
 
 def unbox_quantized(value: qwix.QArray) -> qwix.QArray:

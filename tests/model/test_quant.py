@@ -23,6 +23,7 @@ from flax import nnx
 import model_testing
 from nextstep_jax import checkpoints
 from nextstep_jax import configlib
+from nextstep_jax import nn
 from nextstep_jax.model import nextstep
 from nextstep_jax.model import quant
 from nextstep_jax.parallel import mesh as mesh_lib
@@ -285,3 +286,35 @@ def test_config_validation_and_training_refusal():
     state_lib.init_state(config, state_lib.make_optimizer(config.train))
   with pytest.raises(configlib.ConfigError, match='must be one of none, int8, int4'):
     configlib.validate(configlib.load_config('configs/tiny.py', ['model.quant.mode=fp8']))
+
+
+@pytest.mark.parametrize(
+  'rows', [2, 3 * nn.GROUPED_MATMUL_MAX_ROWS], ids=['grouped', 'dequantized']
+)
+def test_int4_dense_matches_numpy_on_both_matmul_paths(rows):
+  """An int4 Dense with merged output axes: few rows contract group by group (the decode path),
+  many rows go through qwix's dequantized matmul; both equal x @ (q * s) + b computed in numpy
+  from the stored int4 values and group scales (float32, 1e-5), and stay near the float layer."""
+  dense = nn.Dense(
+    128,
+    (4, 24),
+    ('embed', 'heads', 'head_dim'),
+    use_bias=True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs=nnx.Rngs(0),
+  )
+  dense.bias.set_value(jax.random.normal(jax.random.key(2), (4, 24)))
+  float_kernel = np.asarray(dense.kernel.get_value()).reshape(128, 96)
+  dense.kernel = quant._quantized_variable(
+    dense.kernel, 0, quant.QuantConfig(mode='int4', group_size=32), jnp.float32
+  )
+  q = np.asarray(dense.kernel.qvalue.get_value()).astype(np.float32)
+  scale = np.asarray(dense.kernel.scale.get_value())
+  assert q.shape == (128, 96) and scale.shape == (4, 96)  # 128 inputs in groups of 32.
+  x = np.asarray(jax.random.normal(jax.random.key(1), (rows, 128)), np.float32)
+  bias = np.asarray(dense.bias.get_value()).reshape(96)
+  expected = x @ (q * np.repeat(scale, 32, axis=0)) + bias
+  got = np.asarray(dense(jnp.asarray(x))).reshape(rows, 96)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  assert relative_error(got - bias, x @ float_kernel) < CLOSE_TO_FLOAT['int4']
