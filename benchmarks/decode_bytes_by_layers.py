@@ -2,11 +2,12 @@
 
   python benchmarks/decode_bytes_by_layers.py [--layers 1 2 3 48] [--quantize int8] [--topology v5e:1x1]
 
-The AOT rows (`planning/aot.py`) estimate bytes per image token by extrapolating unrolled 1- and
-2-layer compiles. This compiles the sampler's token step (`aot.compile_sample`, NextStep-1-Large
-widths, 512x512, one image with 2 CFG rows, Euler on 2 head evaluations) fully unrolled at each
-layer count and writes the compiler's bytes accessed next to the floor
-(`aot.token_floor_bytes`), so the linearity the extrapolation assumes can be checked.
+The AOT rows (`planning/aot.py`) used to estimate bytes per image token by extrapolating unrolled
+1- and 2-layer compiles (they now compile the token step at its real depth). This compiles the
+sampler's token step (`aot.compile_sample`, NextStep-1-Large widths, 512x512, one image with 2
+CFG rows, Euler on 2 head evaluations) fully unrolled at each layer count and writes the
+compiler's bytes accessed next to the floor (`aot.token_floor_bytes`), so the linearity the
+extrapolation assumed can be checked.
 Writes benchmarks/results/decode_bytes_by_layers.json.
 """
 

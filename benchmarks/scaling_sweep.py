@@ -12,8 +12,9 @@ the same five family shapes (w16 to w160) on every budget (`tokens_per_param` ce
 there: with the head fixed, the loss-optimal backbone stayed at the smallest widths), each
 trained for C / (FLOPs per step) steps with its own schedule; 6 flow-head allocations (64 x 2 to
 384 x 2) at 3e12; the fitted laws then predict the optimal size and eval loss at 4e13 and that
-run is trained. About 1e14 FLOPs and 21 runs: about an hour on this 2-core CPU. Every run resumes from its checkpoints;
-rerunning the command skips finished runs. Writes benchmarks/results/scaling_sweep.json and
+run is trained. 21 runs, 1.25e14 training FLOPs: 82 minutes of training on this 2-core CPU
+while other benchmarks shared it (the 1e12 runs took 30 s each). Every run resumes from its
+checkpoints; rerunning the command skips finished runs. Writes benchmarks/results/scaling_sweep.json and
 scaling_sweep_{isoflop,laws,head_allocation}.png.
 """
 

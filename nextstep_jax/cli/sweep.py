@@ -17,8 +17,9 @@ power-law fits with bootstrap intervals predict the optimal size and loss at --p
 the largest budget, and that run is trained and compared. Writes DIR/scaling_study.json and
 _isoflop/_laws/_head_allocation PNGs (benchmarks/scaling_sweep.py is this study on the shapes):
   nextstep-sweep --base configs/shapes.py --budgets 1e12,3e12,1e13 --widths 16,48,96,128,160,192,256 \
-    --set train.batch_size=32 --set loss.fm_head_batch_mul=1 --min-steps 70 --tokens-per-param 0.3 \
-    --heads 64x2,128x2,192x1,192x2,256x2,384x2 --head-budget 3e12 --out DIR
+    --set train.batch_size=8 --set train.lr=5e-4 --set loss.fm_head_batch_mul=1 --min-steps 150 \
+    --max-steps 25000 --tokens-per-param 1.5 --heads 64x2,128x2,192x1,192x2,256x2,384x2 \
+    --head-budget 3e12 --out DIR
 With --launch-cmd-only it prints the unfinished runs' commands (the prediction run once the
 isoFLOP runs are collected); --collect-only reads finished workdirs (local or gs://).
 """
@@ -163,10 +164,10 @@ def _main(argv) -> int:
 
 def _parse_heads(text: str) -> tuple[tuple[int, int], ...]:
   """'64x2,192x1' -> ((64, 2), (192, 1))."""
-  try:
-    return tuple(tuple(int(v) for v in item.split('x')) for item in text.split(','))
-  except ValueError:
-    raise ValueError(f'--heads {text!r}: expected WIDTHxLAYERS,... e.g. 64x2,192x2') from None
+  heads = tuple(tuple(item.split('x')) for item in text.split(','))
+  if not all(len(h) == 2 and all(v.isdigit() and int(v) > 0 for v in h) for h in heads):
+    raise ValueError(f'--heads {text!r}: expected WIDTHxLAYERS,... e.g. 64x2,192x2')
+  return tuple((int(w), int(n)) for w, n in heads)
 
 
 def spec_is_shapes(spec) -> bool:

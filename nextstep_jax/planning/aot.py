@@ -386,9 +386,10 @@ CALIBRATION_OPTIONS = {
 
 
 # The sampling token step is calibrated with every decoder layer unrolled (a 48-layer 14B token
-# step compiles in ~80 s): extrapolating 1- and 2-layer compiles charged each layer the first
-# layers' extra fusions (benchmarks/decode_bytes_by_layers.py: 1 -> 2 layers +0.42 GB, the mean
-# layer of 48 +0.35 GB, so an 18% overstatement at 48 layers).
+# step compiles in 78 s for v5e-1, 500 s for v5e-8 on a 2-core host): extrapolating 1- and
+# 2-layer compiles charged each layer the first layers' extra fusions
+# (benchmarks/decode_bytes_by_layers.py: 1 -> 2 layers +0.42 GB, the mean layer of 48 +0.35 GB,
+# so an 18% overstatement at 48 layers).
 # Step calibration of sampling starts at 2 head evaluations per token: with one, the per-token
 # modulation table (FlowHead.step_modulations) has a single row and compiles to other fusions than
 # at E >= 2 (on v5e tensor-parallel the 1 -> 2 difference charged ~27 MB per device of table

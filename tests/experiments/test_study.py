@@ -233,8 +233,10 @@ def test_cli_compute_optimal_launch_lines(capsys, tmp_path):
   )  # Usage error: one mode at a time.
   assert 'either --grid' in capsys.readouterr().err
   bad_heads = ['--base', 'configs/shapes.py', '--budgets', '1e12,2e12,4e12', '--heads', '64-2']
-  assert sweep_cli.main([*bad_heads, '--out', str(tmp_path)]) == 2
-  assert 'WIDTHxLAYERS' in capsys.readouterr().err
+  for heads in ('64-2', '64x2x3'):
+    bad_heads[-1] = heads
+    assert sweep_cli.main([*bad_heads, '--out', str(tmp_path)]) == 2
+    assert 'WIDTHxLAYERS' in capsys.readouterr().err
 
 
 def test_a_preempted_run_stops_the_study_with_a_resume_hint(tmp_path, monkeypatch):
