@@ -91,24 +91,40 @@ class Attention(nnx.Module):
     self.o_proj = L.Dense(h * e, d, ('heads', 'embed'), use_bias=cfg.o_attention_bias, **kw)
     # o_proj's kernel is stored (H*E, D) = W.T (heads-major rows: row j*E + e is head j, dim e).
 
-  def __call__(self, x, cos, sin, query_slots, layer_cache):
-    """x (B, L, D); query_slots (B, L) int cache slots of the queries; layer_cache = (k, v,
-    key_valid) with k/v (B, S, K, E) already holding this call's keys. Returns (B, L, D)."""
+  def __call__(self, x, cos, sin, cached, own):
+    """x (B, L, D). own = (k, v, valid): this call's keys and values (B, L, K, E) and (B, L) bool,
+    attended causally; cached = None or (k, v, valid): the cache's earlier slots (B, S, K, E) and
+    (B, S) bool (False for padding and for slots this call writes). The cache is read as it was
+    before this call's write, so a decode step reads each layer's slots straight from the stacked
+    cache (no per-layer copy of the updated cache). Returns (B, L, D)."""
     cfg = self.cfg
     b, l, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     q = L.constrain(
       apply_rope(self.q_proj(x), cos, sin), cfg.mesh_rules, 'batch', 'length', 'heads', 'head_dim'
     )
-    k_all, v_all, key_valid = layer_cache
     q = q.reshape(b, l, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum('blkge,bske->bkgls', q, k_all.astype(q.dtype)).astype(jnp.float32)
-    scores = scores * (cfg.head_dim**-0.5)
-    slots = jnp.arange(k_all.shape[1])
-    allowed = key_valid[:, None, :] & (slots[None, None, :] <= query_slots[:, :, None])  # (B, L, S)
-    scores = jnp.where(allowed[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-    out = jnp.einsum('bkgls,bske->blkge', probs, v_all).reshape(b, l, cfg.num_heads * cfg.head_dim)
+    sources = ([] if cached is None else [cached]) + [own]
+    causal = jnp.tril(jnp.ones((l, l), bool))
+    masks = ([] if cached is None else [cached[2][:, None, :]]) + [own[2][:, None, :] & causal]
+    scores = jnp.concatenate(
+      [
+        jnp.where(
+          allowed[:, None, None],  # (B, 1, 1, L, S)
+          jnp.einsum('blkge,bske->bkgls', q, k.astype(q.dtype)).astype(jnp.float32),
+          MASK_VALUE,
+        )
+        for (k, _, _), allowed in zip(sources, masks)
+      ],
+      axis=-1,
+    )
+    probs = jax.nn.softmax(scores * (cfg.head_dim**-0.5), axis=-1)
+    out, start = 0.0, 0
+    for _, v, _ in sources:
+      part = probs[..., start : start + v.shape[1]].astype(v.dtype)
+      out = out + jnp.einsum('bkgls,bske->blkge', part, v).astype(jnp.float32)
+      start += v.shape[1]
+    out = out.reshape(b, l, cfg.num_heads * cfg.head_dim)
     return self.o_proj(out.astype(cfg.dtype))
 
   def attend_sequence(self, x, cos, sin, k, v, token_valid):
@@ -167,7 +183,6 @@ class DecoderLayer(nnx.Module):
     x,
     cos,
     sin,
-    query_slots,
     kv,
     layer_index,
     key_valid,
@@ -176,39 +191,49 @@ class DecoderLayer(nnx.Module):
     read_slots=None,
   ):
     """One layer on x (B, L, D). kv: None (no cache) or the stacked caches (k, v), each (layers,
-    B, S, K, E): this call's K/V are written in place at [layer_index, :, write_index] (a scalar:
-    every row writes the same slots) and attention reads this layer's first `read_slots` slots
-    (None: all S; they must cover every slot written so far). Returns (out, kv).
+    B, S, K, E): attention reads this layer's first `read_slots` slots as they were before this
+    call (None: all S; they must cover every slot written so far) plus this call's own keys, then
+    this call's K/V are written in place at [layer_index, :, write_index] (a scalar: every row
+    writes the same slots). key_valid (B, S): the cache's valid slots, this call's included.
     With attention='splash' a multi-token call attends only its own keys (token_valid (B, L)):
     without caches (training) or as the first call on an empty cache (prefill)."""
     normed = self.input_layernorm(x)
     k_new, v_new = self.self_attn.project_kv(normed, cos, sin)
-    if kv is not None:
-      k_all, v_all = kv
-      at = (layer_index, 0, write_index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k_new[None].astype(k_all.dtype), at)
-      v_all = jax.lax.dynamic_update_slice(v_all, v_new[None].astype(v_all.dtype), at)
-      kv = (k_all, v_all)
-    if self.self_attn.cfg.attention == 'splash' and x.shape[1] > 1:
+    splash = self.self_attn.cfg.attention == 'splash' and x.shape[1] > 1
+    if splash:
       attended = self.self_attn.attend_sequence(normed, cos, sin, k_new, v_new, token_valid)
-    else:
-      if kv is None:  # A full pass without a cache: this call's keys are all there is.
-        layer_kv = (k_new, v_new, key_valid)
-      else:
-        read = k_all.shape[2] if read_slots is None else read_slots
-        window = (1,) + k_all.shape[1:2] + (read,) + k_all.shape[3:]
-        layer_kv = (
-          jax.lax.dynamic_slice(k_all, (layer_index, 0, 0, 0, 0), window)[0],
-          jax.lax.dynamic_slice(v_all, (layer_index, 0, 0, 0, 0), window)[0],
-          key_valid[:, :read],
-        )
-      attended = self.self_attn(normed, cos, sin, query_slots, layer_kv)
+    if kv is not None:  # This call's keys as the cache stores them.
+      k_new, v_new = k_new.astype(kv[0].dtype), v_new.astype(kv[1].dtype)
+    if not splash:
+      cached = (
+        None if kv is None else _earlier_slots(kv, layer_index, key_valid, write_index, read_slots)
+      )
+      attended = self.self_attn(normed, cos, sin, cached, (k_new, v_new, token_valid))
+    if kv is not None:
+      at = (layer_index, 0, write_index, 0, 0)
+      kv = tuple(
+        jax.lax.dynamic_update_slice(c, new[None], at) for c, new in zip(kv, (k_new, v_new))
+      )
     rules = self.self_attn.cfg.mesh_rules
     h = L.constrain(x + attended, rules, 'batch', 'length', 'embed')
     out = L.constrain(
       h + self.mlp(self.post_attention_layernorm(h)), rules, 'batch', 'length', 'embed'
     )
     return out, kv
+
+
+def _earlier_slots(kv, layer_index, key_valid, write_index, read_slots):
+  """Layer `layer_index`'s first `read_slots` (None: all) cache slots as (k, v, valid): k/v
+  (B, S, K, E) sliced from the stacked caches, valid (B, S) only for slots before `write_index`."""
+  k_all, v_all = kv
+  read = k_all.shape[2] if read_slots is None else read_slots
+  window = (1,) + k_all.shape[1:2] + (read,) + k_all.shape[3:]
+  start = (layer_index, 0, 0, 0, 0)
+  return (
+    jax.lax.dynamic_slice(k_all, start, window)[0],
+    jax.lax.dynamic_slice(v_all, start, window)[0],
+    key_valid[:, :read] & (jnp.arange(read) < write_index)[None],
+  )
 
 
 class Decoder(nnx.Module):
@@ -256,14 +281,11 @@ class Decoder(nnx.Module):
       if cache is None
       else jax.lax.dynamic_update_slice_in_dim(cache.key_valid, token_valid, write_index, axis=1)
     )
-    query_slots = jnp.broadcast_to(write_index + jnp.arange(l, dtype=jnp.int32), (b, l))
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
 
     def body(layer, carry, layer_index):
       h, kv = carry
-      h, kv = layer(
-        h, cos, sin, query_slots, kv, layer_index, key_valid, write_index, token_valid, read_slots
-      )
+      h, kv = layer(h, cos, sin, kv, layer_index, key_valid, write_index, token_valid, read_slots)
       return (h, kv), None
 
     kv = None if cache is None else (cache.k, cache.v)

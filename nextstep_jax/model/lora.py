@@ -103,9 +103,8 @@ def _layer_call_inputs(bb: backbone.BackboneConfig) -> tuple:
   x = jnp.zeros((1, 1, bb.hidden_size), bb.dtype)
   rope = jnp.zeros((1, 1, bb.head_dim), bb.dtype)
   valid = jnp.ones((1, 1), bool)
-  slots = jnp.zeros((1, 1), jnp.int32)
   index = jnp.zeros((), jnp.int32)
-  return x, rope, rope, slots, None, index, valid, index, valid
+  return x, rope, rope, None, index, valid, index, valid
 
 
 def add_adapters(

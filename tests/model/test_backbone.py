@@ -216,10 +216,21 @@ def test_attention_matches_gqa_reference(decoder, with_padding):
   attn = nnx.merge(nnx.graphdef(stacked), jax.tree.map(lambda a: a[0], nnx.state(stacked)))
   cos, sin = BB.rope_cos_sin(jnp.asarray(positions), CFG.head_dim, CFG.rope_theta, jnp.float32)
   k, v = attn.project_kv(jnp.asarray(x), cos, sin)
-  slots = jnp.broadcast_to(jnp.arange(l), (b, l))
-  out = np.asarray(attn(jnp.asarray(x), cos, sin, slots, (k, v, jnp.asarray(key_valid))))
+  valid = jnp.asarray(key_valid)
+  out = np.asarray(attn(jnp.asarray(x), cos, sin, None, (k, v, valid)))
   ref = np_attention(lp, x.astype(np.float64), positions, key_valid)
   np.testing.assert_allclose(out, ref, rtol=REF_RTOL, atol=REF_ATOL)
+  # Queries 5.. attending the first 5 keys as cached slots plus their own keys causally.
+  split = np.asarray(
+    attn(
+      jnp.asarray(x[:, 5:]),
+      cos[:, 5:],
+      sin[:, 5:],
+      (k[:, :5], v[:, :5], valid[:, :5]),
+      (k[:, 5:], v[:, 5:], valid[:, 5:]),
+    )
+  )
+  np.testing.assert_allclose(split, ref[:, 5:], rtol=REF_RTOL, atol=REF_ATOL)
   # The reference is sensitive to the GQA mapping: j % K instead of j // G differs.
   interleaved = np_attention(
     lp, x.astype(np.float64), positions, key_valid, kv_of=lambda j: j % CFG.num_kv_heads
