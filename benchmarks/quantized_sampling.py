@@ -12,6 +12,10 @@ summary keys are recomputed from them (read-modify-write: keys other benchmarks 
     the embedding table quantized too, INT8_V5E1);
   bytes_per_token_over_floor: v5e-1 int8, compiler bytes accessed per image token / the floor
     (every weight a token uses once, head weights x head evaluations, the filled KV cache);
+  hbm_bytes_per_token_over_floor: the same token step's HBM traffic counted from its optimized HLO
+    (planning/hlo_traffic.py: buffers the compiler stages in VMEM are not HBM traffic) / the floor;
+  hbm_speedup_per_token_v5e1_vs_bf16_50step: bf16 + 50 steps over each faster row, HBM traffic per
+    image token on one v5e chip;
   speedup_14b_estimate: estimated seconds per 512x512 image, bf16 with the 50-step SDE head over
     int8 with the 4-step distilled head (2-way CFG kept), both on v5e-8 (tensor-parallel over 8
     chips; bf16 does not fit one v5e chip); `speedup_14b_v5e1_per_token` compares the two per
@@ -90,6 +94,16 @@ def summary(rows: dict) -> dict:
     out['bytes_per_token_over_floor'] = round(
       int8['bytes_per_token'] / int8['floor_bytes_per_token'], 4
     )
+  if int8.get('hbm_bytes_per_token'):
+    out['hbm_bytes_per_token_over_floor'] = round(
+      int8['hbm_bytes_per_token'] / int8['floor_bytes_per_token'], 4
+    )
+  bf16 = rows.get('v5e1_bf16', {})
+  for key in ('v5e1_int8', 'v5e1_int8_4step', 'v5e1_int4_4step'):
+    if bf16.get('hbm_bytes_per_token') and rows.get(key, {}).get('hbm_bytes_per_token'):
+      out.setdefault('hbm_speedup_per_token_v5e1_vs_bf16_50step', {})[key] = round(
+        bf16['hbm_bytes_per_token'] / rows[key]['hbm_bytes_per_token'], 3
+      )
   slow, fast = rows.get('v5e8_bf16', {}), rows.get('v5e8_int8_4step', {})
   if image_seconds(slow) and image_seconds(fast):
     out['speedup_14b_estimate'] = round(image_seconds(slow) / image_seconds(fast), 3)
@@ -107,22 +121,30 @@ def summary(rows: dict) -> dict:
 def markdown_table(rows: dict) -> str:
   lines = [
     '| row | topology | mesh (d,f,t) | fits | total / HBM GiB per chip | margin GiB | GB per image token '
-    '(compiler / floor) | ratio | ms per token (est.) | s per image (est.) |',
-    '|' + '---|' * 10,
+    '(compiler / floor) | ratio | HBM traffic GB per token (ratio) | ms per token (est.) | '
+    's per image (est.) |',
+    '|' + '---|' * 11,
   ]
   for key, row in rows.items():
     if 'total_bytes' not in row:
       fits = 'no' if row.get('fits') is False else 'not compiled'
       lines.append(
-        f'| {key} | {row.get("topology")} | | {fits} | {row.get("error", "")[:100]} | | | | | |'
+        f'| {key} | {row.get("topology")} | | {fits} | {row.get("error", "")[:100]} | | | | | | |'
       )
       continue
     mesh = row['mesh']
+    hbm = (
+      f'{row["hbm_bytes_per_token"] / 1e9:.2f} '
+      f'({row["hbm_bytes_per_token"] / row["floor_bytes_per_token"]:.3f})'
+      if row.get('hbm_bytes_per_token')
+      else 'not counted'
+    )
     per_token = (
       f'{row["bytes_per_token"] / 1e9:.2f} / {row["floor_bytes_per_token"] / 1e9:.2f} | '
-      f'{row["bytes_per_token"] / row["floor_bytes_per_token"]:.3f} | {1e3 * row["token_step_s"]:.1f}'
+      f'{row["bytes_per_token"] / row["floor_bytes_per_token"]:.3f} | {hbm} | '
+      f'{1e3 * row["token_step_s"]:.1f}'
       if row.get('bytes_per_token')
-      else ' | | '
+      else ' | | | '
     )
     seconds = f'{row["estimated_step_s"]:.1f}' if row.get('estimated_step_s') else ''
     lines.append(

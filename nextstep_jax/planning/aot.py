@@ -45,6 +45,7 @@ from nextstep_jax.model import nextstep
 from nextstep_jax.parallel import mesh as mesh_lib
 from nextstep_jax.parallel import rules as rules_lib
 from nextstep_jax.planning import costs
+from nextstep_jax.planning import hlo_traffic
 from nextstep_jax.sampling import generate
 from nextstep_jax.training import state as state_lib
 from nextstep_jax.training import step as step_lib
@@ -122,6 +123,9 @@ class Plan:
   # device, the calibrated compiler bytes accessed and the floor (`token_floor_bytes`).
   bytes_per_token: float | None = None
   floor_bytes_per_token: float | None = None
+  # The same token step's HBM traffic counted from its optimized HLO (planning/hlo_traffic.py):
+  # the compiler's bytes also count buffers staged in on-chip memory, once per copy and read.
+  hbm_bytes_per_token: float | None = None
   token_step_s: float | None = None  # max(FLOPs / peak, bytes / HBM bandwidth) of one token step.
 
   def table(self) -> str:
@@ -151,7 +155,9 @@ class Plan:
       + (
         [
           f'  per image token: {self.bytes_per_token / 1e9:.3f} GB accessed per device, floor '
-          f'{self.floor_bytes_per_token / 1e9:.3f} GB ({self.bytes_per_token / self.floor_bytes_per_token:.3f}x); '
+          f'{self.floor_bytes_per_token / 1e9:.3f} GB ({self.bytes_per_token / self.floor_bytes_per_token:.3f}x), '
+          f'HBM traffic {self.hbm_bytes_per_token / 1e9:.3f} GB '
+          f'({self.hbm_bytes_per_token / self.floor_bytes_per_token:.3f}x); '
           f'token step {1e3 * self.token_step_s:.2f} ms; margin {(self.hbm_bytes - self.total_bytes) / GIB:.2f} GiB '
           'of HBM per chip'
         ]
@@ -358,11 +364,18 @@ def memory(compiled) -> dict:
 
 
 def cost(compiled) -> np.ndarray:
-  """(flops, bytes accessed) per device from the compiler's cost analysis."""
+  """(flops, bytes accessed, HBM bytes) per device: the compiler's cost analysis, and the HBM
+  traffic counted from the optimized HLO (hlo_traffic.hbm_bytes)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
-  return np.array([float(analysis.get('flops', 0.0)), float(analysis.get('bytes accessed', 0.0))])
+  return np.array(
+    [
+      float(analysis.get('flops', 0.0)),
+      float(analysis.get('bytes accessed', 0.0)),
+      hlo_traffic.hbm_bytes(compiled.as_text()),
+    ]
+  )
 
 
 def with_overrides(config, **fields):
@@ -602,11 +615,11 @@ def plan(
       notes.append(
         'LoRA model FLOPs = 2/3 of full training (no weight gradients of the frozen base)'
       )
-    flops, bytes_ = cost(compiled)
+    flops, bytes_, _ = cost(compiled)
     if calibrate:
       log('[aot] calibrating the cost analysis (1- and 2-layer unrolled compiles)')
       try:
-        flops, bytes_ = calibrated_cost(
+        flops, bytes_, _ = calibrated_cost(
           config,
           lambda c, options: compile_train(c, mesh, options),
           {'model__num_layers': m.num_layers},
@@ -657,9 +670,10 @@ def plan(
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
     if not calibrate:
       prefill_cost, token_cost = uncalibrated_costs()
-    flops, bytes_ = prefill_cost + n * token_cost
+    flops, bytes_, _ = prefill_cost + n * token_cost
     sample_extra = {
       'bytes_per_token': float(token_cost[1]),
+      'hbm_bytes_per_token': float(token_cost[2]),
       'floor_bytes_per_token': float(token_floor_bytes(config, mesh)['total']),
       'token_step_s': float(
         max(token_cost[0] / chip.peak_flops, token_cost[1] / chip.hbm_bandwidth)
