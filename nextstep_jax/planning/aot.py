@@ -156,10 +156,14 @@ class Plan:
         [
           f'  per image token: {self.bytes_per_token / 1e9:.3f} GB accessed per device, floor '
           f'{self.floor_bytes_per_token / 1e9:.3f} GB ({self.bytes_per_token / self.floor_bytes_per_token:.3f}x), '
-          f'HBM traffic {self.hbm_bytes_per_token / 1e9:.3f} GB '
-          f'({self.hbm_bytes_per_token / self.floor_bytes_per_token:.3f}x); '
-          f'token step {1e3 * self.token_step_s:.2f} ms; margin {(self.hbm_bytes - self.total_bytes) / GIB:.2f} GiB '
-          'of HBM per chip'
+          + (
+            f'HBM traffic {self.hbm_bytes_per_token / 1e9:.3f} GB '
+            f'({self.hbm_bytes_per_token / self.floor_bytes_per_token:.3f}x); '
+            if self.hbm_bytes_per_token
+            else 'HBM traffic not counted (uncalibrated); '
+          )
+          + f'token step {1e3 * self.token_step_s:.2f} ms; '
+          f'margin {(self.hbm_bytes - self.total_bytes) / GIB:.2f} GiB of HBM per chip'
         ]
         if self.bytes_per_token
         else []
@@ -673,7 +677,8 @@ def plan(
     flops, bytes_, _ = prefill_cost + n * token_cost
     sample_extra = {
       'bytes_per_token': float(token_cost[1]),
-      'hbm_bytes_per_token': float(token_cost[2]),
+      # Counted from loop-free HLO only (a while loop's state would count as read and written).
+      'hbm_bytes_per_token': float(token_cost[2]) if calibrate else None,
       'floor_bytes_per_token': float(token_floor_bytes(config, mesh)['total']),
       'token_step_s': float(
         max(token_cost[0] / chip.peak_flops, token_cost[1] / chip.hbm_bandwidth)
