@@ -126,7 +126,8 @@ class Plan:
   # The same token step's HBM traffic counted from its optimized HLO (planning/hlo_traffic.py):
   # the compiler's bytes also count buffers staged in on-chip memory, once per copy and read.
   hbm_bytes_per_token: float | None = None
-  token_step_s: float | None = None  # max(FLOPs / peak, bytes / HBM bandwidth) of one token step.
+  # max(FLOPs / peak, bytes / HBM bandwidth) of one token step (HBM traffic when calibrated).
+  token_step_s: float | None = None
 
   def table(self) -> str:
     """Human-readable summary lines."""
@@ -641,6 +642,7 @@ def plan(
       for x in jax.tree.leaves(nnx.state(nextstep.abstract_model(config), nnx.Param))
     )
     comm_s = costs.collective_bytes(config, mesh, params) / chip.ici_bandwidth
+    traffic = bytes_
   else:
     images, rows, width, cfg = costs.sample_shapes(config)
     batch, seq_len = images, width + cfg.num_tokens
@@ -674,14 +676,23 @@ def plan(
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
     if not calibrate:
       prefill_cost, token_cost = uncalibrated_costs()
-    flops, bytes_, _ = prefill_cost + n * token_cost
+    flops, bytes_, hbm_traffic = prefill_cost + n * token_cost
+    # Decode streams weights from HBM, and the compiler's bytes also count buffers it stages in
+    # on-chip memory (how much it stages changes between compiles: on v5e-8 the 3-evaluation
+    # token step staged the whole KV cache and the 2-evaluation one did not), so calibrated
+    # sampling times use the HBM traffic counted from the HLO (loop-free compiles only: a while
+    # loop's state would count as read and written).
+    if calibrate:
+      traffic, token_traffic = hbm_traffic, token_cost[2]
+      notes.append('time from HBM traffic counted in the HLO (hlo_traffic.py)')
+    else:
+      traffic, token_traffic = bytes_, token_cost[1]
     sample_extra = {
       'bytes_per_token': float(token_cost[1]),
-      # Counted from loop-free HLO only (a while loop's state would count as read and written).
       'hbm_bytes_per_token': float(token_cost[2]) if calibrate else None,
       'floor_bytes_per_token': float(token_floor_bytes(config, mesh)['total']),
       'token_step_s': float(
-        max(token_cost[0] / chip.peak_flops, token_cost[1] / chip.hbm_bandwidth)
+        max(token_cost[0] / chip.peak_flops, token_traffic / chip.hbm_bandwidth)
       ),
     }
     if m.attention == 'splash':  # The prefill's kernels, per device.
@@ -692,7 +703,7 @@ def plan(
     notes.append(f'step = prefill + {n} token steps')
   flops_ratio = float(flops) * len(devices) / model_flops
   estimated, bound, mfu, note = step_estimate(
-    chip, len(devices), model_flops, flops, bytes_, comm_s, calibrated=calibrate
+    chip, len(devices), model_flops, flops, traffic, comm_s, calibrated=calibrate
   )
   notes.append(note if calibrate else f'{uncalibrated}; {note}')
   result = Plan(

@@ -184,13 +184,27 @@ class _Module:
         return self.value_read(computation, instruction.name)
     return 0.0
 
-  def fusion_written(self, computation: str, hbm_type: str) -> float:
-    """HBM bytes a fusion writes: its HBM results, only the update of an in-place root update."""
-    root = next(i for i in self.computations[computation] if i.root)
-    if root.opcode == 'dynamic-update-slice' and _array_bytes(hbm_type, hbm_only=True):
-      update = next((i for i in self.computations[computation] if i.name == root.operands[1]), None)
-      return _array_bytes(update.type, hbm_only=False) if update else 0.0
-    return _array_bytes(hbm_type, hbm_only=True)
+  def fusion_written(self, computation: str, result_type: str) -> float:
+    """HBM bytes a fusion writes: its HBM results (`result_type`, one array or a tuple), only
+    the update of a result that is an in-place dynamic-update-slice."""
+    instructions = {i.name: i for i in self.computations[computation]}
+    root = next(i for i in instructions.values() if i.root)
+    results = (
+      [instructions.get(name) for name in root.operands] if root.opcode == 'tuple' else [root]
+    )
+    types = _tuple_elements(result_type)
+    if len(types) != len(results):  # A tuple result whose root is not a tuple instruction.
+      return _array_bytes(result_type, hbm_only=True)
+    total = 0.0
+    for result, type_str in zip(results, types):
+      if not _array_bytes(type_str, hbm_only=True):
+        continue  # Written on chip.
+      if result is not None and result.opcode == 'dynamic-update-slice':
+        update = instructions.get(result.operands[1])
+        total += _array_bytes(update.type, hbm_only=False) if update else 0.0
+      else:
+        total += _array_bytes(type_str, hbm_only=True)
+    return total
 
 
 def hbm_bytes(hlo_text: str) -> float:
