@@ -289,12 +289,15 @@ def test_config_validation_and_training_refusal():
 
 
 @pytest.mark.parametrize(
-  'rows', [2, 3 * nn.GROUPED_MATMUL_MAX_ROWS], ids=['grouped', 'dequantized']
+  'rows',
+  [2, nn.MASKED_MATMUL_MAX_ROWS + 1, 3 * nn.GROUPED_MATMUL_MAX_ROWS],
+  ids=['masked', 'grouped', 'dequantized'],
 )
-def test_int4_dense_matches_numpy_on_both_matmul_paths(rows):
-  """An int4 Dense with merged output axes: few rows contract group by group (the decode path),
-  many rows go through qwix's dequantized matmul; both equal x @ (q * s) + b computed in numpy
-  from the stored int4 values and group scales (float32, 1e-5), and stay near the float layer."""
+def test_int4_dense_matches_numpy_on_every_matmul_path(rows):
+  """An int4 Dense with merged output axes: a few rows go through the per-group masked matmul,
+  more contract group by group (both decode paths), many go through qwix's dequantized matmul;
+  each equals x @ (q * s) + b computed in numpy from the stored int4 values and group scales
+  (float32, 1e-5), and stays near the float layer."""
   dense = nn.Dense(
     128,
     (4, 24),
