@@ -16,11 +16,14 @@ summary keys are recomputed from them (read-modify-write: keys other benchmarks 
     (planning/hlo_traffic.py: buffers the compiler stages in VMEM are not HBM traffic) / the floor;
   hbm_speedup_per_token_v5e1_vs_bf16_50step_floor: the bf16 50-step token step's floor on one v5e
     chip (floor_gb_per_token_v5e1; bf16 does not fit, so no compile) over each row's HBM traffic
-    per image token: the least these rows gain over bf16 at the weight-streaming bound;
+    per image token: their gain over bf16 at the weight-streaming bound, in traffic alone (a
+    row whose token step is compute-bound by the estimate, such as int4's masked matmul, gains
+    less: its `token_step_s` says so);
   speedup_14b_estimate: estimated seconds per 512x512 image, bf16 with the 50-step SDE head over
     int8 with the 4-step distilled head (2-way CFG kept), both on v5e-8 (tensor-parallel over 8
     chips; bf16 does not fit one v5e chip); `speedup_14b_v5e1_per_token` compares the two per
-    image token on one v5e chip, the bf16 token step costed although its weights do not fit.
+    image token on one v5e chip, the bf16 token step costed although its weights do not fit;
+    speedup_14b_int4_4step_estimate: the same with int4 weights instead of int8.
 Estimated seconds = max(FLOPs / peak, bytes / HBM bandwidth) of the prefill + 1024 token steps.
 """
 
@@ -69,6 +72,7 @@ ROWS = {
   # before (sampling/sharded.py, cache through the layer scan) and after (in-place cache).
   'v5e8_bf16_batch8': ('v5e:2x4', BASE + TENSOR_8 + ['--config.sample.batch_size=8']),
   'v5e1_int4_4step': ('v5e:1x1', BASE + FOUR_STEP + ['--quantize', 'int4']),
+  'v5e8_int4_4step': ('v5e:2x4', BASE + TENSOR_8 + FOUR_STEP + ['--quantize', 'int4']),
   'v5e8_int8': ('v5e:2x4', BASE + TENSOR_8 + ['--quantize', 'int8']),
   'v5p1_int8': ('v5p:1x1x1', BASE + ['--quantize', 'int8']),
   'v6e1_int8': ('v6e:1x1', BASE + ['--quantize', 'int8']),
@@ -111,6 +115,10 @@ def summary(rows: dict, bf16_floor: float | None = None) -> dict:
     out['speedup_14b_estimate'] = round(image_seconds(slow) / image_seconds(fast), 3)
     out['v5e8_bf16_50step_s_per_image'] = round(image_seconds(slow), 3)
     out['v5e8_int8_4step_s_per_image'] = round(image_seconds(fast), 3)
+  fast = rows.get('v5e8_int4_4step', {})
+  if image_seconds(slow := rows.get('v5e8_bf16', {})) and image_seconds(fast):
+    out['speedup_14b_int4_4step_estimate'] = round(image_seconds(slow) / image_seconds(fast), 3)
+    out['v5e8_int4_4step_s_per_image'] = round(image_seconds(fast), 3)
   slow, fast = rows.get('v5e1_bf16', {}), rows.get('v5e1_int8_4step', {})
   if slow.get('token_step_s') and fast.get('token_step_s'):
     out['speedup_14b_v5e1_per_token'] = round(slow['token_step_s'] / fast['token_step_s'], 3)
