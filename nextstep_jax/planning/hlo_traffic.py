@@ -7,8 +7,9 @@ in, once more as the copy's result and again when the matmul reads it, so a deco
 streams each weight from HBM once can show 2-3x its HBM traffic. `hbm_bytes` counts only buffers in
 HBM (layouts without a memory-space annotation): per top-level instruction, the HBM operands it
 reads (only the slices a fusion reads of them) and the HBM results it writes (only the update of
-an in-place dynamic-update-slice). Like the cost analysis it counts a loop's body once, so use it
-on loop-free compiles (the AOT planner's calibration compiles).
+an in-place dynamic-update-slice). Only the entry computation's instructions are visited (a while
+loop counts as its state read and written, its body not at all), so use it on loop-free compiles
+(the AOT planner's calibration compiles).
 """
 
 import re
