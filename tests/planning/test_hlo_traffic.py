@@ -47,7 +47,7 @@ HloModule m
 
 ENTRY %main.1 (x.1: bf16[2,4096], w.1: s8[4096,8192]) -> bf16[2,8192] {
   %w.1 = s8[4096,8192]{1,0:T(32,128)(4,1)} parameter(1)
-  %copy-start = (s8[4096,8192]{1,0:T(32,128)(4,1)S(1)}, s8[4096,8192]{1,0:T(32,128)(4,1)}, u32[]{:S(2)}) copy-start(%w.1), cross_program_prefetch_index=0
+ %copy-start = (s8[4096,8192]{1,0:T(32,128)(4,1)S(1)}, s8[4096,8192]{1,0:T(32,128)(4,1)}, u32[]{:S(2)}) copy-start(%w.1)
   %x.1 = bf16[2,4096]{1,0:T(2,128)(2,1)} parameter(0)
   %copy-done = s8[4096,8192]{1,0:T(32,128)(4,1)S(1)} copy-done(%copy-start)
   ROOT %fusion = bf16[2,8192]{1,0:T(2,128)(2,1)} fusion(%x.1, %copy-done), kind=kOutput, calls=%fused_computation
@@ -83,7 +83,7 @@ ENTRY %main (cache: bf16[4,1024,128], new: bf16[1,1,128], i: s32[], w: s8[4,512,
   %new = bf16[1,1,128]{2,1,0} parameter(1)
   %i = s32[] parameter(2)
   %w = s8[4,512,512]{2,1,0} parameter(3)
-  %slice-start = ((s8[4,512,512]{2,1,0}), s8[1,512,512]{2,1,0:S(1)}, s32[]{:S(2)}) slice-start(%w), slice={[1:2], [0:512], [0:512]}
+  %slice-start = ((s8[4,512,512]{2,1,0}), s8[1,512,512]{2,1,0:S(1)}, s32[]{:S(2)}) slice-start(%w)
   %slice-done = s8[1,512,512]{2,1,0:S(1)} slice-done(%slice-start)
   %read_fusion = f32[1024]{0} fusion(%cache, %i), kind=kLoop, calls=%read
   %write_fusion = bf16[4,1024,128]{2,1,0} fusion(%cache, %new, %i), kind=kLoop, calls=%write
