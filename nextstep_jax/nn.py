@@ -119,10 +119,10 @@ class Dense(nnx.Module):
         quantized.scale.reshape(groups, flat[1]).astype(self.dtype),
       ).reshape(*x.shape[:-1], flat[1])
     elif math.prod(x.shape[:-1]) <= GROUPED_MATMUL_MAX_ROWS:
-      # Sub-channel groups along the contraction (int4), few rows (a decode step): contract each
-      # group with its int4 block, then scale and sum the groups, y = sum_g (x_g @ q_g) * s_g, so
-      # no dequantized kernel is built first; the (rows, groups, outputs) partials are small
-      # (v5e-1, 14B, 4-step head: 68.0 -> 29.1 GB per token, against a 7.4 GB floor).
+      # Sub-channel groups (int4), a decode step of more images: contract each group with its
+      # int4 block, then scale and sum the groups, y = sum_g (x_g @ q_g) * s_g, so no dequantized
+      # kernel is built first (benchmarks/int4_matmul_forms.py: 1.49x the int4 bytes against
+      # 11.7x for the dequantized kernel, and G times fewer FLOPs than the masked form).
       groups = quantized.scale.shape[0]
       xg = x.reshape(*x.shape[:-1], groups, flat[0] // groups)
       qg = quantized.qvalue.reshape(groups, flat[0] // groups, flat[1]).astype(self.dtype)
@@ -144,9 +144,8 @@ class Dense(nnx.Module):
 
 
 # Up to this many rows an int4 (grouped) matmul contracts group by group instead of dequantizing
-# the kernel: at decode (2 CFG rows) the dequantized bf16 copy written and read on every token was
-# 9x the int4 weights' bytes (v5e-1, 14B); at prefill the (rows, groups, outputs) partials would be
-# the larger cost.
+# the kernel: at decode the dequantized bf16 copy written and read on every token is ~12x the int4
+# weights' bytes; at prefill the (rows, groups, outputs) partials would be the larger cost.
 GROUPED_MATMUL_MAX_ROWS = 64
 # Up to this many rows the int4 matmul masks rows per group (one 2-D matmul on rows x groups rows):
 # its FLOPs grow with rows x groups, so more rows go to the grouped contraction.
