@@ -4,6 +4,10 @@ the 50-step head and the 4-step distilled head; compiled here without TPUs (libt
 
   python benchmarks/quantized_sampling.py [--only KEY ...] [--timeout 1800] [--table]
 
+It first computes the per-token floors on one v5e chip for bf16 / int8 / int4 with the 50-step and
+the 4-step head (`floor_gb_per_token_v5e1`, `floor_speedup_v5e1_vs_bf16_50step`; `--only` with no
+keys computes just these), then the rows.
+
 Each row runs `nextstep-aot --task sample ... --json` in its own process at 512x512, one image with
 2 CFG rows per call (`sample.batch_size=1`); a refused row (does not fit) is recorded with its
 message. Rows are kept in benchmarks/results/quantized_sampling.json under `aot_rows`, and the
@@ -78,6 +82,44 @@ ROWS = {
   'v6e1_int8': ('v6e:1x1', BASE + ['--quantize', 'int8']),
 }
 GIB = 2**30
+
+# Per-token floors on one v5e chip (planning/aot.token_floor_bytes) for each precision and head.
+FLOOR_CASES = {
+  'bf16_50step': BASE,
+  'bf16_4step': BASE + FOUR_STEP,
+  'int8_50step': BASE + ['--quantize', 'int8'],
+  'int8_4step': BASE + FOUR_STEP + ['--quantize', 'int8'],
+  'int4_50step': BASE + ['--quantize', 'int4'],
+  'int4_4step': BASE + FOUR_STEP + ['--quantize', 'int4'],
+}
+
+
+def token_floors() -> dict:
+  """{'floor_gb_per_token_v5e1': {case: GB}, 'floor_speedup_v5e1_vs_bf16_50step': {case: x}}:
+  the least HBM traffic of one image token step on one v5e chip per FLOOR_CASES entry."""
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # TPU devices from libtpu's topology, no TPU.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from nextstep_jax import configlib
+  from nextstep_jax.planning import aot
+
+  devices = aot.topology_devices('v5e:1x1')
+  floors = {}
+  for case, flags in FLOOR_CASES.items():
+    overrides = [
+      f'--config.model.quant.mode={flags[i + 1]}' if flag == '--quantize' else flag
+      for i, flag in enumerate(flags)
+      if flag.startswith('--')
+    ]
+    config = configlib.load_config(CONFIG, overrides)
+    floors[case] = aot.token_floor_bytes(config, aot.make_mesh(config, devices))['total'] / 1e9
+  return {
+    'floor_gb_per_token_v5e1': {case: round(gb, 3) for case, gb in floors.items()},
+    'floor_speedup_v5e1_vs_bf16_50step': {
+      case: round(floors['bf16_50step'] / gb, 2)
+      for case, gb in floors.items()
+      if not case.startswith('bf16')
+    },
+  }
 
 
 def image_seconds(row: dict) -> float | None:
@@ -180,6 +222,9 @@ def main() -> int:
   if args.table:
     print(markdown_table(rows))
     return 0
+  results.update(token_floors())
+  OUT.parent.mkdir(parents=True, exist_ok=True)
+  OUT.write_text(json.dumps(results, indent=2) + '\n')
   env = dict(
     os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd(), ALLOW_MULTIPLE_LIBTPU_LOAD='1'
   )
