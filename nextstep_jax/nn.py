@@ -101,13 +101,13 @@ class Dense(nnx.Module):
       # copy of the weights is written (qwix's float path materialises q * s first).
       y = jnp.tensordot(x, quantized.qvalue.reshape(flat).astype(self.dtype), axes=contract)
       y = y * quantized.scale.reshape(flat[1]).astype(self.dtype)
-    elif math.prod(x.shape[:-1]) <= MASKED_MATMUL_MAX_ROWS:
-      # Sub-channel groups (int4), a decode step of a few images: row r is repeated once per group
-      # g with the other groups' inputs zeroed, so one plain matmul against the int4 kernel gives
-      # every group's partial sums, y = sum_g ((x * 1_g) @ q) * s_g. A 2-D matmul reads the int4
-      # kernel where it lies (its convert fuses into the dot, as int8's does); the batched
+    elif math.prod(x.shape[:-1]) * quantized.scale.shape[0] <= MASKED_MATMUL_MAX_ROWS:
+      # Sub-channel groups (int4), few rows x groups (a decode step): row r is repeated once per
+      # group g with the other groups' inputs zeroed, so one plain matmul against the int4 kernel
+      # gives every group's partial sums, y = sum_g ((x * 1_g) @ q) * s_g. A 2-D matmul reads the
+      # int4 kernel where it lies (its convert fuses into the dot, as int8's does); the batched
       # per-group form below makes XLA copy each layer's slice of a stacked int4 kernel first. It
-      # costs G times the matmul's FLOPs on G times the rows, cheap while the rows are few.
+      # costs G times the matmul's FLOPs on G times the rows, cheap while those rows are few.
       groups = quantized.scale.shape[0]
       xg = x.reshape(-1, groups, flat[0] // groups)
       one_group = jnp.eye(groups, dtype=x.dtype)[None, :, :, None]  # (1, g, g', 1)
@@ -147,9 +147,9 @@ class Dense(nnx.Module):
 # the kernel: at decode the dequantized bf16 copy written and read on every token is ~12x the int4
 # weights' bytes; at prefill the (rows, groups, outputs) partials would be the larger cost.
 GROUPED_MATMUL_MAX_ROWS = 64
-# Up to this many rows the int4 matmul masks rows per group (one 2-D matmul on rows x groups rows):
-# its FLOPs grow with rows x groups, so more rows go to the grouped contraction.
-MASKED_MATMUL_MAX_ROWS = 8
+# Up to this many masked rows (rows x groups) the int4 matmul masks rows per group (one 2-D matmul):
+# its FLOPs grow with rows x groups, so wider contractions or more rows go to the grouped form.
+MASKED_MATMUL_MAX_ROWS = 128
 
 
 def unbox_quantized(value: qwix.QArray) -> qwix.QArray:
