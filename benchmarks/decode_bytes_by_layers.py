@@ -6,9 +6,10 @@ The AOT rows (`planning/aot.py`) used to estimate bytes per image token by extra
 1- and 2-layer compiles (they now compile the token step at its real depth). This compiles the
 sampler's token step (`aot.compile_sample`, NextStep-1-Large widths, 512x512, one image with 2
 CFG rows, Euler on 2 head evaluations) fully unrolled at each layer count and writes the
-compiler's bytes accessed next to the floor (`aot.token_floor_bytes`), so the linearity the
+compiler's bytes accessed and the HBM traffic counted from the compiled HLO
+(`planning/hlo_traffic.py`) next to the floor (`aot.token_floor_bytes`), so the linearity the
 extrapolation assumed can be checked.
-Writes benchmarks/results/decode_bytes_by_layers.json.
+Writes benchmarks/results/decode_bytes_by_layers.json (int8) or decode_bytes_by_layers_MODE.json.
 """
 
 import argparse
@@ -23,7 +24,7 @@ import time
 from nextstep_jax import configlib
 from nextstep_jax.planning import aot
 
-OUT = pathlib.Path(__file__).parent / 'results' / 'decode_bytes_by_layers.json'
+RESULTS = pathlib.Path(__file__).parent / 'results'
 
 
 def main() -> int:
@@ -49,19 +50,22 @@ def main() -> int:
     mesh = aot.make_mesh(config, aot.topology_devices(args.topology))
     start = time.monotonic()
     compiled = aot.compile_sample(config, mesh, aot.CALIBRATION_OPTIONS, ('token_step',))
-    accessed = float(aot.cost(compiled['token_step'])[1])
+    _, accessed, hbm = aot.cost(compiled['token_step'], with_hbm=True)
     floor = aot.token_floor_bytes(config, mesh)['total']
     rows.append(
       {
         'layers': layers,
-        'compiler_bytes': accessed,
+        'compiler_bytes': float(accessed),
+        'hbm_bytes': float(hbm),
         'floor_bytes': floor,
-        'ratio': accessed / floor,
+        'ratio': float(accessed / floor),
+        'hbm_ratio': float(hbm / floor),
         'compile_s': round(time.monotonic() - start, 1),
       }
     )
     print(json.dumps(rows[-1]), flush=True)
-  OUT.write_text(
+  name = 'decode_bytes_by_layers' + ('' if args.quantize == 'int8' else f'_{args.quantize}')
+  (RESULTS / f'{name}.json').write_text(
     json.dumps(
       {
         'quantize': args.quantize,

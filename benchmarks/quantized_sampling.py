@@ -158,7 +158,7 @@ def summary(rows: dict, bf16_floor: float | None = None) -> dict:
     out['v5e8_bf16_50step_s_per_image'] = round(image_seconds(slow), 3)
     out['v5e8_int8_4step_s_per_image'] = round(image_seconds(fast), 3)
   fast = rows.get('v5e8_int4_4step', {})
-  if image_seconds(slow := rows.get('v5e8_bf16', {})) and image_seconds(fast):
+  if image_seconds(slow) and image_seconds(fast):
     out['speedup_14b_int4_4step_estimate'] = round(image_seconds(slow) / image_seconds(fast), 3)
     out['v5e8_int4_4step_s_per_image'] = round(image_seconds(fast), 3)
   slow, fast = rows.get('v5e1_bf16', {}), rows.get('v5e1_int8_4step', {})

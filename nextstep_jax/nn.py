@@ -95,20 +95,20 @@ class Dense(nnx.Module):
     # A quantized kernel is stored (I, prod(out_shape)) (model/quant.py flat_shape); the output
     # is reshaped to out_shape at the end.
     flat = (quantized.shape[0], math.prod(self.out_shape))
-    if quantized.scale.shape[0] == 1:
+    rows, groups = math.prod(x.shape[:-1]), quantized.scale.shape[0]
+    if groups == 1:
       # One scale per output channel: it factors out of the contraction, y = (x @ q) * s, so the
       # matmul reads the int8 kernel itself (its convert fuses into the dot) and no dequantized
       # copy of the weights is written (qwix's float path materialises q * s first).
       y = jnp.tensordot(x, quantized.qvalue.reshape(flat).astype(self.dtype), axes=contract)
       y = y * quantized.scale.reshape(flat[1]).astype(self.dtype)
-    elif math.prod(x.shape[:-1]) * quantized.scale.shape[0] <= MASKED_MATMUL_MAX_ROWS:
+    elif rows * groups <= MASKED_MATMUL_MAX_ROWS:
       # Sub-channel groups (int4), few rows x groups (a decode step): row r is repeated once per
       # group g with the other groups' inputs zeroed, so one plain matmul against the int4 kernel
       # gives every group's partial sums, y = sum_g ((x * 1_g) @ q) * s_g. A 2-D matmul reads the
       # int4 kernel where it lies (its convert fuses into the dot, as int8's does); the batched
       # per-group form below makes XLA copy each layer's slice of a stacked int4 kernel first. It
       # costs G times the matmul's FLOPs on G times the rows, cheap while those rows are few.
-      groups = quantized.scale.shape[0]
       xg = x.reshape(-1, groups, flat[0] // groups)
       one_group = jnp.eye(groups, dtype=x.dtype)[None, :, :, None]  # (1, g, g', 1)
       masked = (xg[:, None] * one_group).reshape(-1, flat[0])  # Row (r, g): x_r on group g only.
@@ -118,12 +118,11 @@ class Dense(nnx.Module):
         partial.reshape(-1, groups, flat[1]),
         quantized.scale.reshape(groups, flat[1]).astype(self.dtype),
       ).reshape(*x.shape[:-1], flat[1])
-    elif math.prod(x.shape[:-1]) <= GROUPED_MATMUL_MAX_ROWS:
+    elif rows <= GROUPED_MATMUL_MAX_ROWS:
       # Sub-channel groups (int4), a decode step of more images: contract each group with its
       # int4 block, then scale and sum the groups, y = sum_g (x_g @ q_g) * s_g, so no dequantized
       # kernel is built first (benchmarks/int4_matmul_forms.py: 1.49x the int4 bytes against
       # 11.7x for the dequantized kernel, and G times fewer FLOPs than the masked form).
-      groups = quantized.scale.shape[0]
       xg = x.reshape(*x.shape[:-1], groups, flat[0] // groups)
       qg = quantized.qvalue.reshape(groups, flat[0] // groups, flat[1]).astype(self.dtype)
       partial = jnp.einsum('...gk,gkn->...gn', xg, qg)

@@ -368,19 +368,16 @@ def memory(compiled) -> dict:
   return out
 
 
-def cost(compiled) -> np.ndarray:
-  """(flops, bytes accessed, HBM bytes) per device: the compiler's cost analysis, and the HBM
-  traffic counted from the optimized HLO (hlo_traffic.hbm_bytes)."""
+def cost(compiled, with_hbm: bool = False) -> np.ndarray:
+  """(flops, bytes accessed) per device from the compiler's cost analysis; with_hbm appends the
+  HBM traffic counted from the optimized HLO (hlo_traffic.hbm_bytes; loop-free compiles)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
-  return np.array(
-    [
-      float(analysis.get('flops', 0.0)),
-      float(analysis.get('bytes accessed', 0.0)),
-      hlo_traffic.hbm_bytes(compiled.as_text()),
-    ]
-  )
+  values = [float(analysis.get('flops', 0.0)), float(analysis.get('bytes accessed', 0.0))]
+  if with_hbm:
+    values.append(hlo_traffic.hbm_bytes(compiled.as_text()))
+  return np.array(values)
 
 
 def with_overrides(config, **fields):
@@ -425,7 +422,7 @@ def while_loops(compiled) -> int:
 
 
 def calibrated_cost(
-  config, compile_fn: Callable, axes: dict, bases: dict | None = None
+  config, compile_fn: Callable, axes: dict, bases: dict | None = None, with_hbm: bool = False
 ) -> np.ndarray:
   """Cost of `compile_fn(config, compiler_options)` with every loop counted, by linear extrapolation.
 
@@ -443,7 +440,7 @@ def calibrated_cost(
         f'the calibration compile with {fields} has {loops} while loops whose '
         'bodies the cost analysis counts once.'
       )
-    return cost(compiled)
+    return cost(compiled, with_hbm)
 
   base_counts = {name: min((bases or {}).get(name, 1), count) for name, count in axes.items()}
   base_fields = base_counts | {'model__scan_unroll': True}
@@ -620,11 +617,11 @@ def plan(
       notes.append(
         'LoRA model FLOPs = 2/3 of full training (no weight gradients of the frozen base)'
       )
-    flops, bytes_, _ = cost(compiled)
+    flops, bytes_ = cost(compiled)
     if calibrate:
       log('[aot] calibrating the cost analysis (1- and 2-layer unrolled compiles)')
       try:
-        flops, bytes_, _ = calibrated_cost(
+        flops, bytes_ = calibrated_cost(
           config,
           lambda c, options: compile_train(c, mesh, options),
           {'model__num_layers': m.num_layers},
@@ -662,6 +659,7 @@ def plan(
           config,
           lambda c, options: compile_sample(c, mesh, options, ('prefill',))['prefill'],
           {'model__num_layers': m.num_layers},
+          with_hbm=True,
         )
         token_cost = calibrated_cost(
           with_overrides(config, sample__time_grid='A', sample__solver='euler'),
@@ -671,22 +669,23 @@ def plan(
             'sample__num_steps': costs.sample_shapes(config)[3].integrator.velocity_calls,
           },
           bases={'model__num_layers': m.num_layers, 'sample__num_steps': TABLE_STEPS_BASE},
+          with_hbm=True,
         )
       except CalibrationError as error:
         calibrate, uncalibrated = False, f'{uncalibrated}: {error}'
     if not calibrate:
       prefill_cost, token_cost = uncalibrated_costs()
-    flops, bytes_, hbm_traffic = prefill_cost + n * token_cost
+    flops, bytes_ = (prefill_cost + n * token_cost)[:2]
     # Decode streams weights from HBM, and the compiler's bytes also count buffers it stages in
     # on-chip memory (how much it stages changes between compiles: on v5e-8 the 3-evaluation
     # token step staged the whole KV cache and the 2-evaluation one did not), so calibrated
     # sampling times use the HBM traffic counted from the HLO (loop-free compiles only: a while
-    # loop's state would count as read and written).
+    # loop's state would count as read and written, so uncalibrated costs keep the compiler's).
+    traffic_index = 2 if calibrate else 1
+    traffic = (prefill_cost + n * token_cost)[traffic_index]
+    token_traffic = token_cost[traffic_index]
     if calibrate:
-      traffic, token_traffic = hbm_traffic, token_cost[2]
       notes.append('time from HBM traffic counted in the HLO (hlo_traffic.py)')
-    else:
-      traffic, token_traffic = bytes_, token_cost[1]
     sample_extra = {
       'bytes_per_token': float(token_cost[1]),
       'hbm_bytes_per_token': float(token_cost[2]) if calibrate else None,
